@@ -1,0 +1,22 @@
+"""camixer_fast: CAMixerSR super-resolution, deterministic, on a pure-PyTorch reference and (on
+CUDA) fused Triton kernels.
+
+>>> model = camixer_fast.load_model("CAMixerSR-S", gamma=0.5)
+>>> sr = model(lr)          # (B, 3, H, W) in [0, 1] -> (B, 3, 4H, 4W), unclamped
+"""
+
+from camixer_fast.backends import can_use_triton, resolve_backend
+from camixer_fast.loading import CheckpointError, infer_config, load_model
+from camixer_fast.reference.model import CAMixerSR
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CAMixerSR",
+    "CheckpointError",
+    "__version__",
+    "can_use_triton",
+    "infer_config",
+    "load_model",
+    "resolve_backend",
+]

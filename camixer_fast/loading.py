@@ -1,0 +1,223 @@
+"""Checkpoint loading: official files, state dicts and registered names -> a ready CAMixerSR.
+
+Hyperparameters are inferred from tensor shapes (spec §6), as spandrel does; anything that is not
+a CAMixerSR state dict is refused with an error naming what is missing or unexpected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sys
+import tempfile
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from camixer_fast.reference.model import CAMixerSR
+
+WEIGHTS_ENV = "CAMIXER_FAST_WEIGHTS"
+
+
+class CheckpointError(ValueError):
+    """The weights given are not a usable CAMixerSR checkpoint."""
+
+
+@dataclass(frozen=True)
+class RegisteredWeights:
+    filename: str
+    url: str
+    sha256: str
+    size: int
+
+
+REGISTRY: dict[str, RegisteredWeights] = {
+    "CAMixerSR-S": RegisteredWeights(
+        filename="CAMixerSR_S.pth",
+        url=("https://github.com/icandle/CAMixerSR/raw/main/"
+             "pretrained_models/LargeSR/CAMixerSR_S.pth"),
+        sha256="49ffcfbb59583b4512ed7f4290b6f480b4bac50afb3d1db1553687bbdeff3076",
+        size=3_323_709,
+    ),
+}
+"""Official checkpoints known by name, with the digest a downloaded copy must have."""
+
+
+def cache_dir() -> Path:
+    """Where downloaded weights are kept: ``$XDG_CACHE_HOME/camixer_fast`` or ``~/.cache/...``."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "camixer_fast"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _download(entry: RegisteredWeights, dest: Path) -> None:
+    """Fetch ``entry.url`` into ``dest`` atomically, refusing a file whose sha256 differs."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    print(f"camixer_fast: downloading {entry.filename} from {entry.url}", file=sys.stderr)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{entry.filename}.", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(entry.url, timeout=60) as resp:
+            for block in iter(lambda: resp.read(1 << 20), b""):
+                out.write(block)
+        got = _sha256(tmp)
+        if got != entry.sha256:
+            raise CheckpointError(f"download of {entry.url} has sha256 {got}, expected "
+                                  f"{entry.sha256}; nothing was saved")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def resolve_weights(name: str) -> Path:
+    """The file behind a registered name: ``$CAMIXER_FAST_WEIGHTS`` (a file, or a folder holding
+    the official file name), else the user cache, else a verified download into the cache."""
+    if name not in REGISTRY:
+        raise CheckpointError(f"unknown weights name {name!r}; known names: {sorted(REGISTRY)}")
+    entry = REGISTRY[name]
+    env = os.environ.get(WEIGHTS_ENV)
+    if env:
+        env_path = Path(env).expanduser()
+        if env_path.is_file():
+            return env_path
+        if (env_path / entry.filename).is_file():
+            return env_path / entry.filename
+    cached = cache_dir() / entry.filename
+    if cached.is_file():
+        if _sha256(cached) == entry.sha256:
+            return cached
+        print(f"camixer_fast: cached {cached} is corrupt (sha256 mismatch); downloading again",
+              file=sys.stderr)
+    _download(entry, cached)
+    return cached
+
+
+def _read_file(path: Path) -> Mapping:
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several kinds for non-checkpoint files
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
+
+
+def extract_state_dict(obj: Mapping) -> dict[str, Tensor]:
+    """The state dict inside an official checkpoint (``params_ema``, then ``params``) or a bare
+    one, with any ``module.`` prefix removed."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"expected a dict checkpoint, got {type(obj).__name__}")
+    for key in ("params_ema", "params"):
+        if key in obj:
+            obj = obj[key]
+            break
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not torch.is_tensor(v)]
+    if bad:
+        raise CheckpointError(f"not a state dict: entries {bad[:5]} are not named tensors "
+                              "(expected 'params_ema', 'params' or parameter names)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def infer_config(state_dict: Mapping[str, Tensor]) -> dict:
+    """Hyperparameters of a CAMixerSR state dict from its tensor shapes (spec §6).
+
+    Returns ``{"n_feats", "scale", "blocks_per_group", "window_size"}``.
+    """
+    for key in ("head.weight", "tail.0.weight"):
+        if key not in state_dict:
+            raise CheckpointError(f"not a CAMixerSR state dict: missing {key!r}")
+    n_feats = state_dict["head.weight"].shape[0]
+    tail_out = state_dict["tail.0.weight"].shape[0]
+    scale = round((tail_out / 3) ** 0.5)
+    if 3 * scale * scale != tail_out or scale < 1:
+        raise CheckpointError(f"'tail.0.weight' has {tail_out} output channels, not 3·s² for an "
+                              "integer scale s")
+    blocks: dict[int, set[int]] = {}
+    for key in state_dict:
+        match = re.match(r"body\.(\d+)\.body\.(\d+)\.", key)
+        if match:
+            blocks.setdefault(int(match[1]), set()).add(int(match[2]))
+    if not blocks:
+        raise CheckpointError("not a CAMixerSR state dict: no 'body.<group>.body.<block>.' keys")
+    if sorted(blocks) != list(range(len(blocks))):
+        raise CheckpointError(f"body groups are not numbered 0..n-1: {sorted(blocks)}")
+    per_group = []
+    for j in range(len(blocks)):
+        if sorted(blocks[j]) != list(range(len(blocks[j]))):
+            raise CheckpointError(f"blocks of body.{j} are not numbered 0..n-1: {sorted(blocks[j])}")
+        per_group.append(len(blocks[j]))
+    mask_key = "body.0.body.0.mixer.route.out_mask.0.weight"
+    if mask_key not in state_dict:
+        raise CheckpointError(f"not a CAMixerSR state dict: missing {mask_key!r}")
+    tokens = state_dict[mask_key].shape[1]
+    window_size = round(tokens**0.5)
+    if window_size * window_size != tokens:
+        raise CheckpointError(f"{mask_key!r} takes {tokens} inputs, not a square window")
+    return {"n_feats": n_feats, "scale": scale, "blocks_per_group": tuple(per_group),
+            "window_size": window_size}
+
+
+def _check_keys(model: CAMixerSR, state_dict: Mapping[str, Tensor]) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = [f"{k} {tuple(state_dict[k].shape)} (expected {tuple(v.shape)})"
+             for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected),
+                         ("wrong shape", wrong)):
+        if items:
+            shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise CheckpointError("state dict does not fit CAMixerSR(" + model.extra_repr() + "): "
+                              + "; ".join(problems))
+
+
+def build_model(state_dict: Mapping[str, Tensor], **kwargs) -> CAMixerSR:
+    """A CAMixerSR shaped after ``state_dict`` with its weights loaded strictly."""
+    model = CAMixerSR(**infer_config(state_dict), **kwargs)
+    _check_keys(model, state_dict)
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def load_model(weights: str | os.PathLike | Mapping, *, gamma: float = 0.5,
+               backend: str = "auto", routing: str = "expected",
+               device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32) -> CAMixerSR:
+    """Load CAMixerSR weights into a ready model, in eval mode.
+
+    weights: a registered name (``"CAMixerSR-S"``), a path to an official ``.pth`` file
+             (``params_ema`` preferred, then ``params``) or a bare state dict file, or an
+             already-loaded dict of either kind.
+    gamma:   attention ratio γ in [0, 1] (changeable later through ``model.gamma``).
+    backend: "auto", "reference" or "triton" (see :mod:`camixer_fast.backends`).
+    routing: "expected" (deterministic, the default) or "gumbel" (the official random draw).
+    """
+    if isinstance(weights, Mapping):
+        obj = weights
+    else:
+        text = os.fspath(weights)
+        if text in REGISTRY and not Path(text).exists():
+            obj = _read_file(resolve_weights(text))
+        elif Path(text).expanduser().exists() or os.sep in text or text.endswith((".pth", ".pt")):
+            obj = _read_file(Path(text).expanduser())
+        else:
+            raise CheckpointError(f"{text!r} is neither a weights file nor a registered name "
+                                  f"(known names: {sorted(REGISTRY)})")
+    model = build_model(extract_state_dict(obj), gamma=gamma, routing=routing)
+    model = model.to(device=device, dtype=dtype).eval()
+    model.backend = backend
+    return model
