@@ -329,8 +329,11 @@ class CAMixerSR(nn.Module):
                 generator: torch.Generator | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """(B, 3, H, W) in [0, 1] -> (B, 3, sH, sW); in training mode (sr, ratio_loss).
 
-        ``generator`` feeds the random draws: Gumbel routing at inference, the Gumbel noise of
-        the training mask.
+        Inputs of any H, W >= 1 are padded on the bottom and right to multiples of the window
+        size (:func:`pad_to_multiple`) and the output is cropped back. ``generator`` feeds the
+        random draws: Gumbel routing at inference, the Gumbel noise of the training mask.
+        At inference each image of a batch is run on its own, so its output is bit-identical
+        to a solo run of that image.
         """
         if not torch.is_tensor(x) or x.dim() != 4 or x.shape[1] != 3:
             shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
@@ -339,9 +342,23 @@ class CAMixerSR(nn.Module):
             raise TypeError(f"expected a floating-point tensor in [0, 1], got {x.dtype}")
         if min(x.shape) == 0:
             raise ValueError(f"empty input {tuple(x.shape)}")
-        height, width = x.shape[-2:]
         settings = MixerSettings(self.gamma, self.routing, self.tie_break, generator,
                                  self.train_noise)
+        if self.training or x.shape[0] == 1:
+            return self._forward(x, settings)
+        # Inference runs a batch image by image: CPU conv and GEMM kernels pick their blocking
+        # from the batch size, which moves results by ~1e-5, so this is what makes each output
+        # bit-identical to the image's solo run (batching buys little at SR image sizes).
+        outs, num_hard = [], []
+        for image in x.split(1):
+            outs.append(self._forward(image, settings))
+            num_hard.append([m.last_num_hard for m in self.mixers()])
+        for i, mixer in enumerate(self.mixers()):
+            mixer.last_num_hard = torch.cat([per_image[i] for per_image in num_hard])
+        return torch.cat(outs)
+
+    def _forward(self, x: Tensor, settings: MixerSettings) -> Tensor | tuple[Tensor, Tensor]:
+        height, width = x.shape[-2:]
         x = pad_to_multiple(x, self.window_size)
         f0 = self.head(x)
         condition_global = self.global_predictor(f0)

@@ -1,0 +1,74 @@
+"""Shared fixtures: the read-only ``../shared`` folder (golden outputs, weights, images).
+
+Tests that need ``../shared`` fail, never skip, when it is missing: CI must prove golden parity.
+Its location can be overridden with ``CAMIXER_FAST_SHARED``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import camixer_fast
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CAMIXER_FAST_SHARED", REPO.parent / "shared")).resolve()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # no network in tests: the registered weights resolve to ../shared/weights
+    os.environ["CAMIXER_FAST_WEIGHTS"] = str(SHARED / "weights")
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    if not (SHARED / "golden" / "camixer_s_x4.pt").is_file():
+        pytest.fail(f"the shared folder is missing or incomplete: {SHARED} (set CAMIXER_FAST_SHARED)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def weights_path(shared: Path) -> Path:
+    return shared / "weights" / "CAMixerSR_S.pth"
+
+
+@pytest.fixture(scope="session")
+def golden(shared: Path) -> dict:
+    return torch.load(shared / "golden" / "camixer_s_x4.pt", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def model_s(weights_path: Path) -> camixer_fast.CAMixerSR:
+    """The official S model on the reference backend; tests set ``gamma`` themselves."""
+    return camixer_fast.load_model(weights_path, backend="reference")
+
+
+def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float, *,
+                 relative: bool = False) -> None:
+    """Fail unless max|out - ref| (divided by max|ref| when ``relative``) <= tol; print it."""
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    assert torch.isfinite(out).all(), f"{name}: non-finite values"
+    err = (out - ref).abs().max().item()
+    if relative:
+        err /= max(ref.abs().max().item(), 1e-30)
+    kind = "relative" if relative else "abs"
+    print(f"{name}: max {kind} error {err:.3e} (tol {tol:.0e})")
+    assert err <= tol, f"{name}: max {kind} error {err:.3e} > {tol:.0e}"
+
+
+def load_rgb(path: Path) -> torch.Tensor:
+    """A PNG as a (1, 3, H, W) float tensor in [0, 1]."""
+    arr = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def to_uint8(img: torch.Tensor) -> np.ndarray:
+    """(1, 3, H, W) float -> H×W×3 uint8, clamped and rounded as SR benchmarks do."""
+    arr = img[0].clamp(0, 1).mul(255).round().byte().permute(1, 2, 0)
+    return arr.numpy()

@@ -1,0 +1,126 @@
+"""Parity with the official implementation's recorded outputs (../shared/golden)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import camixer_fast
+from conftest import assert_close
+
+OUTPUT_TOL = 1e-4
+GRAD_RTOL = 1e-4
+BLOCK_KEYS = ("condition_global", "pred_score", "offsets", "ca", "sa", "warped_x", "attn_out",
+              "mixer_out")
+
+
+def output_cases() -> list[str]:
+    # the golden file's keys, listed here so a test id names each case
+    return [f"{name}@gamma={g}" for g in ("1.0", "0.5", "0.25", "0.0")
+            for name in ("butterfly_x4_lr", "butterfly_crop_45x61", "baby_x4_lr")
+            if not (name == "baby_x4_lr" and g in ("0.25", "0.0"))]
+
+
+@pytest.mark.parametrize("case", output_cases())
+def test_outputs(golden: dict, model_s: camixer_fast.CAMixerSR, case: str) -> None:
+    name, gamma = case.split("@gamma=")
+    model_s.gamma = float(gamma)
+    with torch.no_grad():
+        out = model_s(golden["inputs"][name])
+    assert_close(case, golden["outputs"][case], out, OUTPUT_TOL)
+
+
+def test_every_golden_output_is_tested(golden: dict) -> None:
+    assert sorted(golden["outputs"]) == sorted(output_cases())
+
+
+@pytest.mark.parametrize("block", ["body.0.body.0", "body.3.body.5"])
+def test_block_intermediates(golden: dict, model_s: camixer_fast.CAMixerSR, block: str) -> None:
+    record = golden["blocks@gamma=0.5"][block]
+    mixer = model_s.get_submodule(f"{block}.mixer")
+    model_s.gamma = 0.5
+    mixer.capture = {}
+    try:
+        with torch.no_grad():
+            model_s(golden["inputs"]["butterfly_x4_lr"])
+        got = mixer.capture
+    finally:
+        mixer.capture = None
+    k = int(got["num_hard"][0])
+    assert k == record["K"]
+    assert torch.equal(got["order"][:, :k], record["idx1"]), "hard windows differ"
+    assert torch.equal(got["order"][:, k:], record["idx2"]), "simple windows differ"
+    assert_close(f"{block}.x", record["x"], got["x"], OUTPUT_TOL)
+    for key in BLOCK_KEYS:
+        assert_close(f"{block}.{key}", record[key], got[key], OUTPUT_TOL)
+
+
+def _training_step(model: camixer_fast.CAMixerSR, record: dict) -> tuple[torch.Tensor, ...]:
+    dtype = next(model.parameters()).dtype
+    x = record["input"].to(dtype).clone().requires_grad_(True)
+    out, ratio_loss = model(x)
+    loss = (out - record["target"].to(dtype)).abs().mean() + ratio_loss
+    loss.backward()
+    return out, ratio_loss, loss, x.grad
+
+
+def _train_model(weights_path, gamma: float, dtype: torch.dtype) -> camixer_fast.CAMixerSR:
+    model = camixer_fast.load_model(weights_path, gamma=gamma, backend="reference", dtype=dtype)
+    model.train()
+    model.train_noise = False
+    return model
+
+
+@pytest.mark.parametrize("gamma", ["0.5", "0.25"])
+def test_training_forward(golden: dict, weights_path, gamma: str) -> None:
+    record = golden[f"train@gamma={gamma}"]
+    out, ratio_loss, loss, _ = _training_step(_train_model(weights_path, float(gamma),
+                                                           torch.float32), record)
+    assert_close("output", record["output"], out, GRAD_RTOL, relative=True)
+    assert_close("ratio_loss", record["ratio_loss"], ratio_loss, GRAD_RTOL, relative=True)
+    assert_close("loss", record["loss"], loss, GRAD_RTOL, relative=True)
+
+
+@pytest.mark.parametrize("gamma", ["0.5", "0.25"])
+def test_training_gradients(golden: dict, weights_path, gamma: str) -> None:
+    """Gradients of the training step, fp32, against the official ones at 1e-4 relative.
+
+    The gradient of a LeakyReLU jumps (1 -> 0.1) where its input crosses 0. On this record one
+    pre-activation of ``body.2.body.5.mixer.route.out_offsets`` is about -3e-6 in exact
+    arithmetic, the size of the fp32 rounding of any implementation that is not bit-identical
+    to the official build: ours lands on the other side, and that one pixel's slope changes every
+    gradient upstream of it by up to 1% (the forward values do not move). The official fp32
+    gradients agree with exact arithmetic to ~1e-6, so the kinks' sides are taken from an fp64
+    forward (the exact side) and the fp32 model is run with those slopes; everything else is
+    the plain fp32 computation, held to the full 1e-4 tolerance.
+    """
+    record = golden[f"train@gamma={gamma}"]
+    exact = _train_model(weights_path, float(gamma), torch.float64)
+    signs: dict[str, torch.Tensor] = {}
+    hooks = [module.register_forward_hook(
+        lambda mod, inp, out, name=name: signs.__setitem__(name, inp[0] > 0))
+        for name, module in exact.named_modules() if isinstance(module, nn.LeakyReLU)]
+    with torch.no_grad():
+        exact(record["input"].double())
+    for hook in hooks:
+        hook.remove()
+
+    model = _train_model(weights_path, float(gamma), torch.float32)
+    flipped = []
+
+    def pin(module: nn.LeakyReLU, inp: tuple, out: torch.Tensor, name: str) -> torch.Tensor:
+        flipped.append(int(((inp[0] > 0) != signs[name]).sum()))
+        return torch.where(signs[name], inp[0], inp[0] * module.negative_slope)
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.LeakyReLU):
+            module.register_forward_hook(lambda mod, inp, out, name=name: pin(mod, inp, out, name))
+    out, ratio_loss, _, grad_input = _training_step(model, record)
+    print(f"pre-activations on the other side of 0 than in exact arithmetic: {sum(flipped)}")
+    assert sum(flipped) <= 4, "fp32 forward strays from exact arithmetic more than rounding does"
+    assert_close("output", record["output"], out, GRAD_RTOL, relative=True)
+    assert_close("grad_input", record["grad_input"], grad_input, GRAD_RTOL, relative=True)
+    params = dict(model.named_parameters())
+    for name, ref in record["grads"].items():
+        assert_close(name, ref, params[name].grad, GRAD_RTOL, relative=True)
