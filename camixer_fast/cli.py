@@ -1,0 +1,41 @@
+"""The ``camixer-fast`` command (also ``python -m camixer_fast``).
+
+Each subcommand lives in ``camixer_fast/commands/<name>.py`` and provides
+``register(subparsers) -> argparse.ArgumentParser`` (which sets ``func`` on its parser through
+``set_defaults``); ``func(args) -> int`` returns the exit status. Exit status 2 means bad
+arguments (argparse's convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: tuple[str, ...] = ()
+"""Subcommand modules under camixer_fast.commands, in the order ``--help`` lists them."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from camixer_fast import __version__
+
+    parser = argparse.ArgumentParser(prog="camixer-fast",
+                                     description="CAMixerSR super-resolution, fast and exact.")
+    parser.add_argument("--version", action="version", version=f"camixer-fast {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"camixer_fast.commands.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``camixer-fast`` command; see :mod:`camixer_fast.cli`."""
