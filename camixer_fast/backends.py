@@ -2,13 +2,15 @@
 
 - ``"reference"``: the pure-PyTorch operations of :mod:`camixer_fast.reference` (any device).
 - ``"triton"``: the fused kernels of :mod:`camixer_fast.kernels` (CUDA devices).
-- ``"auto"``: ``"triton"`` when :func:`can_use_triton` accepts the device, else ``"reference"``.
+- ``"auto"``: ``"triton"`` on a CUDA device :func:`can_use_triton` accepts, else ``"reference"``.
 
 Nothing falls back silently: asking for ``"triton"`` where it cannot run raises and says why.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from types import SimpleNamespace
 
 import torch
@@ -16,9 +18,36 @@ import torch
 BACKENDS = ("auto", "reference", "triton")
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def can_use_triton(device: torch.device | str | None = None) -> tuple[bool, str]:
-    """Whether the Triton backend can run on ``device``, and if not, why (a readable reason)."""
-    return False, "the fused Triton kernels are not available in this version of camixer_fast"
+    """Whether the Triton backend can run on ``device`` (default: CUDA if present, else CPU),
+    and why not if it cannot: (ok, reason).
+
+    CUDA devices of compute capability 8.0 or newer run the compiled kernels. A CPU device is
+    accepted only under ``TRITON_INTERPRET=1`` (Triton's interpreter: exact but slow, used by
+    the test suite).
+    """
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed (pip install triton; Linux only)"
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False, "this PyTorch build or machine has no CUDA device"
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return False, f"the kernels need compute capability >= 8.0, this GPU has {major}.{minor}"
+        return True, "compiled kernels on CUDA"
+    if device.type == "cpu":
+        if _interpreting():
+            return True, "Triton interpreter (TRITON_INTERPRET=1): exact but slow"
+        return False, ("the Triton kernels need a CUDA device; on the CPU they run only in "
+                       "Triton's interpreter (set TRITON_INTERPRET=1 before importing them)")
+    return False, f"device type {device.type!r} is not supported by the Triton kernels"
 
 
 def resolve_backend(backend: str, device: torch.device | str | None = None) -> str:
@@ -31,7 +60,9 @@ def resolve_backend(backend: str, device: torch.device | str | None = None) -> s
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     ok, reason = can_use_triton(device)
     if backend == "auto":
-        return "triton" if ok else "reference"
+        # the interpreter is for tests: "auto" takes the kernels only where they are compiled
+        on_cuda = device is not None and torch.device(device).type == "cuda"
+        return "triton" if ok and on_cuda else "reference"
     if backend == "triton" and not ok:
         raise RuntimeError(f"backend 'triton' cannot run here: {reason}")
     return backend
@@ -43,4 +74,8 @@ def backend_ops(backend: str) -> SimpleNamespace:
         from camixer_fast.reference.model import REFERENCE_OPS
 
         return REFERENCE_OPS
+    if backend == "triton":
+        from camixer_fast.kernels import TRITON_OPS
+
+        return TRITON_OPS
     raise ValueError(f"no operation table for backend {backend!r}; resolve it first")

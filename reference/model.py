@@ -147,7 +147,6 @@ class CAMixer(nn.Module):
         cw = window_condition(height, width, ws, dtype=x.dtype, device=x.device)
         pred_in = torch.cat([v, condition_global, cw.expand(b, -1, -1, -1)], dim=1)
         route = self.route(pred_in)
-        k_in = self.ops.deformable_key(x, route.offsets)
         mlp = self.route.out_mask
         projections = (self.project_q.weight, self.project_q.bias,
                        self.project_k.weight, self.project_k.bias)
@@ -156,6 +155,7 @@ class CAMixer(nn.Module):
             pred = self.ops.window_scores(route.hidden, mlp[0].weight, mlp[0].bias,
                                           mlp[2].weight, mlp[2].bias, ws)
             mask = training_mask(pred, noise=settings.train_noise, generator=settings.generator)
+            k_in = self.ops.deformable_key(x, route.offsets)
             attn_out = self.ops.masked_window_attention(x, k_in, v, route.sa, mask, *projections,
                                                         window_size=ws)
         else:
@@ -166,6 +166,8 @@ class CAMixer(nn.Module):
                                              tie_break=settings.tie_break)
             pred = routing.pred
             self.last_num_hard = routing.num_hard.detach()
+            k_in = self.ops.deformable_key(x, route.offsets, routing.num_hard, routing.order,
+                                           window_size=ws)
             attn_out = self.ops.window_attention(x, k_in, v, route.sa, *projections,
                                                  routing.num_hard, routing.order, window_size=ws)
         y = self.conv_sptial(attn_out)

@@ -120,7 +120,9 @@ def num_hard_windows(r: Tensor, num_windows: int, gamma: float) -> Tensor:
     gamma = check_gamma(gamma)
     if gamma == 1.0:
         return torch.full(r.shape, num_windows, dtype=torch.int64, device=r.device)
-    k = torch.floor(r.double() * num_windows * (2.0 * gamma)).to(torch.int64)
+    # in float32 and in this order, as the official ``int(N * r * 2 * ratio)`` on a float32 r:
+    # when N·r is a whole number (the Gumbel draw) another rounding can land just below it
+    k = torch.floor(r.float() * num_windows * 2.0 * gamma).to(torch.int64)
     return k.clamp(0, num_windows)
 
 

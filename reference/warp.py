@@ -34,6 +34,12 @@ def deform_warp(x: Tensor, offsets: Tensor) -> Tensor:
                          align_corners=True)
 
 
-def deformable_key(x: Tensor, offsets: Tensor) -> Tensor:
-    """The deformable key input ``k_in = x + deform_warp(x, offsets)``, (B, C, H, W)."""
+def deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
+                   order: Tensor | None = None, *, window_size: int = 16) -> Tensor:
+    """The deformable key input ``k_in = x + deform_warp(x, offsets)``, (B, C, H, W).
+
+    ``num_hard`` (B,), ``order`` (B, N) and ``window_size`` name the hard windows, the only
+    pixels whose keys the attention reads; a backend may compute just those. This reference
+    computes every pixel.
+    """
     return x + deform_warp(x, offsets)

@@ -1,0 +1,197 @@
+"""Fused deformable key: ``k_in = x + warp(x, offsets)`` (bilinear, border clamp, spec §3.6).
+
+Twin of :func:`camixer_fast.reference.warp.deformable_key`. At inference only the pixels of the
+hard windows are computed (one program per (rank, image), idle past the image's K), since only
+they feed the attention; training runs the whole map forward and backward (gradients to x by
+atomic adds into the four taps, to the offsets per pixel).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _pixels(i_p, i_b, num_hard_ptr, order_ptr, H, W, COLS, N, HARD_ONLY: tl.constexpr,
+            WS: tl.constexpr, BP: tl.constexpr):
+    """Row, column and mask [BP] of the pixels program ``i_p`` handles."""
+    o_t = tl.arange(0, BP)
+    if HARD_ONLY:
+        # program i_p handles the window of rank i_p, if it is a hard one
+        win = tl.load(order_ptr + i_b.to(tl.int64) * N + i_p)
+        valid = tl.where(i_p < tl.load(num_hard_ptr + i_b), WS * WS, 0)
+        m_p = o_t < valid
+        py = (win // COLS) * WS + o_t // WS
+        px = (win % COLS) * WS + o_t % WS
+    else:
+        o_p = i_p * BP + o_t
+        m_p = o_p < H * W
+        py = o_p // W
+        px = o_p % W
+    return py, px, m_p
+
+
+@triton.jit
+def _sample_coords(off_ptr, i_b, py, px, m_p, H, W, ACC: tl.constexpr):
+    """Clamped sampling coordinates, taps and weights of [BP] pixels (align_corners=True)."""
+    p_off = off_ptr + i_b.to(tl.int64) * 2 * H * W + py * W + px
+    sx = px.to(ACC) + tl.load(p_off, mask=m_p, other=0.0).to(ACC)
+    sy = py.to(ACC) + tl.load(p_off + H * W, mask=m_p, other=0.0).to(ACC)
+    ix = tl.minimum(tl.maximum(sx, 0.0), (W - 1).to(ACC))
+    iy = tl.minimum(tl.maximum(sy, 0.0), (H - 1).to(ACC))
+    fx0, fy0 = tl.floor(ix), tl.floor(iy)
+    x0, y0 = fx0.to(tl.int32), fy0.to(tl.int32)
+    # the far tap is clamped too: it only ever gets weight 0 there
+    x1, y1 = tl.minimum(x0 + 1, W - 1), tl.minimum(y0 + 1, H - 1)
+    return sx, sy, ix - fx0, iy - fy0, x0, y0, x1, y1
+
+
+@triton.jit
+def _deform_key_fwd_kernel(x_ptr, off_ptr, out_ptr, num_hard_ptr, order_ptr, C, H, W, COLS, N,
+                           HARD_ONLY: tl.constexpr, WS: tl.constexpr, BC: tl.constexpr,
+                           BP: tl.constexpr, ACC: tl.constexpr):
+    i_p, i_b = tl.program_id(0), tl.program_id(1)
+    py, px, m_p = _pixels(i_p, i_b, num_hard_ptr, order_ptr, H, W, COLS, N, HARD_ONLY, WS, BP)
+    _, _, fx, fy, x0, y0, x1, y1 = _sample_coords(off_ptr, i_b, py, px, m_p, H, W, ACC)
+    o_c = tl.arange(0, BC)
+    m = (o_c < C)[:, None] & m_p[None, :]                              # [BC, BP]
+    p_x = x_ptr + i_b.to(tl.int64) * C * H * W + o_c[:, None].to(tl.int64) * H * W
+    b_00 = tl.load(p_x + (y0 * W + x0)[None, :], mask=m, other=0.0).to(ACC)
+    b_01 = tl.load(p_x + (y0 * W + x1)[None, :], mask=m, other=0.0).to(ACC)
+    b_10 = tl.load(p_x + (y1 * W + x0)[None, :], mask=m, other=0.0).to(ACC)
+    b_11 = tl.load(p_x + (y1 * W + x1)[None, :], mask=m, other=0.0).to(ACC)
+    b_c = tl.load(p_x + (py * W + px)[None, :], mask=m, other=0.0).to(ACC)
+    fx, fy = fx[None, :], fy[None, :]
+    b_out = b_c + (b_00 * (1 - fx) * (1 - fy) + b_01 * fx * (1 - fy)
+                   + b_10 * (1 - fx) * fy + b_11 * fx * fy)            # [BC, BP]
+    p_out = out_ptr + i_b.to(tl.int64) * C * H * W + o_c[:, None].to(tl.int64) * H * W
+    tl.store(p_out + (py * W + px)[None, :], b_out.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _deform_key_bwd_kernel(x_ptr, off_ptr, dout_ptr, dx_ptr, doff_ptr, C, H, W,
+                           BC: tl.constexpr, BP: tl.constexpr, ACC: tl.constexpr):
+    i_p, i_b = tl.program_id(0), tl.program_id(1)
+    py, px, m_p = _pixels(i_p, i_b, i_b, i_b, H, W, 1, 1, False, 1, BP)
+    sx, sy, fx, fy, x0, y0, x1, y1 = _sample_coords(off_ptr, i_b, py, px, m_p, H, W, ACC)
+    o_c = tl.arange(0, BC)
+    m = (o_c < C)[:, None] & m_p[None, :]                              # [BC, BP]
+    plane = i_b.to(tl.int64) * C * H * W + o_c[:, None].to(tl.int64) * H * W
+    b_g = tl.load(dout_ptr + plane + (py * W + px)[None, :], mask=m, other=0.0).to(ACC)
+    b_00 = tl.load(x_ptr + plane + (y0 * W + x0)[None, :], mask=m, other=0.0).to(ACC)
+    b_01 = tl.load(x_ptr + plane + (y0 * W + x1)[None, :], mask=m, other=0.0).to(ACC)
+    b_10 = tl.load(x_ptr + plane + (y1 * W + x0)[None, :], mask=m, other=0.0).to(ACC)
+    b_11 = tl.load(x_ptr + plane + (y1 * W + x1)[None, :], mask=m, other=0.0).to(ACC)
+    gx, gy = fx[None, :], fy[None, :]
+    tl.atomic_add(dx_ptr + plane + (y0 * W + x0)[None, :], b_g * (1 - gx) * (1 - gy), mask=m)
+    tl.atomic_add(dx_ptr + plane + (y0 * W + x1)[None, :], b_g * gx * (1 - gy), mask=m)
+    tl.atomic_add(dx_ptr + plane + (y1 * W + x0)[None, :], b_g * (1 - gx) * gy, mask=m)
+    tl.atomic_add(dx_ptr + plane + (y1 * W + x1)[None, :], b_g * gx * gy, mask=m)
+    # a coordinate clamped at (or beyond) the border has no gradient, as in grid_sample
+    in_x = (sx > 0) & (sx < W - 1)
+    in_y = (sy > 0) & (sy < H - 1)
+    b_dsx = tl.sum(b_g * ((b_01 - b_00) * (1 - gy) + (b_11 - b_10) * gy), axis=0)   # [BP]
+    b_dsy = tl.sum(b_g * ((b_10 - b_00) * (1 - gx) + (b_11 - b_01) * gx), axis=0)
+    p_doff = doff_ptr + i_b.to(tl.int64) * 2 * H * W + py * W + px
+    tl.store(p_doff, tl.where(in_x, b_dsx, 0.0), mask=m_p)
+    tl.store(p_doff + H * W, tl.where(in_y, b_dsy, 0.0), mask=m_p)
+
+
+def _check_inputs(x: Tensor, offsets: Tensor) -> None:
+    if x.dim() != 4 or offsets.dim() != 4 or offsets.shape[1] != 2:
+        raise ValueError(f"expected x (B,C,H,W) and offsets (B,2,H,W), got {tuple(x.shape)} and "
+                         f"{tuple(offsets.shape)}")
+    if offsets.shape[0] != x.shape[0] or offsets.shape[2:] != x.shape[2:]:
+        raise ValueError(f"offsets {tuple(offsets.shape)} do not match x {tuple(x.shape)}")
+    if x.device != offsets.device:
+        raise ValueError(f"x is on {x.device} but offsets on {offsets.device}")
+    if not x.is_floating_point() or x.dtype != offsets.dtype:
+        raise ValueError(f"x and offsets must share a floating dtype, got {x.dtype}, "
+                         f"{offsets.dtype}")
+
+
+def _acc(x: Tensor) -> tl.dtype:
+    return tl.float64 if x.dtype == torch.float64 else tl.float32
+
+
+PIXEL_BLOCK = 64
+
+
+def deformable_key_forward(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
+                           order: Tensor | None = None, *, window_size: int = 16) -> Tensor:
+    """Launch the forward kernel: x (B, C, H, W), offsets (B, 2, H, W) -> k_in (B, C, H, W).
+
+    With ``num_hard`` (B,) and ``order`` (B, N) only the hard windows' pixels are written;
+    the rest of the result is left unset (never read by the attention).
+    """
+    _check_inputs(x, offsets)
+    b, c, height, width = x.shape
+    x, offsets = x.contiguous(), offsets.contiguous()
+    hard_only = num_hard is not None
+    if hard_only:
+        if order is None:
+            raise ValueError("num_hard needs order")
+        ws = window_size
+        if height % ws or width % ws or ws & (ws - 1):
+            raise ValueError(f"{height}x{width} map does not tile into power-of-two windows {ws}")
+        n = (height // ws) * (width // ws)
+        if tuple(order.shape) != (b, n) or tuple(num_hard.shape) != (b,):
+            raise ValueError(f"order {tuple(order.shape)} / num_hard {tuple(num_hard.shape)} do not "
+                             f"fit {b} images of {n} windows")
+        out = torch.empty_like(x)
+        grid = (n, b)
+        cols, block = width // ws, ws * ws
+        num_hard, order = num_hard.contiguous(), order.contiguous()
+    else:
+        out = torch.empty_like(x)
+        grid = (triton.cdiv(height * width, PIXEL_BLOCK), b)
+        n, cols, block, ws = 1, 1, PIXEL_BLOCK, 1
+        num_hard = order = x
+    _deform_key_fwd_kernel[grid](x, offsets, out, num_hard, order, c, height, width, cols, n,
+                                 HARD_ONLY=hard_only, WS=ws, BC=triton.next_power_of_2(c),
+                                 BP=block, ACC=_acc(x))
+    return out
+
+
+def deformable_key_backward(x: Tensor, offsets: Tensor, grad_out: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of ``x + warp(x, offsets)``: (dx (B, C, H, W), doffsets (B, 2, H, W))."""
+    b, c, height, width = x.shape
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dx = torch.zeros(x.shape, dtype=acc_dtype, device=x.device)
+    doff = torch.empty(offsets.shape, dtype=acc_dtype, device=x.device)
+    grid = (triton.cdiv(height * width, PIXEL_BLOCK), b)
+    _deform_key_bwd_kernel[grid](x, offsets.contiguous(), grad_out.contiguous(), dx, doff, c,
+                                 height, width, BC=triton.next_power_of_2(c), BP=PIXEL_BLOCK,
+                                 ACC=_acc(x))
+    return (grad_out + dx).to(x.dtype), doff.to(offsets.dtype)
+
+
+class DeformableKey(torch.autograd.Function):
+    """Autograd wrapper of the whole-map kernels (training)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, offsets: Tensor) -> Tensor:
+        ctx.save_for_backward(x, offsets)
+        return deformable_key_forward(x, offsets)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor]:
+        x, offsets = ctx.saved_tensors
+        return deformable_key_backward(x, offsets, grad_out)
+
+
+def deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
+                   order: Tensor | None = None, *, window_size: int = 16) -> Tensor:
+    """Fused twin of :func:`camixer_fast.reference.warp.deformable_key`.
+
+    x (B, C, H, W), offsets (B, 2, H, W) in pixels -> x + warp(x, offsets), (B, C, H, W).
+    Given the routing (``num_hard`` (B,), ``order`` (B, N)) and no gradient to compute, only the
+    hard windows' pixels are computed; otherwise the whole map, differentiably.
+    """
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or offsets.requires_grad)
+    if num_hard is not None and not needs_grad:
+        return deformable_key_forward(x, offsets, num_hard, order, window_size=window_size)
+    return DeformableKey.apply(x, offsets)
