@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS: tuple[str, ...] = ()
+COMMANDS: tuple[str, ...] = ("upscale",)
 """Subcommand modules under camixer_fast.commands, in the order ``--help`` lists them."""
 
 
