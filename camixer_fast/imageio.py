@@ -35,7 +35,7 @@ _WRITABLE_MODES = {
     "PNG": {"RGB", "RGBA", "L", "LA", "P", "I;16"},
     "TIFF": {"RGB", "RGBA", "L", "LA", "P", "I;16"},
     "WEBP": {"RGB", "RGBA", "L", "LA", "P"},
-    "BMP": {"RGB", "RGBA", "L", "P"},
+    "BMP": {"RGB", "L", "P"},
     "JPEG": {"RGB", "L"},
 }
 _CONVERTED_ON_READ = {"1": "L", "PA": "RGBA", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB",
@@ -271,6 +271,9 @@ def fit_to_format(pixels: Image.Image | np.ndarray,
         notes.append("16 -> 8 bits")
         pixels = Image.fromarray(_to_8bit(pixels))
     allowed = _WRITABLE_MODES[fmt]
+    if pixels.mode == "P" and "transparency" in pixels.info and fmt not in ("PNG", "WEBP"):
+        notes.append("palette dropped")
+        pixels = pixels.convert("RGBA")
     if pixels.mode not in allowed:
         mode = pixels.mode
         if mode == "I;16":
@@ -284,7 +287,7 @@ def fit_to_format(pixels: Image.Image | np.ndarray,
                       else "L" if grey and "L" in allowed else "RGB")
             if alpha and target != "RGBA":
                 notes.append("alpha dropped")
-            if pixels.mode == "P":
+            if pixels.mode == "P" and "palette dropped" not in notes:
                 notes.append("palette dropped")
             pixels = pixels.convert(target)
     return pixels, ("; ".join(notes) or None)

@@ -20,6 +20,7 @@ from PIL import Image
 import camixer_fast
 from camixer_fast import png16
 from camixer_fast.cli import main
+from camixer_fast.imageio import LoadedImage, fit_to_format, write_image
 
 cmd = importlib.import_module("camixer_fast.commands.upscale")
 
@@ -183,6 +184,36 @@ def test_icc_profile_and_exif_are_kept(tmp_path):
     with Image.open(tmp_path / "out" / "e.jpg") as img:
         assert img.info.get("icc_profile") == b"fake icc"
         assert img.getexif().get(0x0110) == "test camera"
+
+
+def _palette_with_transparency() -> Image.Image:
+    img = Image.fromarray(RGBA8[..., :3]).quantize(colors=8)
+    img.info["transparency"] = 2
+    return img
+
+
+FORMAT_FITS = {
+    "rgba-as-jpeg": (lambda: Image.fromarray(RGBA8), "JPEG", "RGB", "alpha dropped"),
+    "rgba-as-bmp": (lambda: Image.fromarray(RGBA8), "BMP", "RGB", "alpha dropped"),
+    "la-as-jpeg": (lambda: Image.fromarray(RGBA8).convert("LA"), "JPEG", "L", "alpha dropped"),
+    "grey16-as-jpeg": (lambda: Image.fromarray(GREY16), "JPEG", "L", "16 -> 8 bits"),
+    "rgb16-array-as-tiff": (lambda: RGB16, "TIFF", "RGB", "16 -> 8 bits"),
+    "palette-transparency-as-tiff": (_palette_with_transparency, "TIFF", "RGBA",
+                                     "palette dropped"),
+    "palette-transparency-as-png": (_palette_with_transparency, "PNG", "P", None),
+    "rgb16-array-as-png": (lambda: RGB16, "PNG", None, None),
+}
+
+
+@pytest.mark.parametrize("case", list(FORMAT_FITS))
+def test_results_are_fitted_to_the_output_format(case):
+    make, fmt, mode, note = FORMAT_FITS[case]
+    pixels, got = fit_to_format(make(), fmt)
+    assert (pixels.mode if isinstance(pixels, Image.Image) else None) == mode
+    assert got == note if note is None else note in got
+    buf = io.BytesIO()
+    write_image(LoadedImage(make()), buf, fmt)
+    assert buf.tell() > 0
 
 
 # --- skipping and overwriting ----------------------------------------------------------------

@@ -91,7 +91,8 @@ class Progress:
     """
 
     def __init__(self, total: int, stream: TextIO | None = None) -> None:
-        self.total, self.stream = total, stream or sys.stderr
+        self.total = total
+        self.stream = stream if stream is not None else sys.stderr
         self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
         self.done, self.label, self.detail = 0, "", ""
 
