@@ -90,6 +90,10 @@ def _select_kernel(pred_ptr, noise_ptr, num_hard_ptr, order_ptr, N, gamma,
         tl.store(num_hard_ptr + i_b, k)
 
 
+SELECT_BLOCK = 64
+"""Windows ranked per program, and compared per step, by the selection kernel."""
+
+
 def _check(name: str, t: Tensor, shape: tuple, device: torch.device) -> None:
     if tuple(t.shape) != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
@@ -136,10 +140,10 @@ def route_windows(h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, gam
     noise = gumbel_noise(pred, generator) if routing == "gumbel" else pred
     num_hard = torch.empty(b, dtype=torch.int64, device=h.device)
     order = torch.empty(b, n, dtype=torch.int64, device=h.device)
-    block = 64
-    _select_kernel[(triton.cdiv(n, block), b)](pred, noise, num_hard, order, n, gamma,
-                                               HAS_NOISE=routing == "gumbel",
-                                               ALL_HARD=gamma == 1.0, BI=block, BJ=block)
+    _select_kernel[(triton.cdiv(n, SELECT_BLOCK), b)](pred, noise, num_hard, order, n, gamma,
+                                                      HAS_NOISE=routing == "gumbel",
+                                                      ALL_HARD=gamma == 1.0, BI=SELECT_BLOCK,
+                                                      BJ=SELECT_BLOCK)
     if tie_break == "official":
         order = torch.argsort(pred[..., 0], dim=1, descending=True)
     return WindowRouting(pred, num_hard, order)

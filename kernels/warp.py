@@ -1,8 +1,8 @@
 """Fused deformable key: ``k_in = x + warp(x, offsets)`` (bilinear, border clamp, spec §3.6).
 
 Twin of :func:`camixer_fast.reference.warp.deformable_key`. At inference only the pixels of the
-hard windows are computed (one program per (rank, image), idle past the image's K), since only
-they feed the attention; training runs the whole map forward and backward (gradients to x by
+hard windows are computed (programs per (rank, part of the window, image), idle past the
+image's K), since only they feed the attention; training runs the whole map forward and backward (gradients to x by
 atomic adds into the four taps, to the offsets per pixel).
 """
 
@@ -20,10 +20,14 @@ def _pixels(i_p, i_b, num_hard_ptr, order_ptr, H, W, COLS, N, HARD_ONLY: tl.cons
     """Row, column and mask [BP] of the pixels program ``i_p`` handles."""
     o_t = tl.arange(0, BP)
     if HARD_ONLY:
-        # program i_p handles the window of rank i_p, if it is a hard one
-        win = tl.load(order_ptr + i_b.to(tl.int64) * N + i_p)
-        valid = tl.where(i_p < tl.load(num_hard_ptr + i_b), WS * WS, 0)
+        # programs i_p = rank · (ws²/BP) + part: part ``part`` of the window of rank ``rank``,
+        # if that window is a hard one
+        parts: tl.constexpr = WS * WS // BP
+        rank, part = i_p // parts, i_p % parts
+        win = tl.load(order_ptr + i_b.to(tl.int64) * N + rank)
+        valid = tl.where(rank < tl.load(num_hard_ptr + i_b), BP, 0)
         m_p = o_t < valid
+        o_t += part * BP
         py = (win // COLS) * WS + o_t // WS
         px = (win % COLS) * WS + o_t % WS
     else:
@@ -56,19 +60,22 @@ def _deform_key_fwd_kernel(x_ptr, off_ptr, out_ptr, num_hard_ptr, order_ptr, C, 
     i_p, i_b = tl.program_id(0), tl.program_id(1)
     py, px, m_p = _pixels(i_p, i_b, num_hard_ptr, order_ptr, H, W, COLS, N, HARD_ONLY, WS, BP)
     _, _, fx, fy, x0, y0, x1, y1 = _sample_coords(off_ptr, i_b, py, px, m_p, H, W, ACC)
-    o_c = tl.arange(0, BC)
-    m = (o_c < C)[:, None] & m_p[None, :]                              # [BC, BP]
-    p_x = x_ptr + i_b.to(tl.int64) * C * H * W + o_c[:, None].to(tl.int64) * H * W
-    b_00 = tl.load(p_x + (y0 * W + x0)[None, :], mask=m, other=0.0).to(ACC)
-    b_01 = tl.load(p_x + (y0 * W + x1)[None, :], mask=m, other=0.0).to(ACC)
-    b_10 = tl.load(p_x + (y1 * W + x0)[None, :], mask=m, other=0.0).to(ACC)
-    b_11 = tl.load(p_x + (y1 * W + x1)[None, :], mask=m, other=0.0).to(ACC)
-    b_c = tl.load(p_x + (py * W + px)[None, :], mask=m, other=0.0).to(ACC)
     fx, fy = fx[None, :], fy[None, :]
-    b_out = b_c + (b_00 * (1 - fx) * (1 - fy) + b_01 * fx * (1 - fy)
-                   + b_10 * (1 - fx) * fy + b_11 * fx * fy)            # [BC, BP]
-    p_out = out_ptr + i_b.to(tl.int64) * C * H * W + o_c[:, None].to(tl.int64) * H * W
-    tl.store(p_out + (py * W + px)[None, :], b_out.to(out_ptr.dtype.element_ty), mask=m)
+    w00, w01 = (1 - fx) * (1 - fy), fx * (1 - fy)
+    w10, w11 = (1 - fx) * fy, fx * fy
+    o_00, o_01 = (y0 * W + x0)[None, :], (y0 * W + x1)[None, :]
+    o_10, o_11 = (y1 * W + x0)[None, :], (y1 * W + x1)[None, :]
+    o_pix = (py * W + px)[None, :]
+    for c0 in range(0, C, BC):                                         # channel chunks
+        o_c = c0 + tl.arange(0, BC)
+        m = (o_c < C)[:, None] & m_p[None, :]                          # [BC, BP]
+        plane = i_b.to(tl.int64) * C * H * W + o_c[:, None].to(tl.int64) * H * W
+        b_out = tl.load(x_ptr + plane + o_pix, mask=m, other=0.0).to(ACC)
+        b_out += tl.load(x_ptr + plane + o_00, mask=m, other=0.0).to(ACC) * w00
+        b_out += tl.load(x_ptr + plane + o_01, mask=m, other=0.0).to(ACC) * w01
+        b_out += tl.load(x_ptr + plane + o_10, mask=m, other=0.0).to(ACC) * w10
+        b_out += tl.load(x_ptr + plane + o_11, mask=m, other=0.0).to(ACC) * w11
+        tl.store(out_ptr + plane + o_pix, b_out.to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -77,24 +84,29 @@ def _deform_key_bwd_kernel(x_ptr, off_ptr, dout_ptr, dx_ptr, doff_ptr, C, H, W,
     i_p, i_b = tl.program_id(0), tl.program_id(1)
     py, px, m_p = _pixels(i_p, i_b, i_b, i_b, H, W, 1, 1, False, 1, BP)
     sx, sy, fx, fy, x0, y0, x1, y1 = _sample_coords(off_ptr, i_b, py, px, m_p, H, W, ACC)
-    o_c = tl.arange(0, BC)
-    m = (o_c < C)[:, None] & m_p[None, :]                              # [BC, BP]
-    plane = i_b.to(tl.int64) * C * H * W + o_c[:, None].to(tl.int64) * H * W
-    b_g = tl.load(dout_ptr + plane + (py * W + px)[None, :], mask=m, other=0.0).to(ACC)
-    b_00 = tl.load(x_ptr + plane + (y0 * W + x0)[None, :], mask=m, other=0.0).to(ACC)
-    b_01 = tl.load(x_ptr + plane + (y0 * W + x1)[None, :], mask=m, other=0.0).to(ACC)
-    b_10 = tl.load(x_ptr + plane + (y1 * W + x0)[None, :], mask=m, other=0.0).to(ACC)
-    b_11 = tl.load(x_ptr + plane + (y1 * W + x1)[None, :], mask=m, other=0.0).to(ACC)
     gx, gy = fx[None, :], fy[None, :]
-    tl.atomic_add(dx_ptr + plane + (y0 * W + x0)[None, :], b_g * (1 - gx) * (1 - gy), mask=m)
-    tl.atomic_add(dx_ptr + plane + (y0 * W + x1)[None, :], b_g * gx * (1 - gy), mask=m)
-    tl.atomic_add(dx_ptr + plane + (y1 * W + x0)[None, :], b_g * (1 - gx) * gy, mask=m)
-    tl.atomic_add(dx_ptr + plane + (y1 * W + x1)[None, :], b_g * gx * gy, mask=m)
+    o_00, o_01 = (y0 * W + x0)[None, :], (y0 * W + x1)[None, :]
+    o_10, o_11 = (y1 * W + x0)[None, :], (y1 * W + x1)[None, :]
+    b_dsx = tl.zeros([BP], dtype=ACC)
+    b_dsy = tl.zeros([BP], dtype=ACC)
+    for c0 in range(0, C, BC):                                         # channel chunks
+        o_c = c0 + tl.arange(0, BC)
+        m = (o_c < C)[:, None] & m_p[None, :]                          # [BC, BP]
+        plane = i_b.to(tl.int64) * C * H * W + o_c[:, None].to(tl.int64) * H * W
+        b_g = tl.load(dout_ptr + plane + (py * W + px)[None, :], mask=m, other=0.0).to(ACC)
+        b_00 = tl.load(x_ptr + plane + o_00, mask=m, other=0.0).to(ACC)
+        b_01 = tl.load(x_ptr + plane + o_01, mask=m, other=0.0).to(ACC)
+        b_10 = tl.load(x_ptr + plane + o_10, mask=m, other=0.0).to(ACC)
+        b_11 = tl.load(x_ptr + plane + o_11, mask=m, other=0.0).to(ACC)
+        tl.atomic_add(dx_ptr + plane + o_00, b_g * (1 - gx) * (1 - gy), mask=m)
+        tl.atomic_add(dx_ptr + plane + o_01, b_g * gx * (1 - gy), mask=m)
+        tl.atomic_add(dx_ptr + plane + o_10, b_g * (1 - gx) * gy, mask=m)
+        tl.atomic_add(dx_ptr + plane + o_11, b_g * gx * gy, mask=m)
+        b_dsx += tl.sum(b_g * ((b_01 - b_00) * (1 - gy) + (b_11 - b_10) * gy), axis=0)
+        b_dsy += tl.sum(b_g * ((b_10 - b_00) * (1 - gx) + (b_11 - b_01) * gx), axis=0)
     # a coordinate clamped at (or beyond) the border has no gradient, as in grid_sample
     in_x = (sx > 0) & (sx < W - 1)
     in_y = (sy > 0) & (sy < H - 1)
-    b_dsx = tl.sum(b_g * ((b_01 - b_00) * (1 - gy) + (b_11 - b_10) * gy), axis=0)   # [BP]
-    b_dsy = tl.sum(b_g * ((b_10 - b_00) * (1 - gx) + (b_11 - b_01) * gx), axis=0)
     p_doff = doff_ptr + i_b.to(tl.int64) * 2 * H * W + py * W + px
     tl.store(p_doff, tl.where(in_x, b_dsx, 0.0), mask=m_p)
     tl.store(p_doff + H * W, tl.where(in_y, b_dsy, 0.0), mask=m_p)
@@ -118,6 +130,9 @@ def _acc(x: Tensor) -> tl.dtype:
 
 
 PIXEL_BLOCK = 64
+"""Pixels per program (a quarter of a 16×16 window)."""
+CHANNEL_BLOCK = 16
+"""Channels per inner step: registers stay bounded whatever C is."""
 
 
 def deformable_key_forward(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
@@ -141,18 +156,19 @@ def deformable_key_forward(x: Tensor, offsets: Tensor, num_hard: Tensor | None =
         if tuple(order.shape) != (b, n) or tuple(num_hard.shape) != (b,):
             raise ValueError(f"order {tuple(order.shape)} / num_hard {tuple(num_hard.shape)} do not "
                              f"fit {b} images of {n} windows")
-        out = torch.empty_like(x)
-        grid = (n, b)
-        cols, block = width // ws, ws * ws
+        block = min(PIXEL_BLOCK, ws * ws)
+        grid = (n * (ws * ws // block), b)
+        cols = width // ws
         num_hard, order = num_hard.contiguous(), order.contiguous()
     else:
-        out = torch.empty_like(x)
-        grid = (triton.cdiv(height * width, PIXEL_BLOCK), b)
-        n, cols, block, ws = 1, 1, PIXEL_BLOCK, 1
+        block = PIXEL_BLOCK
+        grid = (triton.cdiv(height * width, block), b)
+        n, cols, ws = 1, 1, 1
         num_hard = order = x
+    out = torch.empty_like(x)
     _deform_key_fwd_kernel[grid](x, offsets, out, num_hard, order, c, height, width, cols, n,
-                                 HARD_ONLY=hard_only, WS=ws, BC=triton.next_power_of_2(c),
-                                 BP=block, ACC=_acc(x))
+                                 HARD_ONLY=hard_only, WS=ws, BC=CHANNEL_BLOCK, BP=block,
+                                 ACC=_acc(x))
     return out
 
 
@@ -164,8 +180,7 @@ def deformable_key_backward(x: Tensor, offsets: Tensor, grad_out: Tensor) -> tup
     doff = torch.empty(offsets.shape, dtype=acc_dtype, device=x.device)
     grid = (triton.cdiv(height * width, PIXEL_BLOCK), b)
     _deform_key_bwd_kernel[grid](x, offsets.contiguous(), grad_out.contiguous(), dx, doff, c,
-                                 height, width, BC=triton.next_power_of_2(c), BP=PIXEL_BLOCK,
-                                 ACC=_acc(x))
+                                 height, width, BC=CHANNEL_BLOCK, BP=PIXEL_BLOCK, ACC=_acc(x))
     return (grad_out + dx).to(x.dtype), doff.to(offsets.dtype)
 
 

@@ -6,7 +6,9 @@ rectangle: the window of rank r of image b is ``order[b, r]``; ranks below the i
 attended, the others get ``v·sa``. A program reads its window's pixels straight from the
 (B, C, H, W) maps through the window index, applies ``project_q`` / ``project_k`` in the kernel,
 runs an online softmax in fp32 over the window's keys, and writes its rows of ``attn_out`` in
-place: no gather copy, no scatter copy, no K-dependent memory.
+place: no gather copy, no scatter copy, no K-dependent memory. The key projection is folded
+into the queries (Q·Kᵀ = (Q·Wk)·k_inᵀ + a per-row constant that softmax drops), so the key loop
+streams raw ``k_in`` tiles like flash attention.
 
 Training (dense masked form over all windows): the projections and masks are a few elementwise
 and linear PyTorch ops; the attention itself -- softmax(QKᵀ)V per window, forward and backward --
@@ -17,6 +19,7 @@ C need not be a power of two: channels are padded inside the kernels with masks.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -45,23 +48,22 @@ def _hard_window_attention_kernel(x_ptr, k_ptr, v_ptr, sa_ptr, wq_ptr, bq_ptr, w
     p_m = plane[None, :] + pix_m[:, None]                              # [BM, BC]
     if i_r < tl.load(num_hard_ptr + i_b):
         dt = x_ptr.dtype.element_ty
-        # W^T tiles: element (i, o) = w[o, i]
+        # Q·Kᵀ = (Q·Wk)·k_inᵀ + (Q·bk)·1ᵀ, and softmax ignores a per-row constant: fold Wk
+        # into the queries once, then stream raw k_in tiles (bk drops out exactly)
         m_w = m_c[:, None] & m_c[None, :]
-        b_wq = tl.load(wq_ptr + o_c[None, :] * C + o_c[:, None], mask=m_w, other=0.0).to(dt)
-        b_wk = tl.load(wk_ptr + o_c[None, :] * C + o_c[:, None], mask=m_w, other=0.0).to(dt)
+        b_wqt = tl.load(wq_ptr + o_c[None, :] * C + o_c[:, None], mask=m_w, other=0.0).to(dt)
         b_bq = tl.load(bq_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
-        b_bk = tl.load(bk_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
         b_x = tl.load(x_ptr + p_m, mask=m_c[None, :], other=0.0)      # [BM, BC]
-        b_q = tl.dot(b_x, b_wq, input_precision=PRECISION) + b_bq[None, :]
-        b_q = b_q.to(dt)
+        b_q = (tl.dot(b_x, b_wqt, input_precision=PRECISION) + b_bq[None, :]).to(dt)
+        b_wk = tl.load(wk_ptr + o_c[:, None] * C + o_c[None, :], mask=m_w, other=0.0).to(dt)
+        b_q = tl.dot(b_q, b_wk, input_precision=PRECISION).to(dt)     # [BM, BC] Q·Wk
         b_mi = tl.full([BM], float("-inf"), dtype=tl.float32)
         b_li = tl.zeros([BM], dtype=tl.float32)
         b_acc = tl.zeros([BM, BC], dtype=tl.float32)
         for i_n in range(0, WS * WS // BN):
             p_n = plane[None, :] + _window_tokens(win, i_n, COLS, W, WS, BN)[:, None]  # [BN, BC]
             b_kin = tl.load(k_ptr + p_n, mask=m_c[None, :], other=0.0)
-            b_k = (tl.dot(b_kin, b_wk, input_precision=PRECISION) + b_bk[None, :]).to(dt)
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [BM, BN] fp32
+            b_s = tl.dot(b_q, tl.trans(b_kin), input_precision=PRECISION)  # [BM, BN] fp32
             b_mnew = tl.maximum(b_mi, tl.max(b_s, axis=1))
             b_alpha = tl.exp(b_mi - b_mnew)
             b_p = tl.exp(b_s - b_mnew[:, None])
@@ -82,15 +84,32 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def block_sizes(window_size: int) -> tuple[int, int]:
-    """(query block, key block) the wrappers launch with for ``window_size``.
+class AttentionConfig(NamedTuple):
+    bm: int          # query tokens per program
+    bn: int          # key tokens per inner step
+    num_warps: int
 
-    64×64 on a GPU (a [64, C≤64] fp32 accumulator per program); whole windows under the
-    interpreter, where fewer, larger programs run faster.
+
+def attention_config(dtype: torch.dtype, window_size: int, *,
+                     backward: bool = False) -> AttentionConfig:
+    """The launch configuration the wrappers use for ``dtype`` and ``window_size``.
+
+    On a GPU: the largest tiles that compile without register spills on sm_80 and sm_90 (the
+    compile gate checks every one): fp32 with IEEE products runs on the FMA units and needs
+    small 16×32 tiles (16×16 in the backward); fp16 / bf16 use tensor cores with 64×32 tiles and
+    8 warps. Under the interpreter, whole windows: fewer, larger programs run faster there.
     """
     tokens = window_size * window_size
-    size = tokens if interpreting() else min(64, tokens)
-    return size, size
+    if interpreting():
+        return AttentionConfig(tokens, tokens, 4)
+    if dtype == torch.float32:
+        return AttentionConfig(min(16, tokens), min(16 if backward else 32, tokens), 4)
+    return AttentionConfig(min(64, tokens), min(32, tokens), 8)
+
+
+def channel_block(channels: int) -> int:
+    """Channels padded (with masks, in the kernel) to a power of two, at least 16 for tl.dot."""
+    return max(16, triton.next_power_of_2(channels))
 
 
 def _precision(x: Tensor) -> str:
@@ -148,12 +167,13 @@ def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
     x, k_in, v, sa, wq, bq, wk, bk, num_hard, order = (
         t.contiguous() for t in (x, k_in, v, sa, wq, bq, wk, bk, num_hard, order))
     out = torch.empty_like(x)
-    bm, bn = block_sizes(ws)
-    grid = (n, ws * ws // bm, b)
+    cfg = attention_config(x.dtype, ws)
+    grid = (n, ws * ws // cfg.bm, b)
     _hard_window_attention_kernel[grid](x, k_in, v, sa, wq, bq, wk, bk, num_hard, order, out,
                                         c, height, width, cols, n, WS=ws,
-                                        BC=max(16, triton.next_power_of_2(c)), BM=bm, BN=bn,
-                                        PRECISION=_precision(x))
+                                        BC=channel_block(c), BM=cfg.bm, BN=cfg.bn,
+                                        PRECISION=_precision(x), num_warps=cfg.num_warps,
+                                        num_stages=1)
     return out
 
 
@@ -247,13 +267,13 @@ def _attention_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq
     tl.store(dq_ptr + p_m, b_dq.to(dq_ptr.dtype.element_ty), mask=m_c[None, :])
 
 
-def _launch_args(q: Tensor, window_size: int) -> tuple[tuple, dict]:
+def _launch_args(q: Tensor, window_size: int, backward: bool = False) -> tuple[tuple, dict]:
     b, c, height, width = q.shape
     cols = width // window_size
     n = (height // window_size) * cols
-    bm, bn = block_sizes(window_size)
-    meta = dict(WS=window_size, BC=max(16, triton.next_power_of_2(c)), BM=bm, BN=bn,
-                PRECISION=_precision(q))
+    cfg = attention_config(q.dtype, window_size, backward=backward)
+    meta = dict(WS=window_size, BC=channel_block(c), BM=cfg.bm, BN=cfg.bn,
+                PRECISION=_precision(q), num_warps=cfg.num_warps, num_stages=1)
     return (c, height, width, cols, n), meta
 
 
@@ -273,7 +293,7 @@ def window_attention_core_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                                    grad_out: Tensor, *,
                                    window_size: int) -> tuple[Tensor, Tensor, Tensor]:
     """(dQ, dK, dV) of :func:`window_attention_core_forward`, all (B, C, H, W)."""
-    dims, meta = _launch_args(q, window_size)
+    dims, meta = _launch_args(q, window_size, backward=True)
     b, n = q.shape[0], dims[4]
     grad_out = grad_out.contiguous()
     # Δ = rowsum(dO ⊙ O) per token, in the lse layout (B, N, ws²)
