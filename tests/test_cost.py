@@ -1,0 +1,131 @@
+"""Cost accounting: parameter counts (spec §6), the paper's FLOPs (spec §7, Table 2) and
+measured multiply-adds of actual forwards (Table 3: 77.9G for B on 320×180 at γ = 1)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import camixer_fast
+from camixer_fast.cost import count_madds, madds_breakdown, paper_flops, parameter_count
+
+PAPER_FLOPS = {  # Table 2, one 32×32 LR input: C -> {γ: FLOPs as printed}
+    36: {1.0: 894e6, 0.5: 652e6, 0.25: 532e6, 0.0: 410e6},
+    48: {1.0: 1.37e9, 0.5: 1.03e9, 0.25: 858e6, 0.0: 686e6},
+    60: {1.0: 1.96e9, 0.5: 1.49e9, 0.25: 1.26e9, 0.0: 1.03e9},
+}
+SIZE_NAME = {36: "S", 48: "M", 60: "B"}
+
+
+def three_figures(x: float) -> float:
+    step = 10.0 ** (math.floor(math.log10(x)) - 2)
+    return math.floor(x / step + 0.5) * step
+
+
+@pytest.mark.parametrize("n_feats,scale,expected",
+                         [(36, 4, 351_238), (48, 4, 534_558), (60, 4, 765_322), (60, 2, 745_846)],
+                         ids=["S-x4", "M-x4", "B-x4", "lightweight-x2"])
+def test_parameter_count(n_feats: int, scale: int, expected: int) -> None:
+    model = camixer_fast.CAMixerSR(n_feats=n_feats, scale=scale)
+    assert parameter_count(model) == expected
+
+
+def test_parameter_count_of_official_weights(model_s: camixer_fast.CAMixerSR) -> None:
+    assert parameter_count(model_s) == 351_238
+
+
+def test_paper_flops_by_hand() -> None:
+    # S, γ = 0, 32×32, term by term (see paper_flops): per block mixer 7,593,984 + FFN 9,289,728
+    hw, c = 1024, 36
+    mixer = (hw * 40 * 40 // 4 * 2 + hw * 10 * 3 * 2 + hw * 10 * 2 * 2 + 4 * 256 * 16 * 2
+             + 4 * 16 * 2 * 16 * 2 + hw * c * c * 2 + 2 * hw * c * 9 * 2 + hw * c * c * 2)
+    ffn = hw * c * 2 * c * 2 + hw * 2 * c * 9 * 2 + hw * c * c * 2
+    assert (mixer, ffn) == (7_593_984, 9_289_728)
+    rest = (hw * 3 * c * 9 * 2 + hw * 8 * (c + 2) * 9 * 2 + 4 * hw * c * c * 2
+            + hw * c * c * 9 * 2 + hw * c * 48 * 9 * 2)
+    assert paper_flops(36, 4, 0.0) == 20 * (mixer + ffn) + rest == 411_623_424
+    # each γ step adds the q/k projections (2·2·HW·C²·γ) and int(4γ) windows of 2·256²·C, ×20
+    per_window = 20 * 2 * 256**2 * c
+    assert paper_flops(36, 4, 1.0) - paper_flops(36, 4, 0.0) == 20 * 4 * hw * c * c + 4 * per_window
+
+
+@pytest.mark.parametrize("n_feats", [36, 48, 60], ids=lambda c: SIZE_NAME[c])
+def test_paper_flops_against_table2(n_feats: int) -> None:
+    rows = []
+    for gamma, printed in PAPER_FLOPS[n_feats].items():
+        got = paper_flops(n_feats, 4, gamma)
+        rows.append(f"γ={gamma}: {got / 1e6:.2f}M (3 s.f. {three_figures(got) / 1e6:g}M, "
+                    f"paper {printed / 1e6:g}M, {100 * (got / printed - 1):+.2f}%)")
+        assert abs(got / printed - 1) < 0.0075
+    print(f"{SIZE_NAME[n_feats]}: " + "; ".join(rows))
+
+
+def test_table2_is_not_linear_in_gamma() -> None:
+    """Why no γ-linear formula gives all twelve figures: for 32×32 every term of one is linear
+    in γ ∈ {0, 0.25, 0.5} (int(4γ) windows included), so F(0.25) = (F(0) + F(0.5)) / 2; the
+    S row rounds to 410 / 532 / 652, and (410.5 + 652.5) / 2 = 531.5 cannot round up to 532
+    when both ends are strictly below .5."""
+    s = PAPER_FLOPS[36]
+    assert (s[0.0] + 0.5e6 + s[0.5] + 0.5e6) / 2 <= s[0.25] - 0.5e6
+    for c in (36, 48, 60):
+        f = {g: paper_flops(c, 4, g) for g in (0.0, 0.25, 0.5)}
+        assert f[0.25] == (f[0.0] + f[0.5]) / 2
+
+
+def expected_madds(n_feats: int, scale: int, hp: int, wp: int, hard: list[int],
+                   ws: int = 16) -> int:
+    """Multiply-adds by hand for one image padded to hp×wp with ``hard[i]`` hard windows in
+    block i (spec §1–§3 layer by layer)."""
+    c, c4, c8 = n_feats, (n_feats + 4) // 4, (n_feats + 4) // 8
+    px, windows, tokens = hp * wp, (hp // ws) * (wp // ws), ws * ws
+    per_pixel_block = (c * c                                    # project_v
+                       + (c + 4) * c4 + c4 * c8 + c8 * 2        # in_conv, out_offsets
+                       + c4 * 9                                 # out_SA
+                       + 2 * 9 * c + c * c                      # conv_sptial, project_out
+                       + 2 * c * c + 2 * c * 9 + c * c)         # FFN
+    per_block = px * per_pixel_block + c4 * c + windows * (tokens * ws + ws * 2)  # + out_CA, out_mask
+    total = len(hard) * per_block
+    total += sum(k * tokens * 2 * c * c + k * 2 * tokens * tokens * c for k in hard)
+    total += px * (3 * c * 9 + c * 8 + 8 * 2 * 9                # head, global predictor
+                   + 4 * c * c + c * c * 9 + c * 3 * scale * scale * 9)  # group tails, tails
+    return total
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0], ids=lambda g: f"gamma={g}")
+def test_count_madds_follows_routing(model_s: camixer_fast.CAMixerSR, golden: dict,
+                                     gamma: float) -> None:
+    lr = golden["inputs"]["butterfly_crop_45x61"]              # padded to 48×64: 12 windows
+    model_s.gamma = gamma
+    got = madds_breakdown(model_s, lr)
+    hard = [int(m.last_num_hard[0]) for m in model_s.mixers()]
+    print(f"γ={gamma}: K per block {hard}, {got}")
+    assert got["total"] == expected_madds(36, 4, 48, 64, hard)
+    assert got["linear"] == 0                                  # every Linear is applied functionally
+    if gamma == 0.0:
+        assert got["attention"] == got["qk_projection"] == 0
+    if gamma == 1.0:
+        assert hard == [12] * 20
+    assert count_madds(model_s, lr) == got["total"]
+
+
+def test_count_madds_batch_is_sum_of_images(model_s: camixer_fast.CAMixerSR,
+                                            golden: dict) -> None:
+    a = golden["inputs"]["butterfly_x4_lr"]
+    b = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    model_s.gamma = 0.5
+    assert count_madds(model_s, torch.cat([a, b])) == count_madds(model_s, a) + count_madds(model_s, b)
+
+
+@pytest.mark.slow
+def test_count_madds_b_model_320x180() -> None:
+    """Table 3: the B model (C = 60, ×4) on a 320×180 input (1280×720 output) at γ = 1."""
+    torch.manual_seed(0)
+    model = camixer_fast.CAMixerSR(n_feats=60, scale=4, gamma=1.0)
+    got = count_madds(model, torch.rand(1, 3, 180, 320))
+    want = expected_madds(60, 4, 192, 320, [240] * 20)          # padded 192×320: 240 windows
+    print(f"B ×4 320×180 γ=1: {got / 1e9:.3f}G multiply-adds (paper 77.9G, "
+          f"{100 * (got / 77.9e9 - 1):+.2f}%)")
+    assert got == want
+    assert abs(got / 77.9e9 - 1) <= 0.02
