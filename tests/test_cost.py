@@ -3,12 +3,14 @@ measured multiply-adds of actual forwards (Table 3: 77.9G for B on 320×180 at �
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
 import camixer_fast
+from camixer_fast.cli import main
 from camixer_fast.cost import count_madds, madds_breakdown, paper_flops, parameter_count
 
 PAPER_FLOPS = {  # Table 2, one 32×32 LR input: C -> {γ: FLOPs as printed}
@@ -17,6 +19,15 @@ PAPER_FLOPS = {  # Table 2, one 32×32 LR input: C -> {γ: FLOPs as printed}
     60: {1.0: 1.96e9, 0.5: 1.49e9, 0.25: 1.26e9, 0.0: 1.03e9},
 }
 SIZE_NAME = {36: "S", 48: "M", 60: "B"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Convolutions run far slower with 2 threads on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def three_figures(x: float) -> float:
@@ -129,3 +140,40 @@ def test_count_madds_b_model_320x180() -> None:
           f"{100 * (got / 77.9e9 - 1):+.2f}%)")
     assert got == want
     assert abs(got / 77.9e9 - 1) <= 0.02
+
+
+def test_info_random_model_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "--model", "M", "--gamma", "0.5", "--lr-size", "40x20", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == 534_558 and info["n_feats"] == 48 and info["scale"] == 4
+    assert info["paper_flops_32x32"] == paper_flops(48, 4, 0.5)
+    assert info["windows"] == 6 and len(info["hard_windows_per_block"]) == 20
+    assert info["madds"]["total"] == expected_madds(48, 4, 48, 32, info["hard_windows_per_block"])
+
+
+def test_info_weights_text(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "--weights", "CAMixerSR-S", "--gamma", "1"]) == 0
+    out = capsys.readouterr().out
+    print(out)
+    assert "351,238" in out and "895.3M" in out
+    assert f"{expected_madds(36, 4, 32, 32, [4] * 20) / 1e9:,.3f}G" in out
+
+
+def test_info_x2_lightweight(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "--model", "B", "--scale", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["parameters"] == 745_846
+
+
+@pytest.mark.parametrize("args", [["--lr-size", "0x5"], ["--lr-size", "32"],
+                                  ["--model", "S", "--weights", "CAMixerSR-S"],
+                                  ["--gamma", "-0.1"], ["--model", "XL"]],
+                         ids=["zero-size", "no-x", "model-and-weights", "bad-gamma", "bad-model"])
+def test_info_bad_arguments(args: list[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["info", *args])
+    assert exit_info.value.code == 2
+
+
+def test_info_scale_mismatch(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "--weights", "CAMixerSR-S", "--scale", "2"]) == 2
+    assert "×4" in capsys.readouterr().err
