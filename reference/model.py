@@ -9,6 +9,7 @@ backend), so both backends run the very same network code.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -37,6 +38,19 @@ REFERENCE_OPS = SimpleNamespace(
     masked_window_attention=masked_window_attention,
 )
 """The operations the mixer calls; a backend provides the same five functions."""
+
+
+PROFILE_RANGES = ("camixer.predictor", "camixer.attention", "camixer.conv", "camixer.ffn")
+"""``torch.profiler`` ranges the network marks (paper Fig. 6): the predictor and routing, the
+token mixing (deformable keys and window attention), the mixer's convolutions, the FFN. The rest
+(head, norms, group tails, upsampler) is unmarked."""
+
+
+def span(name: str):
+    """A ``record_function`` range while a profiler runs, else nothing (no cost)."""
+    if torch.autograd.profiler._is_profiler_enabled:
+        return torch.profiler.record_function(name)
+    return nullcontext()
 
 
 class LayerNorm2d(nn.Module):
@@ -143,35 +157,42 @@ class CAMixer(nn.Module):
         """
         b, _, height, width = x.shape
         ws = self.window_size
-        v = self.project_v(x)
-        cw = window_condition(height, width, ws, dtype=x.dtype, device=x.device)
-        pred_in = torch.cat([v, condition_global, cw.expand(b, -1, -1, -1)], dim=1)
-        route = self.route(pred_in)
         mlp = self.route.out_mask
         projections = (self.project_q.weight, self.project_q.bias,
                        self.project_k.weight, self.project_k.bias)
         mask = None
-        if self.training:
-            pred = self.ops.window_scores(route.hidden, mlp[0].weight, mlp[0].bias,
-                                          mlp[2].weight, mlp[2].bias, ws)
-            mask = training_mask(pred, noise=settings.train_noise, generator=settings.generator)
-            k_in = self.ops.deformable_key(x, route.offsets)
-            attn_out = self.ops.masked_window_attention(x, k_in, v, route.sa, mask, *projections,
-                                                        window_size=ws)
-        else:
-            routing = self.ops.route_windows(route.hidden, mlp[0].weight, mlp[0].bias,
-                                             mlp[2].weight, mlp[2].bias, settings.gamma,
-                                             window_size=ws, routing=settings.routing,
-                                             generator=settings.generator,
-                                             tie_break=settings.tie_break)
-            pred = routing.pred
-            self.last_num_hard = routing.num_hard.detach()
-            k_in = self.ops.deformable_key(x, route.offsets, routing.num_hard, routing.order,
-                                           window_size=ws)
-            attn_out = self.ops.window_attention(x, k_in, v, route.sa, *projections,
-                                                 routing.num_hard, routing.order, window_size=ws)
-        y = self.conv_sptial(attn_out)
-        out = self.project_out(F.gelu(y) * route.ca + attn_out)
+        with span("camixer.predictor"):
+            v = self.project_v(x)
+            cw = window_condition(height, width, ws, dtype=x.dtype, device=x.device)
+            pred_in = torch.cat([v, condition_global, cw.expand(b, -1, -1, -1)], dim=1)
+            route = self.route(pred_in)
+            if self.training:
+                pred = self.ops.window_scores(route.hidden, mlp[0].weight, mlp[0].bias,
+                                              mlp[2].weight, mlp[2].bias, ws)
+                mask = training_mask(pred, noise=settings.train_noise,
+                                     generator=settings.generator)
+            else:
+                routing = self.ops.route_windows(route.hidden, mlp[0].weight, mlp[0].bias,
+                                                 mlp[2].weight, mlp[2].bias, settings.gamma,
+                                                 window_size=ws, routing=settings.routing,
+                                                 generator=settings.generator,
+                                                 tie_break=settings.tie_break)
+                pred = routing.pred
+                self.last_num_hard = routing.num_hard.detach()
+        with span("camixer.attention"):
+            if self.training:
+                k_in = self.ops.deformable_key(x, route.offsets)
+                attn_out = self.ops.masked_window_attention(x, k_in, v, route.sa, mask,
+                                                            *projections, window_size=ws)
+            else:
+                k_in = self.ops.deformable_key(x, route.offsets, routing.num_hard,
+                                               routing.order, window_size=ws)
+                attn_out = self.ops.window_attention(x, k_in, v, route.sa, *projections,
+                                                     routing.num_hard, routing.order,
+                                                     window_size=ws)
+        with span("camixer.conv"):
+            y = self.conv_sptial(attn_out)
+            out = self.project_out(F.gelu(y) * route.ca + attn_out)
         if self.capture is not None:
             self.capture.update(x=x, condition_global=condition_global, pred_score=pred,
                                 offsets=route.offsets, ca=route.ca, sa=route.sa, k_in=k_in,
@@ -195,7 +216,9 @@ class Block(nn.Module):
                 settings: MixerSettings) -> tuple[Tensor, Tensor | None]:
         mixed, mask = self.mixer(x, condition_global, settings)
         x = self.norm1(x + mixed)
-        return self.norm2(x + self.ffn(x)), mask
+        with span("camixer.ffn"):
+            ffn = self.ffn(x)
+        return self.norm2(x + ffn), mask
 
 
 class Group(nn.Module):
