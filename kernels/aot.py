@@ -181,6 +181,106 @@ def usage_table(results: dict[tuple[str, int], Usage]) -> str:
     return "\n".join(rows)
 
 
+@dataclass(frozen=True)
+class KernelCost:
+    """What one launch moves and computes: the floor of its time on a given GPU."""
+
+    name: str
+    launches: str        # what one call covers
+    bytes: float         # minimum DRAM traffic (each byte read or written once)
+    flops: float
+
+    def floor_us(self, bandwidth: float = 3.0e12, flops_per_s: float = 60e12) -> float:
+        return 1e6 * max(self.bytes / bandwidth, self.flops / flops_per_s)
+
+
+def frame_costs(n_feats: int = 60, lr_hw: tuple[int, int] = (180, 320), window_size: int = 16,
+                hard_fraction: float = 0.5, itemsize: int = 4) -> list[KernelCost]:
+    """Per-call bytes and FLOPs of each kernel for one block of the network.
+
+    Defaults: a 1280×720 ×4 frame (LR 320×180, padded to 320×192) of the B model (C = 60) at
+    γ = 0.5 with K/N = 0.5 (K = N·r·2γ with r = 0.5; the real r depends on the image), fp32.
+    Bytes count each tensor element once (reuse through caches is assumed perfect, which is
+    what a floor is); FLOPs count a multiply-add as 2.
+    """
+    ws = window_size
+    height = -(-lr_hw[0] // ws) * ws
+    width = -(-lr_hw[1] // ws) * ws
+    pixels, tokens = height * width, ws * ws
+    n = pixels // tokens
+    k = int(n * hard_fraction)
+    c, c4, hid = n_feats, (n_feats + 4) // 4, ws
+    hard_px = k * tokens
+    b = itemsize
+    return [
+        KernelCost("window_scores", f"{n} windows", c4 * pixels * b + hid * tokens * b + n * 8,
+                   c4 * pixels + n * (2 * tokens * hid + 2 * hid * 2 + 8)),
+        KernelCost("select", f"{n} windows", n * 8 + n * 8 + 8, 2 * n * n + 4 * n),
+        KernelCost("deform_key_fwd (hard windows only)", f"{k} hard windows",
+                   2 * c * hard_px * b + 2 * hard_px * b, 8 * c * hard_px + 20 * hard_px),
+        KernelCost("hard_window_attention", f"{k} hard + {n - k} simple windows",
+                   (3 * c * hard_px + 2 * c * c) * b + (c + 1) * (pixels - hard_px) * b
+                   + c * pixels * b,
+                   k * (4 * tokens * c * c + 4 * tokens * tokens * c) + c * (pixels - hard_px)),
+        KernelCost("attention_fwd (training, all windows)", f"{n} windows",
+                   4 * c * pixels * b + pixels * 4, n * 4 * tokens * tokens * c),
+        KernelCost("attention_bwd_dkv + dq (training)", f"{n} windows",
+                   (4 + 2) * c * pixels * b + 2 * pixels * 4 + 3 * c * pixels * b,
+                   n * 2 * (4 + 3) * tokens * tokens * c),
+        KernelCost("deform_key_bwd (training, whole map)", f"{pixels} pixels",
+                   (3 * c + 2) * pixels * b + c * pixels * 4 + 2 * pixels * b,
+                   20 * c * pixels + 30 * pixels),
+    ]
+
+
+def cost_table(costs: list[KernelCost]) -> str:
+    rows = ["| kernel | one call covers | MB moved | GFLOP | floor on H100 (µs) | bound by |",
+            "|---|---|---|---|---|---|"]
+    for cost in costs:
+        memory = cost.bytes / 3.0e12 >= cost.flops / 60e12
+        rows.append(f"| {cost.name} | {cost.launches} | {cost.bytes / 1e6:.2f} | "
+                    f"{cost.flops / 1e9:.3f} | {cost.floor_us():.1f} | "
+                    f"{'memory' if memory else 'compute'} |")
+    return "\n".join(rows)
+
+
+def write_report(path: str, results: dict[tuple[str, int], Usage]) -> None:
+    """Write ``bench/kernels.md``: the cost model and the compiled resource use."""
+    costs = frame_costs()
+    inference = [c for c in costs if "training" not in c.name]
+    per_block = sum(c.floor_us() for c in inference)
+    text = f"""# Kernels: cost per call and compiled resource use
+
+Made by `tests/test_compile_gate.py` (through `camixer_fast.kernels.aot.write_report`); do not
+edit by hand.
+
+## Bytes and FLOPs per call
+
+One block of the B model (C = 60) on a 1280×720 ×4 frame (LR 320×180, padded to 320×192:
+240 windows of 16×16) at γ = 0.5, taking K = N/2 hard windows (K = N·r·2γ with r = 0.5; r is
+the image's), fp32. Bytes: each element read or written once (a floor: perfect cache reuse).
+FLOPs: a multiply-add counts 2. Floor time: the larger of bytes / 3.0 TB/s and
+FLOPs / 60 TFLOP/s (H100 fp32 without tensor cores).
+
+{cost_table(costs)}
+
+Inference kernels of one block: {per_block:.1f} µs at the floor; the network has 20 blocks,
+so {20 * per_block / 1000:.2f} ms per frame for routing, keys and attention together.
+
+## Compiled resource use
+
+Every variant the wrappers launch for the published models (C = 36, 48, 60: channel blocks of
+16 in the predictor and the warp, 64 in the attention), compiled ahead of time with
+`triton.compile(..., target=GPUTarget("cuda", cc, 32))` and read with the triton wheel's
+`cuobjdump --dump-resource-usage`: registers per thread, bytes spilled (stack + local memory;
+the gate fails on any), shared memory per program (static + dynamic).
+
+{usage_table(results)}
+"""
+    with open(path, "w") as f:
+        f.write(text)
+
+
 def compile_all() -> dict[tuple[str, int], Usage]:
     results = {}
     for variant in variants():
@@ -191,5 +291,36 @@ def compile_all() -> dict[tuple[str, int], Usage]:
     return results
 
 
+def ungated_kernels() -> set[str]:
+    """Kernels defined in the kernel modules that :func:`variants` does not compile."""
+    defined = {name for module in (routing, warp, attention) for name, obj in vars(module).items()
+               if isinstance(obj, triton.runtime.JITFunction) and name.endswith("_kernel")}
+    return defined - {variant.kernel.__name__ for variant in variants()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write {variant: {sm_cc: usage}} here")
+    parser.add_argument("--report", help="write the markdown report (bench/kernels.md) here")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.error("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU")
+    missing = ungated_kernels()
+    if missing:
+        parser.error(f"kernels missing from the gate: {sorted(missing)}")
+    results = compile_all()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({f"{name}@sm_{cc}": u.__dict__ for (name, cc), u in results.items()}, f,
+                      indent=1)
+    if args.report:
+        write_report(args.report, results)
+    print(usage_table(results))
+    return 1 if any(u.spills for u in results.values()) else 0
+
+
 if __name__ == "__main__":
-    print(usage_table(compile_all()))
+    raise SystemExit(main())
