@@ -213,3 +213,16 @@ def test_masked_window_attention_forward_and_backward(case: tuple) -> None:
             assert_close(name, ref, got, 1e-4 * results[1][8].abs().max().item())
         else:
             assert_close(name, ref, got, 2e-5, relative=True)
+
+
+def test_half_precision_model_on_triton(golden: dict, weights_path) -> None:
+    """fp16 end to end (fp32 accumulation in the kernels) stays close to the fp32 golden."""
+    import camixer_fast
+
+    model = camixer_fast.load_model(weights_path, backend="triton", dtype=torch.float16,
+                                    device=DEVICE, gamma=0.5)
+    with torch.no_grad():
+        out = model(golden["inputs"]["butterfly_crop_45x61"].to(DEVICE, torch.float16))
+    err = (out.float().cpu() - golden["outputs"]["butterfly_crop_45x61@gamma=0.5"]).abs()
+    print(f"fp16 vs fp32 golden: max {err.max():.2e}, mean {err.mean():.2e}")
+    assert err.mean() < 1e-3 and err.max() < 2e-2
