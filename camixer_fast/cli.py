@@ -16,6 +16,17 @@ COMMANDS: tuple[str, ...] = ("upscale", "eval", "info")
 """Subcommand modules under camixer_fast.commands, in the order ``--help`` lists them."""
 
 
+def gamma_type(text: str) -> float:
+    """argparse ``type`` for γ: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from camixer_fast import __version__
 

@@ -32,6 +32,16 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture()
+def one_thread():
+    """One torch thread for the test: small convolutions on a busy 2-core machine run many times
+    slower with two threads fighting over the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def shared() -> Path:
     if not (SHARED / "golden" / "camixer_s_x4.pt").is_file():

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import camixer_fast
@@ -31,13 +30,7 @@ RGB16 = RNG.integers(0, 65536, (H, W, 3), dtype=np.uint16)
 GREY16 = (np.add.outer(np.arange(H), np.arange(W)) * 2000 + 123).astype(np.uint16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The network on tiny inputs is ~100x slower with 2 threads on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cli(*args: object) -> int:

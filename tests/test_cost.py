@@ -21,13 +21,7 @@ PAPER_FLOPS = {  # Table 2, one 32×32 LR input: C -> {γ: FLOPs as printed}
 SIZE_NAME = {36: "S", 48: "M", 60: "B"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Convolutions run far slower with 2 threads on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def three_figures(x: float) -> float:

@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 import camixer_fast
 from camixer_fast.cli import main
@@ -18,13 +17,7 @@ OFFICIAL_GAMMA1 = {"baby": 33.831, "bird": 34.915, "butterfly": 29.021, "head": 
                    "woman": 30.901}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small convolutions run far slower with 2 threads on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()

@@ -19,13 +19,7 @@ up = importlib.import_module("camixer_fast.upscale")
 H, W = 12, 17
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The network on tiny inputs is ~100x slower with 2 threads on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,18 +11,9 @@ import json
 import sys
 
 from camixer_fast.backends import BACKENDS
+from camixer_fast.cli import gamma_type
 from camixer_fast.evaluate import GammaScore, ImageScore, evaluate
 from camixer_fast.loading import CheckpointError, load_model
-
-
-def _gamma(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -43,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                              "making LR from HR")
     parser.add_argument("--scale", type=int, default=None,
                         help="upscale factor; must be the model's (default: the model's)")
-    parser.add_argument("--gamma", type=_gamma, nargs="+", default=[1.0, 0.5, 0.25],
+    parser.add_argument("--gamma", type=gamma_type, nargs="+", default=[1.0, 0.5, 0.25],
                         metavar="G", help="attention ratios to evaluate (default 1 0.5 0.25)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="backend of the mixers' hot operations (default auto)")

@@ -12,19 +12,10 @@ import sys
 
 import torch
 
+from camixer_fast.cli import gamma_type
 from camixer_fast.cost import MODEL_SIZES, madds_breakdown, paper_flops, parameter_count
 from camixer_fast.loading import CheckpointError, load_model
 from camixer_fast.reference.model import CAMixerSR
-
-
-def _gamma(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -52,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--scale", type=int, default=None,
                         help="upscale factor for --model (default 4); with --weights it must "
                              "match the checkpoint")
-    parser.add_argument("--gamma", type=_gamma, default=1.0, metavar="G",
+    parser.add_argument("--gamma", type=gamma_type, default=1.0, metavar="G",
                         help="attention ratio in [0, 1] (default 1)")
     parser.add_argument("--lr-size", type=_size, default=(32, 32), metavar="HxW",
                         help="LR input size of the measured forward (default 32x32)")

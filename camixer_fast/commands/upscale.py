@@ -18,6 +18,7 @@ from typing import TextIO
 
 import torch
 
+from camixer_fast.cli import gamma_type
 from camixer_fast.imageio import EXTENSIONS, LoadedImage, read_image, write_image
 from camixer_fast.loading import CheckpointError
 from camixer_fast.upscale import DTYPES, cached_model, resolve_device, upscale
@@ -27,16 +28,6 @@ PROG = "camixer-fast upscale"
 
 class UsageError(Exception):
     """A bad argument found after parsing (exit status 2)."""
-
-
-def _gamma(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
 
 
 def _tile(text: str) -> int | str:
@@ -65,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     parser.add_argument("-o", "--output", required=True, metavar="OUT",
                         help="output folder (created if missing), or file for one input file")
-    parser.add_argument("--gamma", type=_gamma, default=0.5, metavar="G",
+    parser.add_argument("--gamma", type=gamma_type, default=0.5, metavar="G",
                         help="attention ratio in [0, 1] (default 0.5)")
     parser.add_argument("--weights", default="CAMixerSR-S", metavar="NAME_OR_PATH",
                         help="registered weights name or checkpoint path (default CAMixerSR-S)")
