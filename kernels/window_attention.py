@@ -149,6 +149,12 @@ def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
     b, c, height, width = _check_maps(x, {"k_in": k_in, "v": v, "sa": sa, "wq": wq, "bq": bq,
                                           "wk": wk, "bk": bk, "num_hard": num_hard,
                                           "order": order}, window_size)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, k_in, v, sa, wq, bq, wk, bk)):
+        raise RuntimeError(
+            "the Triton inference attention does not differentiate (top-K routing is not "
+            "differentiable): run inference under torch.no_grad() or torch.inference_mode(), "
+            "train with model.train() (the dense masked form has kernels with a backward), or "
+            "use backend='reference'")
     for name, t in (("k_in", k_in), ("v", v)):
         if t.shape != x.shape:
             raise ValueError(f"{name}: expected {tuple(x.shape)}, got {tuple(t.shape)}")

@@ -226,3 +226,13 @@ def test_half_precision_model_on_triton(golden: dict, weights_path) -> None:
     err = (out.float().cpu() - golden["outputs"]["butterfly_crop_45x61@gamma=0.5"]).abs()
     print(f"fp16 vs fp32 golden: max {err.max():.2e}, mean {err.mean():.2e}")
     assert err.mean() < 1e-3 and err.max() < 2e-2
+
+
+def test_window_attention_refuses_to_drop_gradients() -> None:
+    (x, k_in, v), sa, proj = attention_inputs(1, 36, 1, 2, 16)
+    order, num_hard = torch.tensor([[0, 1]], device=DEVICE), torch.tensor([1], device=DEVICE)
+    with pytest.raises(RuntimeError, match="does not differentiate"):
+        kattn.window_attention(x.requires_grad_(), k_in, v, sa, *proj, num_hard, order,
+                               window_size=16)
+    with torch.no_grad():
+        kattn.window_attention(x, k_in, v, sa, *proj, num_hard, order, window_size=16)
