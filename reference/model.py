@@ -148,6 +148,9 @@ class CAMixer(nn.Module):
         """Set to a dict to have the next forward store its intermediates there (debugging)."""
         self.last_num_hard: Tensor | None = None
         """K per image (B,) of the last inference call: the routing actually used."""
+        self.last_mask_mean: Tensor | None = None
+        """Mean of the training mask (B, N, 1) of the last training call, the fraction of
+        windows sent to attention: a 0-dim tensor still in the autograd graph."""
 
     def forward(self, x: Tensor, condition_global: Tensor,
                 settings: MixerSettings) -> tuple[Tensor, Tensor | None]:
@@ -171,6 +174,7 @@ class CAMixer(nn.Module):
                                               mlp[2].weight, mlp[2].bias, ws)
                 mask = training_mask(pred, noise=settings.train_noise,
                                      generator=settings.generator)
+                self.last_mask_mean = mask.mean()
             else:
                 routing = self.ops.route_windows(route.hidden, mlp[0].weight, mlp[0].bias,
                                                  mlp[2].weight, mlp[2].bias, settings.gamma,
