@@ -98,13 +98,18 @@ def test_unreadable_and_missing_files(tmp_path: Path) -> None:
         camixer_fast.load_model("CAMixerSR-XXL")
 
 
-def test_bad_load_arguments(weights_path: Path) -> None:
+def test_bad_load_arguments(weights_path: Path, monkeypatch) -> None:
     with pytest.raises(ValueError, match="gamma"):
         camixer_fast.load_model(weights_path, gamma=2.0)
     with pytest.raises(ValueError, match="routing"):
         camixer_fast.load_model(weights_path, routing="top-k")
+    with pytest.raises(ValueError, match="backend"):
+        camixer_fast.load_model(weights_path, backend="cuda")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)       # the test session sets it
+    ok, reason = camixer_fast.can_use_triton("cpu")
+    assert not ok and "CUDA" in reason
     with pytest.raises(RuntimeError, match="backend 'triton' cannot run here"):
-        camixer_fast.load_model(weights_path, backend="triton")
+        camixer_fast.load_model(weights_path, backend="triton", device="cpu")
 
 
 def test_dtype_and_device(weights_path: Path) -> None:
