@@ -23,10 +23,13 @@ def output_cases() -> list[str]:
             if not (name == "baby_x4_lr" and g in ("0.25", "0.0"))]
 
 
-# the Triton backend runs every case but the largest one: in the CPU interpreter a 128×128
-# input at γ = 1 costs minutes and exercises nothing the other cases do not
-BACKEND_CASES = [("reference", case) for case in output_cases()] + [
-    ("triton", case) for case in output_cases() if case != "baby_x4_lr@gamma=1.0"]
+# The Triton backend runs in the CPU interpreter here, a minute a case: every γ on one input,
+# the padded/cropped input once, and the input whose routing cuts through tied scores.
+TRITON_CASES = ("butterfly_x4_lr@gamma=1.0", "butterfly_x4_lr@gamma=0.5",
+                "butterfly_x4_lr@gamma=0.25", "butterfly_x4_lr@gamma=0.0",
+                "butterfly_crop_45x61@gamma=0.5", "baby_x4_lr@gamma=0.5")
+BACKEND_CASES = ([("reference", case) for case in output_cases()]
+                 + [("triton", case) for case in TRITON_CASES])
 
 
 @pytest.fixture(scope="module")
@@ -49,20 +52,34 @@ def test_every_golden_output_is_tested(golden: dict) -> None:
     assert sorted(golden["outputs"]) == sorted(output_cases())
 
 
+RECORDED_BLOCKS = ("body.0.body.0", "body.3.body.5")
+
+
+@pytest.fixture(scope="module")
+def captured(golden: dict, models: dict) -> dict[str, dict[str, dict]]:
+    """backend -> block -> the intermediates of the recorded blocks' mixers, one forward each."""
+    out = {}
+    for backend, model in models.items():
+        mixers = [model.get_submodule(f"{block}.mixer") for block in RECORDED_BLOCKS]
+        model.gamma = 0.5
+        for mixer in mixers:
+            mixer.capture = {}
+        try:
+            with torch.no_grad():
+                model(golden["inputs"]["butterfly_x4_lr"].to(DEVICE))
+            out[backend] = {block: {k: v.cpu() for k, v in mixer.capture.items()}
+                            for block, mixer in zip(RECORDED_BLOCKS, mixers)}
+        finally:
+            for mixer in mixers:
+                mixer.capture = None
+    return out
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize("block", ["body.0.body.0", "body.3.body.5"])
-def test_block_intermediates(golden: dict, models: dict, backend: str, block: str) -> None:
-    model = models[backend]
+@pytest.mark.parametrize("block", RECORDED_BLOCKS)
+def test_block_intermediates(golden: dict, captured: dict, backend: str, block: str) -> None:
     record = golden["blocks@gamma=0.5"][block]
-    mixer = model.get_submodule(f"{block}.mixer")
-    model.gamma = 0.5
-    mixer.capture = {}
-    try:
-        with torch.no_grad():
-            model(golden["inputs"]["butterfly_x4_lr"].to(DEVICE))
-        got = {k: v.cpu() for k, v in mixer.capture.items()}
-    finally:
-        mixer.capture = None
+    got = captured[backend][block]
     k = int(got["num_hard"][0])
     assert k == record["K"]
     assert torch.equal(got["order"][:, :k], record["idx1"]), "hard windows differ"
