@@ -77,8 +77,6 @@ class ConfigError(ValueError):
     """A setting is out of range or cannot be honoured here (e.g. the Triton backend on a CPU)."""
 
 
-
-
 @dataclass
 class TrainConfig:
     """Everything a training run needs; the defaults are the official recipe (spec §4).
@@ -179,8 +177,6 @@ def derive_seed(*keys: int) -> int:
     """A 63-bit seed mixed from non-negative integer keys (NumPy's SeedSequence)."""
     words = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32)
     return (int(words[0]) << 31) ^ int(words[1])
-
-
 
 
 def erp_row_weights(rows: np.ndarray, height: int) -> np.ndarray:
@@ -425,8 +421,6 @@ def load_validation_pairs(hr_dir: str | os.PathLike, scale: int,
     return pairs
 
 
-
-
 def pixel_loss(sr: Tensor, hr: Tensor, weight: Tensor | None = None) -> Tensor:
     """L1 = mean |sr − hr| over (B, 3, H, W); with ``weight`` (B, 1, H, W), the WS-L1
     mean(weight · |sr − hr|) (unnormalised latitude weights, spec §4). Returns a 0-dim tensor."""
@@ -488,8 +482,6 @@ def training_loss(net: nn.Module, lr: Tensor, hr: Tensor, weight: Tensor | None 
     ratio = 2.0 * model.gamma * (m_global - 0.5) ** 2
     total = pix + ratio + slope * (m_local - m_local.detach())
     return LossTerms(total, stats[0], ratio, stats[1:])
-
-
 
 
 class EMA:
@@ -557,8 +549,6 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return dict(obj)
 
 
-
-
 class ProgressLine:
     """A one-line training progress bar on a terminal stream, redrawn at most 4 times a
     second; nothing on anything else."""
@@ -589,8 +579,6 @@ class ProgressLine:
         if self.enabled:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
-
-
 
 
 @dataclass
@@ -650,7 +638,8 @@ class Trainer:
     """A training run: builds the data, model, optimiser, schedule and EMA from a
     :class:`TrainConfig` (resuming from ``config.resume`` when set); :meth:`run` trains to
     ``config.iterations``. Data and validation folders are checked in the constructor, so bad
-    data fails before any training step.
+    data fails before any training step; so is an output folder that already holds a
+    checkpoint when ``config.resume`` is not set (nothing is overwritten by accident).
 
     Files written by rank 0 in ``config.out_dir``: ``last.pth`` (every ``save_every`` steps and
     at the end) and ``best.pth`` (best validation PSNR), both official-format checkpoints with
@@ -704,6 +693,9 @@ class Trainer:
     def _resume_checkpoint(self) -> dict[str, Any] | None:
         resume = self.config.resume
         if not resume:
+            if (self.out_dir / "last.pth").exists():
+                raise ConfigError(f"{self.out_dir} already holds a training checkpoint "
+                                  "(last.pth): resume it, or choose another output folder")
             return None
         path = self.out_dir / "last.pth" if resume == "auto" else Path(resume)
         if resume == "auto" and not path.is_file():
@@ -899,7 +891,7 @@ class Trainer:
         last_terms: LossTerms | None = None
         tick = time.perf_counter()
         batches = iter(self.loader()) if self.step < cfg.iterations else iter(())
-        validated = saved = self.step == 0
+        validated = saved = self.step >= cfg.iterations
         while self.step < cfg.iterations:
             last_terms = self.train_step(next(batches))
             window.append(last_terms)
@@ -921,6 +913,7 @@ class Trainer:
             self._log_window(window, (time.perf_counter() - tick) / len(window))
         if not validated:
             self.evaluate_and_log(progress)
+            saved = False
         if not saved or not (self.out_dir / "last.pth").exists():
             self.save()
         progress.close()
@@ -962,15 +955,37 @@ class Trainer:
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
-    """Run a whole training (:class:`Trainer`) and return its summary."""
-    trainer = Trainer(config)
+    """Run a whole training (:class:`Trainer`) and return its summary; the process group
+    joined under torchrun is left again however the run ends."""
+    config.check()
+    dist_info = setup_distributed(config.device)
     try:
-        return trainer.run()
+        return Trainer(config, dist_info).run()
     finally:
-        trainer.close()
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
-__all__ = ["ConfigError", "DataError", "EMA", "LossTerms", "PairedPatches", "SampleStream", "TrainConfig",
-           "Trainer", "augment_array", "bicubic_lr_crop", "derive_seed", "erp_row_weights",
-           "load_validation_pairs", "pixel_loss", "read_checkpoint", "save_checkpoint",
-           "setup_distributed", "train", "training_backend", "training_loss", "unwrap"]
+__all__ = [
+    "EMA",
+    "ConfigError",
+    "DataError",
+    "LossTerms",
+    "PairedPatches",
+    "SampleStream",
+    "TrainConfig",
+    "Trainer",
+    "augment_array",
+    "bicubic_lr_crop",
+    "derive_seed",
+    "erp_row_weights",
+    "load_validation_pairs",
+    "pixel_loss",
+    "read_checkpoint",
+    "save_checkpoint",
+    "setup_distributed",
+    "train",
+    "training_backend",
+    "training_loss",
+    "unwrap",
+]

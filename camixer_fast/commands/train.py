@@ -16,8 +16,15 @@ import torch
 
 from camixer_fast.cli import gamma_type
 from camixer_fast.loading import CheckpointError
-from camixer_fast.train import (AUGMENTS, LOSSES, TRAIN_BACKENDS, ConfigError, DataError,
-                                TrainConfig, train)
+from camixer_fast.train import (
+    AUGMENTS,
+    LOSSES,
+    TRAIN_BACKENDS,
+    ConfigError,
+    DataError,
+    TrainConfig,
+    train,
+)
 
 PROG = "camixer-fast train"
 
@@ -122,7 +129,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     run_group.add_argument("--out", required=True, metavar="DIR", dest="out_dir",
                            help="folder for checkpoints and log.jsonl")
     run_group.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
-                           help="continue from a checkpoint (default OUT/last.pth)")
+                           help="continue from a checkpoint (without CKPT: OUT/last.pth if "
+                                "it exists, else start afresh)")
     run_group.add_argument("--val-every", type=_count, default=d.val_every, metavar="N",
                            help=f"validate every N steps, 0: at the end only (default "
                                 f"{d.val_every})")
