@@ -1,8 +1,11 @@
 """Explicit backend choice for the mixers' hot operations.
 
 - ``"reference"``: the pure-PyTorch operations of :mod:`camixer_fast.reference` (any device).
+- ``"cpu"``: :mod:`camixer_fast.cpu_ops`, the fast CPU inference path (channels-last maps,
+  work on the hard windows only); same results as the reference up to fp32 rounding. CPU only.
 - ``"triton"``: the fused kernels of :mod:`camixer_fast.kernels` (CUDA devices).
-- ``"auto"``: ``"triton"`` on a CUDA device :func:`can_use_triton` accepts, else ``"reference"``.
+- ``"auto"``: ``"triton"`` on a CUDA device :func:`can_use_triton` accepts, ``"cpu"`` on a CPU
+  device, else ``"reference"``.
 
 Nothing falls back silently: asking for ``"triton"`` where it cannot run raises and says why.
 """
@@ -15,7 +18,7 @@ from types import SimpleNamespace
 
 import torch
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "cpu", "triton")
 
 
 def _interpreting() -> bool:
@@ -50,30 +53,51 @@ def can_use_triton(device: torch.device | str | None = None) -> tuple[bool, str]
     return False, f"device type {device.type!r} is not supported by the Triton kernels"
 
 
-def resolve_backend(backend: str, device: torch.device | str | None = None) -> str:
-    """Turn a requested backend into the one that will run: "reference" or "triton".
+def can_use_cpu(device: torch.device | str | None = None) -> tuple[bool, str]:
+    """Whether the CPU backend can run on ``device`` (default: the CPU): (ok, reason)."""
+    device = torch.device("cpu" if device is None else device)
+    if device.type != "cpu":
+        return False, f"the CPU backend runs on CPU devices only, not {device.type!r}"
+    return True, "channels-last PyTorch operations on the CPU"
 
-    Raises ValueError for an unknown name, RuntimeError when "triton" is asked for and
-    :func:`can_use_triton` declines.
+
+def resolve_backend(backend: str, device: torch.device | str | None = None) -> str:
+    """Turn a requested backend into the one that will run: "reference", "cpu" or "triton".
+
+    "auto" gives "triton" on a CUDA device :func:`can_use_triton` accepts, "cpu" on a CPU
+    device (``device=None`` means the CPU here, where a model is built), else "reference".
+    Raises ValueError for an unknown name, RuntimeError when "triton" or "cpu" is asked for
+    where it cannot run (:func:`can_use_triton`, :func:`can_use_cpu` say why).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    ok, reason = can_use_triton(device)
     if backend == "auto":
         # the interpreter is for tests: "auto" takes the kernels only where they are compiled
         on_cuda = device is not None and torch.device(device).type == "cuda"
-        return "triton" if ok and on_cuda else "reference"
-    if backend == "triton" and not ok:
-        raise RuntimeError(f"backend 'triton' cannot run here: {reason}")
+        if on_cuda:
+            return "triton" if can_use_triton(device)[0] else "reference"
+        return "cpu" if can_use_cpu(device)[0] else "reference"
+    if backend == "triton":
+        ok, reason = can_use_triton(device)
+        if not ok:
+            raise RuntimeError(f"backend 'triton' cannot run here: {reason}")
+    if backend == "cpu":
+        ok, reason = can_use_cpu(device)
+        if not ok:
+            raise RuntimeError(f"backend 'cpu' cannot run here: {reason}")
     return backend
 
 
 def backend_ops(backend: str) -> SimpleNamespace:
-    """The operation table of a resolved backend ("reference" or "triton")."""
+    """The operation table of a resolved backend ("reference", "cpu" or "triton")."""
     if backend == "reference":
         from camixer_fast.reference.model import REFERENCE_OPS
 
         return REFERENCE_OPS
+    if backend == "cpu":
+        from camixer_fast.cpu_ops import CPU_OPS
+
+        return CPU_OPS
     if backend == "triton":
         from camixer_fast.kernels import TRITON_OPS
 

@@ -218,6 +218,10 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, condition_global: Tensor,
                 settings: MixerSettings) -> tuple[Tensor, Tensor | None]:
+        fused = getattr(self.mixer.ops, "block_forward", None)
+        if fused is not None and not self.training:
+            # the backend's own inference path for the whole block (the CPU backend's)
+            return fused(self, x, condition_global, settings), None
         mixed, mask = self.mixer(x, condition_global, settings)
         x = self.norm1(x + mixed)
         with span("camixer.ffn"):
@@ -302,6 +306,7 @@ class CAMixerSR(nn.Module):
         self.tie_break = tie_break
         self.train_noise = True
         self._backend = "reference"
+        self._memory_format = torch.contiguous_format
 
     @property
     def gamma(self) -> float:
@@ -329,10 +334,10 @@ class CAMixerSR(nn.Module):
 
     @property
     def backend(self) -> str:
-        """The backend the mixers' hot operations run on ("reference" or "triton").
+        """The backend the mixers' hot operations run on ("reference", "cpu" or "triton").
 
-        May be set to "auto", "reference" or "triton"; "auto" is resolved for the device the
-        model's parameters are on at that moment.
+        May be set to "auto", "reference", "cpu" or "triton"; "auto" is resolved for the device
+        the model's parameters are on at that moment.
         """
         return self._backend
 
@@ -344,6 +349,8 @@ class CAMixerSR(nn.Module):
         for module in self.mixers():
             module.ops = ops
         self._backend = ops.name
+        # the layout the backend's operations want the feature maps in (channels-last on CPU)
+        self._memory_format = getattr(ops, "memory_format", torch.contiguous_format)
 
     def mixers(self) -> list[CAMixer]:
         """The CAMixer of every block, in network order."""
@@ -389,6 +396,10 @@ class CAMixerSR(nn.Module):
     def _forward(self, x: Tensor, settings: MixerSettings) -> Tensor | tuple[Tensor, Tensor]:
         height, width = x.shape[-2:]
         x = pad_to_multiple(x, self.window_size)
+        # the backend's layout at inference; training always runs the reference layout
+        channels_last = self._memory_format == torch.channels_last and not self.training
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         f0 = self.head(x)
         condition_global = self.global_predictor(f0)
         masks: list[Tensor] = []
@@ -397,6 +408,8 @@ class CAMixerSR(nn.Module):
             feat = group(feat, condition_global, settings, masks)
         feat = self.body_tail(feat) + f0
         sr = self.tail(feat)[..., : height * self.scale, : width * self.scale]
+        if channels_last:
+            sr = sr.contiguous()
         if not self.training:
             return sr
         m = torch.cat([mask.flatten() for mask in masks]).mean()
