@@ -143,7 +143,8 @@ class TrainConfig:
         if self.probe is not None and self.probe < 0:
             raise ConfigError(f"probe must be >= 0, got {self.probe}")
         if not self.blocks_per_group or min(self.blocks_per_group) < 1:
-            raise ConfigError(f"blocks_per_group must be positive counts, got {self.blocks_per_group}")
+            raise ConfigError("blocks_per_group must be positive counts, got "
+                              f"{self.blocks_per_group}")
         for name in ("gamma", "val_gamma"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
@@ -156,7 +157,8 @@ class TrainConfig:
             raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if list(self.milestones) != sorted(set(self.milestones)) or any(
                 m < 1 for m in self.milestones):
-            raise ConfigError(f"milestones must be increasing positive steps, got {self.milestones}")
+            raise ConfigError("milestones must be increasing positive steps, got "
+                              f"{self.milestones}")
         if not 0.0 < self.lr_gamma <= 1.0:
             raise ConfigError(f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -652,7 +654,7 @@ class Trainer:
         self.dist = dist_info if dist_info is not None else setup_distributed(config.device)
         if config.batch_size % self.dist.world_size:
             raise ConfigError(f"batch size {config.batch_size} is not divisible by the "
-                             f"{self.dist.world_size} processes")
+                              f"{self.dist.world_size} processes")
         self.local_batch = config.batch_size // self.dist.world_size
         self.out_dir = Path(config.out_dir)
         checkpoint = self._resume_checkpoint()
@@ -688,7 +690,6 @@ class Trainer:
             self.net = DistributedDataParallel(model, device_ids=ids)
         self.noise = torch.Generator(device=self.dist.device)
         self.eval_model: CAMixerSR | None = None
-
 
     def _resume_checkpoint(self) -> dict[str, Any] | None:
         resume = self.config.resume
@@ -742,7 +743,6 @@ class Trainer:
         best = checkpoint.get("best_psnr")
         self.best_psnr = None if best is None else float(best)
 
-
     def checkpoint_payload(self) -> dict[str, Any]:
         """The checkpoint dict: ``params`` and ``params_ema`` (official format) and the
         training state (optimiser, schedule, step, best PSNR, configuration)."""
@@ -775,7 +775,6 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / "log.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(dict(record)) + "\n")
-
 
     def loader(self) -> DataLoader:
         """Batches of this rank from the current step on (endless)."""
@@ -821,7 +820,8 @@ class Trainer:
         total = 0.0
         try:
             for start in range(0, len(self.probe_keys), self.local_batch):
-                items = [self.probe_data[k] for k in self.probe_keys[start:start + self.local_batch]]
+                keys = self.probe_keys[start:start + self.local_batch]
+                items = [self.probe_data[k] for k in keys]
                 lr = torch.stack([it["lr"] for it in items]).to(device)
                 hr = torch.stack([it["hr"] for it in items]).to(device)
                 weight = (torch.stack([it["weight"] for it in items]).to(device)
@@ -896,9 +896,9 @@ class Trainer:
             last_terms = self.train_step(next(batches))
             window.append(last_terms)
             validated = saved = False
-            mask = last_terms.mask_means
             progress.update(self.step, f"loss {last_terms.loss.item():.5f} "
-                            f"K/N {mask.mean().item():.3f} lr {self.scheduler.get_last_lr()[0]:.2e}")
+                            f"K/N {last_terms.mask_means.mean().item():.3f} "
+                            f"lr {self.scheduler.get_last_lr()[0]:.2e}")
             if cfg.log_every and self.step % cfg.log_every == 0:
                 now = time.perf_counter()
                 self._log_window(window, (now - tick) / len(window))

@@ -87,7 +87,7 @@ def _equal_nested(a, b, where: str = "") -> None:
             _equal_nested(a[key], b[key], f"{where}.{key}")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             _equal_nested(x, y, f"{where}[{i}]")
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
@@ -504,7 +504,7 @@ def _shard_gradients(weights_path: Path, data: PairedPatches, world: int, local_
         means.append(torch.stack([m.last_mask_mean for m in model.mixers()]).mean())
     m = torch.stack(means).detach().mean()
     slope = 4.0 * model.gamma * (m - 0.5)
-    sum((p + slope * mean) / world for p, mean in zip(pixel, means)).backward()
+    sum((p + slope * mean) / world for p, mean in zip(pixel, means, strict=True)).backward()
     return {name: p.grad for name, p in model.named_parameters()}
 
 
@@ -567,7 +567,7 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path, weights_path: Path
     print(f"step-1 gradient, 2 ranks vs 1 process: relative L2 difference {err:.2e}")
     assert err <= 1e-2
     assert [r["event"] for r in multi] == ["start", "train", "train", "train", "end"]
-    for step, (r_multi, r_one) in enumerate(zip(multi[1:4], one[1:4]), start=1):
+    for step, (r_multi, r_one) in enumerate(zip(multi[1:4], one[1:4], strict=True), start=1):
         print(f"step {step}: L1 {r_multi['l1']:.9f} (2 ranks) {r_one['l1']:.9f} (1 process)")
         for key in ("l1", "ratio_loss"):
             tol = 1e-5 if step == 1 else 1e-3
