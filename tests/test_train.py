@@ -217,6 +217,19 @@ def test_rank_batches_make_up_the_global_batch(world: int) -> None:
     assert keys(1, 0, start=5)[: take - 5 * batch] == single[5 * batch:]
 
 
+def test_loader_workers_load_the_same_batches(tmp_path: Path) -> None:
+    batches = []
+    for workers in (0, 2):
+        trainer = Trainer(_small_config(tmp_path / str(workers), workers=workers, loss="ws-l1"))
+        it = iter(trainer.loader())
+        batches.append([next(it) for _ in range(3)])
+        del it
+    for one, other in zip(*batches, strict=True):
+        assert set(one) == {"lr", "hr", "weight", "top", "height"}
+        for key in one:
+            assert torch.equal(one[key], other[key]), key
+
+
 BAD_DATA = ["missing-folder", "empty-folder", "not-an-image", "truncated-png", "too-small",
             "two-bad-files", "no-lr-file", "lr-too-small", "hr-smaller-than-lr"]
 
