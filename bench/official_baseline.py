@@ -19,6 +19,9 @@ project, of the official code's operation chain as ``spec/camixersr.md`` §3 des
   rearranged back to (B, C, H, W);
 - every feature map NCHW, LayerNorm written out channels-first, convolutions as modules.
 
+It marks the same ``torch.profiler`` ranges as the network (predictor, attention, conv, ffn), so
+:func:`camixer_fast.profiling.runtime_breakdown` applies to it.
+
 It loads the same state dict as :class:`camixer_fast.CAMixerSR` (same module names) and is
 checked against it (``bench/test_bench_backends.py``, ``tests/test_cpu_backend.py``) before any
 time is taken. Inference only.
@@ -30,6 +33,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from camixer_fast.reference.model import span
 from torch import Tensor, nn
 
 
@@ -146,33 +150,36 @@ class CAMixer(nn.Module):
     def forward(self, x: Tensor, condition_global: Tensor, gamma: float) -> Tensor:
         b, _, h, w = x.shape
         ws = self.window_size
-        v = self.project_v(x)
-        ramp = torch.linspace(-1, 1, ws)
-        condition_wind = torch.stack(torch.meshgrid(ramp, ramp, indexing="ij")).type_as(x)
-        condition_wind = condition_wind.unsqueeze(0).repeat(b, 1, h // ws, w // ws)
-        condition = torch.cat([v, condition_global, condition_wind], dim=1)
-        idx1, idx2, offsets, ca, sa = self.route(condition, gamma)
-        q = x
-        k = x + flow_warp(x, offsets.permute(0, 2, 3, 1))
-        qk = torch.cat([q, k], dim=1)
-        vs = v * sa
-        v, vs, qk = tokens_of(v, ws), tokens_of(vs, ws), tokens_of(qk, ws)
-        n = v.shape[1]
-        v1, v2 = batch_index_select(v, idx1), batch_index_select(vs, idx2)
-        qk1 = batch_index_select(qk, idx1)
-        k_windows = idx1.shape[1]
-        # 'b n (dh dw c) -> (b n) (dh dw) c' and 'b n (dh dw c) -> b (n dh dw) c'
-        v1 = v1.reshape(b * k_windows, ws * ws, self.dim)
-        qk1 = qk1.reshape(b, k_windows * ws * ws, 2 * self.dim)
-        q1, k1 = torch.chunk(qk1, 2, dim=2)
-        q1 = self.project_q(q1).reshape(b * k_windows, ws * ws, self.dim)
-        k1 = self.project_k(k1).reshape(b * k_windows, ws * ws, self.dim)
-        attn = (q1 @ k1.transpose(-2, -1)).softmax(dim=-1)
-        f_attn = (attn @ v1).reshape(b, k_windows, ws * ws * self.dim)
-        attn_out = batch_index_fill(v.clone(), f_attn, v2.clone(), idx1, idx2)
-        attn_out = map_of(attn_out.reshape(b, n, -1), ws, h, w)
-        out = self.act(self.conv_sptial(attn_out)) * ca + attn_out
-        return self.project_out(out)
+        with span("camixer.predictor"):
+            v = self.project_v(x)
+            ramp = torch.linspace(-1, 1, ws)
+            condition_wind = torch.stack(torch.meshgrid(ramp, ramp, indexing="ij")).type_as(x)
+            condition_wind = condition_wind.unsqueeze(0).repeat(b, 1, h // ws, w // ws)
+            condition = torch.cat([v, condition_global, condition_wind], dim=1)
+            idx1, idx2, offsets, ca, sa = self.route(condition, gamma)
+        with span("camixer.attention"):
+            q = x
+            k = x + flow_warp(x, offsets.permute(0, 2, 3, 1))
+            qk = torch.cat([q, k], dim=1)
+            vs = v * sa
+            v, vs, qk = tokens_of(v, ws), tokens_of(vs, ws), tokens_of(qk, ws)
+            n = v.shape[1]
+            v1, v2 = batch_index_select(v, idx1), batch_index_select(vs, idx2)
+            qk1 = batch_index_select(qk, idx1)
+            k_windows = idx1.shape[1]
+            # 'b n (dh dw c) -> (b n) (dh dw) c' and 'b n (dh dw c) -> b (n dh dw) c'
+            v1 = v1.reshape(b * k_windows, ws * ws, self.dim)
+            qk1 = qk1.reshape(b, k_windows * ws * ws, 2 * self.dim)
+            q1, k1 = torch.chunk(qk1, 2, dim=2)
+            q1 = self.project_q(q1).reshape(b * k_windows, ws * ws, self.dim)
+            k1 = self.project_k(k1).reshape(b * k_windows, ws * ws, self.dim)
+            attn = (q1 @ k1.transpose(-2, -1)).softmax(dim=-1)
+            f_attn = (attn @ v1).reshape(b, k_windows, ws * ws * self.dim)
+            attn_out = batch_index_fill(v.clone(), f_attn, v2.clone(), idx1, idx2)
+            attn_out = map_of(attn_out.reshape(b, n, -1), ws, h, w)
+        with span("camixer.conv"):
+            out = self.act(self.conv_sptial(attn_out)) * ca + attn_out
+            return self.project_out(out)
 
 
 class GatedFFN(nn.Module):
@@ -199,7 +206,9 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, condition_global: Tensor, gamma: float) -> Tensor:
         x = self.norm1(x + self.mixer(x, condition_global, gamma))
-        return self.norm2(x + self.ffn(x))
+        with span("camixer.ffn"):
+            ffn = self.ffn(x)
+        return self.norm2(x + ffn)
 
 
 class Group(nn.Module):
