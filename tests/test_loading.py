@@ -39,7 +39,7 @@ def test_other_layouts(official: dict, wrap: str, tmp_path: Path) -> None:
     torch.save(obj, tmp_path / "w.pth")
     model = camixer_fast.load_model(tmp_path / "w.pth", gamma=0.25)
     assert torch.equal(model.tail[0].weight, sd["tail.0.weight"])
-    assert model.gamma == 0.25 and not model.training and model.backend == "reference"
+    assert model.gamma == 0.25 and not model.training and model.backend == "cpu"
 
 
 @pytest.mark.parametrize("config", [
