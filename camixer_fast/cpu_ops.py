@@ -25,6 +25,7 @@ model's own block code) runs the reference computation: the CPU backend is an in
 
 from __future__ import annotations
 
+import functools
 from types import SimpleNamespace
 
 import torch
@@ -75,36 +76,19 @@ def route_windows(h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, gam
                                     routing=routing, generator=generator, tie_break=tie_break)
 
 
-def _bilinear_taps(offsets: Tensor, pixels: Tensor, height: int,
-                   width: int) -> tuple[list[Tensor], list[Tensor]]:
-    """The four bilinear taps of the given pixels: flat indices and weights, each (P,).
+def _sampling_grid(offsets: Tensor, pixels: Tensor, width: int, height: int) -> Tensor:
+    """The reference warp's ``grid_sample`` grid at the given pixels of one image, (1, P, 1, 2).
 
-    offsets (B, 2, H, W); pixels (P,) flat NHWC indices. The sampling position is computed as
-    ``grid_sample(align_corners=True, padding_mode='border')`` computes it from the reference's
-    normalised grid, and clamped into the map.
+    offsets (1, 2, H, W); pixels (P,) flat indices ``row·W + column``. The same arithmetic as
+    :func:`~camixer_fast.reference.warp.deform_warp`, so the grid values are the same bits.
     """
     dtype = offsets.dtype
-    plane = height * width
-    image = torch.div(pixels, plane, rounding_mode="floor")
-    inside = pixels - image * plane
-    rows = torch.div(inside, width, rounding_mode="floor")
-    cols = inside - rows * width
-    off = to_nhwc(offsets).view(-1, 2).index_select(0, pixels)               # [P, 2]
-    # the reference's grid in [-1, 1], then grid_sample's unnormalisation and border clamp
-    gx = 2.0 * (cols.to(dtype) + off[:, 0]) / max(width - 1, 1) - 1.0
-    gy = 2.0 * (rows.to(dtype) + off[:, 1]) / max(height - 1, 1) - 1.0
-    ix = ((gx + 1.0) / 2.0 * (width - 1)).clamp_(0, width - 1)
-    iy = ((gy + 1.0) / 2.0 * (height - 1)).clamp_(0, height - 1)
-    x0, y0 = ix.floor(), iy.floor()
-    fx, fy = ix - x0, iy - y0
-    x0, y0 = x0.long(), y0.long()
-    x1, y1 = (x0 + 1).clamp_(max=width - 1), (y0 + 1).clamp_(max=height - 1)
-    base = image * plane
-    index = [base + y0 * width + x0, base + y0 * width + x1,
-             base + y1 * width + x0, base + y1 * width + x1]
-    gx_, gy_ = 1.0 - fx, 1.0 - fy
-    weight = [gx_ * gy_, fx * gy_, gx_ * fy, fx * fy]
-    return index, weight
+    rows = torch.div(pixels, width, rounding_mode="floor")
+    cols = pixels - rows * width
+    off = offsets.reshape(2, -1)[:, pixels]                                   # [2, P]
+    gx = 2.0 * (cols.to(dtype) + off[0]) / max(width - 1, 1) - 1.0
+    gy = 2.0 * (rows.to(dtype) + off[1]) / max(height - 1, 1) - 1.0
+    return torch.stack((gx, gy), dim=-1).view(1, -1, 1, 2)
 
 
 def deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
@@ -112,9 +96,11 @@ def deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
     """``k_in = x + warp(x, offsets)`` on the pixels of the hard windows, (B, C, H, W).
 
     x (B, C, H, W), offsets (B, 2, H, W) in pixels; ``num_hard`` (B,) and ``order`` (B, N) name
-    the hard windows. Only their pixels are computed (four gathered bilinear taps each):
-    elsewhere the result is ``x`` (no warp), which the attention never reads. Returned
-    channels-last. Without a routing (training) the whole map is computed by the reference warp.
+    the hard windows. Only their pixels are sampled: one ``grid_sample`` per image over the
+    list of hard pixels (the reference's grid values, bilinear, border, align_corners), added
+    to ``x``. Elsewhere the result is ``x`` (no warp), which the attention never reads.
+    Returned channels-last. Without a routing (training) the whole map is computed by the
+    reference warp.
     """
     if num_hard is None or order is None:
         return x + deform_warp(x, offsets)
@@ -124,13 +110,19 @@ def deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
     pixels = hard_window_pixels(num_hard, order, height, width, window_size)
     # every pixel is overwritten when every window is hard
     out = torch.empty_like(xh) if pixels.numel() == b * height * width else xh.clone()
-    if pixels.numel():
-        flat = xh.view(-1, c)
-        index, weight = _bilinear_taps(offsets, pixels, height, width)
-        key = flat.index_select(0, pixels)
-        for idx, wt in zip(index, weight):
-            key.addcmul_(flat.index_select(0, idx), wt.view(-1, 1).to(x.dtype))
-        out.view(-1, c).index_copy_(0, pixels, key)
+    flat, out_flat = xh.view(-1, c), out.view(-1, c)
+    start = 0
+    for i, k in enumerate(num_hard.tolist()):
+        count = k * window_size * window_size
+        if count == 0:
+            continue
+        sel = pixels[start:start + count]
+        start += count
+        grid = _sampling_grid(offsets[i:i + 1], sel - i * height * width, width, height)
+        warped = F.grid_sample(x[i:i + 1], grid.to(x.dtype), mode="bilinear",
+                               padding_mode="border", align_corners=True)      # [1, C, P, 1]
+        key = flat.index_select(0, sel).add_(warped.view(c, count).t())
+        out_flat.index_copy_(0, sel, key)
     return out.permute(0, 3, 1, 2)
 
 
@@ -190,6 +182,13 @@ def _nchw(t: Tensor) -> Tensor:
     return t.permute(0, 3, 1, 2)
 
 
+@functools.lru_cache(maxsize=8)
+def _window_condition_nhwc(height: int, width: int, window_size: int, dtype: torch.dtype,
+                           device: torch.device) -> Tensor:
+    """The window condition Cw as a (1, H, W, 2) NHWC map, built once per size (a constant)."""
+    return to_nhwc(window_condition(height, width, window_size, dtype=dtype, device=device))
+
+
 def block_forward(block: torch.nn.Module, x: Tensor, condition_global: Tensor,
                   settings: MixerSettings) -> Tensor:
     """One :class:`~camixer_fast.reference.model.Block` at inference, on NHWC maps.
@@ -209,8 +208,8 @@ def block_forward(block: torch.nn.Module, x: Tensor, condition_global: Tensor,
     xh = to_nhwc(x)
     with span("camixer.predictor"):
         v = _linear_1x1(xh, mixer.project_v)                                  # [B, H, W, C]
-        cw = window_condition(height, width, ws, dtype=x.dtype, device=x.device)
-        pred_in = torch.cat([v, to_nhwc(condition_global), to_nhwc(cw).expand(b, -1, -1, -1)],
+        cw = _window_condition_nhwc(height, width, ws, x.dtype, x.device)     # [1, H, W, 2]
+        pred_in = torch.cat([v, to_nhwc(condition_global), cw.expand(b, -1, -1, -1)],
                             dim=-1)                                           # [B, H, W, C+4]
         hidden = _layer_norm(_linear_1x1(pred_in, route.in_conv[0]), route.in_conv[1])
         hidden = F.leaky_relu_(hidden, 0.1)                                   # [B, H, W, c4]
