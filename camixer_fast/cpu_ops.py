@@ -97,8 +97,8 @@ def deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
 
     x (B, C, H, W), offsets (B, 2, H, W) in pixels; ``num_hard`` (B,) and ``order`` (B, N) name
     the hard windows. Only their pixels are sampled: one ``grid_sample`` per image over the
-    list of hard pixels (the reference's grid values, bilinear, border, align_corners), added
-    to ``x``. Elsewhere the result is ``x`` (no warp), which the attention never reads.
+    list of hard pixels (the reference's grid values, bilinear, border, align_corners; in fp32
+    whatever x's dtype), added to ``x``. Elsewhere the result is ``x`` (no warp), which the attention never reads.
     Returned channels-last. Without a routing (training) the whole map is computed by the
     reference warp.
     """
@@ -118,10 +118,11 @@ def deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
             continue
         sel = pixels[start:start + count]
         start += count
-        grid = _sampling_grid(offsets[i:i + 1], sel - i * height * width, width, height)
-        warped = F.grid_sample(x[i:i + 1], grid.to(x.dtype), mode="bilinear",
+        grid = _sampling_grid(offsets[i:i + 1].float(), sel - i * height * width, width,
+                              height)
+        warped = F.grid_sample(x[i:i + 1].float(), grid, mode="bilinear",
                                padding_mode="border", align_corners=True)      # [1, C, P, 1]
-        key = flat.index_select(0, sel).add_(warped.view(c, count).t())
+        key = flat.index_select(0, sel).add_(warped.view(c, count).t().to(x.dtype))
         out_flat.index_copy_(0, sel, key)
     return out.permute(0, 3, 1, 2)
 
