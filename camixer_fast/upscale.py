@@ -307,7 +307,8 @@ def upscale(img: ImageLike, gamma: float = 0.5, *,
     device: where the network runs; None: the tensor's device for a tensor, else "cuda" when
       available, else "cpu".
     dtype: the network's dtype (torch dtype or "fp32"/"fp16"/"bf16"); None: float32.
-    backend: "auto", "reference" or "triton" (see :mod:`camixer_fast.backends`).
+    backend: "auto", "reference", "cpu" or "triton" (see :mod:`camixer_fast.backends`; "auto"
+      is "cpu" on the CPU, "triton" on a CUDA device that runs the kernels).
     progress: optional ``progress(done, total)`` called after each tile.
     """
     options = {"gamma": check_gamma(gamma), "weights": weights, "tile": _check_tile(tile),
