@@ -98,9 +98,9 @@ def deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
     x (B, C, H, W), offsets (B, 2, H, W) in pixels; ``num_hard`` (B,) and ``order`` (B, N) name
     the hard windows. Only their pixels are sampled: one ``grid_sample`` per image over the
     list of hard pixels (the reference's grid values, bilinear, border, align_corners; in fp32
-    whatever x's dtype), added to ``x``. Elsewhere the result is ``x`` (no warp), which the attention never reads.
-    Returned channels-last. Without a routing (training) the whole map is computed by the
-    reference warp.
+    whatever x's dtype), added to ``x``. Elsewhere the result is ``x`` (no warp), which the
+    attention never reads. Returned channels-last. Without a routing (training) the whole map
+    is computed by the reference warp.
     """
     if num_hard is None or order is None:
         return x + deform_warp(x, offsets)
