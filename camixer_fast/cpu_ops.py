@@ -98,8 +98,8 @@ def deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
     x (B, C, H, W), offsets (B, 2, H, W) in pixels; ``num_hard`` (B,) and ``order`` (B, N) name
     the hard windows. Only their pixels are sampled: one ``grid_sample`` per image over the
     list of hard pixels (the reference's grid values, bilinear, border, align_corners; in fp32
-    whatever x's dtype), added to ``x``. Elsewhere the result is ``x`` (no warp), which the
-    attention never reads. Returned channels-last. Without a routing (training) the whole map
+    whatever x's dtype), added in place to a copy of ``x``. Elsewhere the result is ``x`` (no
+    warp), which the attention never reads. Returned channels-last. Without a routing (training) the whole map
     is computed by the reference warp.
     """
     if num_hard is None or order is None:
@@ -108,9 +108,8 @@ def deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
     check_window_grid(height, width, window_size)
     xh = to_nhwc(x)
     pixels = hard_window_pixels(num_hard, order, height, width, window_size)
-    # every pixel is overwritten when every window is hard
-    out = torch.empty_like(xh) if pixels.numel() == b * height * width else xh.clone()
-    flat, out_flat = xh.view(-1, c), out.view(-1, c)
+    out = xh.clone()
+    out_flat = out.view(-1, c)
     start = 0
     for i, k in enumerate(num_hard.tolist()):
         count = k * window_size * window_size
@@ -122,8 +121,7 @@ def deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
                               height)
         warped = F.grid_sample(x[i:i + 1].float(), grid, mode="bilinear",
                                padding_mode="border", align_corners=True)      # [1, C, P, 1]
-        key = flat.index_select(0, sel).add_(warped.view(c, count).t().to(x.dtype))
-        out_flat.index_copy_(0, sel, key)
+        out_flat.index_add_(0, sel, warped.view(c, count).t().to(x.dtype))
     return out.permute(0, 3, 1, 2)
 
 
@@ -134,8 +132,8 @@ def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
 
     x, k_in, v: (B, C, H, W); sa: (B, 1, H, W); wq, wk: (C, C); bq, bk: (C,); num_hard (B,),
     order (B, N). Only the hard windows' pixels of ``k_in`` are read. Returns attn_out
-    (B, C, H, W), channels-last, in x's dtype (computed in fp32): ``v·sa`` everywhere, then the
-    hard windows' attention written over it, ``chunk`` windows per batched call.
+    (B, C, H, W), channels-last, in x's dtype (computed in fp32): ``v·sa`` on the simple
+    windows, the hard windows' attention written in place, ``chunk`` windows per batched call.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
