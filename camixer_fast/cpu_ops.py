@@ -26,6 +26,7 @@ model's own block code) runs the reference computation: the CPU backend is an in
 from __future__ import annotations
 
 import functools
+import weakref
 from types import SimpleNamespace
 
 import torch
@@ -104,7 +105,7 @@ def deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
     """
     if num_hard is None or order is None:
         return x + deform_warp(x, offsets)
-    b, c, height, width = x.shape
+    _, c, height, width = x.shape
     check_window_grid(height, width, window_size)
     xh = to_nhwc(x)
     pixels = hard_window_pixels(num_hard, order, height, width, window_size)
@@ -191,6 +192,24 @@ def _window_condition_nhwc(height: int, width: int, window_size: int, dtype: tor
     return to_nhwc(window_condition(height, width, window_size, dtype=dtype, device=device))
 
 
+_CONDITION_CACHE: list = [None]
+"""(weak reference to Cg, [Cg, Cw] NHWC): the condition of the last forward, valid while that
+very Cg tensor lives (every block of a forward gets the same Cg; the network never changes it)."""
+
+
+def _condition_nhwc(condition_global: Tensor, window_size: int) -> Tensor:
+    """[Cg, Cw] as one (B, H, W, 4) NHWC map, built once per forward and reused by its blocks."""
+    cached = _CONDITION_CACHE[0]
+    if cached is not None and cached[0]() is condition_global:
+        return cached[1]
+    b, _, height, width = condition_global.shape
+    cw = _window_condition_nhwc(height, width, window_size, condition_global.dtype,
+                                condition_global.device)
+    cond = torch.cat([to_nhwc(condition_global), cw.expand(b, -1, -1, -1)], dim=-1)
+    _CONDITION_CACHE[0] = (weakref.ref(condition_global), cond)
+    return cond
+
+
 def block_forward(block: torch.nn.Module, x: Tensor, condition_global: Tensor,
                   settings: MixerSettings) -> Tensor:
     """One :class:`~camixer_fast.reference.model.Block` at inference, on NHWC maps.
@@ -210,10 +229,13 @@ def block_forward(block: torch.nn.Module, x: Tensor, condition_global: Tensor,
     xh = to_nhwc(x)
     with span("camixer.predictor"):
         v = _linear_1x1(xh, mixer.project_v)                                  # [B, H, W, C]
-        cw = _window_condition_nhwc(height, width, ws, x.dtype, x.device)     # [1, H, W, 2]
-        pred_in = torch.cat([v, to_nhwc(condition_global), cw.expand(b, -1, -1, -1)],
-                            dim=-1)                                           # [B, H, W, C+4]
-        hidden = _layer_norm(_linear_1x1(pred_in, route.in_conv[0]), route.in_conv[1])
+        # in_conv(cat[v, Cg, Cw]) as [Cg, Cw]·W_gᵀ + bias + v·W_vᵀ: no (C+4)-channel copy
+        in_conv = route.in_conv[0]
+        weight = in_conv.weight.view(in_conv.out_channels, c + 4)
+        hidden = F.linear(_condition_nhwc(condition_global, ws), weight[:, c:], in_conv.bias)
+        hidden = torch.addmm(hidden.view(-1, in_conv.out_channels), v.view(-1, c),
+                             weight[:, :c].t())
+        hidden = _layer_norm(hidden.view(b, height, width, -1), route.in_conv[1])
         hidden = F.leaky_relu_(hidden, 0.1)                                   # [B, H, W, c4]
         off = F.leaky_relu_(_linear_1x1(hidden, route.out_offsets[0]), 0.1)
         offsets = _nchw(torch.tanh_(_linear_1x1(off, route.out_offsets[2])).mul_(8.0))
