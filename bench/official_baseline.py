@@ -33,24 +33,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from camixer_fast.reference.model import span
+from camixer_fast.reference.model import LayerNorm2d, span
 from torch import Tensor, nn
-
-
-class LayerNormChannelsFirst(nn.Module):
-    """The official channels-first LayerNorm: per pixel over C, biased variance."""
-
-    def __init__(self, channels: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        u = x.mean(1, keepdim=True)
-        s = (x - u).pow(2).mean(1, keepdim=True)
-        x = (x - u) / torch.sqrt(s + self.eps)
-        return self.weight[:, None, None] * x + self.bias[:, None, None]
 
 
 def tokens_of(x: Tensor, ws: int) -> Tensor:
@@ -106,7 +90,7 @@ class Predictor(nn.Module):
         cdim = dim + 4
         self.window_size = window_size
         self.in_conv = nn.Sequential(nn.Conv2d(cdim, cdim // 4, 1),
-                                     LayerNormChannelsFirst(cdim // 4), nn.LeakyReLU(0.1))
+                                     LayerNorm2d(cdim // 4), nn.LeakyReLU(0.1))
         self.out_offsets = nn.Sequential(nn.Conv2d(cdim // 4, cdim // 8, 1), nn.LeakyReLU(0.1),
                                          nn.Conv2d(cdim // 8, 2, 1))
         self.out_mask = nn.Sequential(nn.Linear(window_size**2, window_size), nn.LeakyReLU(0.1),
@@ -199,9 +183,9 @@ class GatedFFN(nn.Module):
 class Block(nn.Module):
     def __init__(self, dim: int, window_size: int) -> None:
         super().__init__()
-        self.norm1 = LayerNormChannelsFirst(dim)
+        self.norm1 = LayerNorm2d(dim)
         self.mixer = CAMixer(dim, window_size)
-        self.norm2 = LayerNormChannelsFirst(dim)
+        self.norm2 = LayerNorm2d(dim)
         self.ffn = GatedFFN(dim)
 
     def forward(self, x: Tensor, condition_global: Tensor, gamma: float) -> Tensor:
