@@ -20,6 +20,7 @@ import camixer_fast
 from camixer_fast import png16
 from camixer_fast.cli import main
 from camixer_fast.imageio import LoadedImage, fit_to_format, write_image
+from camixer_fast.progress import Progress
 
 cmd = importlib.import_module("camixer_fast.commands.upscale")
 
@@ -400,10 +401,12 @@ def test_no_arguments_is_a_usage_error(capsys):
     assert "usage" in capsys.readouterr().err
 
 
-def test_empty_folder_is_not_an_error(tmp_path, capsys):
+def test_folder_without_images_is_an_error_and_creates_nothing(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    assert cli(tmp_path / "empty", "-o", tmp_path / "out") == 0
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    assert cli(tmp_path / "empty", "-o", tmp_path / "out") == 1
     assert "no images found" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 # --- options ---------------------------------------------------------------------------------
@@ -423,16 +426,18 @@ def test_progress_bar_only_on_a_terminal():
             return True
 
     for stream, shown in ((Terminal(), True), (io.StringIO(), False)):
-        bar = cmd.Progress(2, stream)
-        bar.start("a.png")
-        bar.tiles(1, 3)
+        bar = Progress(2, stream=stream, min_interval=0)
+        bar.update(text="a.png")
+        bar.set_detail(" (tile 1/3)")
         bar.message("note")
-        bar.advance()
+        bar.advance(pixels=2_000_000)
         bar.close()
         text = stream.getvalue()
         assert "note\n" in text
-        assert ("\r[" in text and "1/2" in text and "tile 1/3" in text) == shown
+        assert ("\r[" in text and "1/2" in text and "tile 1/3" in text
+                and "images/s" in text and "MP/s" in text) == shown
         assert ("\r" in text) == shown
+        assert bar.summary().startswith("1 image in ")
 
 
 def test_python_m_camixer_fast_upscale(inputs, tmp_path):
