@@ -313,8 +313,9 @@ def run_network(model: CAMixerSR, x: Tensor, tile: int | None, *, batch: int = 1
             _release_memory(x.device)
             smaller = halved_tile(tile, height, width)
             if smaller is None:
+                cause = (str(err).splitlines() or [type(err).__name__])[0][:200]
                 raise MemoryError(f"out of memory on a {height}x{width} input even with "
-                                  f"{what} ({str(err).splitlines()[0][:200]})") from None
+                                  f"{what} ({cause})") from None
             if on_retry is not None:
                 on_retry(f"out of memory with {what} of {height}x{width}; retried in "
                          f"{smaller}x{smaller} tiles")
