@@ -230,7 +230,8 @@ def test_existing_outputs_are_skipped_unless_overwrite(inputs, tmp_path, capsys)
 
 @pytest.mark.parametrize("error,status", [(OSError("disk full"), 1), (KeyboardInterrupt(), 130)],
                          ids=["write-error", "interrupted"])
-def test_failed_write_leaves_no_partial_file(inputs, tmp_path, monkeypatch, error, status):
+def test_failed_write_leaves_no_partial_file(inputs, tmp_path, monkeypatch, error, status,
+                                             capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "c.bmp").write_bytes(b"old output")
@@ -243,6 +244,47 @@ def test_failed_write_leaves_no_partial_file(inputs, tmp_path, monkeypatch, erro
     assert cli(inputs / "a.png", inputs / "c.bmp", "-o", out, "--overwrite") == status
     assert names(out) == ["c.bmp"], "a temporary or truncated file was left behind"
     assert (out / "c.bmp").read_bytes() == b"old output"
+    err = capsys.readouterr().err
+    if status == 1:
+        assert f"cannot write {out / 'a.png'}: disk full" in err and ".part" not in err
+
+
+def test_unwritable_output_folder_is_refused_before_any_work(inputs, tmp_path, monkeypatch,
+                                                              capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(cmd.os, "access", lambda path, mode: False if Path(path) == locked
+                        else real_access(path, mode))   # root writes anywhere: pretend
+    ran = []
+    monkeypatch.setattr(camixer_fast.CAMixerSR, "forward", lambda *a, **k: ran.append(1))
+    for out in (locked, locked / "new" / "deeper"):
+        assert cli(inputs, "-o", out) == 2
+        err = capsys.readouterr().err
+        assert f"cannot write {out / 'a.png'}" in err and "not writable" in err, err
+    assert cli(inputs / "a.png", "-o", locked / "big.png") == 2
+    assert f"cannot write {locked / 'big.png'}" in capsys.readouterr().err
+    assert ran == [] and names(locked) == []
+
+
+def test_no_weights_and_no_network_is_one_line_and_exit_2(inputs, tmp_path, monkeypatch,
+                                                          capsys):
+    import urllib.error
+
+    from camixer_fast import loading
+
+    def offline(url, timeout):
+        raise urllib.error.URLError(OSError(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.delenv("CAMIXER_FAST_WEIGHTS")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(loading.urllib.request, "urlopen", offline)
+    assert cli(inputs / "a.png", "-o", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.splitlines()) <= 2, err
+    assert "cannot download CAMixerSR_S.pth" in err and "$CAMIXER_FAST_WEIGHTS" in err
+    assert str(tmp_path / "cache" / "camixer_fast" / "CAMixerSR_S.pth") in err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
 
 
 def test_outputs_get_ordinary_permissions(inputs, tmp_path):
