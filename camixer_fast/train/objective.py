@@ -54,8 +54,8 @@ def training_loss(net: nn.Module, lr: Tensor, hr: Tensor, weight: Tensor | None 
     model = unwrap(net)
     if not model.training:
         raise RuntimeError("training_loss needs the model in training mode (model.train())")
-    sr, _ = net(lr, generator=generator)
-    local_means = torch.stack([mixer.last_mask_mean for mixer in model.mixers()])
+    sr, _, routing = net(lr, generator=generator, return_routing=True)
+    local_means = routing.mask_means()
     pix = pixel_loss(sr, hr, weight)
     stats = torch.cat([pix.detach().reshape(1), local_means.detach().float()])
     world = world_size()

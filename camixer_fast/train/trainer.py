@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from camixer_fast.backends import can_use_triton, resolve_backend
+from camixer_fast.backends import select_backend
 from camixer_fast.evaluate import super_resolve
 from camixer_fast.loading import load_model
 from camixer_fast.metrics import psnr
@@ -177,17 +177,16 @@ class ProgressLine:
             self.stream.flush()
 
 
-def training_backend(backend: str, device: torch.device | str) -> str:
-    """The backend a training run uses: "auto" is "triton" on a CUDA device the kernels
-    support (their autograd Functions), else "reference"; "triton" where it cannot run
-    (a CPU without ``TRITON_INTERPRET=1``, an old GPU) raises ConfigError saying why."""
+def training_backend(backend: str, device: torch.device | str,
+                     dtype: torch.dtype = torch.float32) -> str:
+    """The backend a training run uses, by :func:`camixer_fast.backends.select_backend` in
+    training mode: "auto" is "triton" on a CUDA device the kernels support (their autograd
+    Functions), else "reference"; a backend that cannot run here (e.g. "triton" on a CPU
+    without ``TRITON_INTERPRET=1``, an old GPU) raises ConfigError with its reason."""
     if backend not in TRAIN_BACKENDS:
         raise ConfigError(f"training backend must be one of {TRAIN_BACKENDS}, got {backend!r}")
-    device = torch.device(device)
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and can_use_triton(device)[0] else "reference"
     try:
-        return resolve_backend(backend, device)
+        return select_backend(backend, device, dtype, training=True).name
     except RuntimeError as err:
         raise ConfigError(str(err)) from None
 
