@@ -9,9 +9,10 @@ Stages, each on its own threads::
   file, check an array) on a small thread pool, ahead of the model;
 - images of the same size are grouped into batches of up to ``batch_size`` (images that are
   tiled go alone, their same-size tiles grouped instead);
-- each model worker holds its own copy of the network and runs a batch at a time. At inference
-  the network runs a batch image by image (:meth:`CAMixerSR.forward`), so no output depends on
-  which images shared its batch, on the batch size, on the number of workers or on the order;
+- each model worker holds its own copy of the network and runs a batch at a time. Routing is
+  per image, and on the CPU backend the network runs a batch image by image
+  (:meth:`CAMixerSR.forward`), so no output depends on which images shared its batch, on the
+  batch size, on the number of workers or on the order;
 - *finish* (rebuild the image's kind, then the caller's ``sink``, e.g. encode and write a file)
   runs on another pool, behind the model.
 
@@ -200,8 +201,9 @@ class Pipeline:
     progress(done, total): tile progress of the image being computed.
 
     Closing the iterator early (break, an exception, KeyboardInterrupt in the consumer) stops
-    the threads: items not yet computed are dropped, those being computed or finished are
-    completed (so a sink that writes atomically leaves whole files only).
+    the threads and returns once they have: the images being computed are finished and
+    dropped, sinks already running complete (so a sink that writes atomically leaves whole
+    files only), nothing else is started.
     """
 
     def __init__(self, items: Iterable, prepare: Callable[[object], Prepared | None],
@@ -258,6 +260,8 @@ class Pipeline:
                                           on_retry=on_retry)
             except BaseException as err:  # noqa: BLE001 - delivered to every image
                 results = [err] * colour.shape[0]
+            if self._stop.is_set():
+                continue
             for k, job in enumerate(batch):
                 mine = results[starts[k]:starts[k] + sizes[k]]
                 failed = next((r for r in mine if isinstance(r, BaseException)), None)
@@ -367,7 +371,7 @@ class Pipeline:
             for thread in workers:
                 thread.join()
             decoder.shutdown(wait=True, cancel_futures=True)
-            finisher.shutdown(wait=True)
+            finisher.shutdown(wait=True, cancel_futures=True)
             torch.set_num_threads(threads)
 
 

@@ -494,6 +494,34 @@ def test_python_m_camixer_fast_upscale(inputs, tmp_path):
         assert img.mode == "L" and img.size == (4 * W, 4 * H)
 
 
+def test_sigint_keeps_finished_files_and_exits_130(tmp_path):
+    import signal
+    import time
+
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    for k in range(30):
+        Image.fromarray(RNG.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(
+            folder / f"{k:02d}.png")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "camixer_fast", "upscale", str(folder), "-o",
+                             str(out)], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out.is_dir() and any(p.suffix == ".png" for p in out.iterdir())):
+        assert proc.poll() is None and time.monotonic() < deadline, "no output appeared"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err
+    written = names(out)
+    assert "interrupted; " in err and f"{len(written)} written" in err
+    assert 0 < len(written) < 30 and all(name.endswith(".png") for name in written), written
+    for name in written:
+        with Image.open(out / name) as img:
+            img.load()
+            assert img.size == (192, 192)
+
+
 # --- the 16-bit PNG codec --------------------------------------------------------------------
 
 def _paeth(a: int, b: int, c: int) -> int:

@@ -19,6 +19,7 @@ import dataclasses
 import os
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -278,6 +279,8 @@ class Tally:
     skipped: int = 0
     failures: list[str] = dataclasses.field(default_factory=list)
     items: int = 0
+    landed: int = 0
+    """Files moved into place (counted as they land, also while an interrupt stops the run)."""
     pixels: int = 0
     seconds: float = 0.0
 
@@ -291,7 +294,12 @@ def _exists(dst: Path, frames: bool) -> bool:
 def _run_images(pairs: list[tuple[Path, Path]], engine: Engine, tally: Tally,
                 bar: Progress, prefix: str, umask: int) -> None:
     def sink(pair: tuple[Path, Path], image: LoadedImage) -> str | None:
-        return _write_atomic(image, pair[1], umask)
+        note = _write_atomic(image, pair[1], umask)
+        with lock:
+            tally.landed += 1
+        return note
+
+    lock = threading.Lock()
 
     def tiles(done: int, total: int) -> None:
         if total > 1:
@@ -332,6 +340,7 @@ def _run_video(src: Path, dst: Path, engine: Engine, args: argparse.Namespace, t
     for note in result.notes:
         bar.message(f"{PROG}: {prefix}{src}: {note}")
     tally.written += 1
+    tally.landed += 1
     tally.pixels += result.pixels
     bar.message(f"{PROG}: {prefix}{dst}: {frames.summary()}")
 
@@ -421,7 +430,7 @@ def run(args: argparse.Namespace) -> int:
             bar.advance(label=src.name)
     except KeyboardInterrupt:
         bar.close()
-        print(f"{PROG}: {prefix}interrupted; {tally.written} written", file=sys.stderr)
+        print(f"{PROG}: {prefix}interrupted; {tally.landed} written", file=sys.stderr)
         return 130
     bar.close()
     tally.seconds = bar.elapsed
