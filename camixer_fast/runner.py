@@ -27,6 +27,7 @@ output is bit-identical for a given ``threads`` whatever the batching, the worke
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import queue
@@ -97,6 +98,7 @@ class Engine:
         self.batch_size = batch_size
         self.workers = workers or default_workers(self.device)
         self.threads = threads or max(1, torch.get_num_threads() // self.workers)
+        self._room = _Room(int(MEMORY_FRACTION * available_memory(self.device)))
         base = cached_model(weights, self.device, self.dtype, backend).model
         self.scale = base.scale
         self.models = []
@@ -124,15 +126,36 @@ class Engine:
                                       + 3 * self.scale ** 2 * 4)
         return int(max(1, min(MAX_AUTO_BATCH, self._budget() // max(per_image, 1))))
 
+    def working_set(self, count: int, height: int, width: int, tile: int | None) -> int:
+        """Bytes a batch of ``count`` images of this size is expected to take while it runs:
+        one image's (or tile's) working set, the network computing them one by one, plus the
+        float32 inputs and outputs of the batch."""
+        side = min(tile, height, width) if tile else 0
+        pixels = side * side if tile else height * width
+        per_pixel = BYTES_PER_PIXEL * torch.finfo(self.dtype).bits / 32
+        return int(pixels * per_pixel + count * height * width * 3 * (1 + self.scale ** 2) * 4)
+
     def run(self, worker: int, colour: Tensor, *,
             progress: Callable[[int, int], None] | None = None,
             on_retry: Callable[[int, str], None] | None = None) -> list[Tensor | BaseException]:
         """Super-resolve (B, 3, H, W) ``colour`` on worker ``worker``'s network: per image, its
         (1, 3, sH, sW) result clamped to [0, 1] on the CPU in float32, or the exception that
-        image raised. ``on_retry(i, text)`` hears of out-of-memory retries of image i."""
-        model = self.models[worker]
+        image raised. ``on_retry(i, text)`` hears of out-of-memory retries of image i.
+
+        Workers share the memory budget: a batch waits while others run and its
+        :meth:`working_set` would not fit beside theirs (it runs at once when alone), so large
+        images are computed one at a time and small ones side by side."""
         height, width = colour.shape[-2:]
         tile = self.tile_for(height, width)
+        need = self.working_set(colour.shape[0], height, width, tile)
+        with self._room.taking(need):
+            return self._run(worker, colour, tile, progress, on_retry)
+
+    def _run(self, worker: int, colour: Tensor, tile: int | None,
+             progress: Callable[[int, int], None] | None,
+             on_retry: Callable[[int, str], None] | None) -> list[Tensor | BaseException]:
+        model = self.models[worker]
+        height, width = colour.shape[-2:]
         count = colour.shape[0]
         with torch.inference_mode():
             x = colour.to(device=self.device, dtype=self.dtype)
@@ -156,6 +179,30 @@ class Engine:
                         torch.cuda.empty_cache()
                     results.append(err)
             return results
+
+
+class _Room:
+    """A memory budget shared by the workers (bytes): :meth:`taking` waits until the amount
+    fits beside what the others hold, or nobody holds anything."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.used, self.holders = total, 0, 0
+        self.changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def taking(self, amount: int) -> Iterator[None]:
+        with self.changed:
+            self.changed.wait_for(lambda: self.holders == 0
+                                  or self.used + amount <= self.total)
+            self.used += amount
+            self.holders += 1
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.used -= amount
+                self.holders -= 1
+                self.changed.notify_all()
 
 
 @dataclass

@@ -213,3 +213,32 @@ def test_read_rgb_gives_8_bit_rgb_for_every_kind(tmp_path):
     assert out.shape == (12, 7, 3) and out.dtype == np.uint8
     assert np.array_equal(out[..., 0], np.rint(grey16 / 257).astype(np.uint8))
     assert read_rgb(tmp_path / "a.png").shape == (5, 6, 3)
+
+
+@pytest.mark.parametrize("share,together", [(0.3, True), (0.6, False)],
+                         ids=["small-side-by-side", "large-one-at-a-time"])
+def test_workers_share_the_memory_budget(share, together):
+    from camixer_fast.runner import _Room
+
+    room, inside, most = _Room(1000), [], []
+    lock = threading.Lock()
+    both_in = threading.Barrier(2, timeout=0.5)
+
+    def work():
+        with room.taking(int(share * 1000)):
+            with lock:
+                inside.append(1)
+                most.append(len(inside))
+            try:
+                both_in.wait()
+            except threading.BrokenBarrierError:
+                pass
+            with lock:
+                inside.pop()
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert (max(most) == 2) == together
