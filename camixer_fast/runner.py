@@ -293,20 +293,21 @@ class Pipeline:
                 return
             if self._stop.is_set():
                 continue
-            colour = torch.cat([job.prepared.colour for job in batch]) if len(batch) > 1 \
-                else batch[0].prepared.colour
             sizes = [job.prepared.colour.shape[0] for job in batch]
             starts = [sum(sizes[:k]) for k in range(len(batch))]
             owner = [k for k, size in enumerate(sizes) for _ in range(size)]
 
-            def on_retry(i: int, text: str) -> None:
+            def on_retry(i: int, text: str, batch: list[_Job] = batch) -> None:
                 batch[owner[i]].notes.append(text)
 
             try:
+                colour = torch.cat([job.prepared.colour.to(self.engine.device)
+                                    for job in batch]) if len(batch) > 1 \
+                    else batch[0].prepared.colour
                 results = self.engine.run(worker, colour, progress=self.progress,
                                           on_retry=on_retry)
             except BaseException as err:  # noqa: BLE001 - delivered to every image
-                results = [err] * colour.shape[0]
+                results = [err] * sum(sizes)
             if self._stop.is_set():
                 continue
             for k, job in enumerate(batch):
@@ -317,7 +318,11 @@ class Pipeline:
                                           notes=job.notes))
                     continue
                 sr = mine[0] if len(mine) == 1 else torch.cat(mine)
-                finisher.submit(self._finish, job, sr)
+                try:
+                    finisher.submit(self._finish, job, sr)
+                except RuntimeError as err:  # the pool is shut down: the run is stopping
+                    self._deliver(Outcome(job.index, job.item, error=err, stage="finish",
+                                          notes=job.notes))
 
     def _feed(self, decoder: ThreadPoolExecutor) -> None:
         pending: deque[tuple[int, object, Future]] = deque()
