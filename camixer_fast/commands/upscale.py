@@ -447,9 +447,12 @@ def run(args: argparse.Namespace) -> int:
         if len(pairs) > 1 or skipped or failures:
             seconds = max(t.seconds for t in tallies)
             pixels = sum(t.pixels for t in tallies)
-            rate = (f" in {seconds:.1f} s ({written / max(seconds, 1e-9):.2f} images/s, "
-                    f"{pixels / 1e6 / max(seconds, 1e-9):.2f} MP/s"
-                    + (f", {rank.world} processes)" if rank.world > 1 else ")"))
+            rates = [f"{pixels / 1e6 / max(seconds, 1e-9):.2f} MP/s"]
+            if not any(is_video(src) for src, _ in pairs):
+                rates.insert(0, f"{written / max(seconds, 1e-9):.2f} images/s")
+            if rank.world > 1:
+                rates.append(f"{rank.world} processes")
+            rate = f" in {seconds:.1f} s ({', '.join(rates)})"
             print(f"{PROG}: {written} written, {skipped} skipped, {len(failures)} failed"
                   + (rate if written else ""), file=sys.stderr)
     return 1 if failures else 0
