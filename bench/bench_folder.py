@@ -1,7 +1,7 @@
 """Folder throughput: the pipelined ``camixer-fast upscale`` against the sequential command it
 replaced, on the 14 Set14 images (LR ×4 made by :func:`camixer_fast.imresize.make_lr`).
 
-    python bench/bench_folder.py [--baseline-rev REV] [--rounds 3] [--json bench/results/folder.json]
+    python bench/bench_folder.py [--baseline-rev REV] [--rounds 3] [--json PATH]
 
 One run of this script measures everything it reports, on the machine as it is:
 

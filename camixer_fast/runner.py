@@ -3,7 +3,7 @@
 
 Stages, each on its own threads::
 
-    items --prepare (decode pool)--> size buckets --batches--> model workers --finish (pool)--> outcomes
+    items --prepare (pool)--> size buckets --batches--> model workers --finish (pool)--> outcomes
 
 - *prepare* turns an item into a :class:`~camixer_fast.upscale.Prepared` (read and decode a
   file, check an array) on a small thread pool, ahead of the model;

@@ -83,9 +83,11 @@ def check_codec(codec: str | None, crf: int | None, suffix: str) -> str:
     """The encoder for an output of extension ``suffix``; raises VideoError for an unknown
     encoder or a ``crf`` the encoder does not take."""
     name = codec or default_codec(suffix)
-    if name not in encoders():
+    known = encoders()
+    if name not in known:
+        examples = sorted(known & {"libx264", "mpeg4", "libvpx-vp9", "ffv1"})
         raise VideoError(f"unknown video encoder {name!r} (this FFmpeg has e.g. "
-                         f"{', '.join(sorted(encoders() & {'libx264', 'mpeg4', 'libvpx-vp9', 'ffv1'}))})")
+                         f"{', '.join(examples)})")
     if crf is not None and name not in CRF_CODECS:
         raise VideoError(f"--crf applies to {', '.join(sorted(CRF_CODECS))}, not {name}")
     return name
