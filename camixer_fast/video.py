@@ -54,18 +54,13 @@ def is_video(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in VIDEO_EXTENSIONS
 
 
-def encoders() -> set[str]:
-    """Names of the video encoders PyAV's FFmpeg has."""
+def is_video_encoder(name: str) -> bool:
+    """Whether PyAV's FFmpeg has a video encoder called ``name``."""
     av = _av()
-    names = set()
-    for name in av.codecs_available:
-        try:
-            codec = av.Codec(name, "w")
-        except Exception:  # noqa: BLE001 - a decoder only, or not available
-            continue
-        if codec.type == "video":
-            names.add(name)
-    return names
+    try:
+        return av.Codec(name, "w").type == "video"
+    except Exception:  # noqa: BLE001 - unknown, or a decoder only
+        return False
 
 
 def default_codec(suffix: str) -> str:
@@ -76,16 +71,15 @@ def default_codec(suffix: str) -> str:
         return "libvpx-vp9"
     if suffix == ".avi":
         return "mpeg4"
-    return "libx264" if "libx264" in encoders() else "mpeg4"
+    return "libx264" if is_video_encoder("libx264") else "mpeg4"
 
 
 def check_codec(codec: str | None, crf: int | None, suffix: str) -> str:
     """The encoder for an output of extension ``suffix``; raises VideoError for an unknown
     encoder or a ``crf`` the encoder does not take."""
     name = codec or default_codec(suffix)
-    known = encoders()
-    if name not in known:
-        examples = sorted(known & {"libx264", "mpeg4", "libvpx-vp9", "ffv1"})
+    if not is_video_encoder(name):
+        examples = [n for n in ("libx264", "libvpx-vp9", "mpeg4", "ffv1") if is_video_encoder(n)]
         raise VideoError(f"unknown video encoder {name!r} (this FFmpeg has e.g. "
                          f"{', '.join(examples)})")
     if crf is not None and name not in CRF_CODECS:
