@@ -494,6 +494,24 @@ def test_python_m_camixer_fast_upscale(inputs, tmp_path):
         assert img.mode == "L" and img.size == (4 * W, 4 * H)
 
 
+SLOW_WRITES = """
+import time
+import camixer_fast.imageio as imageio
+
+_write = imageio.write_image
+
+
+def _slow_write(*args, **kwargs):
+    time.sleep(0.3)
+    return _write(*args, **kwargs)
+
+
+imageio.write_image = _slow_write
+"""
+"""A sitecustomize that makes each write take 0.3 s longer, so that SIGINT surely comes
+mid-run, however busy the machine."""
+
+
 def test_sigint_keeps_finished_files_and_exits_130(tmp_path):
     import signal
     import time
@@ -503,7 +521,11 @@ def test_sigint_keeps_finished_files_and_exits_130(tmp_path):
     for k in range(30):
         Image.fromarray(RNG.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(
             folder / f"{k:02d}.png")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_WRITES)
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{hook}{os.pathsep}{repo}")
     proc = subprocess.Popen([sys.executable, "-m", "camixer_fast", "upscale", str(folder), "-o",
                              str(out)], env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
