@@ -5,16 +5,17 @@ replaced, on the 14 Set14 images (LR ×4 made by :func:`camixer_fast.imresize.ma
 
 One run of this script measures everything it reports, on the machine as it is:
 
-- a profile of the sequential loop (read, network, encode, per image; import and model load),
-  at one and at the default number of torch threads;
+- a profile of the sequential loop (read, network, encode, per image; model load), at one and
+  at the default number of torch threads, and the same network calls made from a thread other
+  than the main one;
 - the command of ``--baseline-rev`` (extracted with ``git archive``, run from that tree), the
-  current command, and the current command with one worker at torch's default threads (what
-  the decode/encode overlap alone gives), alternated ``--rounds`` times (median wall time of
-  each, load averages);
-- the outputs: the current command's files against the baseline's, byte for byte, at the same
-  per-image thread count (the CPU kernels round differently with the thread count, so the
-  baseline's default run, with torch's default threads, is compared pixel by pixel), and the
-  current command with other batch sizes and worker counts against its default.
+  current command (its defaults: the baseline's computation, on a network thread, overlapped
+  with decoding and encoding), and the current command with one worker per thread at one
+  thread each, alternated ``--rounds`` times (median wall time of each, load averages);
+- the outputs, byte for byte (and pixel by pixel where they differ): the current command's
+  against the baseline's, the workers' run against the baseline at one thread (the CPU kernels
+  round differently with the thread count) and against the current command's, and the
+  current command at other batch sizes and worker counts against its default.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -116,7 +118,7 @@ def profile(paths: list[Path], threads: int) -> dict:
     start = time.perf_counter()
     cached_model("CAMixerSR-S", torch.device("cpu"), torch.float32, "auto")
     stages = {"load_model": time.perf_counter() - start, "read": 0.0, "network": 0.0,
-              "encode": 0.0}
+              "encode": 0.0, "network_in_a_worker_thread": 0.0}
     for path in paths:
         t0 = time.perf_counter()
         image = read_image(path)
@@ -128,6 +130,17 @@ def profile(paths: list[Path], threads: int) -> dict:
         stages["read"] += t1 - t0
         stages["network"] += t2 - t1
         stages["encode"] += t3 - t2
+
+    def network_only() -> None:
+        torch.set_num_threads(threads)
+        start = time.perf_counter()
+        for path in paths:
+            upscale(read_image(path).pixels, 0.5)
+        stages["network_in_a_worker_thread"] = time.perf_counter() - start
+
+    worker = threading.Thread(target=network_only)
+    worker.start()
+    worker.join()
     return {"threads": threads, **{k: round(v, 3) for k, v in stages.items()}}
 
 
@@ -150,16 +163,16 @@ def main() -> None:
     result["profile"] = [profile(paths, 1), profile(paths, default_threads)]
     print("profile:", json.dumps(result["profile"]), flush=True)
 
-    overlap_only = ["--workers", "1", "--threads", str(default_threads)]
+    workers_name = f"pipelined, {default_threads} workers at 1 thread"
     commands = {"baseline": (tree, []), "pipelined": (None, []),
-                "pipelined, one worker (overlap only)": (None, overlap_only)}
+                workers_name: (None, ["--workers", str(default_threads), "--threads", "1"])}
+    folders = {"baseline": "baseline", "pipelined": "pipelined", workers_name: "workers"}
     times: dict[str, list[float]] = {name: [] for name in commands}
     loads = []
     for round_ in range(args.rounds):
         loads.append(os.getloadavg()[0])
         for name, (source, extra) in commands.items():
-            out = work / f"{name.split(',')[0]}_{round_}" if not extra else \
-                work / f"overlap_{round_}"
+            out = work / f"{folders[name]}_{round_}"
             times[name].append(run_command(source, inputs, out, *extra))
             print(f"round {round_}: {name} {times[name][-1]:.2f} s "
                   f"(load {os.getloadavg()[0]:.2f})", flush=True)
@@ -168,31 +181,29 @@ def main() -> None:
     result["wall_seconds"] = times
     result["median_seconds"] = medians
     result["speedup"] = base / new
-    result["speedup_overlap_only"] = base / medians["pipelined, one worker (overlap only)"]
+    result["speedup_workers"] = base / medians[workers_name]
     result["loadavg_1min"] = loads
 
     run_command(tree, inputs, work / "baseline_1thread", threads=1)
     outputs = {
-        "pipelined vs baseline at 1 thread (OMP_NUM_THREADS=1)":
-            compare(work / "pipelined_0", work / "baseline_1thread"),
-        "pipelined vs baseline at torch's default threads":
+        "pipelined vs baseline (both at torch's default threads)":
             compare(work / "pipelined_0", work / "baseline_0"),
+        f"{workers_name} vs baseline at 1 thread (OMP_NUM_THREADS=1)":
+            compare(work / "workers_0", work / "baseline_1thread"),
+        f"{workers_name} vs pipelined (thread-count rounding)":
+            compare(work / "workers_0", work / "pipelined_0"),
     }
-    for extra in (["--batch-size", "1", "--workers", "1"], ["--batch-size", "4"],
-                  ["--batch-size", "3", "--workers", "2"]):
+    for extra in (["--batch-size", "1"], ["--batch-size", "4"],
+                  ["--batch-size", "3", "--workers", "2", "--threads", str(default_threads)]):
         out = work / ("pipelined" + "".join(extra).replace("-", "_"))
-        run_command(None, inputs, out, *extra, "--threads", "1")
-        outputs[f"pipelined {' '.join(extra)} --threads 1 vs pipelined default"] = \
-            compare(out, work / "pipelined_0")
-    outputs[f"pipelined --workers 1 --threads {default_threads} vs baseline at default threads"] \
-        = compare(work / "overlap_0", work / "baseline_0")
+        run_command(None, inputs, out, *extra)
+        outputs[f"pipelined {' '.join(extra)} vs pipelined"] = compare(out, work / "pipelined_0")
     result["outputs"] = outputs
     for name, value in outputs.items():
         print(f"{name}: {value}")
     print(f"median wall time: baseline {base:.2f} s, pipelined {new:.2f} s: "
-          f"{base / new:.2f}x; one worker at {default_threads} threads (overlap only) "
-          f"{medians['pipelined, one worker (overlap only)']:.2f} s: "
-          f"{result['speedup_overlap_only']:.2f}x "
+          f"{base / new:.2f}x; {workers_name} {medians[workers_name]:.2f} s: "
+          f"{result['speedup_workers']:.2f}x "
           f"(load averages {', '.join(f'{x:.2f}' for x in loads)})")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -103,10 +103,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                              "from memory, at most 8)")
     parser.add_argument("--workers", type=_positive, default=None, metavar="W",
                         help="images computed at once, each by its own copy of the network "
-                             "(default: 1 on a GPU, the CPU cores torch uses on the CPU)")
+                             "(default 1); e.g. --workers 8 --threads 1 for many small images "
+                             "on 8 free cores")
     parser.add_argument("--threads", type=_positive, default=None, metavar="T",
-                        help="CPU threads per image (default: cores / workers); outputs depend "
-                             "on it by up to one 8-bit level on a few pixels, not on the rest")
+                        help="CPU threads per image (default: torch's threads / workers); "
+                             "outputs depend on it by up to one 8-bit level on a few pixels, not "
+                             "on the batch size or the workers")
     parser.add_argument("--scale-suffix", action="store_true",
                         help="name outputs <stem>_x<scale><ext>")
     parser.add_argument("--overwrite", action="store_true",
