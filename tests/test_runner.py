@@ -8,7 +8,6 @@ import importlib
 import resource
 import threading
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
