@@ -21,6 +21,9 @@ and, when γ is not baked in, ``gamma`` (a float32 scalar, clipped to [0, 1]); i
 (B, 3, sH, sW), unclamped, like ``model(lr)``. Inputs are padded to the window grid in the
 graph by the model's own rule (reflect, continued periodically for tiny inputs).
 
+The operations are also a backend, "onnx" (:data:`ONNX_BACKEND`, registered on import;
+chosen by name only): ``model.backend = "onnx"`` runs them eagerly, a batch as one call.
+
 The export uses PyTorch's TorchScript-based exporter (``torch.onnx.export(dynamo=False)``):
 it records the sizes and K as values in the graph, where ``torch.export`` would have to
 specialise on them (the network's per-image inference loop and its padding branch depend on
@@ -29,30 +32,35 @@ sizes). fp16 export is not provided: export fp32 (the graph computes attention i
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from camixer_fast import backends
+from camixer_fast.backends import Backend, Ops
+from camixer_fast.reference.attention_training import masked_window_attention
 from camixer_fast.reference.model import CAMixerSR
 from camixer_fast.reference.routing import WindowRouting, check_gamma, window_scores
-from camixer_fast.reference.window_attention import DEFAULT_CHUNK, masked_window_attention
 from camixer_fast.reference.windows import to_windows
 
-MIN_OPSET = 16
-"""GridSample entered ONNX in opset 16."""
+MIN_OPSET = 17
+"""GridSample entered ONNX in opset 16, LayerNormalization in 17."""
 MAX_OPSET = 20
 """The newest opset PyTorch's TorchScript-based exporter writes."""
 DEFAULT_OPSET = 17
+
+_GAMMA_INPUT: ContextVar[Tensor | None] = ContextVar("camixer_fast_onnx_gamma", default=None)
+"""γ as a graph input: while set (by :class:`ExportGraph`), it replaces the model's γ in
+:func:`route_windows`."""
 
 
 def hard_window_count(r: Tensor, num_windows: Tensor | int, gamma: float | Tensor) -> Tensor:
@@ -78,14 +86,24 @@ def route_windows(h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
                   tie_break: str = "official") -> WindowRouting:
     """The routing step, (B, c4, H, W) -> :class:`WindowRouting`, for export: expected routing,
     K in the graph, the order by TopK (ties: lower window index first, whatever
-    ``tie_break`` says)."""
+    ``tie_break`` says). ``gamma`` may be a 0-dim tensor; during an export with γ as a graph
+    input, that input replaces it."""
+    gamma_input = _GAMMA_INPUT.get()
+    if gamma_input is not None:
+        gamma = gamma_input
     if routing != "expected":
         raise ValueError(f"ONNX export computes the expected routing only, not {routing!r}")
     pred = window_scores(h, w1, b1, w2, b2, window_size)             # [B, N, 2]
     num_windows = pred.shape[1]
     r = torch.softmax(pred.float(), dim=-1)[..., 0].mean(dim=-1)      # [B]
     num_hard = hard_window_count(r, num_windows, gamma)
-    order = torch.topk(pred[..., 0], num_windows, dim=1, largest=True, sorted=True).indices
+    score = pred[..., 0]
+    if torch.jit.is_tracing():
+        # ONNX TopK orders equal values by index
+        order = torch.topk(score, num_windows, dim=1, largest=True, sorted=True).indices
+    else:
+        # the same rule eagerly (torch.topk leaves ties in no set order)
+        order = torch.sort(score, dim=1, descending=True, stable=True).indices
     return WindowRouting(pred, num_hard, order)
 
 
@@ -112,11 +130,11 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, wq: Tensor, bq: Tensor, wk: Tensor,
 
 def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor, bq: Tensor,
                      wk: Tensor, bk: Tensor, num_hard: Tensor, order: Tensor, *,
-                     window_size: int, chunk: int = DEFAULT_CHUNK) -> Tensor:
+                     window_size: int) -> Tensor:
     """Inference token mixing with per-image top-K routing, for export (see the module doc).
 
-    Shapes as :func:`camixer_fast.reference.window_attention.window_attention`; ``chunk`` is
-    accepted for the signature and unused (the graph attends all K_max windows at once).
+    Shapes as :func:`camixer_fast.reference.attention_inference.window_attention`; all K_max
+    windows of the batch are attended at once.
     """
     dtype = x.dtype
     b, c, height, width = x.shape
@@ -141,31 +159,32 @@ def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
     return out.reshape(b, c, height, width).to(dtype)
 
 
-def onnx_ops(gamma: Tensor | None = None) -> SimpleNamespace:
-    """The operation table the mixers call during export; ``gamma``, a 0-dim tensor, replaces
-    the model's γ in the routing (γ as a graph input)."""
-
-    def route(h, w1, b1, w2, b2, model_gamma, **kwargs):
-        return route_windows(h, w1, b1, w2, b2, model_gamma if gamma is None else gamma,
-                             **kwargs)
-
-    return SimpleNamespace(name="onnx", route_windows=route, window_scores=window_scores,
-                           deformable_key=deformable_key, window_attention=window_attention,
-                           masked_window_attention=masked_window_attention)
+ONNX_OPS = Ops(route_windows, window_scores, deformable_key, window_attention,
+               masked_window_attention, whole_batch=True)
+"""The operations of the "onnx" backend. They run eagerly too (plain PyTorch); a batch runs
+as one call, as in the exported graph. Training runs the reference (``trains_as``)."""
 
 
-@contextmanager
-def export_ops(model: CAMixerSR, gamma: Tensor | None = None) -> Iterator[None]:
-    """Run ``model`` on :func:`onnx_ops` inside the block; its backend is restored after."""
-    backend = model.backend
-    model.backend = "reference"         # the reference layouts (no channels-last), then our ops
-    ops = onnx_ops(gamma)
-    for mixer in model.mixers():
-        mixer.ops = ops
-    try:
-        yield
-    finally:
-        model.backend = backend
+def _onnx_unsupported(device: torch.device, dtype: torch.dtype, training: bool) -> str | None:
+    if not dtype.is_floating_point:
+        return f"the network computes in floating point, not {dtype}"
+    return None
+
+
+ONNX_BACKEND = Backend("onnx", "export-friendly operations, what export_onnx traces into ONNX",
+                       _onnx_unsupported, (), lambda: ONNX_OPS, trains_as="reference")
+"""Chosen by name only ("auto" never picks it)."""
+
+
+def register_backend() -> None:
+    """Make "onnx" a backend name :func:`camixer_fast.backends.select_backend` accepts (done
+    when this module is imported)."""
+    if ONNX_BACKEND.name not in backends.REGISTRY:
+        backends.REGISTRY[ONNX_BACKEND.name] = ONNX_BACKEND
+        backends.BACKENDS = (*backends.BACKENDS, ONNX_BACKEND.name)
+
+
+register_backend()
 
 
 def pad_to_window_grid(x: Tensor, multiple: int) -> Tensor:
@@ -183,19 +202,24 @@ def pad_to_window_grid(x: Tensor, multiple: int) -> Tensor:
 
 
 class ExportGraph(nn.Module):
-    """What is traced: pad to the window grid, the model's own forward on :func:`onnx_ops`,
-    crop to (sH, sW)."""
+    """What is traced: pad to the window grid, the model's own forward on the "onnx" backend,
+    crop to (sH, sW). Holds its own copy of the model (the caller's is left as it is)."""
 
     def __init__(self, model: CAMixerSR, gamma: float | None) -> None:
         super().__init__()
-        self.model = model
-        self.gamma = gamma
+        self.model = copy.deepcopy(model).eval()
+        self.model.backend = ONNX_BACKEND.name
+        if gamma is not None:
+            self.model.gamma = gamma
 
     def forward(self, lr: Tensor, gamma: Tensor | None = None) -> Tensor:
         height, width = lr.shape[-2:]
         padded = pad_to_window_grid(lr, self.model.window_size)
-        with export_ops(self.model, gamma):
+        token = _GAMMA_INPUT.set(gamma)
+        try:
             sr = self.model(padded)
+        finally:
+            _GAMMA_INPUT.reset(token)
         return sr[..., : height * self.model.scale, : width * self.model.scale]
 
 
@@ -238,6 +262,25 @@ def compact_graph(proto: "onnx.ModelProto") -> "onnx.ModelProto":
     return proto
 
 
+def _copy_symbolic(g, self, src, non_blocking):
+    """``aten::copy`` (what ``torch.empty_like(x).copy_(src)`` traces to, as the network's
+    fresh channels-last input copy does): src broadcast to self's shape."""
+    return g.op("Expand", src, g.op("Shape", self))
+
+
+def _layer_norm_symbolic(g, x, normalized_shape, weight, bias, eps, cudnn_enable):
+    """``aten::layer_norm`` over the last dimension, as the network's LayerNorms are, whose
+    ``normalized_shape`` the tracer records as a value (``x.shape[-1]``), not a constant."""
+    from torch.onnx import symbolic_helper
+
+    epsilon = symbolic_helper._get_const(eps, "f", "eps")
+    return g.op("LayerNormalization", x, weight, bias, epsilon_f=epsilon, axis_i=-1)
+
+
+_SYMBOLICS = {"aten::copy": _copy_symbolic, "aten::layer_norm": _layer_norm_symbolic}
+"""Translations the exporter lacks for what the network traces to, set for the export only."""
+
+
 @dataclass(frozen=True)
 class OnnxExport:
     """What :func:`export_onnx` wrote."""
@@ -249,7 +292,7 @@ class OnnxExport:
     seconds: float
 
 
-def _check_exportable(model: CAMixerSR, gamma: float | None, opset: int) -> None:
+def _check_exportable(model: CAMixerSR, path: Path, gamma: float | None, opset: int) -> None:
     if not isinstance(model, CAMixerSR):
         raise TypeError(f"expected a camixer_fast.CAMixerSR, got {type(model).__name__}")
     if model.training:
@@ -257,13 +300,15 @@ def _check_exportable(model: CAMixerSR, gamma: float | None, opset: int) -> None
                          "model.eval() first)")
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"opset {opset!r} is not supported: use {MIN_OPSET}..{MAX_OPSET} "
-                         f"(GridSample needs {MIN_OPSET}; PyTorch's TorchScript exporter "
-                         f"writes up to {MAX_OPSET})")
+                         f"(GridSample and LayerNormalization need {MIN_OPSET}; PyTorch's "
+                         f"TorchScript exporter writes up to {MAX_OPSET})")
     if model.routing != "expected":
         raise ValueError(f"the model's routing is {model.routing!r}: ONNX export computes the "
                          "expected routing only (set model.routing = 'expected')")
     if gamma is not None:
         check_gamma(gamma)
+    if path.suffix.lower() != ".onnx" or not path.parent.is_dir():
+        raise ValueError(f"{path}: the output must be a .onnx file in an existing folder")
     dtype = model.head.weight.dtype
     if dtype != torch.float32:
         raise ValueError(f"the model is {dtype}: ONNX export is fp32 only (model.float())")
@@ -274,16 +319,17 @@ def export_onnx(model: CAMixerSR, path: str | os.PathLike, *, gamma: float | Non
     """Write ``model`` as an ONNX graph with the routing inside it.
 
     gamma: bake γ into the graph, or ``None`` for a float32 scalar input "gamma".
-    opset: ONNX opset, 16 to 20 (default 17).
+    opset: ONNX opset, 17 to 20 (default 17).
     The graph's input is "lr" (B, 3, H, W), output "sr" (B, 3, sH, sW), all dynamic; see the
-    module doc for what it computes. The file is checked with ``onnx.checker`` and written
-    whole or not at all (:func:`compact_graph` applied). Raises ValueError for a model in training mode, an unsupported opset,
-    Gumbel routing or a non-fp32 model.
+    module doc for what it computes. The graph is compacted (:func:`compact_graph`), checked
+    with ``onnx.checker`` and written whole or not at all. Raises ValueError for a model in
+    training mode, an unsupported opset, Gumbel routing or a non-fp32 model. The caller's model
+    is not changed (a copy is traced).
     """
     import onnx
 
-    _check_exportable(model, gamma, opset)
     path = Path(path).expanduser()
+    _check_exportable(model, path, gamma, opset)
     graph = ExportGraph(model, gamma).eval()
     device = model.head.weight.device
     example = torch.rand(1, 3, 20, 28, generator=torch.Generator().manual_seed(0)).to(device)
@@ -305,15 +351,15 @@ def export_onnx(model: CAMixerSR, path: str | os.PathLike, *, gamma: float | Non
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", category=FutureWarning)
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            if gamma is not None:
-                saved_gamma, model.gamma = model.gamma, gamma
+            for name, symbolic in _SYMBOLICS.items():
+                torch.onnx.register_custom_op_symbolic(name, symbolic, opset)
             try:
                 torch.onnx.export(graph, args, tmp, dynamo=False, opset_version=opset,
                                   input_names=names, output_names=["sr"], dynamic_axes=axes,
                                   do_constant_folding=True)
             finally:
-                if gamma is not None:
-                    model.gamma = saved_gamma
+                for name in _SYMBOLICS:
+                    torch.onnx.unregister_custom_op_symbolic(name, opset)
         proto = compact_graph(onnx.load(tmp))
         onnx.checker.check_model(proto, full_check=True)
         onnx.save(proto, tmp)

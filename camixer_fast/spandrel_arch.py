@@ -36,7 +36,6 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
     raise ImportError("camixer_fast.spandrel_arch needs spandrel: "
                       "pip install 'camixer_fast[spandrel]'") from err
 
-from camixer_fast.backends import resolve_backend
 from camixer_fast.cost import MODEL_SIZES
 from camixer_fast.loading import CheckpointError, build_model, infer_config
 from camixer_fast.reference.model import CAMixerSR
@@ -79,16 +78,6 @@ def detect(state_dict: Mapping[str, object]) -> bool:
     return True
 
 
-def _call(model: CAMixerSR, image: Tensor) -> Tensor:
-    """Run ``model`` on ``image``; a backend that cannot run where spandrel has moved the model
-    (the CPU backend after ``.to("cuda")``, say) is first replaced by the "auto" choice."""
-    try:
-        resolve_backend(model.backend, model.head.weight.device)
-    except RuntimeError:
-        model.backend = "auto"
-    return model(image)
-
-
 class CAMixerSRArch(Architecture[CAMixerSR]):
     """The spandrel description of :class:`~camixer_fast.CAMixerSR`."""
 
@@ -97,8 +86,9 @@ class CAMixerSRArch(Architecture[CAMixerSR]):
 
     def load(self, state_dict: StateDict) -> ImageModelDescriptor[CAMixerSR]:
         """A descriptor around a CAMixerSR shaped after ``state_dict`` (γ = 0.5, expected
-        routing, the "auto" backend for the model's device; change ``descriptor.model.gamma``
-        to trade speed for quality)."""
+        routing, the "auto" backend, chosen again for the device of every call, so it follows
+        ``descriptor.to(...)``; change ``descriptor.model.gamma`` to trade speed for
+        quality)."""
         model = build_model(state_dict).eval()
         model.backend = "auto"
         size = next((name for name, c in MODEL_SIZES.items() if c == model.n_feats), None)
@@ -123,7 +113,6 @@ class CAMixerSRArch(Architecture[CAMixerSR]):
             # the official large-image results use 64-pixel tiles; each tile routes its own
             # windows, so tiles agree closely, not exactly, with a whole-image run
             tiling=ModelTiling.SUPPORTED,
-            call_fn=_call,
         )
 
 

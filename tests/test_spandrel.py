@@ -112,22 +112,3 @@ def test_install_is_idempotent(spandrel) -> None:
     assert [a.architecture.id for a in install(registry)] == ["CAMixerSR"]
     with pytest.raises(spandrel.DuplicateArchitectureError):
         install(registry, ignore_duplicates=False)
-
-
-def test_a_backend_that_cannot_run_is_replaced(spandrel, weights_path: Path,
-                                              monkeypatch) -> None:
-    from camixer_fast import spandrel_arch
-
-    descriptor = spandrel.ModelLoader().load_from_file(weights_path)
-    descriptor.model.backend = "reference"
-    real = spandrel_arch.resolve_backend
-
-    def reference_cannot_run(name: str, device=None) -> str:
-        if name == "reference":
-            raise RuntimeError("backend 'reference' cannot run here")
-        return real(name, device)
-
-    # as after spandrel moved a model whose backend cannot follow (CPU backend -> CUDA)
-    monkeypatch.setattr(spandrel_arch, "resolve_backend", reference_cannot_run)
-    descriptor(torch.rand(1, 3, 16, 16))
-    assert descriptor.model.backend == "cpu"
