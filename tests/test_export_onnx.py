@@ -14,7 +14,7 @@ import torch
 
 import camixer_fast
 from camixer_fast.cli import main
-from camixer_fast.export_onnx import MAX_OPSET, MIN_OPSET, export_onnx
+from camixer_fast.onnx_export import MAX_OPSET, MIN_OPSET, export_onnx
 from conftest import assert_close, load_rgb
 
 TOL = 1e-4
@@ -55,7 +55,7 @@ def s_export(weights_path: Path, tmp_path_factory):
     """CAMixerSR-S exported once with γ as a graph input (about 10 s here)."""
     model = camixer_fast.load_model(weights_path, backend="reference")
     path = tmp_path_factory.mktemp("onnx") / "camixer_s.onnx"
-    result = export_onnx(model, path)
+    result = camixer_fast.export_onnx(model, path)
     print(f"CAMixerSR-S: {result.nodes} nodes, exported in {result.seconds:.1f} s")
     return result, _session(path)
 
