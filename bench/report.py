@@ -113,20 +113,24 @@ def measure_memory(threads: int) -> dict:
     return result
 
 
-def _median_seconds(run, rounds: int) -> float:
-    run()                                                         # warm-up
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
+def _alternating_medians(runs: dict, rounds: int) -> dict[str, float]:
+    """Median seconds of each callable over ``rounds`` rounds after a warm-up, the callables
+    taking turns within every round (so that a change of machine load hits them alike)."""
+    for run in runs.values():
         run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def measure_onnx(threads: int, rounds: int = 7) -> dict:
     """onnxruntime (CPU) against the CPU backend on Set5's baby LR (128×128), per γ: S exported
     once with γ as a graph input; each runtime's output is first checked against the reference
-    backend to 1e-4 (all with the graph's "index" tie rule), then timed."""
+    backend to 1e-4 (all with the graph's "index" tie rule), then timed, taking turns."""
     import tempfile
 
     import onnx
@@ -167,9 +171,10 @@ def measure_onnx(threads: int, rounds: int = 7) -> dict:
                 cpu(x)
 
         load = os.getloadavg()[0]
+        medians = _alternating_medians(
+            {"onnxruntime": lambda: session.run(None, feeds), "cpu": run_cpu}, rounds)
         rows.append({"gamma": gamma, "errors": errors, "loadavg_1min": load,
-                     "onnxruntime_s": _median_seconds(lambda: session.run(None, feeds), rounds),
-                     "cpu_s": _median_seconds(run_cpu, rounds)})
+                     "onnxruntime_s": medians["onnxruntime"], "cpu_s": medians["cpu"]})
     return {"input": "Set5 baby LR 128x128", "rounds": rounds, "threads": threads,
             "machine": machine_stamp(), "onnx": onnx.__version__,
             "onnxruntime": ort.__version__, "opset": exported.opset, "nodes": exported.nodes,
@@ -431,7 +436,8 @@ def render(benches: list[dict], machine: dict, breakdown: dict | None, quality: 
                  f"{onnx['export_s']:.1f} s, session creation {onnx['session_s']:.1f} s) run "
                  f"by onnxruntime {onnx['onnxruntime']} on the CPU against the CPU backend, "
                  f"{onnx['input']}, {onnx['threads']} threads each, medians of "
-                 f"{onnx['rounds']} rounds after a warm-up, 1-minute load average "
+                 f"{onnx['rounds']} rounds after a warm-up, the two taking turns in each round; "
+                 f"1-minute load average "
                  f"{min(loads):.2f}–{max(loads):.2f}. Both outputs were first checked against "
                  "the reference backend to 1e-4, all three with the graph's tie rule "
                  "(\"index\": on this image K cuts through equal window scores)."), "",

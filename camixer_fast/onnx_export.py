@@ -21,8 +21,9 @@ and, when γ is not baked in, ``gamma`` (a float32 scalar, clipped to [0, 1]); i
 (B, 3, sH, sW), unclamped, like ``model(lr)``. Inputs are padded to the window grid in the
 graph by the model's own rule (reflect, continued periodically for tiny inputs).
 
-The operations are also a backend, "onnx" (:data:`ONNX_BACKEND`, registered on import;
-chosen by name only): ``model.backend = "onnx"`` runs them eagerly, a batch as one call.
+The operations are also a backend, "onnx" (:data:`ONNX_BACKEND`; a name
+:func:`~camixer_fast.backends.select_backend` accepts inside :func:`onnx_backend` only): there
+``model.backend = "onnx"`` runs them eagerly, a batch as one call.
 
 The export uses PyTorch's TorchScript-based exporter (``torch.onnx.export(dynamo=False)``):
 it records the sizes and K as values in the graph, where ``torch.export`` would have to
@@ -37,6 +38,8 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,15 +179,24 @@ ONNX_BACKEND = Backend("onnx", "export-friendly operations, what export_onnx tra
 """Chosen by name only ("auto" never picks it)."""
 
 
-def register_backend() -> None:
-    """Make "onnx" a backend name :func:`camixer_fast.backends.select_backend` accepts (done
-    when this module is imported)."""
-    if ONNX_BACKEND.name not in backends.REGISTRY:
-        backends.REGISTRY[ONNX_BACKEND.name] = ONNX_BACKEND
-        backends.BACKENDS = (*backends.BACKENDS, ONNX_BACKEND.name)
+@contextmanager
+def onnx_backend() -> Iterator[None]:
+    """Inside the block, "onnx" is a backend name that
+    :func:`camixer_fast.backends.select_backend` accepts (``model.backend = "onnx"``).
 
-
-register_backend()
+    Scoped, not permanent: :mod:`camixer_fast.backends` has no registration function, and its
+    set of backends stays the built-in one outside export."""
+    name = ONNX_BACKEND.name
+    added = name not in backends.REGISTRY
+    if added:
+        backends.REGISTRY[name] = ONNX_BACKEND
+        backends.BACKENDS = (*backends.BACKENDS, name)
+    try:
+        yield
+    finally:
+        if added:
+            del backends.REGISTRY[name]
+            backends.BACKENDS = tuple(b for b in backends.BACKENDS if b != name)
 
 
 def pad_to_window_grid(x: Tensor, multiple: int) -> Tensor:
@@ -208,7 +220,8 @@ class ExportGraph(nn.Module):
     def __init__(self, model: CAMixerSR, gamma: float | None) -> None:
         super().__init__()
         self.model = copy.deepcopy(model).eval()
-        self.model.backend = ONNX_BACKEND.name
+        with onnx_backend():
+            self.model.backend = ONNX_BACKEND.name
         if gamma is not None:
             self.model.gamma = gamma
 
@@ -217,7 +230,8 @@ class ExportGraph(nn.Module):
         padded = pad_to_window_grid(lr, self.model.window_size)
         token = _GAMMA_INPUT.set(gamma)
         try:
-            sr = self.model(padded)
+            with onnx_backend():
+                sr = self.model(padded)
         finally:
             _GAMMA_INPUT.reset(token)
         return sr[..., : height * self.model.scale, : width * self.model.scale]

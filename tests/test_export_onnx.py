@@ -14,7 +14,8 @@ import torch
 
 import camixer_fast
 from camixer_fast.cli import main
-from camixer_fast.onnx_export import MAX_OPSET, MIN_OPSET, export_onnx
+from camixer_fast.backends import REGISTRY
+from camixer_fast.onnx_export import MAX_OPSET, MIN_OPSET, export_onnx, onnx_backend
 from conftest import assert_close, load_rgb
 
 TOL = 1e-4
@@ -142,6 +143,7 @@ def test_the_callers_model_is_left_alone(small_model, tmp_path: Path) -> None:
     small_model.backend = "reference"
     export_onnx(small_model, tmp_path / "m.onnx", gamma=0.5)
     assert small_model.gamma == 0.75 and small_model.backend == "reference"
+    assert "onnx" not in REGISTRY                           # scoped to the export
     assert all(mixer.capture is None for mixer in small_model.mixers())
 
 
@@ -149,11 +151,12 @@ def test_eager_onnx_backend_matches_reference(small_model, one_thread) -> None:
     x = torch.rand(2, 3, 21, 30, generator=torch.Generator().manual_seed(2))
     for gamma in (1.0, 0.5, 0.0):
         ref = _reference(small_model, x, gamma)
-        small_model.backend = "onnx"
-        try:
-            out = _reference(small_model, x, gamma)
-        finally:
-            small_model.backend = "reference"
+        with onnx_backend():
+            small_model.backend = "onnx"
+            try:
+                out = _reference(small_model, x, gamma)
+            finally:
+                small_model.backend = "reference"
         assert_close(f"eager onnx ops @{gamma}", ref, out, 1e-5)
 
 
