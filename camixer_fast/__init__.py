@@ -5,11 +5,13 @@ CUDA) fused Triton kernels.
 >>> sr = model(lr)          # (B, 3, H, W) in [0, 1] -> (B, 3, 4H, 4W), unclamped
 >>> big = camixer_fast.upscale(pil_image)   # PIL / numpy / tensor in, same kind out
 >>> camixer_fast.export_onnx(model, "camixer_s.onnx")   # routing inside the graph
+>>> bigs = camixer_fast.upscale_batch(images)   # many, pipelined and batched by size
 """
 
 from camixer_fast.backends import can_use_triton, resolve_backend
 from camixer_fast.loading import CheckpointError, infer_config, load_model
 from camixer_fast.reference.model import CAMixerSR
+from camixer_fast.runner import upscale_batch, upscale_iter
 from camixer_fast.upscale import upscale
 
 __version__ = "0.1.0"
@@ -24,6 +26,8 @@ __all__ = [
     "load_model",
     "resolve_backend",
     "upscale",
+    "upscale_batch",
+    "upscale_iter",
 ]
 
 
