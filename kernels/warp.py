@@ -44,8 +44,9 @@ def _sample_coords(off_ptr, i_b, py, px, m_p, H, W, ACC: tl.constexpr):
     p_off = off_ptr + i_b.to(tl.int64) * 2 * H * W + py * W + px
     sx = px.to(ACC) + tl.load(p_off, mask=m_p, other=0.0).to(ACC)
     sy = py.to(ACC) + tl.load(p_off + H * W, mask=m_p, other=0.0).to(ACC)
-    ix = tl.minimum(tl.maximum(sx, 0.0), (W - 1).to(ACC))
-    iy = tl.minimum(tl.maximum(sy, 0.0), (H - 1).to(ACC))
+    # H and W may arrive as the constant 1 (a map one pixel high or wide): tl.cast, not .to
+    ix = tl.minimum(tl.maximum(sx, 0.0), tl.cast(W - 1, ACC))
+    iy = tl.minimum(tl.maximum(sy, 0.0), tl.cast(H - 1, ACC))
     fx0, fy0 = tl.floor(ix), tl.floor(iy)
     x0, y0 = fx0.to(tl.int32), fy0.to(tl.int32)
     # the far tap is clamped too: it only ever gets weight 0 there
@@ -135,6 +136,14 @@ CHANNEL_BLOCK = 16
 """Channels per inner step: registers stay bounded whatever C is."""
 
 
+def backward_channel_block(dtype: torch.dtype) -> int:
+    """Channels per inner step of the backward kernel: 16 for fp32 / fp64 (the configuration
+    of issue 9's H200 training run; 246 registers per thread, no spills), 8 for fp16 / bf16,
+    whose 16-channel steps spill registers once H and W are 16-divisible (the JIT gate's
+    finding; unproven on a GPU)."""
+    return 8 if dtype in (torch.float16, torch.bfloat16) else CHANNEL_BLOCK
+
+
 def deformable_key_forward(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
                            order: Tensor | None = None, *, window_size: int = 16) -> Tensor:
     """Launch the forward kernel: x (B, C, H, W), offsets (B, 2, H, W) -> k_in (B, C, H, W).
@@ -180,7 +189,8 @@ def deformable_key_backward(x: Tensor, offsets: Tensor, grad_out: Tensor) -> tup
     doff = torch.empty(offsets.shape, dtype=acc_dtype, device=x.device)
     grid = (triton.cdiv(height * width, PIXEL_BLOCK), b)
     _deform_key_bwd_kernel[grid](x, offsets.contiguous(), grad_out.contiguous(), dx, doff, c,
-                                 height, width, BC=CHANNEL_BLOCK, BP=PIXEL_BLOCK, ACC=_acc(x))
+                                 height, width, BC=backward_channel_block(x.dtype),
+                                 BP=PIXEL_BLOCK, ACC=_acc(x))
     return (grad_out + dx).to(x.dtype), doff.to(offsets.dtype)
 
 

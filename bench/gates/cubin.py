@@ -9,6 +9,10 @@ Both gates (``aot.py``, ``jit_gate.py``) check every kernel they compile with :f
   with ``inputPrecision = tf32``, must come out as HMMA (mma.sync, sm_80+) or HGMMA (wgmma,
   sm_90) instructions in the SASS (``cuobjdump --dump-sass``). A dot that Triton lowered to FMA
   loops instead runs ten times slower and no parity test notices.
+- no wgmma operand in a shared layout swizzled at less than 128 bytes (the TTGIR's
+  ``nvmma_shared`` layouts, Triton 3.3+): the only such kernels run on a GPU so far, the
+  64×32 fp16 / bf16 attention tiles, read out of bounds or returned NaN on an H200 (issue 9;
+  ``camixer_fast/kernels/_tiles.py`` has the analysis).
 
 The CUDA binary tools come from the triton wheel (``triton/backends/nvidia/bin``), else PATH.
 """
@@ -29,6 +33,7 @@ sm_120 GPUs, the smallest of the compute capabilities >= 8.0 the Triton backend 
 
 _DOT = re.compile(r"\btt\.dot\s+(?P<args>[^:]*):\s*tensor<[0-9x]+x(?P<a>\w+)>\s*\*\s*"
                   r"tensor<[0-9x]+x(?P<b>\w+)>")
+_NVMMA = re.compile(r"^(#\w+) = #ttg\.nvmma_shared<\{swizzlingByteWidth = (\d+)", re.M)
 _MMA = re.compile(r"\b(HGMMA|HMMA)\.[0-9A-Za-z.]+")
 _RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
@@ -44,6 +49,7 @@ class KernelReport:
     dots: int             # tt.dot operations in the Triton IR
     tensor_core_dots: int  # of those, dots whose operand types call for tensor cores
     mma: tuple[str, ...]  # distinct HMMA / HGMMA shapes in the SASS
+    narrow_swizzle: tuple[int, ...] = ()  # swizzle widths < 128 B of wgmma operands
 
     @property
     def spills(self) -> bool:
@@ -58,13 +64,17 @@ class KernelReport:
             found.append(f"{self.registers} registers per thread")
         if self.shared > SHARED_LIMIT:
             found.append(f"{self.shared} B of shared memory > {SHARED_LIMIT}")
+        if self.narrow_swizzle:
+            widths = "/".join(map(str, self.narrow_swizzle))
+            found.append(f"wgmma operand in a {widths}-byte swizzled shared layout: such tiles "
+                         "read out of bounds or gave NaN on an H200 (issue 9)")
         if self.tensor_core_dots and not self.mma:
             found.append(f"{self.tensor_core_dots} fp16/bf16/tf32 dot(s) but no HMMA/HGMMA "
                          "instruction: the products run on the FMA units")
         return found
 
     def as_dict(self) -> dict:
-        return dict(asdict(self), mma=list(self.mma))
+        return dict(asdict(self), mma=list(self.mma), narrow_swizzle=list(self.narrow_swizzle))
 
 
 def tool(name: str) -> str:
@@ -100,9 +110,21 @@ def tensor_core_dots(ttir: str) -> tuple[int, int]:
     return dots, tensor_core
 
 
-def inspect(kernels: list[tuple[bytes, str, int]]) -> list[KernelReport]:
-    """Read compiled kernels: (cubin, Triton IR text, dynamic shared bytes) each, as in
-    ``(c.asm["cubin"], c.asm["ttir"], c.metadata.shared)`` of a triton CompiledKernel.
+def narrow_wgmma_swizzles(ttgir: str) -> tuple[int, ...]:
+    """Swizzle widths below 128 B of the shared layouts that wgmma (``warp_group_dot``) reads,
+    in a kernel's TTGIR text (Triton 3.3+ prints ``nvmma_shared``; older TTGIR yields none)."""
+    narrow = {alias: int(width) for alias, width in _NVMMA.findall(ttgir) if int(width) < 128}
+    found = set()
+    for line in ttgir.splitlines():
+        if "warp_group_dot " in line:
+            found |= {w for alias, w in narrow.items() if re.search(re.escape(alias) + r"(?!\w)",
+                                                                    line)}
+    return tuple(sorted(found))
+
+
+def inspect(kernels: list[tuple[dict, int]]) -> list[KernelReport]:
+    """Read compiled kernels: (asm, dynamic shared bytes) each, as in
+    ``(c.asm, c.metadata.shared)`` of a triton CompiledKernel (asm: "cubin", "ttir", "ttgir").
 
     The dynamic shared memory is Triton's; the cubin's static figure does not include it.
     One cuobjdump process reads them all (a process per kernel costs more than the reading).
@@ -111,12 +133,12 @@ def inspect(kernels: list[tuple[bytes, str, int]]) -> list[KernelReport]:
         return []
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
-        for i, (cubin, ttir, _) in enumerate(kernels):
+        for i, (asm, _) in enumerate(kernels):
             # disassembling takes ~0.3 s a kernel: only where tensor cores are expected
-            kind = "sass" if tensor_core_dots(ttir)[1] else "res"
+            kind = "sass" if tensor_core_dots(asm["ttir"])[1] else "res"
             paths.append(os.path.join(tmp, f"{i}.{kind}.cubin"))
             with open(paths[-1], "wb") as f:
-                f.write(cubin)
+                f.write(asm["cubin"])
         script = ('for f in "$@"; do echo "@@@ $f"; case "$f" in *.sass.cubin) s=--dump-sass;; '
                   '*) s=;; esac; "$0" --dump-resource-usage $s "$f" || exit 1; done')
         out = subprocess.run(["sh", "-c", script, tool("cuobjdump"), *paths], capture_output=True,
@@ -125,12 +147,13 @@ def inspect(kernels: list[tuple[bytes, str, int]]) -> list[KernelReport]:
     if len(dumps) != len(kernels):
         raise RuntimeError(f"cuobjdump read {len(dumps)} of {len(kernels)} cubins:\n{out[-2000:]}")
     reports = []
-    for dump, (_, ttir, shared_dynamic) in zip(dumps, kernels):
+    for dump, (asm, shared_dynamic) in zip(dumps, kernels):
         found = _RESOURCES.search(dump)
         if not found:
             raise RuntimeError(f"no resource usage in cuobjdump's output:\n{dump[:2000]}")
         reg, stack, shared, local = map(int, found.groups())
-        dots, tc = tensor_core_dots(ttir)
+        dots, tc = tensor_core_dots(asm["ttir"])
         mma = tuple(sorted({m.group(0) for m in _MMA.finditer(dump)}))
-        reports.append(KernelReport(reg, stack, local, shared + int(shared_dynamic), dots, tc, mma))
+        reports.append(KernelReport(reg, stack, local, shared + int(shared_dynamic), dots, tc, mma,
+                                    narrow_wgmma_swizzles(asm.get("ttgir", ""))))
     return reports
