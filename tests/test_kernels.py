@@ -1,8 +1,10 @@
 """Parity of the Triton kernels with their reference twins.
 
 On a machine without a GPU the kernels run in Triton's interpreter (conftest sets
-TRITON_INTERPRET=1), so shapes stay small. Every tensor the wrappers allocate is poisoned (NaN
-for floats, -7 for integers) so an element a kernel fails to write shows up.
+TRITON_INTERPRET=1), so shapes stay small; on a GPU they are compiled, TF32 off for the PyTorch
+parts (the training attention's projections are convolutions). Every tensor the wrappers
+allocate is poisoned (NaN for floats, -7 for integers) so an element a kernel fails to write
+shows up.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from camixer_fast.kernels import attention_inference, attention_training
 from camixer_fast.kernels import routing as kroute
 from camixer_fast.kernels import warp as kwarp
 from camixer_fast.reference.windows import to_windows
-from conftest import DEVICE, assert_close
+from conftest import DEVICE, INTERPRETED, assert_close
 
-INTERPRETED = DEVICE == "cpu"
+pytestmark = pytest.mark.usefixtures("no_tf32")
 DTYPES = [torch.float32, torch.float16,
           pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
               INTERPRETED, reason="bf16 tl.dot is broken in the interpreter; proven by the "
