@@ -33,8 +33,24 @@ import math
 
 import torch
 import torch.nn.functional as F
-from camixer_fast.reference.model import LayerNorm2d, span
+from camixer_fast.reference.model import span
 from torch import Tensor, nn
+
+
+class LayerNorm2d(nn.Module):
+    """The official channels-first LayerNorm: per pixel over C of an NCHW map, written out."""
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        mean = x.mean(1, keepdim=True)
+        var = (x - mean).pow(2).mean(1, keepdim=True)
+        x = (x - mean) / torch.sqrt(var + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
 
 
 def tokens_of(x: Tensor, ws: int) -> Tensor:

@@ -55,8 +55,8 @@ def expected(reference_model, size: str, gamma: float) -> tuple[torch.Tensor, li
         x = bench_input(size)
         reference_model.gamma = gamma
         with torch.inference_mode():
-            out = reference_model(x)
-        ks = [int(m.last_num_hard[0]) for m in reference_model.mixers()]
+            out, routing = reference_model(x, return_routing=True)
+        ks = routing.num_hard()[:, 0].tolist()
         _EXPECTED[key] = (out, ks, count_madds(reference_model, x))
     return _EXPECTED[key]
 

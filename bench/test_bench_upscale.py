@@ -11,7 +11,7 @@ import pytest
 from benchlib import dataset_lr, record
 
 import camixer_fast
-from camixer_fast.backends import resolve_backend
+from camixer_fast.backends import select_backend
 
 GAMMAS = (1.0, 0.5, 0.25, 0.0)
 SETS = {"Set5": 5, "Set14": 3, "Urban100": 1}
@@ -39,5 +39,5 @@ def test_upscale(benchmark, weights_path, dataset: str, gamma: float) -> None:
     benchmark.group = f"upscale {dataset}"
     record(benchmark, suite="upscale", dataset=dataset, gamma=gamma, images=len(lrs),
            lr_pixels=sum(lr.shape[0] * lr.shape[1] for lr in lrs.values()),
-           backend=resolve_backend("auto", "cpu"))
+           backend=select_backend("auto", "cpu").name)
     benchmark.pedantic(run, rounds=SETS[dataset], warmup_rounds=1, iterations=1)

@@ -1,105 +1,272 @@
-"""Explicit backend choice for the mixers' hot operations.
+"""Backends: who computes the network's hot operations, chosen in one place.
 
+The network (:mod:`camixer_fast.reference.model`) owns its code and layouts; a backend supplies
+the operations it calls (:class:`Ops`): routing, window scores, the deformable keys and the two
+forms of window attention, plus optional block-level paths, declared as fields, never probed.
+
+- ``"triton"``: the fused kernels of :mod:`camixer_fast.kernels` (CUDA devices of compute
+  capability 8.0 or newer; on the CPU only in Triton's interpreter, ``TRITON_INTERPRET=1``, and
+  only when asked for by name).
+- ``"cpu"``: :mod:`camixer_fast.cpu_ops`, the fast CPU inference operations (keys and attention
+  on the hard windows only). In training mode it declares that the reference runs instead.
 - ``"reference"``: the pure-PyTorch operations of :mod:`camixer_fast.reference` (any device).
-- ``"cpu"``: :mod:`camixer_fast.cpu_ops`, the fast CPU inference path (channels-last maps,
-  work on the hard windows only); same results as the reference up to fp32 rounding. CPU only.
-- ``"triton"``: the fused kernels of :mod:`camixer_fast.kernels` (CUDA devices).
-- ``"auto"``: ``"triton"`` on a CUDA device :func:`can_use_triton` accepts, ``"cpu"`` on a CPU
-  device, else ``"reference"``.
+- ``"auto"``: the first of :data:`AUTO_ORDER` that lists the device type and supports the case.
 
-Nothing falls back silently: asking for ``"triton"`` where it cannot run raises and says why.
+:func:`select_backend` is the chooser, for inference and training alike. Each backend answers
+``unsupported(device, dtype, training)`` with None or a reason, and the reasons become the
+errors: nothing falls back silently.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
-import os
-from types import SimpleNamespace
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+from torch import Tensor
 
-BACKENDS = ("auto", "reference", "cpu", "triton")
+from camixer_fast.triton_env import interpreting
+
+if TYPE_CHECKING:
+    from camixer_fast.reference.model import BlockWeights, MixerSettings
+    from camixer_fast.reference.routing import BlockRouting, WindowRouting
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+class RouteWindows(Protocol):
+    def __call__(self, h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, gamma: float,
+                 *, window_size: int, routing: str = ..., generator: torch.Generator | None = ...,
+                 tie_break: str = ...) -> WindowRouting:
+        """Hidden map (B, c4, H, W) -> window scores, K per image and window order."""
 
 
-def can_use_triton(device: torch.device | str | None = None) -> tuple[bool, str]:
-    """Whether the Triton backend can run on ``device`` (default: CUDA if present, else CPU),
-    and why not if it cannot: (ok, reason).
+class WindowScores(Protocol):
+    def __call__(self, h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+                 window_size: int) -> Tensor:
+        """Hidden map (B, c4, H, W) -> differentiable window scores (B, N, 2) (training)."""
 
-    CUDA devices of compute capability 8.0 or newer run the compiled kernels. A CPU device is
-    accepted only under ``TRITON_INTERPRET=1`` (Triton's interpreter: exact but slow, used by
-    the test suite).
+
+class DeformableKey(Protocol):
+    def __call__(self, x: Tensor, offsets: Tensor, num_hard: Tensor | None = ...,
+                 order: Tensor | None = ..., *, window_size: int = ...) -> Tensor:
+        """x (B, C, H, W), offsets (B, 2, H, W) -> x + warp(x, offsets) (B, C, H, W)."""
+
+
+class WindowAttention(Protocol):
+    def __call__(self, x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor, bq: Tensor,
+                 wk: Tensor, bk: Tensor, num_hard: Tensor, order: Tensor, *,
+                 window_size: int) -> Tensor:
+        """Inference token mixing: attention on the hard windows, v·sa on the others."""
+
+
+class MaskedWindowAttention(Protocol):
+    def __call__(self, x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, mask: Tensor, wq: Tensor,
+                 bq: Tensor, wk: Tensor, bk: Tensor, *, window_size: int) -> Tensor:
+        """Training token mixing, dense over all windows with a 0/1 mask (B, N, 1)."""
+
+
+class BlockInference(Protocol):
+    def __call__(self, weights: BlockWeights, x: Tensor, condition: Tensor,
+                 settings: MixerSettings) -> tuple[Tensor, BlockRouting]:
+        """A whole block at inference: x (B, H, W, C) NHWC, condition (B, H, W, 4) [Cg, Cw]
+        -> (the block's output (B, H, W, C), its routing)."""
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The operations a backend supplies to the network (signatures of the reference twins).
+
+    ``block_inference``: an optional path for a whole block at inference (fused kernels),
+    given the block's weights by the network; None runs the network's own block code with
+    these operations. ``whole_batch``: run an inference batch as one call (routing stays per
+    image); False runs it image by image, which makes each output bit-identical to a solo run.
     """
+
+    route_windows: RouteWindows
+    window_scores: WindowScores
+    deformable_key: DeformableKey
+    window_attention: WindowAttention
+    masked_window_attention: MaskedWindowAttention
+    block_inference: BlockInference | None = None
+    whole_batch: bool = False
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A named provider of :class:`Ops`.
+
+    ``unsupported(device, dtype, training)`` is None where the backend runs, else the reason it
+    does not. ``auto_devices``: the device types "auto" may pick it for ("*": any).
+    ``trains_as``: the backend whose operations run in training mode when this one is asked
+    for (None: its own). The operations are imported on first use (:attr:`ops`), so choosing
+    a backend never imports triton.
+    """
+
+    name: str
+    summary: str
+    unsupported: Callable[[torch.device, torch.dtype, bool], str | None]
+    auto_devices: tuple[str, ...]
+    load: Callable[[], Ops]
+    trains_as: str | None = None
+
+    @property
+    def ops(self) -> Ops:
+        return _ops(self.name)
+
+
+def _triton_unsupported(device: torch.device, dtype: torch.dtype, training: bool) -> str | None:
     if importlib.util.find_spec("triton") is None:
-        return False, "triton is not installed (pip install triton; Linux only)"
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+        return "triton is not installed (pip install triton; Linux only)"
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"the kernels run float32, float16 and bfloat16, not {dtype}"
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            return False, "this PyTorch build or machine has no CUDA device"
+            return "this PyTorch build or machine has no CUDA device"
         major, minor = torch.cuda.get_device_capability(device)
         if major < 8:
-            return False, f"the kernels need compute capability >= 8.0, this GPU has {major}.{minor}"
-        return True, "compiled kernels on CUDA"
+            return f"the kernels need compute capability >= 8.0, this GPU has {major}.{minor}"
+        return None
     if device.type == "cpu":
-        if _interpreting():
-            return True, "Triton interpreter (TRITON_INTERPRET=1): exact but slow"
-        return False, ("the Triton kernels need a CUDA device; on the CPU they run only in "
-                       "Triton's interpreter (set TRITON_INTERPRET=1 before importing them)")
-    return False, f"device type {device.type!r} is not supported by the Triton kernels"
+        if interpreting():
+            return None
+        return ("the Triton kernels need a CUDA device; on the CPU they run only in Triton's "
+                "interpreter (set TRITON_INTERPRET=1 before importing them)")
+    return f"device type {device.type!r} is not supported by the Triton kernels"
 
 
-def can_use_cpu(device: torch.device | str | None = None) -> tuple[bool, str]:
-    """Whether the CPU backend can run on ``device`` (default: the CPU): (ok, reason)."""
-    device = torch.device("cpu" if device is None else device)
+def _cpu_unsupported(device: torch.device, dtype: torch.dtype, training: bool) -> str | None:
     if device.type != "cpu":
-        return False, f"the CPU backend runs on CPU devices only, not {device.type!r}"
-    return True, "channels-last PyTorch operations on the CPU"
+        return f"the CPU backend runs on CPU devices only, not {device.type!r}"
+    return None
 
 
-def resolve_backend(backend: str, device: torch.device | str | None = None) -> str:
-    """Turn a requested backend into the one that will run: "reference", "cpu" or "triton".
+def _reference_unsupported(device: torch.device, dtype: torch.dtype,
+                           training: bool) -> str | None:
+    if not dtype.is_floating_point:
+        return f"the network computes in floating point, not {dtype}"
+    return None
 
-    "auto" gives "triton" on a CUDA device :func:`can_use_triton` accepts, "cpu" on a CPU
-    device (``device=None`` means the CPU here, where a model is built), else "reference".
-    Raises ValueError for an unknown name, RuntimeError when "triton" or "cpu" is asked for
-    where it cannot run (:func:`can_use_triton`, :func:`can_use_cpu` say why).
+
+def _reference_ops() -> Ops:
+    from camixer_fast.reference.attention_inference import window_attention
+    from camixer_fast.reference.attention_training import masked_window_attention
+    from camixer_fast.reference.routing import route_windows, window_scores
+    from camixer_fast.reference.warp import deformable_key
+
+    return Ops(route_windows, window_scores, deformable_key, window_attention,
+               masked_window_attention)
+
+
+def _cpu_ops() -> Ops:
+    from camixer_fast.cpu_ops import CPU_OPS
+
+    return CPU_OPS
+
+
+def _triton_ops() -> Ops:
+    from camixer_fast import kernels
+    from camixer_fast.reference.routing import window_scores
+
+    # training differentiates the window scores: their small MLP stays in PyTorch there
+    return Ops(kernels.route_windows, window_scores, kernels.deformable_key,
+               kernels.window_attention, kernels.masked_window_attention)
+
+
+REGISTRY: dict[str, Backend] = {
+    b.name: b for b in (
+        Backend("triton", "fused Triton kernels (CUDA; the interpreter on the CPU)",
+                _triton_unsupported, ("cuda",), _triton_ops),
+        Backend("cpu", "channels-last CPU inference, keys and attention on hard windows only",
+                _cpu_unsupported, ("cpu",), _cpu_ops, trains_as="reference"),
+        Backend("reference", "pure-PyTorch reference operations (any device)",
+                _reference_unsupported, ("*",), _reference_ops),
+    )
+}
+"""The backends by name."""
+
+AUTO_ORDER = ("triton", "cpu", "reference")
+"""What "auto" tries, in order: the first that lists the device type and supports the case."""
+
+BACKENDS = ("auto", *REGISTRY)
+"""Every name :func:`select_backend` accepts."""
+
+
+@functools.cache
+def _ops(name: str) -> Ops:
+    return REGISTRY[name].load()
+
+
+def select_backend(name: str, device: torch.device | str | None = None,
+                   dtype: torch.dtype = torch.float32, *, training: bool = False) -> Backend:
+    """The backend that runs a model on ``device`` (default: the CPU) in ``dtype``.
+
+    ``name``: "auto" or one of :data:`REGISTRY`. "auto" takes the first backend of
+    :data:`AUTO_ORDER` whose ``auto_devices`` hold the device type and which supports the case.
+    A backend asked for by name runs where it says it can (in training mode, the backend it
+    ``trains_as``), else RuntimeError with its reason; an unknown name raises ValueError.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        # the interpreter is for tests: "auto" takes the kernels only where they are compiled
-        on_cuda = device is not None and torch.device(device).type == "cuda"
-        if on_cuda:
-            return "triton" if can_use_triton(device)[0] else "reference"
-        return "cpu" if can_use_cpu(device)[0] else "reference"
-    if backend == "triton":
-        ok, reason = can_use_triton(device)
-        if not ok:
-            raise RuntimeError(f"backend 'triton' cannot run here: {reason}")
-    if backend == "cpu":
-        ok, reason = can_use_cpu(device)
-        if not ok:
-            raise RuntimeError(f"backend 'cpu' cannot run here: {reason}")
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    device = torch.device("cpu" if device is None else device)
+    if name == "auto":
+        reasons = []
+        for candidate in AUTO_ORDER:
+            backend = REGISTRY[candidate]
+            if device.type not in backend.auto_devices and "*" not in backend.auto_devices:
+                continue
+            if training and backend.trains_as is not None:
+                backend = REGISTRY[backend.trains_as]
+            reason = backend.unsupported(device, dtype, training)
+            if reason is None:
+                return backend
+            reasons.append(f"{backend.name}: {reason}")
+        raise RuntimeError(f"no backend runs {dtype} on {device}: " + "; ".join(reasons))
+    backend = REGISTRY[name]
+    if training and backend.trains_as is not None:
+        backend = REGISTRY[backend.trains_as]
+    reason = backend.unsupported(device, dtype, training)
+    if reason is not None:
+        raise RuntimeError(f"backend {name!r} cannot run here: {reason}")
     return backend
 
 
-def backend_ops(backend: str) -> SimpleNamespace:
-    """The operation table of a resolved backend ("reference", "cpu" or "triton")."""
-    if backend == "reference":
-        from camixer_fast.reference.model import REFERENCE_OPS
+def can_use_triton(device: torch.device | str | None = None) -> tuple[bool, str]:
+    """Whether the Triton backend can run on ``device`` (default: CUDA if present, else the
+    CPU), and why not if it cannot: (ok, reason)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    reason = _triton_unsupported(device, torch.float32, False)
+    if reason is not None:
+        return False, reason
+    if device.type == "cpu":
+        return True, "Triton interpreter (TRITON_INTERPRET=1): exact but slow"
+    return True, "compiled kernels on CUDA"
 
-        return REFERENCE_OPS
-    if backend == "cpu":
-        from camixer_fast.cpu_ops import CPU_OPS
 
-        return CPU_OPS
-    if backend == "triton":
-        from camixer_fast.kernels import TRITON_OPS
+def resolve_backend(backend: str, device: torch.device | str | None = None) -> str:
+    """Deprecated: ``select_backend(backend, device).name``."""
+    warnings.warn("resolve_backend is deprecated; use select_backend(name, device, dtype, "
+                  "training=...).name", DeprecationWarning, stacklevel=2)
+    return select_backend(backend, device).name
 
-        return TRITON_OPS
-    raise ValueError(f"no operation table for backend {backend!r}; resolve it first")
+
+def can_use_cpu(device: torch.device | str | None = None) -> tuple[bool, str]:
+    """Deprecated: ``REGISTRY["cpu"].unsupported``, as (ok, reason)."""
+    warnings.warn("can_use_cpu is deprecated; use REGISTRY['cpu'].unsupported(device, dtype, "
+                  "training)", DeprecationWarning, stacklevel=2)
+    reason = _cpu_unsupported(torch.device("cpu" if device is None else device), torch.float32,
+                              False)
+    return reason is None, reason or "channels-last PyTorch operations on the CPU"
+
+
+def backend_ops(backend: str) -> Ops:
+    """Deprecated: ``REGISTRY[name].ops``."""
+    warnings.warn("backend_ops is deprecated; use select_backend(...).ops",
+                  DeprecationWarning, stacklevel=2)
+    if backend not in REGISTRY:
+        raise ValueError(f"no operation table for backend {backend!r}; resolve it first")
+    return REGISTRY[backend].ops

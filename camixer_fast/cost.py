@@ -19,7 +19,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from camixer_fast.reference.model import CAMixer, CAMixerSR
+from camixer_fast.reference.model import CAMixerSR, Predictor
+from camixer_fast.reference.routing import Routing
 
 MODEL_SIZES: dict[str, int] = {"S": 36, "M": 48, "B": 60}
 """Feature channels C of the published model sizes (spec §6)."""
@@ -101,82 +102,69 @@ def paper_flops(n_feats: int, scale: int, gamma: float, lr_hw: tuple[int, int] =
     return round(total)
 
 
-def _conv_madds(module: nn.Conv2d, out: Tensor) -> int:
-    kh, kw = module.kernel_size
-    return out.numel() * (module.in_channels // module.groups) * kh * kw
+def measure_madds(model: CAMixerSR, x: Tensor) -> tuple[dict[str, int], Routing]:
+    """Multiply-adds of ``model(x)`` at inference, by kind, and the routing of that forward.
+
+    x: (B, 3, H, W) input. Runs one forward in eval mode under ``torch.inference_mode`` on the
+    model's own backend (the training flag is restored afterwards) and returns
+    ``({"conv", "linear", "window_scores", "qk_projection", "attention", "total"}, routing)``:
+
+    - conv: every ``nn.Conv2d`` of the network as it runs (1×1 ones as linear maps, depthwise
+      and dilated included), on the padded size (``out_CA`` on the pooled 1×1 map): output
+      elements × inputs per output;
+    - linear: ``nn.Linear`` layers applied as modules (none: ``project_q``/``project_k`` and
+      ``out_mask`` are counted below);
+    - window_scores: the ``out_mask`` MLP, ws²·ws + ws·2 per window of the padded image, every
+      window;
+    - qk_projection: ``project_q`` and ``project_k`` on the tokens of the hard windows only,
+      2·K·ws²·C² per image and block;
+    - attention: Q·Kᵀ and A·V of each hard window, 2·(ws²)²·C, for the K windows the routing
+      chose (from the forward's :class:`~camixer_fast.reference.routing.Routing`).
+
+    Softmax, normalisation, activations, the bilinear warp and elementwise products are not
+    counted. The counts follow from the layer shapes and the routing alone, so they are the
+    same on every backend.
+    """
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.inference_mode():
+            _, routing = model(x, return_routing=True)
+    finally:
+        model.train(was_training)
+    ws = model.window_size
+    batch, height, width = x.shape[0], -(-x.shape[-2] // ws) * ws, -(-x.shape[-1] // ws) * ws
+    pooled = {id(m.out_CA[1]) for m in model.modules() if isinstance(m, Predictor)}
+    counts = {"conv": 0, "linear": 0, "window_scores": 0, "qk_projection": 0, "attention": 0}
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            pixels = 1 if id(module) in pooled else height * width
+            kh, kw = module.kernel_size
+            counts["conv"] += (batch * pixels * module.out_channels
+                               * (module.in_channels // module.groups) * kh * kw)
+    tokens = ws * ws
+    windows = routing.num_windows
+    for mixer, record in zip(model.mixers(), routing.blocks, strict=True):
+        mlp = mixer.route.out_mask
+        counts["window_scores"] += batch * windows * (mlp[0].weight.numel()
+                                                      + mlp[2].weight.numel())
+        hard = int(record.num_hard.sum())
+        proj = mixer.project_q.weight.numel() + mixer.project_k.weight.numel()
+        counts["qk_projection"] += hard * tokens * proj
+        counts["attention"] += hard * 2 * tokens * tokens * model.n_feats
+    counts["total"] = sum(counts.values())
+    return counts, routing
 
 
 def madds_breakdown(model: CAMixerSR, x: Tensor) -> dict[str, int]:
-    """Multiply-adds of ``model(x)`` at inference, by kind.
-
-    x: (B, 3, H, W) input. Runs one forward in eval mode under ``torch.inference_mode`` (the
-    model's training flag is restored afterwards) and returns
-    ``{"conv", "linear", "window_scores", "qk_projection", "attention", "total"}``:
-
-    - conv / linear: every ``nn.Conv2d`` (depthwise and dilated included, on the padded size)
-      and every ``nn.Linear`` the forward calls as a module, output elements × inputs per output;
-    - window_scores: the ``out_mask`` MLP (applied functionally by the routing), ws²·ws + ws·2
-      per window of the padded image, every window;
-    - qk_projection: ``project_q`` and ``project_k`` (applied functionally) on the tokens of the
-      hard windows only, 2·K·ws²·C² per image and block;
-    - attention: Q·Kᵀ and A·V of each hard window, 2·(ws²)²·C, for the K windows the routing
-      chose (``CAMixer.last_num_hard``).
-
-    Softmax, normalisation, activations, the bilinear warp and elementwise products are not
-    counted. The counts follow the reference backend, where every convolution is a module call
-    (a model on the CPU backend is counted on the reference operations, then switched back).
-    """
-    counts = {"conv": 0, "linear": 0, "window_scores": 0, "qk_projection": 0, "attention": 0}
-
-    def conv_hook(module: nn.Conv2d, _inputs: tuple, out: Tensor) -> None:
-        counts["conv"] += _conv_madds(module, out)
-
-    def linear_hook(module: nn.Linear, _inputs: tuple, out: Tensor) -> None:
-        counts["linear"] += out.numel() * module.in_features
-
-    def mixer_hook(module: CAMixer, inputs: tuple, _out: object) -> None:
-        feat = inputs[0]                                       # [B, C, H, W], padded
-        ws = module.window_size
-        tokens = ws * ws
-        windows = (feat.shape[-2] // ws) * (feat.shape[-1] // ws)
-        mlp = module.route.out_mask
-        counts["window_scores"] += feat.shape[0] * windows * (mlp[0].weight.numel()
-                                                              + mlp[2].weight.numel())
-        hard = int(module.last_num_hard.sum())
-        proj = module.project_q.weight.numel() + module.project_k.weight.numel()
-        counts["qk_projection"] += hard * tokens * proj
-        counts["attention"] += hard * 2 * tokens * tokens * feat.shape[1]
-
-    handles = []
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            handles.append(module.register_forward_hook(conv_hook))
-        elif isinstance(module, nn.Linear):
-            handles.append(module.register_forward_hook(linear_hook))
-        elif isinstance(module, CAMixer):
-            handles.append(module.register_forward_hook(mixer_hook))
-    was_training, backend = model.training, model.backend
-    try:
-        model.eval()
-        if backend == "cpu":
-            # the CPU backend runs each block without module calls: count the reference's run
-            model.backend = "reference"
-        with torch.inference_mode():
-            model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-        if model.backend != backend:
-            model.backend = backend
-    counts["total"] = sum(counts.values())
-    return counts
+    """Multiply-adds of ``model(x)`` at inference, by kind (see :func:`measure_madds`)."""
+    return measure_madds(model, x)[0]
 
 
 def count_madds(model: CAMixerSR, x: Tensor) -> int:
     """Measured multiply-adds of one inference forward ``model(x)``, x (B, 3, H, W).
 
-    The sum of :func:`madds_breakdown`: convs, linears, window scores, and the Q/K projections
+    The sum of :func:`measure_madds`: convs, linears, window scores, and the Q/K projections
     and attention matmuls of the windows the routing actually chose.
     """
     return madds_breakdown(model, x)["total"]

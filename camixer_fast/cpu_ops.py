@@ -1,44 +1,34 @@
-"""The CPU backend: CAMixerSR inference on channels-last CPU tensors.
+"""The CPU backend's operations: CAMixerSR inference on channels-last CPU tensors.
 
-The five operations of :data:`camixer_fast.reference.model.REFERENCE_OPS`, same signatures and
-same results up to fp32 rounding, plus ``block_forward``, the backend's inference path for a
-whole :class:`~camixer_fast.reference.model.Block`. What makes the CPU path fast (measured in
-``bench/RESULTS.md``):
+The hot operations of :class:`camixer_fast.backends.Ops` with the reference twins' signatures
+and results up to fp32 rounding; the network (its own code, NHWC, see
+:mod:`camixer_fast.reference.model`) calls them. What makes them fast (measured in
+``bench/RESULTS.md``): they work on the hard windows only.
 
-- **Channels-last maps.** ``memory_format = torch.channels_last`` asks the model to keep its
-  feature maps in NHWC memory; :func:`block_forward` then runs every 1×1 convolution as one GEMM
-  over the contiguous channels, each LayerNorm as one ``layer_norm``, the depthwise
-  convolutions on channels-last maps (vectorised over channels by oneDNN) and the elementwise
-  tails fused (``addcmul``, in-place residual adds). NCHW 1×1 and depthwise convolutions are
-  several times slower on the CPU, and ``conv2d`` itself switches layouts for one thread.
-- **Work on the hard windows only.** :func:`deformable_key` samples the keys of the hard
-  windows' pixels alone (four gathered bilinear taps, no full-size ``grid_sample``);
-  :func:`window_attention` gathers just those windows' tokens, runs one batched
+- :func:`deformable_key` samples the keys of the hard windows' pixels alone (one
+  ``grid_sample`` over that list per image, no full-size warp).
+- :func:`window_attention` gathers just those windows' tokens, runs one batched
   :func:`torch.nn.functional.scaled_dot_product_attention` per chunk of windows (4-D, so the
-  fused flash kernel runs; ``scale=1.0``, the network has no 1/sqrt(C) factor) and writes the
+  fused CPU kernel runs; ``scale=1.0``, the network has no 1/sqrt(C) factor) and writes the
   results over ``v·sa`` in place.
 
-The operations accept NCHW or channels-last maps and return channels-last ones. Training
-(``window_scores``, ``masked_window_attention``, ``deformable_key`` without a routing, and the
-model's own block code) runs the reference computation: the CPU backend is an inference path.
+They accept NCHW or channels-last maps and return channels-last ones. Window scoring, the
+routing and the training operations are the reference's (the CPU backend ``trains_as``
+"reference").
 """
 
 from __future__ import annotations
-
-import functools
-import weakref
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from camixer_fast.reference.model import MixerSettings, span
-from camixer_fast.reference.routing import WindowRouting, flat_hard_windows, window_scores
-from camixer_fast.reference.routing import route_windows as _reference_route_windows
+from camixer_fast.backends import Ops
+from camixer_fast.reference.attention_inference import DEFAULT_CHUNK
+from camixer_fast.reference.attention_training import masked_window_attention
+from camixer_fast.reference.routing import flat_hard_windows, route_windows, window_scores
 from camixer_fast.reference.warp import deform_warp
-from camixer_fast.reference.window_attention import DEFAULT_CHUNK, masked_window_attention
-from camixer_fast.reference.windows import check_window_grid, window_condition
+from camixer_fast.reference.windows import check_window_grid
 
 
 def to_nhwc(x: Tensor) -> Tensor:
@@ -62,19 +52,6 @@ def hard_window_pixels(num_hard: Tensor, order: Tensor, height: int, width: int,
     corner = image * (height * width) + top * width + left                   # [n]
     inside = ramp.view(-1, 1) * width + ramp.view(1, -1)                      # [ws, ws]
     return (corner.view(-1, 1, 1) + inside).reshape(-1)
-
-
-def route_windows(h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, gamma: float, *,
-                  window_size: int, routing: str = "expected",
-                  generator: torch.Generator | None = None,
-                  tie_break: str = "official") -> WindowRouting:
-    """The routing step, hidden map (B, c4, H, W) -> :class:`WindowRouting` (as the reference).
-
-    A few thousand multiply-adds per window; the reference function is already cheap, and using
-    it keeps the window order (ties included) exactly the reference's for equal scores.
-    """
-    return _reference_route_windows(h, w1, b1, w2, b2, gamma, window_size=window_size,
-                                    routing=routing, generator=generator, tie_break=tie_break)
 
 
 def _sampling_grid(offsets: Tensor, pixels: Tensor, width: int, height: int) -> Tensor:
@@ -164,125 +141,7 @@ def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
     return out.to(dtype).permute(0, 3, 1, 2)
 
 
-def _linear_1x1(t: Tensor, conv: torch.nn.Conv2d) -> Tensor:
-    """A 1×1 convolution applied to an NHWC map (..., C_in) as a GEMM: (..., C_out)."""
-    weight = conv.weight
-    return F.linear(t, weight.view(weight.shape[0], weight.shape[1]), conv.bias)
-
-
-def _conv_nhwc(t: Tensor, conv: torch.nn.Conv2d) -> Tensor:
-    """A spatial convolution of an NHWC map (B, H, W, C_in) -> (B, H, W, C_out), channels-last."""
-    return to_nhwc(conv(t.permute(0, 3, 1, 2)))
-
-
-def _layer_norm(t: Tensor, norm: torch.nn.Module) -> Tensor:
-    """``LayerNorm2d`` on an NHWC map: one layer_norm over the contiguous channels."""
-    return F.layer_norm(t, (t.shape[-1],), norm.weight, norm.bias, norm.eps)
-
-
-def _nchw(t: Tensor) -> Tensor:
-    """(B, H, W, C) -> the (B, C, H, W) channels-last view of the same memory."""
-    return t.permute(0, 3, 1, 2)
-
-
-@functools.lru_cache(maxsize=8)
-def _window_condition_nhwc(height: int, width: int, window_size: int, dtype: torch.dtype,
-                           device: torch.device) -> Tensor:
-    """The window condition Cw as a (1, H, W, 2) NHWC map, built once per size (a constant)."""
-    return to_nhwc(window_condition(height, width, window_size, dtype=dtype, device=device))
-
-
-_CONDITION_CACHE: list = [None]
-"""(weak reference to Cg, [Cg, Cw] NHWC): the condition of the last forward, valid while that
-very Cg tensor lives (every block of a forward gets the same Cg; the network never changes it)."""
-
-
-def _condition_nhwc(condition_global: Tensor, window_size: int) -> Tensor:
-    """[Cg, Cw] as one (B, H, W, 4) NHWC map, built once per forward and reused by its blocks."""
-    cached = _CONDITION_CACHE[0]
-    if cached is not None and cached[0]() is condition_global:
-        return cached[1]
-    b, _, height, width = condition_global.shape
-    cw = _window_condition_nhwc(height, width, window_size, condition_global.dtype,
-                                condition_global.device)
-    cond = torch.cat([to_nhwc(condition_global), cw.expand(b, -1, -1, -1)], dim=-1)
-    _CONDITION_CACHE[0] = (weakref.ref(condition_global), cond)
-    return cond
-
-
-def block_forward(block: torch.nn.Module, x: Tensor, condition_global: Tensor,
-                  settings: MixerSettings) -> Tensor:
-    """One :class:`~camixer_fast.reference.model.Block` at inference, on NHWC maps.
-
-    x (B, C, H, W) (any layout), condition_global (B, 2, H, W) -> (B, C, H, W) channels-last.
-    The same computation as ``Block.forward`` (spec §2-§3) with the block's own parameters:
-    1×1 convolutions as GEMMs over the contiguous channels (whatever the thread count, where
-    ``conv2d`` would pick a layout-changing kernel for one thread), LayerNorm as one
-    ``layer_norm``, the spatial convolutions on channels-last maps, the elementwise tails fused
-    into ``addcmul`` and in-place residual adds; the hot operations come from ``block.mixer.ops``.
-    Sets ``mixer.last_num_hard`` and fills ``mixer.capture`` as the reference mixer does.
-    """
-    mixer = block.mixer
-    route, ops, ws = mixer.route, mixer.ops, mixer.window_size
-    mlp = route.out_mask
-    b, c, height, width = x.shape
-    xh = to_nhwc(x)
-    with span("camixer.predictor"):
-        v = _linear_1x1(xh, mixer.project_v)                                  # [B, H, W, C]
-        # in_conv(cat[v, Cg, Cw]) as [Cg, Cw]·W_gᵀ + bias + v·W_vᵀ: no (C+4)-channel copy
-        in_conv = route.in_conv[0]
-        weight = in_conv.weight.view(in_conv.out_channels, c + 4)
-        hidden = F.linear(_condition_nhwc(condition_global, ws), weight[:, c:], in_conv.bias)
-        hidden = torch.addmm(hidden.view(-1, in_conv.out_channels), v.view(-1, c),
-                             weight[:, :c].t())
-        hidden = _layer_norm(hidden.view(b, height, width, -1), route.in_conv[1])
-        hidden = F.leaky_relu_(hidden, 0.1)                                   # [B, H, W, c4]
-        off = F.leaky_relu_(_linear_1x1(hidden, route.out_offsets[0]), 0.1)
-        offsets = _nchw(torch.tanh_(_linear_1x1(off, route.out_offsets[2])).mul_(8.0))
-        ca = torch.sigmoid_(_linear_1x1(hidden.mean(dim=(1, 2)), route.out_CA[1]))  # [B, C]
-        sa = torch.sigmoid_(route.out_SA[0](_nchw(hidden)))                   # [B, 1, H, W]
-        routing = ops.route_windows(_nchw(hidden), mlp[0].weight, mlp[0].bias, mlp[2].weight,
-                                    mlp[2].bias, settings.gamma, window_size=ws,
-                                    routing=settings.routing, generator=settings.generator,
-                                    tie_break=settings.tie_break)
-        mixer.last_num_hard = routing.num_hard.detach()
-    with span("camixer.attention"):
-        x_map = _nchw(xh)
-        k_in = ops.deformable_key(x_map, offsets, routing.num_hard, routing.order,
-                                  window_size=ws)
-        attn = ops.window_attention(x_map, k_in, _nchw(v), sa, mixer.project_q.weight,
-                                    mixer.project_q.bias, mixer.project_k.weight,
-                                    mixer.project_k.bias, routing.num_hard, routing.order,
-                                    window_size=ws)
-        attn = to_nhwc(attn)
-    with span("camixer.conv"):
-        y = _conv_nhwc(_conv_nhwc(attn, mixer.conv_sptial[0]), mixer.conv_sptial[1])
-        mixed = _linear_1x1(torch.addcmul(attn, F.gelu(y), ca.view(b, 1, 1, c)),
-                            mixer.project_out)
-    if mixer.capture is not None:
-        mixer.capture.update(x=x, condition_global=condition_global, pred_score=routing.pred,
-                             offsets=offsets, ca=ca.view(b, c, 1, 1), sa=sa, k_in=k_in,
-                             warped_x=k_in - x_map, attn_out=_nchw(attn),
-                             mixer_out=_nchw(mixed.clone()), num_hard=routing.num_hard,
-                             order=routing.order)
-    xh = _layer_norm(mixed.add_(xh), block.norm1)
-    with span("camixer.ffn"):
-        ffn = block.ffn
-        t = _conv_nhwc(_linear_1x1(xh, ffn.project_in), ffn.dwconv)           # [B, H, W, 2C]
-        # gelu of a contiguous copy of the first half: on the strided half it is slower
-        t = F.gelu(t[..., :c].contiguous()).mul_(t[..., c:])
-        t = _linear_1x1(t, ffn.project_out)
-    return _nchw(_layer_norm(t.add_(xh), block.norm2))
-
-
-CPU_OPS = SimpleNamespace(
-    name="cpu",
-    memory_format=torch.channels_last,
-    route_windows=route_windows,
-    window_scores=window_scores,
-    deformable_key=deformable_key,
-    window_attention=window_attention,
-    masked_window_attention=masked_window_attention,
-    block_forward=block_forward,
-)
-"""The CPU backend's operation table; ``memory_format`` asks the model for channels-last maps."""
+CPU_OPS = Ops(route_windows, window_scores, deformable_key, window_attention,
+              masked_window_attention)
+"""The CPU backend's operations; training runs the reference's (the backend ``trains_as``
+"reference")."""

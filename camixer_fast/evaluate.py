@@ -104,17 +104,15 @@ def super_resolve(model: CAMixerSR, lr: np.ndarray) -> tuple[np.ndarray, float, 
     """
     param = next(model.parameters())
     x = torch.from_numpy(np.array(lr, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0).to(param.device, param.dtype) / 255.0
-    ws = model.window_size
-    windows = -(-lr.shape[0] // ws) * -(-lr.shape[1] // ws)
     if param.device.type == "cuda":
         torch.cuda.synchronize(param.device)
     start = time.perf_counter()
     with torch.inference_mode():
-        sr = model(x)
+        sr, routing = model(x, return_routing=True)
     if param.device.type == "cuda":
         torch.cuda.synchronize(param.device)
     seconds = time.perf_counter() - start
-    k_fraction = float(np.mean([float(m.last_num_hard[0]) / windows for m in model.mixers()]))
+    k_fraction = routing.k_fraction().mean().item()
     out = sr[0].float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
     return out, k_fraction, seconds
 

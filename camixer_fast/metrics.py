@@ -97,12 +97,15 @@ def ssim(img: np.ndarray, ref: np.ndarray, *, border: int = 0, y_channel: bool =
     return float(np.mean([_ssim_channel(a[..., c], b[..., c]) for c in range(a.shape[2])]))
 
 
-def erp_row_weights(height: int) -> np.ndarray:
-    """WS-PSNR weights of the rows of an equirectangular image, (height,) float64.
+def erp_row_weights(height: int, rows: np.ndarray | None = None) -> np.ndarray:
+    """WS weights of the rows of an equirectangular image of ``height`` rows, float64.
 
-    Row p (0-based) weighs cos((p + 0.5 − H/2)·π/H): ~1 at the equator, ~0 at the poles.
+    Row p (0-based, of the full image) weighs cos((p + 0.5 − H/2)·π/H): ~1 at the equator, ~0
+    at the poles (spec §4; WS-PSNR and the WS-L1 training loss). ``rows`` None gives all rows,
+    (height,); else the weights of ``rows`` (any shape, e.g. the rows of a crop), same shape.
     """
-    rows = np.arange(height, dtype=np.float64)
+    rows = np.arange(height) if rows is None else rows
+    rows = np.asarray(rows, dtype=np.float64)
     return np.cos((rows + 0.5 - height / 2.0) * np.pi / height)
 
 

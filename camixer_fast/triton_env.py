@@ -1,7 +1,8 @@
-"""How Triton will run in this process, read from the environment alone.
+"""How Triton will run in this process, read from the environment alone: the one place that
+reads ``TRITON_INTERPRET``.
 
-Dependency-free on purpose (no torch, no triton import): the backend choice, the kernels and the
-gates ask the same questions before triton is imported.
+Dependency-free on purpose (imports neither torch nor triton): the backend choice, the kernels
+and the gates ask the same questions before triton is imported.
 
 - :func:`interpreting`: ``TRITON_INTERPRET`` is set, so ``@triton.jit`` kernels run in Triton's
   CPU interpreter (exact, slow; the test suite on machines without a GPU).

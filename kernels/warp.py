@@ -184,6 +184,7 @@ def deformable_key_forward(x: Tensor, offsets: Tensor, num_hard: Tensor | None =
 def deformable_key_backward(x: Tensor, offsets: Tensor, grad_out: Tensor) -> tuple[Tensor, Tensor]:
     """Gradients of ``x + warp(x, offsets)``: (dx (B, C, H, W), doffsets (B, 2, H, W))."""
     b, c, height, width = x.shape
+    x = x.contiguous()
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     dx = torch.zeros(x.shape, dtype=acc_dtype, device=x.device)
     doff = torch.empty(offsets.shape, dtype=acc_dtype, device=x.device)

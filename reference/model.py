@@ -1,44 +1,38 @@
 """The CAMixerSR network (spec §1–§4), module names equal to the official ones.
 
 Read against ``spec/camixersr.md``: :class:`CAMixerSR` is §1, :class:`Block` §2, :class:`CAMixer`
-§3 with its predictor :class:`Predictor` (§3.4), training mode §4. The three hot operations --
-routing, the deformable warp and the window attention -- are not written inline: the mixer calls
-them through ``self.ops`` (this package's functions by default, the fused kernels with the Triton
-backend), so both backends run the very same network code.
+§3 with its predictor :class:`Predictor` (§3.4), training mode §4.
+
+The network owns its layouts: the body works on NHWC maps (B, H, W, C), contiguous, so that
+every LayerNorm is one ``layer_norm`` over the last dimension, every 1×1 convolution one linear
+map over the contiguous channels, and the spatial convolutions run on channels-last memory
+(:func:`nchw` views). The hot operations -- routing, the deformable keys, the window attention
+-- take (B, C, H, W) views of those maps (channels-last memory) and come from the backend
+(:class:`camixer_fast.backends.Ops`) through :class:`MixerSettings`; a backend may also declare
+a whole-block inference path, which gets the block's weights as :class:`BlockWeights`. Every
+backend runs this very network code.
 """
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
-from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from camixer_fast.backends import Ops, select_backend
 from camixer_fast.reference.routing import (
+    BlockRouting,
+    Routing,
     check_gamma,
     check_routing_mode,
     check_tie_break,
-    route_windows,
     training_mask,
-    window_scores,
 )
-from camixer_fast.reference.warp import deformable_key
-from camixer_fast.reference.window_attention import masked_window_attention, window_attention
 from camixer_fast.reference.windows import window_condition
-
-REFERENCE_OPS = SimpleNamespace(
-    name="reference",
-    route_windows=route_windows,
-    window_scores=window_scores,
-    deformable_key=deformable_key,
-    window_attention=window_attention,
-    masked_window_attention=masked_window_attention,
-)
-"""The operations the mixer calls; a backend provides the same five functions."""
-
 
 PROFILE_RANGES = ("camixer.predictor", "camixer.attention", "camixer.conv", "camixer.ffn")
 """``torch.profiler`` ranges the network marks (paper Fig. 6): the predictor and routing, the
@@ -53,8 +47,31 @@ def span(name: str):
     return nullcontext()
 
 
+def nchw(t: Tensor) -> Tensor:
+    """(B, H, W, C) -> the (B, C, H, W) view of the same memory (channels-last strides)."""
+    return t.permute(0, 3, 1, 2)
+
+
+def nhwc(t: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, H, W, C) contiguous: a free view of a channels-last map."""
+    return t.permute(0, 2, 3, 1).contiguous()
+
+
+def pointwise(t: Tensor, conv: nn.Conv2d) -> Tensor:
+    """A 1×1 convolution as the linear map it is, on the last dimension: (..., C_in) -> (..., C_out)."""
+    weight = conv.weight
+    return F.linear(t, weight.view(weight.shape[0], weight.shape[1]), conv.bias)
+
+
+def spatial(t: Tensor, conv: nn.Module) -> Tensor:
+    """A spatial convolution (or a sequence of them) of an NHWC map, run on channels-last memory:
+    (B, H, W, C_in) -> (B, H, W, C_out)."""
+    return nhwc(conv(nchw(t)))
+
+
 class LayerNorm2d(nn.Module):
-    """Channels-first LayerNorm: per pixel over C, biased variance, eps 1e-6 (spec §2)."""
+    """LayerNorm over the channels of an NHWC map (..., C): per pixel, biased variance, eps 1e-6
+    (spec §2; the official module normalises the channels of an NCHW map, the same numbers)."""
 
     def __init__(self, channels: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -63,14 +80,11 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        mean = x.mean(1, keepdim=True)
-        var = (x - mean).pow(2).mean(1, keepdim=True)
-        x = (x - mean) / torch.sqrt(var + self.eps)
-        return self.weight[:, None, None] * x + self.bias[:, None, None]
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
 
 class GatedFFN(nn.Module):
-    """``ffn``: 1×1 C→2C, depthwise 3×3, gelu(a)·b, 1×1 C→C; no biases (spec §2)."""
+    """``ffn``: 1×1 C→2C, depthwise 3×3, gelu(a)·b, 1×1 C→C; no biases (spec §2). NHWC."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -80,14 +94,17 @@ class GatedFFN(nn.Module):
         self.project_out = nn.Conv2d(channels, channels, 1, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        a, b = self.dwconv(self.project_in(x)).chunk(2, dim=1)
-        return self.project_out(F.gelu(a) * b)
+        """x (B, H, W, C) -> (B, H, W, C)."""
+        t = spatial(pointwise(x, self.project_in), self.dwconv)          # [B, H, W, 2C]
+        a, b = t.chunk(2, dim=-1)
+        # gelu of a contiguous copy of the first half: on the strided half it is slower
+        return pointwise(F.gelu(a.contiguous()) * b, self.project_out)
 
 
 class PredictorOutput(NamedTuple):
-    hidden: Tensor    # (B, c4, H, W) in_conv output, the input of the window scores
-    offsets: Tensor   # (B, 2, H, W) in pixels, 8·tanh applied
-    ca: Tensor        # (B, C, 1, 1) channel attention
+    hidden: Tensor    # (B, H, W, c4) in_conv output, the input of the window scores
+    offsets: Tensor   # (B, 2, H, W) view, in pixels, 8·tanh applied
+    ca: Tensor        # (B, C) channel attention
     sa: Tensor        # (B, 1, H, W) spatial attention
 
 
@@ -112,24 +129,38 @@ class Predictor(nn.Module):
                                     nn.Sigmoid())
         self.out_SA = nn.Sequential(nn.Conv2d(c4, 1, 3, padding=1), nn.Sigmoid())
 
-    def forward(self, x: Tensor) -> PredictorOutput:
-        h = self.in_conv(x)
-        offsets = torch.tanh(self.out_offsets(h)) * 8.0
-        return PredictorOutput(h, offsets, self.out_CA(h), self.out_SA(h))
+    def forward(self, v: Tensor, condition: Tensor) -> PredictorOutput:
+        """v (B, H, W, C) and the conditions [Cg, Cw] (B, H, W, 4), NHWC.
+
+        ``in_conv`` of the official ``cat([v, Cg, Cw])`` as v·W_vᵀ + [Cg, Cw]·W_gᵀ + bias: no
+        (C+4)-channel concatenation per block.
+        """
+        b, height, width, c = v.shape
+        conv = self.in_conv[0]
+        weight = conv.weight.view(conv.out_channels, c + 4)
+        h = F.linear(condition, weight[:, c:], conv.bias)
+        h = torch.addmm(h.view(-1, conv.out_channels), v.reshape(-1, c), weight[:, :c].t())
+        h = self.in_conv[2](self.in_conv[1](h.view(b, height, width, -1)))   # [B, H, W, c4]
+        off = self.out_offsets[1](pointwise(h, self.out_offsets[0]))
+        offsets = torch.tanh(pointwise(off, self.out_offsets[2])) * 8.0
+        ca = self.out_CA[2](pointwise(h.mean(dim=(1, 2)), self.out_CA[1]))     # [B, C]
+        sa = self.out_SA(nchw(h))                                             # [B, 1, H, W]
+        return PredictorOutput(h, nchw(offsets), ca, sa)
 
 
 class MixerSettings(NamedTuple):
-    """What the network passes to every mixer for one forward call."""
+    """What the network passes to every block for one forward call."""
 
     gamma: float
     routing: str
     tie_break: str
     generator: torch.Generator | None
     train_noise: bool
+    ops: Ops
 
 
 class CAMixer(nn.Module):
-    """``mixer``: content-aware mixing (spec §3)."""
+    """``mixer``: content-aware mixing (spec §3), on NHWC maps."""
 
     def __init__(self, channels: int, window_size: int) -> None:
         super().__init__()
@@ -143,71 +174,132 @@ class CAMixer(nn.Module):
         )
         self.project_out = nn.Conv2d(channels, channels, 1)
         self.route = Predictor(channels, window_size)
-        self.ops = REFERENCE_OPS
         self.capture: dict | None = None
-        """Set to a dict to have the next forward store its intermediates there (debugging)."""
-        self.last_num_hard: Tensor | None = None
-        """K per image (B,) of the last inference call: the routing actually used."""
-        self.last_mask_mean: Tensor | None = None
-        """Mean of the training mask (B, N, 1) of the last training call, the fraction of
-        windows sent to attention: a 0-dim tensor still in the autograd graph."""
+        """Set to a dict to have the next forward store its intermediates there (debugging;
+        maps as (B, C, H, W))."""
+        self._last: BlockRouting | None = None
 
-    def forward(self, x: Tensor, condition_global: Tensor,
-                settings: MixerSettings) -> tuple[Tensor, Tensor | None]:
-        """x (B, C, H, W), condition_global (B, 2, H, W) -> (mixer output, training mask or None).
-
-        The mask (B, N, 1) is returned in training mode only, for the ratio loss.
-        """
-        b, _, height, width = x.shape
-        ws = self.window_size
+    def forward(self, x: Tensor, condition: Tensor,
+                settings: MixerSettings) -> tuple[Tensor, BlockRouting]:
+        """x (B, H, W, C), condition [Cg, Cw] (B, H, W, 4) -> (mixer output (B, H, W, C),
+        the routing this block used)."""
+        b, _, _, c = x.shape
+        ws, ops = self.window_size, settings.ops
         mlp = self.route.out_mask
         projections = (self.project_q.weight, self.project_q.bias,
                        self.project_k.weight, self.project_k.bias)
-        mask = None
         with span("camixer.predictor"):
-            v = self.project_v(x)
-            cw = window_condition(height, width, ws, dtype=x.dtype, device=x.device)
-            pred_in = torch.cat([v, condition_global, cw.expand(b, -1, -1, -1)], dim=1)
-            route = self.route(pred_in)
+            v = pointwise(x, self.project_v)                                  # [B, H, W, C]
+            route = self.route(v, condition)
+            hidden = nchw(route.hidden)
             if self.training:
-                pred = self.ops.window_scores(route.hidden, mlp[0].weight, mlp[0].bias,
-                                              mlp[2].weight, mlp[2].bias, ws)
+                pred = ops.window_scores(hidden, mlp[0].weight, mlp[0].bias, mlp[2].weight,
+                                         mlp[2].bias, ws)
                 mask = training_mask(pred, noise=settings.train_noise,
                                      generator=settings.generator)
-                self.last_mask_mean = mask.mean()
+                record = BlockRouting(pred, None, None, mask)
             else:
-                routing = self.ops.route_windows(route.hidden, mlp[0].weight, mlp[0].bias,
-                                                 mlp[2].weight, mlp[2].bias, settings.gamma,
-                                                 window_size=ws, routing=settings.routing,
-                                                 generator=settings.generator,
-                                                 tie_break=settings.tie_break)
-                pred = routing.pred
-                self.last_num_hard = routing.num_hard.detach()
+                routing = ops.route_windows(hidden, mlp[0].weight, mlp[0].bias, mlp[2].weight,
+                                            mlp[2].bias, settings.gamma, window_size=ws,
+                                            routing=settings.routing,
+                                            generator=settings.generator,
+                                            tie_break=settings.tie_break)
+                record = BlockRouting(routing.pred, routing.num_hard, routing.order, None)
+        x_map, v_map = nchw(x), nchw(v)
         with span("camixer.attention"):
             if self.training:
-                k_in = self.ops.deformable_key(x, route.offsets)
-                attn_out = self.ops.masked_window_attention(x, k_in, v, route.sa, mask,
-                                                            *projections, window_size=ws)
+                k_in = ops.deformable_key(x_map, route.offsets)
+                attn = ops.masked_window_attention(x_map, k_in, v_map, route.sa, record.mask,
+                                                   *projections, window_size=ws)
             else:
-                k_in = self.ops.deformable_key(x, route.offsets, routing.num_hard,
-                                               routing.order, window_size=ws)
-                attn_out = self.ops.window_attention(x, k_in, v, route.sa, *projections,
-                                                     routing.num_hard, routing.order,
-                                                     window_size=ws)
+                k_in = ops.deformable_key(x_map, route.offsets, record.num_hard, record.order,
+                                          window_size=ws)
+                attn = ops.window_attention(x_map, k_in, v_map, route.sa, *projections,
+                                            record.num_hard, record.order, window_size=ws)
+            attn = nhwc(attn)
         with span("camixer.conv"):
-            y = self.conv_sptial(attn_out)
-            out = self.project_out(F.gelu(y) * route.ca + attn_out)
+            y = spatial(attn, self.conv_sptial)
+            out = pointwise(torch.addcmul(attn, F.gelu(y), route.ca.view(b, 1, 1, c)),
+                            self.project_out)
         if self.capture is not None:
-            self.capture.update(x=x, condition_global=condition_global, pred_score=pred,
-                                offsets=route.offsets, ca=route.ca, sa=route.sa, k_in=k_in,
-                                warped_x=k_in - x, attn_out=attn_out, mixer_out=out)
+            self.capture.update(x=x_map, condition_global=nchw(condition[..., :2]),
+                                pred_score=record.scores, offsets=route.offsets,
+                                ca=route.ca.view(b, c, 1, 1), sa=route.sa, k_in=k_in,
+                                warped_x=k_in - x_map, attn_out=nchw(attn),
+                                mixer_out=nchw(out))
             if not self.training:
-                self.capture.update(num_hard=routing.num_hard, order=routing.order)
-        return out, mask
+                self.capture.update(num_hard=record.num_hard, order=record.order)
+        return out, record
+
+    @property
+    def last_num_hard(self) -> Tensor | None:
+        """Deprecated: K per image (B,) of the last inference call; use
+        ``model(x, return_routing=True)`` (:class:`~camixer_fast.reference.routing.Routing`)."""
+        warnings.warn("CAMixer.last_num_hard is deprecated; use model(x, return_routing=True)",
+                      DeprecationWarning, stacklevel=2)
+        return None if self._last is None or self._last.num_hard is None else \
+            self._last.num_hard.detach()
+
+    @property
+    def last_mask_mean(self) -> Tensor | None:
+        """Deprecated: the mean training mask of the last training call (in the autograd
+        graph); use ``model(x, return_routing=True)`` and ``Routing.mask_means()``."""
+        warnings.warn("CAMixer.last_mask_mean is deprecated; use model(x, return_routing=True)",
+                      DeprecationWarning, stacklevel=2)
+        return None if self._last is None or self._last.mask is None else self._last.mask.mean()
+
+
+class BlockWeights(NamedTuple):
+    """A block's parameters by role, as a block-level backend path receives them.
+
+    1×1 convolutions are given as (C_out, C_in) matrices, the spatial ones as their
+    (C_out, C_in/groups, 3, 3) kernels. C channels, c4 = (C + 4) // 4, c8 = (C + 4) // 8,
+    ws the window size. The LayerNorms' eps is 1e-6.
+    """
+
+    v_w: Tensor          # (C, C)      mixer.project_v
+    v_b: Tensor          # (C,)
+    route_w: Tensor      # (c4, C + 4) route.in_conv.0: columns [v | Cg | Cw]
+    route_b: Tensor      # (c4,)
+    route_norm_w: Tensor  # (c4,)      route.in_conv.1
+    route_norm_b: Tensor  # (c4,)
+    off1_w: Tensor       # (c8, c4)    route.out_offsets.0
+    off1_b: Tensor       # (c8,)
+    off2_w: Tensor       # (2, c8)     route.out_offsets.2
+    off2_b: Tensor       # (2,)
+    mask1_w: Tensor      # (ws, ws²)   route.out_mask.0
+    mask1_b: Tensor      # (ws,)
+    mask2_w: Tensor      # (2, ws)     route.out_mask.2
+    mask2_b: Tensor      # (2,)
+    ca_w: Tensor         # (C, c4)     route.out_CA.1
+    ca_b: Tensor         # (C,)
+    sa_w: Tensor         # (1, c4, 3, 3) route.out_SA.0
+    sa_b: Tensor         # (1,)
+    q_w: Tensor          # (C, C)      mixer.project_q
+    q_b: Tensor          # (C,)
+    k_w: Tensor          # (C, C)      mixer.project_k
+    k_b: Tensor          # (C,)
+    dw_w: Tensor         # (C, 1, 3, 3) mixer.conv_sptial.0 (padding 1)
+    dw_b: Tensor         # (C,)
+    dil_w: Tensor        # (C, 1, 3, 3) mixer.conv_sptial.1 (dilation 2, padding 2)
+    dil_b: Tensor        # (C,)
+    out_w: Tensor        # (C, C)      mixer.project_out
+    out_b: Tensor        # (C,)
+    norm1_w: Tensor      # (C,)
+    norm1_b: Tensor      # (C,)
+    ffn_in_w: Tensor     # (2C, C)     ffn.project_in (no bias)
+    ffn_dw_w: Tensor     # (2C, 1, 3, 3) ffn.dwconv (no bias)
+    ffn_out_w: Tensor    # (C, C)      ffn.project_out (no bias)
+    norm2_w: Tensor      # (C,)
+    norm2_b: Tensor      # (C,)
+
+
+def _matrix(conv: nn.Conv2d) -> Tensor:
+    return conv.weight.view(conv.weight.shape[0], conv.weight.shape[1])
 
 
 class Block(nn.Module):
-    """Post-norm block: x = LN1(x + mixer(x)); x = LN2(x + ffn(x)) (spec §2)."""
+    """Post-norm block: x = LN1(x + mixer(x)); x = LN2(x + ffn(x)) (spec §2). NHWC."""
 
     def __init__(self, channels: int, window_size: int) -> None:
         super().__init__()
@@ -216,35 +308,49 @@ class Block(nn.Module):
         self.norm2 = LayerNorm2d(channels)
         self.ffn = GatedFFN(channels)
 
-    def forward(self, x: Tensor, condition_global: Tensor,
-                settings: MixerSettings) -> tuple[Tensor, Tensor | None]:
-        fused = getattr(self.mixer.ops, "block_forward", None)
-        if fused is not None and not self.training:
-            # the backend's own inference path for the whole block (the CPU backend's)
-            return fused(self, x, condition_global, settings), None
-        mixed, mask = self.mixer(x, condition_global, settings)
-        x = self.norm1(x + mixed)
+    def weights(self) -> BlockWeights:
+        """This block's parameters by role (views, no copies)."""
+        m, r, f = self.mixer, self.mixer.route, self.ffn
+        return BlockWeights(
+            _matrix(m.project_v), m.project_v.bias, _matrix(r.in_conv[0]), r.in_conv[0].bias,
+            r.in_conv[1].weight, r.in_conv[1].bias, _matrix(r.out_offsets[0]),
+            r.out_offsets[0].bias, _matrix(r.out_offsets[2]), r.out_offsets[2].bias,
+            r.out_mask[0].weight, r.out_mask[0].bias, r.out_mask[2].weight, r.out_mask[2].bias,
+            _matrix(r.out_CA[1]), r.out_CA[1].bias, r.out_SA[0].weight, r.out_SA[0].bias,
+            m.project_q.weight, m.project_q.bias, m.project_k.weight, m.project_k.bias,
+            m.conv_sptial[0].weight, m.conv_sptial[0].bias, m.conv_sptial[1].weight,
+            m.conv_sptial[1].bias, _matrix(m.project_out), m.project_out.bias,
+            self.norm1.weight, self.norm1.bias, _matrix(f.project_in), f.dwconv.weight,
+            _matrix(f.project_out), self.norm2.weight, self.norm2.bias)
+
+    def forward(self, x: Tensor, condition: Tensor,
+                settings: MixerSettings) -> tuple[Tensor, BlockRouting]:
+        """x (B, H, W, C), condition (B, H, W, 4) -> (B, H, W, C) and the block's routing."""
+        path = settings.ops.block_inference
+        if path is not None and not self.training and self.mixer.capture is None:
+            return path(self.weights(), x, condition, settings)
+        mixed, record = self.mixer(x, condition, settings)
+        x = self.norm1(mixed + x)
         with span("camixer.ffn"):
-            ffn = self.ffn(x)
-        return self.norm2(x + ffn), mask
+            x = self.norm2(self.ffn(x) + x)
+        return x, record
 
 
 class Group(nn.Module):
-    """``body.j``: blocks, then a 1×1 conv, plus the group's input."""
+    """``body.j``: blocks, then a 1×1 conv, plus the group's input. NHWC."""
 
     def __init__(self, channels: int, num_blocks: int, window_size: int) -> None:
         super().__init__()
         self.body = nn.ModuleList(Block(channels, window_size) for _ in range(num_blocks))
         self.body_tail = nn.Conv2d(channels, channels, 1)
 
-    def forward(self, x: Tensor, condition_global: Tensor, settings: MixerSettings,
-                masks: list[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, condition: Tensor, settings: MixerSettings,
+                records: list[BlockRouting]) -> Tensor:
         shortcut = x
         for block in self.body:
-            x, mask = block(x, condition_global, settings)
-            if mask is not None:
-                masks.append(mask)
-        return self.body_tail(x) + shortcut
+            x, record = block(x, condition, settings)
+            records.append(record)
+        return pointwise(x, self.body_tail) + shortcut
 
 
 def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
@@ -277,7 +383,9 @@ class CAMixerSR(nn.Module):
     """CAMixerSR (spec §1). Keyword-only hyperparameters; official state dicts load strictly.
 
     ``model(x)`` takes (B, 3, H, W) RGB in [0, 1], any H, W >= 1, and returns (B, 3, sH, sW),
-    unclamped. In training mode it returns ``(sr, ratio_loss)`` (spec §4).
+    unclamped. In training mode it returns ``(sr, ratio_loss)`` (spec §4). With
+    ``return_routing=True`` the :class:`~camixer_fast.reference.routing.Routing` record of the
+    call is appended to what it returns.
 
     Attributes that may be changed at any time: ``gamma`` (in [0, 1]), ``routing``
     ("expected" or "gumbel"), ``tie_break`` ("official" or "index": the order of windows with
@@ -306,7 +414,6 @@ class CAMixerSR(nn.Module):
         self.tie_break = tie_break
         self.train_noise = True
         self._backend = "reference"
-        self._memory_format = torch.contiguous_format
 
     @property
     def gamma(self) -> float:
@@ -334,23 +441,23 @@ class CAMixerSR(nn.Module):
 
     @property
     def backend(self) -> str:
-        """The backend the mixers' hot operations run on ("reference", "cpu" or "triton").
+        """The backend that runs the model where its parameters are now, in its current mode
+        ("reference", "cpu" or "triton"; see :func:`camixer_fast.backends.select_backend`).
 
-        May be set to "auto", "reference", "cpu" or "triton"; "auto" is resolved for the device
-        the model's parameters are on at that moment.
+        May be set to "auto", "reference", "cpu" or "triton". The request is kept and chosen
+        again for the device, dtype and mode of each call; setting it checks at once that it
+        can run where the parameters are (RuntimeError with the reason otherwise).
         """
-        return self._backend
+        return self._select(self.head.weight.device, self.head.weight.dtype).name
 
     @backend.setter
     def backend(self, value: str) -> None:
-        from camixer_fast.backends import backend_ops, resolve_backend
+        select_backend(value, self.head.weight.device, self.head.weight.dtype,
+                       training=self.training)
+        self._backend = value
 
-        ops = backend_ops(resolve_backend(value, self.head.weight.device))
-        for module in self.mixers():
-            module.ops = ops
-        self._backend = ops.name
-        # the layout the backend's operations want the feature maps in (channels-last on CPU)
-        self._memory_format = getattr(ops, "memory_format", torch.contiguous_format)
+    def _select(self, device: torch.device, dtype: torch.dtype):
+        return select_backend(self._backend, device, dtype, training=self.training)
 
     def mixers(self) -> list[CAMixer]:
         """The CAMixer of every block, in network order."""
@@ -361,15 +468,21 @@ class CAMixerSR(nn.Module):
                 f"window_size={self.window_size}, gamma={self.gamma}, routing={self.routing!r}, "
                 f"tie_break={self.tie_break!r}")
 
-    def forward(self, x: Tensor, *,
-                generator: torch.Generator | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, *, generator: torch.Generator | None = None,
+                return_routing: bool = False):
         """(B, 3, H, W) in [0, 1] -> (B, 3, sH, sW); in training mode (sr, ratio_loss).
+
+        With ``return_routing`` the call returns ``(sr, routing)`` at inference and
+        ``(sr, ratio_loss, routing)`` in training mode, ``routing`` the
+        :class:`~camixer_fast.reference.routing.Routing` of every block (K, window order and
+        scores per image; the training masks).
 
         Inputs of any H, W >= 1 are padded on the bottom and right to multiples of the window
         size (:func:`pad_to_multiple`) and the output is cropped back. ``generator`` feeds the
         random draws: Gumbel routing at inference, the Gumbel noise of the training mask.
-        At inference each image of a batch is run on its own, so its output is bit-identical
-        to a solo run of that image.
+        At inference the backend decides whether a batch runs as one call
+        (``Ops.whole_batch``) or image by image; routing is per image either way, and image by
+        image each output is bit-identical to a solo run of that image.
         """
         if not torch.is_tensor(x) or x.dim() != 4 or x.shape[1] != 3:
             shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
@@ -378,39 +491,40 @@ class CAMixerSR(nn.Module):
             raise TypeError(f"expected a floating-point tensor in [0, 1], got {x.dtype}")
         if min(x.shape) == 0:
             raise ValueError(f"empty input {tuple(x.shape)}")
+        ops = self._select(x.device, self.head.weight.dtype).ops
         settings = MixerSettings(self.gamma, self.routing, self.tie_break, generator,
-                                 self.train_noise)
-        if self.training or x.shape[0] == 1:
-            return self._forward(x, settings)
-        # Inference runs a batch image by image: CPU conv and GEMM kernels pick their blocking
-        # from the batch size, which moves results by ~1e-5, so this is what makes each output
-        # bit-identical to the image's solo run (batching buys little at SR image sizes).
-        outs, num_hard = [], []
-        for image in x.split(1):
-            outs.append(self._forward(image, settings))
-            num_hard.append([m.last_num_hard for m in self.mixers()])
-        for i, mixer in enumerate(self.mixers()):
-            mixer.last_num_hard = torch.cat([per_image[i] for per_image in num_hard])
-        return torch.cat(outs)
+                                 self.train_noise, ops)
+        if self.training or x.shape[0] == 1 or ops.whole_batch:
+            sr, routing = self._forward(x, settings)
+        else:
+            # CPU conv and GEMM kernels pick their blocking from the batch size, which moves
+            # results by ~1e-5: image by image, each output is bit-identical to its solo run
+            parts = [self._forward(image, settings) for image in x.split(1)]
+            sr = torch.cat([p[0] for p in parts])
+            routing = Routing.cat([p[1] for p in parts])
+        for mixer, record in zip(self.mixers(), routing.blocks, strict=True):
+            mixer._last = record
+        if not self.training:
+            return (sr, routing) if return_routing else sr
+        m = torch.cat([b.mask.flatten() for b in routing.blocks]).mean()
+        ratio_loss = 2.0 * self.gamma * (m - 0.5) ** 2
+        return (sr, ratio_loss, routing) if return_routing else (sr, ratio_loss)
 
-    def _forward(self, x: Tensor, settings: MixerSettings) -> Tensor | tuple[Tensor, Tensor]:
+    def _forward(self, x: Tensor, settings: MixerSettings) -> tuple[Tensor, Routing]:
         height, width = x.shape[-2:]
         x = pad_to_multiple(x, self.window_size)
-        # the backend's layout at inference; training always runs the reference layout
-        channels_last = self._memory_format == torch.channels_last and not self.training
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        f0 = self.head(x)
-        condition_global = self.global_predictor(f0)
-        masks: list[Tensor] = []
-        feat = f0
+        # a fresh channels-last copy (3 channels: cheap): whatever the caller's strides, the
+        # convolutions then see one layout and round the same way
+        x = torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
+        b, _, ph, pw = x.shape
+        f0 = self.head(x)                                            # channels-last
+        cw = nhwc(window_condition(ph, pw, self.window_size, dtype=f0.dtype, device=f0.device))
+        condition = torch.cat([nhwc(self.global_predictor(f0)), cw.expand(b, -1, -1, -1)],
+                              dim=-1)                                # [B, H, W, 4]: Cg, Cw
+        records: list[BlockRouting] = []
+        feat = nhwc(f0)
         for group in self.body:
-            feat = group(feat, condition_global, settings, masks)
-        feat = self.body_tail(feat) + f0
+            feat = group(feat, condition, settings, records)
+        feat = self.body_tail(nchw(feat)) + f0
         sr = self.tail(feat)[..., : height * self.scale, : width * self.scale]
-        if channels_last:
-            sr = sr.contiguous()
-        if not self.training:
-            return sr
-        m = torch.cat([mask.flatten() for mask in masks]).mean()
-        return sr, 2.0 * self.gamma * (m - 0.5) ** 2
+        return sr.contiguous(), Routing(tuple(records))

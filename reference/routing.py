@@ -33,6 +33,68 @@ class WindowRouting(NamedTuple):
     order: Tensor
 
 
+class BlockRouting(NamedTuple):
+    """The routing one block used in a forward, as ``model(x, return_routing=True)`` returns it.
+
+    scores:   (B, N, 2) window scores (``pred``), softmax over the two classes.
+    num_hard: (B,) int64 K per image at inference; None in training mode.
+    order:    (B, N) int64 windows by descending hard score at inference; None in training.
+    mask:     (B, N, 1) the straight-through training mask (in the autograd graph) in training
+              mode; None at inference.
+    """
+
+    scores: Tensor
+    num_hard: Tensor | None
+    order: Tensor | None
+    mask: Tensor | None
+
+
+class Routing(NamedTuple):
+    """The per-block routing record of one forward, blocks in network order."""
+
+    blocks: tuple[BlockRouting, ...]
+
+    @property
+    def num_windows(self) -> int:
+        """N, the windows per image."""
+        return self.blocks[0].scores.shape[1]
+
+    def num_hard(self) -> Tensor:
+        """K of every block and image, (blocks, B) int64 (inference)."""
+        if self.blocks[0].num_hard is None:
+            raise ValueError("a training-mode forward has masks, not K (see mask_means)")
+        return torch.stack([b.num_hard for b in self.blocks])
+
+    def k_fraction(self) -> Tensor:
+        """The fraction of windows each block sent to attention, per image: (blocks, B) float32
+        (K/N at inference, the mean of the training mask in training mode; detached)."""
+        if self.blocks[0].mask is not None:
+            return torch.stack([b.mask.detach().float().mean(dim=(1, 2)) for b in self.blocks])
+        return self.num_hard().float() / self.num_windows
+
+    def mask_means(self) -> Tensor:
+        """The mean training mask of every block over its windows and images, (blocks,), in the
+        autograd graph: the ``m`` of the ratio loss (training mode)."""
+        if self.blocks[0].mask is None:
+            raise ValueError("an inference forward has no training masks (see num_hard)")
+        return torch.stack([b.mask.mean() for b in self.blocks])
+
+    @staticmethod
+    def cat(parts: list[Routing]) -> Routing:
+        """The record of a batch from the records of its parts (images in order)."""
+        if len(parts) == 1:
+            return parts[0]
+
+        def join(tensors: list[Tensor | None]) -> Tensor | None:
+            return None if tensors[0] is None else torch.cat(tensors)
+
+        blocks = []
+        for per_block in zip(*(p.blocks for p in parts), strict=True):
+            blocks.append(BlockRouting(*(join(list(field)) for field in zip(*per_block,
+                                                                           strict=True))))
+        return Routing(tuple(blocks))
+
+
 def check_gamma(gamma: float) -> float:
     """Return γ as a float, or raise ValueError if it is not a number in [0, 1]."""
     try:

@@ -10,7 +10,14 @@ from conftest import assert_close
 
 import camixer_fast
 from camixer_fast import cpu_ops
-from camixer_fast.backends import BACKENDS, backend_ops, can_use_cpu, resolve_backend
+from camixer_fast.backends import (
+    BACKENDS,
+    REGISTRY,
+    backend_ops,
+    can_use_cpu,
+    resolve_backend,
+    select_backend,
+)
 
 OUTPUT_TOL = 1e-4
 GAMMAS = (1.0, 0.5, 0.25, 0.0)
@@ -79,12 +86,10 @@ def test_odd_sizes_match_reference(model_s: camixer_fast.CAMixerSR,
     x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(size[0] * 100 + size[1]))
     model_s.gamma = model_cpu.gamma = gamma
     with torch.inference_mode():
-        ref = model_s(x)
-        out = model_cpu(x)
+        ref, ref_routing = model_s(x, return_routing=True)
+        out, out_routing = model_cpu(x, return_routing=True)
     assert out.shape == (1, 3, 4 * size[0], 4 * size[1])
-    ks_ref = [int(m.last_num_hard[0]) for m in model_s.mixers()]
-    ks_cpu = [int(m.last_num_hard[0]) for m in model_cpu.mixers()]
-    assert ks_cpu == ks_ref
+    assert torch.equal(out_routing.num_hard(), ref_routing.num_hard())
     assert_close(f"{size}@{gamma}", ref, out, OUTPUT_TOL)
 
 
@@ -108,9 +113,9 @@ def test_real_images_match_reference(shared, model_s: camixer_fast.CAMixerSR,
     for name in ("bird", "head", "woman"):
         x = load_rgb(shared / "data" / "Set5" / "LR_bicubic" / "X4" / f"{name}x4.png")
         with torch.inference_mode():
-            ref, out = model_s(x), model_cpu(x)
-        assert ([int(m.last_num_hard[0]) for m in model_cpu.mixers()]
-                == [int(m.last_num_hard[0]) for m in model_s.mixers()])
+            (ref, ref_routing), (out, out_routing) = (model_s(x, return_routing=True),
+                                                      model_cpu(x, return_routing=True))
+        assert torch.equal(out_routing.num_hard(), ref_routing.num_hard())
         assert_close(name, ref, out, OUTPUT_TOL)
 
 
@@ -190,14 +195,24 @@ def test_hard_window_pixels_are_window_major() -> None:
 
 def test_backend_names_and_resolution() -> None:
     assert "cpu" in BACKENDS
-    assert resolve_backend("auto", "cpu") == "cpu"
-    assert resolve_backend("auto") == "cpu" or torch.cuda.is_available()
-    assert resolve_backend("cpu", "cpu") == "cpu"
-    assert resolve_backend("reference", "cpu") == "reference"
-    assert backend_ops("cpu") is cpu_ops.CPU_OPS
-    assert can_use_cpu("cpu")[0] and not can_use_cpu("cuda")[0]
+    assert select_backend("auto", "cpu").name == "cpu"
+    assert select_backend("auto").name == "cpu"
+    assert select_backend("cpu", "cpu").name == "cpu"
+    assert select_backend("reference", "cpu").name == "reference"
+    assert select_backend("cpu").ops is cpu_ops.CPU_OPS
+    assert REGISTRY["cpu"].unsupported(torch.device("cpu"), torch.float32, False) is None
+    assert REGISTRY["cpu"].unsupported(torch.device("cuda"), torch.float32, False)
     with pytest.raises(RuntimeError, match="backend 'cpu' cannot run here"):
-        resolve_backend("cpu", "cuda")
+        select_backend("cpu", "cuda")
+
+
+def test_deprecated_backend_functions_still_work() -> None:
+    with pytest.deprecated_call():
+        assert resolve_backend("auto", "cpu") == "cpu"
+    with pytest.deprecated_call():
+        assert backend_ops("cpu") is cpu_ops.CPU_OPS
+    with pytest.deprecated_call():
+        assert can_use_cpu("cpu")[0] and not can_use_cpu("cuda")[0]
 
 
 def test_model_backend_switch(weights_path) -> None:
@@ -207,7 +222,7 @@ def test_model_backend_switch(weights_path) -> None:
     with torch.inference_mode():
         fast = model(x)
         model.backend = "reference"
-        assert all(m.ops.name == "reference" for m in model.mixers())
+        assert model.backend == "reference"
         ref = model(x)
         model.backend = "cpu"
         again = model(x)

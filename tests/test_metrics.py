@@ -114,6 +114,16 @@ def test_ws_psnr_weights() -> None:
                                math.cos(math.pi / 8), math.cos(3 * math.pi / 8)])
 
 
+@pytest.mark.parametrize("height", [1, 17, 33], ids=lambda h: f"h{h}")
+def test_erp_row_weights_of_chosen_rows(height: int) -> None:
+    every = erp_row_weights(height)
+    assert every.shape == (height,) and every.dtype == np.float64
+    assert np.all(every > 0) and np.allclose(every, every[::-1], rtol=0, atol=1e-15)
+    rows = np.arange(height)[::-1].reshape(1, -1).repeat(2, axis=0)       # any shape, any order
+    got = erp_row_weights(height, rows)
+    assert got.shape == rows.shape and np.array_equal(got, every[rows])
+
+
 def test_ws_psnr_by_hand() -> None:
     ref = np.zeros((4, 3), np.uint8)
     img = ref.copy()

@@ -30,11 +30,12 @@ def test_batch_invariance(model_s: camixer_fast.CAMixerSR, golden: dict) -> None
     batch = torch.cat([butterfly, baby, noise])
     model_s.gamma = 0.5
     with torch.no_grad():
-        together = model_s(batch)
-        ks = torch.stack([m.last_num_hard for m in model_s.mixers()])     # [blocks, B]
+        together, routing = model_s(batch, return_routing=True)
+        ks = routing.num_hard()                                       # [blocks, B]
         for i in range(batch.shape[0]):
-            assert_close(f"image {i}", model_s(batch[i:i + 1]), together[i:i + 1], 0.0)
-            solo_ks = torch.stack([m.last_num_hard for m in model_s.mixers()])
+            solo, solo_routing = model_s(batch[i:i + 1], return_routing=True)
+            assert_close(f"image {i}", solo, together[i:i + 1], 0.0)
+            solo_ks = solo_routing.num_hard()
             assert torch.equal(solo_ks[:, 0], ks[:, i]), f"image {i}: K differs from its solo run"
     assert not torch.equal(ks[:, 0], ks[:, 1]), "the images of this batch should differ in K"
 
@@ -55,8 +56,8 @@ def test_gamma_extremes_route_all_or_nothing(model_s: camixer_fast.CAMixerSR, lr
     for gamma, expected in ((0.0, 0), (1.0, 12)):      # 48x64 padded map: 3x4 windows
         model_s.gamma = gamma
         with torch.no_grad():
-            model_s(lr)
-        assert {int(m.last_num_hard[0]) for m in model_s.mixers()} == {expected}
+            _, routing = model_s(lr, return_routing=True)
+        assert set(routing.num_hard()[:, 0].tolist()) == {expected}
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "half", None])
@@ -89,9 +90,9 @@ def test_gumbel_routing_follows_generator(model_s: camixer_fast.CAMixerSR, lr) -
         with torch.no_grad():
             a = model_s(lr, generator=torch.Generator().manual_seed(3))
             b = model_s(lr, generator=torch.Generator().manual_seed(3))
-            draws = {tuple(int(m.last_num_hard[0]) for m in model_s.mixers())
-                     for seed in range(6)
-                     if model_s(lr, generator=torch.Generator().manual_seed(seed)) is not None}
+            draws = {tuple(model_s(lr, generator=torch.Generator().manual_seed(seed),
+                                   return_routing=True)[1].num_hard()[:, 0].tolist())
+                     for seed in range(6)}
     finally:
         model_s.routing = "expected"
     assert torch.equal(a, b)
@@ -142,3 +143,16 @@ def test_padding_small_inputs_mirror_periodically() -> None:
     row = torch.arange(3.0).view(1, 1, 1, 3)
     assert pad_to_multiple(row, 16)[0, 0, :, :].tolist()[0] == [0, 1, 2, 1] * 4
     assert pad_to_multiple(torch.ones(1, 1, 1, 1), 16).shape == (1, 1, 16, 16)
+
+
+def test_output_does_not_depend_on_input_strides(model_s: camixer_fast.CAMixerSR) -> None:
+    """An (H, W, 3) array read transposed, or a batch stride of 3 (an HWC image unsqueezed),
+    gives the same bits as a contiguous input: the model copies its input to one layout."""
+    hwc = torch.rand(32, 48, 3, generator=torch.Generator().manual_seed(5))
+    plain = hwc.permute(2, 0, 1).unsqueeze(0)                          # strides (3, 1, 144, 3)
+    transposed = hwc.transpose(0, 1).contiguous().transpose(0, 1).permute(2, 0, 1)[None]
+    model_s.gamma = 0.5
+    with torch.no_grad():
+        ref = model_s(plain.contiguous())
+        for x in (plain, transposed):
+            assert_close("strides", ref, model_s(x), 0.0)

@@ -20,6 +20,7 @@ from torch import nn
 import camixer_fast
 from camixer_fast import cli
 from camixer_fast.imresize import make_lr
+from camixer_fast.metrics import erp_row_weights
 from camixer_fast.train import (
     ConfigError,
     DataError,
@@ -29,7 +30,6 @@ from camixer_fast.train import (
     Trainer,
     augment_array,
     bicubic_lr_crop,
-    erp_row_weights,
     load_validation_pairs,
     pixel_loss,
     read_checkpoint,
@@ -152,7 +152,7 @@ def test_crops_pair_lr_hr_and_erp_weights_under_augmentation(tmp_path: Path, lr_
         seen.add(ops[0])
         lr_crop = lr_full[top // scale: top // scale + patch, left // scale: left // scale + patch]
         assert np.array_equal(_to_uint8(item["lr"]), augment_array(lr_crop, *ops[0]))
-        expected = erp_row_weights(got_hr[..., 0], 160)
+        expected = erp_row_weights(160, got_hr[..., 0]).astype(np.float32)
         assert np.array_equal(item["weight"][0].numpy(), expected)
     allowed = {"flip-rot": set(SYMMETRIES), "hflip": {(False, False, False), (True, False, False)},
                "none": {(False, False, False)}}[augment]
@@ -177,13 +177,21 @@ def test_erp_weights_formula() -> None:
     height = 8
     rows = np.arange(height)
     expected = np.cos((rows + 0.5 - height / 2) * np.pi / height)
-    assert np.allclose(erp_row_weights(rows, height), expected, atol=1e-7)
-    assert np.allclose(erp_row_weights(rows, height), erp_row_weights(rows, height)[::-1])
+    assert np.allclose(erp_row_weights(height, rows), expected, atol=1e-7)
+    assert np.allclose(erp_row_weights(height, rows), erp_row_weights(height, rows)[::-1])
     sr, hr = torch.rand(2, 3, 4, 5), torch.rand(2, 3, 4, 5)
     weight = torch.rand(2, 1, 4, 5)
     assert torch.allclose(pixel_loss(sr, hr, weight),
                           ((sr - hr).abs() * weight).sum() / sr.numel())
     assert torch.allclose(pixel_loss(sr, hr), (sr - hr).abs().mean())
+
+
+def test_train_erp_row_weights_is_a_deprecated_alias() -> None:
+    rows = np.array([[0, 5], [17, 32]])
+    with pytest.warns(DeprecationWarning, match="metrics.erp_row_weights"):
+        got = camixer_fast.train.erp_row_weights(rows, 33)
+    assert got.dtype == np.float32 and got.shape == (2, 2)
+    assert np.array_equal(got, erp_row_weights(33, rows).astype(np.float32))
 
 
 class _Sized(torch.utils.data.Dataset):
@@ -321,10 +329,10 @@ def test_objective_is_l1_plus_the_models_ratio_loss(noise: bool) -> None:
             terms = training_loss(model, lr, hr, generator=gen)
             loss = terms.total
             assert torch.equal(terms.loss, terms.total.detach())
-            masks = torch.stack([m.last_mask_mean.detach() for m in model.mixers()])
-            assert torch.equal(terms.mask_means, masks)
+            assert torch.equal(terms.mask_means, masks)        # the same draws, same masks
         else:
-            sr, ratio = model(lr, generator=gen)
+            sr, ratio, routing = model(lr, generator=gen, return_routing=True)
+            masks = routing.mask_means().detach()
             loss = (sr - hr).abs().mean() + ratio
         loss.backward()
         values.append(loss.detach())
@@ -513,9 +521,9 @@ def _shard_gradients(weights_path: Path, data: PairedPatches, world: int, local_
                                    seed=seed))
         items = [data[next(stream)] for _ in range(local_batch)]
         lr, hr = (torch.stack([it[key] for it in items]) for key in ("lr", "hr"))
-        sr, _ = model(lr)
+        sr, _, routing = model(lr, return_routing=True)
         pixel.append(pixel_loss(sr, hr))
-        means.append(torch.stack([m.last_mask_mean for m in model.mixers()]).mean())
+        means.append(routing.mask_means().mean())
     m = torch.stack(means).detach().mean()
     slope = 4.0 * model.gamma * (m - 0.5)
     sum((p + slope * mean) / world for p, mean in zip(pixel, means, strict=True)).backward()

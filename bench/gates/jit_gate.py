@@ -149,13 +149,16 @@ def compile_only(capability: int) -> Iterator[Recorder]:
 def _allow_triton_on_cpu() -> None:
     """Let ``model.backend = "triton"`` accept a CPU model in this process.
 
-    The backend choice admits CPU tensors when :func:`camixer_fast.triton_env.compile_only` is
-    true; a ``camixer_fast.backends`` that predates that check asks its own ``_interpreting``.
+    The backend choice admits the Triton backend on the CPU under the interpreter only; it
+    should also under :func:`camixer_fast.triton_env.compile_only` (set by :func:`compile_only`).
+    Until it does, the gate answers its interpreter question with yes. The kernels ask
+    :mod:`camixer_fast.triton_env` themselves and still see no interpreter: they are compiled.
     """
     import camixer_fast.backends as backends
 
-    if hasattr(backends, "_interpreting"):
-        backends._interpreting = lambda: True
+    for name in ("interpreting", "_interpreting"):     # the name backends.py asks by
+        if hasattr(backends, name):
+            setattr(backends, name, lambda: True)
 
 
 # --- what the gate drives ------------------------------------------------------------------

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from camixer_fast.cli import gamma_type
-from camixer_fast.cost import MODEL_SIZES, madds_breakdown, paper_flops, parameter_count
+from camixer_fast.cost import MODEL_SIZES, measure_madds, paper_flops, parameter_count
 from camixer_fast.loading import CheckpointError, load_model
 from camixer_fast.reference.model import CAMixerSR
 
@@ -79,10 +79,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     height, width = args.lr_size
     x = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
-    madds = madds_breakdown(model, x)
+    madds, routing = measure_madds(model, x)
     ws = model.window_size
     windows = -(-height // ws) * -(-width // ws)
-    hard = [int(m.last_num_hard[0]) for m in model.mixers()]
+    hard = routing.num_hard()[:, 0].tolist()
     flops = paper_flops(model.n_feats, model.scale, args.gamma,
                         blocks=model.blocks_per_group, window_size=ws)
     info = {

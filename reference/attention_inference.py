@@ -1,7 +1,7 @@
-"""Token mixing per window: self-attention on the hard windows, ``v·sa`` on the simple ones.
+"""Inference token mixing: self-attention on the hard windows, ``v·sa`` on the simple ones.
 
-Spec §3.7 (inference, top-K routing) and §4 (training, dense masked form). Single head, no
-1/sqrt(C) scaling, softmax over the window's ws² keys.
+Spec §3.7 (top-K routing). Single head, no 1/sqrt(C) scaling, softmax over the window's ws² keys.
+The training form (dense over all windows, with a mask) is :mod:`.attention_training`.
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from camixer_fast.reference.routing import flat_hard_windows
-from camixer_fast.reference.windows import from_windows, to_windows, window_view
+from camixer_fast.reference.windows import window_view
 
 DEFAULT_CHUNK = 128
 """Hard windows attended per step: bounds the (chunk, ws², ws²) score tensor (32 MiB at ws=16)."""
 
 
-def _attend(q_tokens: Tensor, k_tokens: Tensor, v_tokens: Tensor, wq: Tensor, bq: Tensor,
-            wk: Tensor, bk: Tensor) -> Tensor:
+def attend(q_tokens: Tensor, k_tokens: Tensor, v_tokens: Tensor, wq: Tensor, bq: Tensor,
+           wk: Tensor, bk: Tensor) -> Tensor:
     """softmax((q·Wqᵀ + bq)(k·Wkᵀ + bk)ᵀ)·v over each window: all (n, T, C) -> (n, T, C)."""
     q = F.linear(q_tokens, wq, bq)                                     # [n, T, C]
     k = F.linear(k_tokens, wk, bk)                                     # [n, T, C]
@@ -57,28 +57,8 @@ def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
     for start in range(0, image.numel(), chunk):
         sel = (image[start:start + chunk], row_of[start:start + chunk], col_of[start:start + chunk])
         n = sel[0].numel()
-        mixed = _attend(xw[sel].reshape(n, tokens, -1), kw[sel].reshape(n, tokens, -1),
-                        vw[sel].reshape(n, tokens, -1), wq, bq, wk, bk)
+        mixed = attend(xw[sel].reshape(n, tokens, -1), kw[sel].reshape(n, tokens, -1),
+                       vw[sel].reshape(n, tokens, -1), wq, bq, wk, bk)
         ow[sel] = mixed.view(n, window_size, window_size, -1)
     return out.to(dtype)
 
-
-def masked_window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, mask: Tensor,
-                            wq: Tensor, bq: Tensor, wk: Tensor, bk: Tensor, *,
-                            window_size: int) -> Tensor:
-    """Training token mixing, dense over all windows with a 0/1 mask (spec §4).
-
-    x, k_in, v: (B, C, H, W); sa: (B, 1, H, W); mask: (B, N, 1) straight-through hard mask.
-    Q and K come from the masked inputs (the projection biases survive the mask), V = v·M, and
-    ``attn_out = softmax(QKᵀ)·V + (v·sa)·(1 − M)``. Returns (B, C, H, W), differentiable.
-    """
-    height, width = x.shape[-2:]
-    m = mask.unsqueeze(-1)                                             # [B, N, 1, 1]
-    q_tok = to_windows(x, window_size) * m                             # [B, N, T, C]
-    k_tok = to_windows(k_in, window_size) * m
-    v_tok = to_windows(v, window_size)
-    simple = to_windows(v * sa, window_size) * (1.0 - m)
-    b, n, t, c = q_tok.shape
-    mixed = _attend(q_tok.reshape(b * n, t, c), k_tok.reshape(b * n, t, c),
-                    (v_tok * m).reshape(b * n, t, c), wq, bq, wk, bk)
-    return from_windows(mixed.view(b, n, t, c) + simple, height, width)
