@@ -166,7 +166,8 @@ def render(result: dict) -> str:
                           "```", t.get("log_tail", "").strip()[-1500:], "```"]
         lines.append("")
     if result["sanitizer"]:
-        lines += ["## compute-sanitizer memcheck (one forward and training step per dtype)", "",
+        lines += ["## compute-sanitizer memcheck", "",
+                  "A forward per dtype; in fp16 and bf16 a training step too.", "",
                   "| dtype | status | errors | first report |", "|---|---|---|---|"]
         for dtype, s in result["sanitizer"].items():
             errors = "—" if s["errors"] is None else str(s["errors"])

@@ -79,7 +79,8 @@ def one_thread():
 @pytest.fixture(scope="session")
 def shared() -> Path:
     if not (SHARED / "golden" / "camixer_s_x4.pt").is_file():
-        pytest.fail(f"the shared folder is missing or incomplete: {SHARED} (set CAMIXER_FAST_SHARED)")
+        pytest.fail(f"the shared folder is missing or incomplete: {SHARED} "
+                    "(set CAMIXER_FAST_SHARED)")
     return SHARED
 
 

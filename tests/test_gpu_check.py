@@ -95,9 +95,9 @@ def bench_case(gamma: float, dtype: str, impl: str, ms: float | None, err: float
     return case
 
 
-BENCH_RESULT = {"environment": {}, "settings": {"image": "img_001.png", "size": [320, 180], "scale": 4,
-                                         "model": "CAMixerSR-S", "warmup": 3, "runs": 10,
-                                         "tf32": False},
+BENCH_RESULT = {"environment": {},
+                "settings": {"image": "img_001.png", "size": [320, 180], "scale": 4,
+                             "model": "CAMixerSR-S", "warmup": 3, "runs": 10, "tf32": False},
          "cases": [bench_case(0.5, "float32", "official", 46.0, 0.0),
                    bench_case(0.5, "float32", "ours", 23.0, 4.0e-6),
                    bench_case(0.5, "float16", "official", 30.0, 1e-3),

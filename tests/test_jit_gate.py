@@ -103,13 +103,16 @@ def test_half_precision_attention_runs_on_tensor_cores(jit_gate) -> None:
 
 # --- the gate's pieces ------------------------------------------------------------------------
 
-TTIR = """
-  %a = tt.dot %q, %k, %c, inputPrecision = tf32 : tensor<64x64xf16> * tensor<64x32xf16> -> tensor<64x32xf32> loc(#loc1)
-  %b = tt.dot %q, %k, %c : tensor<16x64xf32> * tensor<64x16xf32> -> tensor<16x16xf32> loc(#loc2)
-  %c = tt.dot %q, %k, %c, inputPrecision = tf32 : tensor<16x64xf32> * tensor<64x16xf32> -> tensor<16x16xf32>
-  %d = tt.dot %q, %k, %c, inputPrecision = tf32x3 : tensor<16x64xf32> * tensor<64x16xf32> -> tensor<16x16xf32>
-  %e = tt.dot %q, %k, %c : tensor<16x64xbf16> * tensor<64x16xbf16> -> tensor<16x16xf32>
-"""
+TTIR = "\n".join([
+    "%a = tt.dot %q, %k, %c, inputPrecision = tf32 : tensor<64x64xf16> * tensor<64x32xf16> -> "
+    "tensor<64x32xf32> loc(#loc1)",
+    "%b = tt.dot %q, %k, %c : tensor<16x64xf32> * tensor<64x16xf32> -> tensor<16x16xf32>",
+    "%c = tt.dot %q, %k, %c, inputPrecision = tf32 : tensor<16x64xf32> * tensor<64x16xf32> -> "
+    "tensor<16x16xf32>",
+    "%d = tt.dot %q, %k, %c, inputPrecision = tf32x3 : tensor<16x64xf32> * tensor<64x16xf32> -> "
+    "tensor<16x16xf32>",
+    "%e = tt.dot %q, %k, %c : tensor<16x64xbf16> * tensor<64x16xbf16> -> tensor<16x16xf32>",
+])
 
 
 def test_tensor_core_dots_are_read_from_the_ir() -> None:
@@ -119,13 +122,31 @@ def test_tensor_core_dots_are_read_from_the_ir() -> None:
     assert cubin.tensor_core_dots("tt.load %p : tensor<16x!tt.ptr<f32>>") == (0, 0)
 
 
+def test_narrow_wgmma_swizzles_are_read_from_the_ttgir() -> None:
+    cubin = gate_module("cubin")
+    layouts = ("#shared = #ttg.nvmma_shared<{swizzlingByteWidth = 128, transposed = true, "
+               "elementBitWidth = 16}>\n"
+               "#shared2 = #ttg.nvmma_shared<{swizzlingByteWidth = 64, transposed = true, "
+               "elementBitWidth = 16}>\n")
+    wide = ("%d = ttng.warp_group_dot %p, %v, %acc : tensor<64x64xf16> * "
+            "!ttg.memdesc<64x64xf16, #shared, #smem> -> tensor<64x64xf32, #mma>\n")
+    narrow = ("%e = ttng.warp_group_dot %p, %v, %acc : tensor<64x32xf16> * "
+              "!ttg.memdesc<32x64xf16, #shared2, #smem> -> tensor<64x64xf32, #mma>\n")
+    waited = "%w = ttng.warp_group_dot_wait %e, %v : !ttg.memdesc<32x64xf16, #shared2, #smem>\n"
+    assert cubin.narrow_wgmma_swizzles(layouts + wide) == ()
+    assert cubin.narrow_wgmma_swizzles(layouts + wide + waited) == ()
+    assert cubin.narrow_wgmma_swizzles(layouts + wide + narrow) == (64,)
+    assert cubin.narrow_wgmma_swizzles("") == ()
+
+
 def test_kernel_report_names_each_problem() -> None:
     cubin = gate_module("cubin")
     ok = cubin.KernelReport(96, 0, 0, 1024, 2, 2, ("HMMA.16816.F32",))
     assert ok.problems() == []
-    bad = cubin.KernelReport(300, 16, 8, 200_000, 2, 2, ())
+    bad = cubin.KernelReport(300, 16, 8, 200_000, 2, 2, (), (64,))
     problems = " ".join(bad.problems())
-    for words in ("spills", "300 registers", "shared memory", "no HMMA/HGMMA"):
+    for words in ("spills", "300 registers", "shared memory", "no HMMA/HGMMA",
+                  "64-byte swizzled"):
         assert words in problems
     # IEEE fp32 products run on the FMA units by design
     assert cubin.KernelReport(96, 0, 0, 0, 2, 0, ()).problems() == []

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from camixer_fast import reference
-from camixer_fast.kernels import attention_inference, attention_training
+from camixer_fast.kernels import attention_inference as kattn
+from camixer_fast.kernels import attention_training as ktrain
 from camixer_fast.kernels import routing as kroute
 from camixer_fast.kernels import warp as kwarp
 from camixer_fast.reference.windows import to_windows
@@ -169,7 +170,7 @@ def test_window_attention_matches_reference(case: tuple, dtype: torch.dtype) -> 
     order = torch.stack([torch.randperm(rows * cols, generator=gen(i)) for i in range(b)])
     num_hard = torch.tensor(ks)
     order, num_hard = order.to(DEVICE), num_hard.to(DEVICE)
-    got = attention_inference.window_attention(x, k_in, v, sa, *proj, num_hard, order, window_size=ws)
+    got = kattn.window_attention(x, k_in, v, sa, *proj, num_hard, order, window_size=ws)
     ref = reference.window_attention(x.float(), k_in.float(), v.float(), sa.float(),
                                      *(p.float() for p in proj), num_hard, order,
                                      window_size=ws)
@@ -181,13 +182,13 @@ def test_window_attention_rejects_bad_inputs() -> None:
     (x, k_in, v), sa, proj = attention_inputs(1, 36, 1, 2, 16)
     order, num_hard = torch.tensor([[0, 1]], device=DEVICE), torch.tensor([1], device=DEVICE)
     with pytest.raises(ValueError, match="sa"):
-        attention_inference.window_attention(x, k_in, v, sa[..., :16], *proj, num_hard, order, window_size=16)
+        kattn.window_attention(x, k_in, v, sa[..., :16], *proj, num_hard, order, window_size=16)
     with pytest.raises(ValueError, match="order"):
-        attention_inference.window_attention(x, k_in, v, sa, *proj, num_hard, order[:, :1], window_size=16)
+        kattn.window_attention(x, k_in, v, sa, *proj, num_hard, order[:, :1], window_size=16)
     with pytest.raises(ValueError, match="multiple"):
-        attention_inference.window_attention(x, k_in, v, sa, *proj, num_hard, order, window_size=12)
+        kattn.window_attention(x, k_in, v, sa, *proj, num_hard, order, window_size=12)
     with pytest.raises(ValueError, match="float16"):
-        attention_inference.window_attention(x, k_in.half(), v, sa, *proj, num_hard, order, window_size=16)
+        kattn.window_attention(x, k_in.half(), v, sa, *proj, num_hard, order, window_size=16)
 
 
 @pytest.mark.parametrize("case", [(2, 36, 2, 3), (1, 60, 1, 2)],
@@ -198,7 +199,7 @@ def test_masked_window_attention_forward_and_backward(case: tuple) -> None:
     logits = rand(b, rows * cols, 2, seed=9)
     grad = rand(b, c, rows * 16, cols * 16, seed=10)
     results = []
-    for fn in (attention_training.masked_window_attention, reference.masked_window_attention):
+    for fn in (ktrain.masked_window_attention, reference.masked_window_attention):
         leaves = [t.clone().requires_grad_() for t in (x, k_in, v, sa, logits, *proj)]
         soft = torch.softmax(leaves[4], -1)[..., 0:1]
         mask = (soft >= 0.5).float() - soft.detach() + soft
@@ -231,7 +232,7 @@ def test_window_attention_refuses_to_drop_gradients() -> None:
     (x, k_in, v), sa, proj = attention_inputs(1, 36, 1, 2, 16)
     order, num_hard = torch.tensor([[0, 1]], device=DEVICE), torch.tensor([1], device=DEVICE)
     with pytest.raises(RuntimeError, match="does not differentiate"):
-        attention_inference.window_attention(x.requires_grad_(), k_in, v, sa, *proj, num_hard, order,
+        kattn.window_attention(x.requires_grad_(), k_in, v, sa, *proj, num_hard, order,
                                window_size=16)
     with torch.no_grad():
-        attention_inference.window_attention(x, k_in, v, sa, *proj, num_hard, order, window_size=16)
+        kattn.window_attention(x, k_in, v, sa, *proj, num_hard, order, window_size=16)
