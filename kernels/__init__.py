@@ -12,7 +12,8 @@ the modules are named apart from them. Importing this package imports triton;
 
 On a GPU, the launch configurations that ran correctly on one (issue 9's H200 run) are marked
 ``proven`` (:func:`.attention_inference.tile_config`, :func:`.attention_training.tile_config`);
-the half-precision training kernels and the fp16 / bf16 warp backward are unproven on a GPU.
+the half-precision training attention and the warp backward's channel step are unproven on a
+GPU.
 """
 
 from types import SimpleNamespace

@@ -136,12 +136,10 @@ CHANNEL_BLOCK = 16
 """Channels per inner step: registers stay bounded whatever C is."""
 
 
-def backward_channel_block(dtype: torch.dtype) -> int:
-    """Channels per inner step of the backward kernel: 16 for fp32 / fp64 (the configuration
-    of issue 9's H200 training run; 246 registers per thread, no spills), 8 for fp16 / bf16,
-    whose 16-channel steps spill registers once H and W are 16-divisible (the JIT gate's
-    finding; unproven on a GPU)."""
-    return 8 if dtype in (torch.float16, torch.bfloat16) else CHANNEL_BLOCK
+BACKWARD_CHANNEL_BLOCK = 8
+"""Channels per inner step of the backward kernel. 16 (issue 9's H200 training run) sits at 255
+registers per thread and spills for some shapes in every dtype (Triton 3.6 and 3.9; fp64 up to
+400 B); 8 needs at most ~210 and spills nowhere (the JIT gate). Unproven on a GPU."""
 
 
 def deformable_key_forward(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
@@ -190,7 +188,7 @@ def deformable_key_backward(x: Tensor, offsets: Tensor, grad_out: Tensor) -> tup
     doff = torch.empty(offsets.shape, dtype=acc_dtype, device=x.device)
     grid = (triton.cdiv(height * width, PIXEL_BLOCK), b)
     _deform_key_bwd_kernel[grid](x, offsets.contiguous(), grad_out.contiguous(), dx, doff, c,
-                                 height, width, BC=backward_channel_block(x.dtype),
+                                 height, width, BC=BACKWARD_CHANNEL_BLOCK,
                                  BP=PIXEL_BLOCK, ACC=_acc(x))
     return (grad_out + dx).to(x.dtype), doff.to(offsets.dtype)
 

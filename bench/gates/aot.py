@@ -102,7 +102,7 @@ def variants() -> list[Variant]:
         k = warp._deform_key_bwd_kernel
         out.append(Variant(f"deform_key_bwd[{p[1:]}]", k, _signature(k, {
             "x_ptr": p, "off_ptr": p, "dout_ptr": p, "dx_ptr": f"*{acc}",
-            "doff_ptr": f"*{acc}"}), dict(BC=warp.backward_channel_block(dtype),
+            "doff_ptr": f"*{acc}"}), dict(BC=warp.BACKWARD_CHANNEL_BLOCK,
                                            BP=warp.PIXEL_BLOCK, ACC=_ACC[acc])))
     for dtype in _FLOATS:
         p = _PTR[dtype]
@@ -258,7 +258,7 @@ so {20 * per_block / 1000:.2f} ms per frame for routing, keys and attention toge
 ## Compiled resource use
 
 Every variant the wrappers launch for the published models (C = 36, 48, 60: channel blocks of
-16 in the predictor, 16 (8 in the fp16 / bf16 backward) in the warp, 64 in the attention),
+16 in the predictor, 16 in the warp (8 in its backward), 64 in the attention),
 compiled ahead of time with `triton.compile(..., target=GPUTarget("cuda", cc, 32))` with
 unspecialized int arguments, and read with the triton wheel's `cuobjdump`: registers per
 thread, bytes spilled (stack + local memory; the gate fails on any), shared memory per program

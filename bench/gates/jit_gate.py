@@ -16,9 +16,9 @@ public API -- ``CAMixerSR(...)``, ``model.backend = "triton"``, ``model(x)`` -- 
 
 in fp32, fp16 and bf16, for C = 36 and an odd C. Every kernel compiled is then read with
 :mod:`cubin`: no register spills, shared memory within bounds, fp16/bf16/tf32 products on
-tensor cores (HMMA / HGMMA). The kernels' outputs are never computed (tensors keep whatever
-``torch.empty`` gave them): this gate proves compilation, the test suite and the GPU check
-prove values.
+tensor cores (HMMA / HGMMA), no wgmma operand swizzled narrower than 128 bytes. The kernels'
+outputs are never computed (tensors keep whatever ``torch.empty`` gave them): this gate proves
+compilation; the test suite and the GPU check prove values.
 
 Run as a script (never ``python -m`` from the checkout, which would shadow the installed
 package)::
@@ -137,7 +137,9 @@ def compile_only(capability: int) -> Iterator[Recorder]:
                                         _describe(self, ordered, options), compiled))
         return compiled
 
-    os.environ["CAMIXER_FAST_COMPILE_ONLY"] = "1"
+    from camixer_fast.triton_env import COMPILE_ONLY_VAR
+
+    os.environ[COMPILE_ONLY_VAR] = "1"
     driver.set_active(StandInDriver(capability))
     JITFunction.run = run
     try:
@@ -227,23 +229,19 @@ def op_cases(dtype_name: str) -> Iterator[tuple[str, Callable]]:
     for ws, rows, cols, c in ((4, 1, 1, 7), (8, 1, 3, 36), (8, 2, 2, 48), (16, 1, 1, 60)):
         def routed(ws=ws, rows=rows, cols=cols, c=c):
             h, w = rows * ws, cols * ws
-            c4 = (c + 4) // 4
-            hidden = torch.rand(1, c4, h, w, dtype=dtype)
+            hidden = torch.rand(1, (c + 4) // 4, h, w, dtype=dtype)
             mlp = (torch.rand(ws, ws * ws, dtype=dtype), torch.rand(ws, dtype=dtype),
                    torch.rand(2, ws, dtype=dtype), torch.rand(2, dtype=dtype))
+            x, v, offsets, sa = (torch.rand(1, n, h, w, dtype=dtype) for n in (c, c, 2, 1))
+            proj = (torch.rand(c, c, dtype=dtype), torch.rand(c, dtype=dtype),
+                    torch.rand(c, c, dtype=dtype), torch.rand(c, dtype=dtype))
             for gamma in (1.0, 0.5):
                 routing = kernels.route_windows(hidden, *mlp, gamma, window_size=ws)
-                maps = [torch.rand(1, c, h, w, dtype=dtype) for _ in range(3)]
-                sa = torch.rand(1, 1, h, w, dtype=dtype)
-                proj = (torch.rand(c, c, dtype=dtype), torch.rand(c, dtype=dtype),
-                        torch.rand(c, c, dtype=dtype), torch.rand(c, dtype=dtype))
-                num_hard = torch.ones(1, dtype=torch.int64)
-                order = torch.arange(rows * cols).unsqueeze(0)
-                kernels.deformable_key(maps[0], torch.rand(1, 2, h, w, dtype=dtype), num_hard,
-                                       order, window_size=ws)
+                k_in = kernels.deformable_key(x, offsets, routing.num_hard, routing.order,
+                                              window_size=ws)
                 with torch.no_grad():
-                    kernels.window_attention(*maps, sa, *proj, num_hard, order, window_size=ws)
-                del routing
+                    kernels.window_attention(x, k_in, v, sa, *proj, routing.num_hard,
+                                             routing.order, window_size=ws)
         yield f"op-attention-{dtype_name}-ws{ws}-{rows}x{cols}win-C{c}", routed
 
 
