@@ -26,6 +26,9 @@ usage: bash bench/gpu_check.sh [options]
   --python EXE     the interpreter with the machine's torch and triton (default: python3)
   --work DIR       keep the work folder (logs, JUnit XML) here (default: a temporary one)
   --full           the benchmark's full mode (more timed calls) instead of --quick
+  --budget SECONDS stop starting steps when this much time has passed (default 540: the
+                   whole check fits a 10-minute command); a step never outlives it
+  --logs           also write the work folder's logs as gpu-logs-<date>.tar.gz into --out
   --skip-tests | --skip-sanitizer | --skip-bench
   --dry-run        print the plan and exit (no GPU needed)
   -h, --help       this text
@@ -38,6 +41,8 @@ SHARED="${CAMIXER_FAST_SHARED:-}"
 PY="python3"
 WORK=""
 BENCH_MODE="--quick"
+BUDGET=540
+LOGS=0
 RUN_TESTS=1 RUN_SANITIZER=1 RUN_BENCH=1 DRY_RUN=0
 
 need_value() {
@@ -53,6 +58,8 @@ while [ $# -gt 0 ]; do
     --python) need_value "$@"; PY="$2"; shift 2 ;;
     --work) need_value "$@"; WORK="$2"; shift 2 ;;
     --full) BENCH_MODE=""; shift ;;
+    --budget) need_value "$@"; BUDGET="$2"; shift 2 ;;
+    --logs) LOGS=1; shift ;;
     --skip-tests) RUN_TESTS=0; shift ;;
     --skip-sanitizer) RUN_SANITIZER=0; shift ;;
     --skip-bench) RUN_BENCH=0; shift ;;
@@ -61,6 +68,11 @@ while [ $# -gt 0 ]; do
     *) echo "error: unknown option $1" >&2; usage >&2; exit 2 ;;
   esac
 done
+
+case "$BUDGET" in
+  ''|*[!0-9]*) echo "error: --budget needs whole seconds, got '$BUDGET'" >&2; exit 2 ;;
+esac
+DEADLINE=$(( $(date +%s) + BUDGET ))
 
 if [ -z "$SHARED" ]; then
   if [ -d "$REPO/../shared" ]; then SHARED="$REPO/../shared"; else SHARED="$REPO/shared"; fi
@@ -82,6 +94,7 @@ if [ "$DRY_RUN" = 1 ]; then
   echo "shared:   $SHARED"
   echo "out:      $OUT"
   echo "python:   $PY"
+  echo "budget:   $BUDGET s"
   echo "plan:"
   echo "  install (a copy of the sources; pip install --no-deps --no-build-isolation"\
        "--no-index --target <work>/site)"
@@ -122,12 +135,21 @@ export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 cd "$WORK"              # never the checkout: its camixer_fast/ would shadow the installed one
 
-# step NAME LIMIT LOG COMMAND...: run with a time limit, record status and seconds
+RESERVE=20              # seconds kept for the summary
+
+# step NAME LIMIT LOG COMMAND...: run within min(LIMIT, time left), record status and seconds
 step() {
   local name="$1" limit="$2" log="$3"; shift 3
-  local start status code
+  local start status code left
   start=$(date +%s)
-  echo "== $name" >&2
+  left=$(( DEADLINE - RESERVE - start ))
+  if [ "$left" -lt 15 ]; then
+    skip "$name" out-of-time "no time left in the ${BUDGET} s budget"
+    echo "== $name: skipped, no time left" >&2
+    return 1
+  fi
+  [ "$left" -lt "$limit" ] && limit=$left
+  echo "== $name (at most $limit s)" >&2
   timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1
   code=$?
   case $code in
@@ -208,5 +230,9 @@ fi
 
 "$PY" "$REPO/bench/gpu_summary.py" summarize --work "$WORK" --out "$OUT"
 status=$?
+if [ "$LOGS" = 1 ]; then
+  tar -czf "$OUT/gpu-logs-$(date -u +%Y-%m-%d).tar.gz" -C "$WORK" --exclude=./site \
+    --exclude=./src --exclude=./triton-cache .
+fi
 echo "work folder (logs): $WORK" >&2
 exit $status

@@ -21,7 +21,9 @@ import xml.etree.ElementTree as ET
 from datetime import datetime, timezone
 from pathlib import Path
 
-STEP_STATUSES = ("ok", "failed", "timeout", "skipped", "unavailable")
+STEP_STATUSES = ("ok", "failed", "timeout", "out-of-time", "skipped", "unavailable")
+"""A step's fate: ``skipped`` when asked (``--skip-...``), ``unavailable`` when its tool or data
+is missing, ``out-of-time`` when the check's budget ran out before it (the check then fails)."""
 
 
 def read_steps(path: Path) -> list[dict]:

@@ -52,8 +52,10 @@ def test_dry_run_plans_every_step_without_a_gpu(tmp_path) -> None:
                  "gpu_bench.py --quick", "gpu-<date>.json"):
         assert step in plan, step
     assert not (tmp_path / "results").exists(), "a dry run wrote something"
-    lean = check("--dry-run", "--skip-tests", "--skip-sanitizer", "--full").stdout
-    assert "tests-" not in lean and "sanitizer-" not in lean and "gpu_bench.py --full" in lean
+    lean = check("--dry-run", "--skip-tests", "--skip-sanitizer", "--full", "--budget", "300")
+    assert "tests-" not in lean.stdout and "sanitizer-" not in lean.stdout
+    assert "gpu_bench.py --full" in lean.stdout and "budget:   300 s" in lean.stdout
+    assert check("--dry-run", "--budget", "ten").returncode == 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
@@ -194,6 +196,15 @@ def test_summarize_writes_json_and_markdown(tmp_path) -> None:
     assert written == json.loads(json.dumps(summary.gather(work)))
     assert (tmp_path / "results" / "gpu-2026-12-01.md").read_text() == summary.render(written)
     assert "Overall: FAIL" in done.stdout
+
+
+def test_a_step_the_budget_left_out_fails_the_check(tmp_path) -> None:
+    summary = bench_module("gpu_summary")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "steps.tsv").write_text("install\tok\t3\t\n"
+                                    "bench\tout-of-time\t0\tno time left in the 60 s budget\n")
+    assert summary.gather(work)["ok"] is False
 
 
 def test_steps_file_with_an_unknown_status_is_an_error(tmp_path) -> None:
