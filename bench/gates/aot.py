@@ -259,8 +259,9 @@ so {20 * per_block / 1000:.2f} ms per frame for routing, keys and attention toge
 
 Every variant the wrappers launch for the published models (C = 36, 48, 60: channel blocks of
 16 in the predictor, 16 in the warp (8 in its backward), 64 in the attention),
-compiled ahead of time with `triton.compile(..., target=GPUTarget("cuda", cc, 32))` with
-unspecialized int arguments, and read with the triton wheel's `cuobjdump`: registers per
+compiled ahead of time with `triton.compile(..., target=GPUTarget("cuda", cc, 32))` as their
+launches are specialized (pointers 16-byte aligned; H and W of the windowed kernels multiples
+of 16; other ints unspecialized), and read with the triton wheel's `cuobjdump`: registers per
 thread, bytes spilled (stack + local memory; the gate fails on any), shared memory per program
 (static + dynamic), and the tensor-core instructions of the matrix products (the gate fails an
 fp16 / bf16 / tf32 product without them). `bench/gates/jit_gate.py` checks the same for every
