@@ -40,6 +40,7 @@ less than 128 B. A configuration that has not run on a GPU is marked unproven.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -112,7 +113,45 @@ def check_maps(x: Tensor, others: dict[str, Tensor], window_size: int) -> tuple[
     return b, c, height, width
 
 
+FP32_PARITY_VAR = "CAMIXER_FAST_FP32_PARITY"
+FP32_PARITY_PRECISIONS = ("ieee", "tf32x3")
+"""How fp32 kernels keep parity with the reference (<= 1e-4) when PyTorch forbids TF32: IEEE
+products on the FMA units (the default, proven on the H200), or ``"tf32x3"``, three TF32
+tensor-core products per product (Triton 3.0 and later, so every Triton this project takes;
+unproven on a GPU), chosen with the environment variable ``CAMIXER_FAST_FP32_PARITY``."""
+
+
+def pytorch_allows_tf32() -> bool:
+    """Whether PyTorch lets float32 matrix products use TF32 on CUDA: the switch a user sets
+    with ``torch.backends.cuda.matmul.allow_tf32 = True``,
+    ``torch.set_float32_matmul_precision("high" or "medium")`` or (torch 2.9+)
+    ``torch.backends.cuda.matmul.fp32_precision = "tf32"``. Off by PyTorch's default.
+
+    torch 2.9+ reads the new setting, which follows the legacy ones and never raises (the
+    legacy getters raise once the two APIs are mixed)."""
+    matmul = torch.backends.cuda.matmul
+    setting = getattr(matmul, "fp32_precision", None)
+    if setting is not None:
+        return setting == "tf32"
+    return bool(matmul.allow_tf32)
+
+
+def fp32_parity_precision() -> str:
+    """``"ieee"`` or ``"tf32x3"``: :data:`FP32_PARITY_PRECISIONS`, from
+    ``CAMIXER_FAST_FP32_PARITY`` (read at every launch; ValueError for another value)."""
+    value = os.environ.get(FP32_PARITY_VAR, "").strip().lower() or "ieee"
+    if value not in FP32_PARITY_PRECISIONS:
+        raise ValueError(f"{FP32_PARITY_VAR} must be one of {FP32_PARITY_PRECISIONS}, "
+                         f"got {value!r}")
+    return value
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    """IEEE fp32 products for fp32 inputs (parity with the reference); fp16 / bf16 inputs run on
-    tensor cores whatever this says."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """The ``tl.dot`` input precision of the attention kernels for inputs of ``dtype``, asked
+    at every launch. fp32: ``"tf32"`` where PyTorch allows TF32 (:func:`pytorch_allows_tf32`:
+    TF32 tensor-core products, ~1e-3 relative, as cuBLAS under the same switch), else the
+    parity precision (:func:`fp32_parity_precision`). fp16 / bf16 run on tensor cores whatever
+    this says (Triton ignores it for them)."""
+    if dtype != torch.float32:
+        return "tf32"
+    return "tf32" if pytorch_allows_tf32() else fp32_parity_precision()

@@ -90,10 +90,21 @@ was faster (24 µs) but wrong (NaN, or an illegal memory access with 8 warps): s
 HALF_SMALL_WINDOWS = TileConfig(64, 64, 8, 1, proven=False)
 """fp16 / bf16 for windows under 16×16: 4 warps spill registers on 8×8 windows; unproven on a
 GPU."""
+TF32_TILES = TileConfig(64, 32, 4, 1, proven=True)
+"""fp32 with TF32 products (PyTorch's TF32 switch on): ran correctly on the H200 (51 µs per
+call at 720p, 2.2e-2 from the fp32 reference on random inputs)."""
+TF32X3_TILES = TileConfig(32, 32, 8, 1, proven=False)
+"""fp32 parity on tensor cores (``tf32x3``: three TF32 products per product, ~fp32 accuracy):
+the TF32 tiles spill registers (64 B per thread on sm_90, 808 B on sm_80), 32×32 with 8 warps
+spills nowhere (4 warps spill on 8×8 windows); unproven on a GPU."""
+TF32_SMALL_WINDOWS = TileConfig(64, 32, 8, 1, proven=False)
+"""TF32 for windows under 16×16: 4 warps spill registers on 8×8 windows; unproven on a GPU."""
+FP32_TILE_BY_PRECISION = {"ieee": FP32_TILES, "tf32": TF32_TILES, "tf32x3": TF32X3_TILES}
 
 
-def tile_config(dtype: torch.dtype, window_size: int) -> TileConfig:
-    """The launch configuration :func:`window_attention` uses for ``dtype`` and ``window_size``.
+def tile_config(dtype: torch.dtype, window_size: int, precision: str | None = None) -> TileConfig:
+    """The launch configuration :func:`window_attention` uses for ``dtype`` and ``window_size``
+    (fp32: for the dot ``precision``, default :func:`~camixer_fast.kernels._tiles.dot_precision`).
 
     ``proven`` says whether it ran correctly on a GPU: only the 16×16 windows of the published
     models did. Under the interpreter: whole windows.
@@ -102,7 +113,10 @@ def tile_config(dtype: torch.dtype, window_size: int) -> TileConfig:
         return whole_windows(window_size)
     if dtype in HALF:
         return for_window(HALF_TILES if window_size >= 16 else HALF_SMALL_WINDOWS, window_size)
-    return for_window(FP32_TILES, window_size)
+    precision = precision or dot_precision(dtype)
+    if precision == "tf32" and window_size < 16:
+        return for_window(TF32_SMALL_WINDOWS, window_size)
+    return for_window(FP32_TILE_BY_PRECISION[precision], window_size)
 
 
 def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor, bq: Tensor,
@@ -142,11 +156,12 @@ def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
     x, k_in, v, sa, wq, bq, wk, bk, num_hard, order = (
         t.contiguous() for t in (x, k_in, v, sa, wq, bq, wk, bk, num_hard, order))
     out = torch.empty_like(x)
-    cfg = tile_config(x.dtype, ws)
+    precision = dot_precision(x.dtype)
+    cfg = tile_config(x.dtype, ws, precision)
     grid = (n, ws * ws // cfg.bm, b)
     _hard_window_attention_kernel[grid](x, k_in, v, sa, wq, bq, wk, bk, num_hard, order, out,
                                         c, height, width, cols, n, WS=ws,
                                         BC=channel_block(c, x.dtype), BM=cfg.bm, BN=cfg.bn,
-                                        PRECISION=dot_precision(x.dtype),
+                                        PRECISION=precision,
                                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out

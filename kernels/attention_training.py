@@ -130,23 +130,40 @@ HALF_BACKWARD = TileConfig(64, 64, 4, 1, proven=False)
 two spill registers on sm_80."""
 
 
-def tile_config(dtype: torch.dtype, window_size: int, *, backward: bool = False) -> TileConfig:
-    """The launch configuration the training kernels use for ``dtype`` and ``window_size``;
+TF32_FORWARD = TileConfig(64, 32, 4, 1, proven=False)
+TF32_BACKWARD = TileConfig(64, 32, 8, 1, proven=False)
+TF32X3_FORWARD = TileConfig(16, 32, 4, 1, proven=False)
+TF32X3_BACKWARD = TileConfig(16, 32, 4, 1, proven=False)
+"""fp32 on tensor cores, ``tf32`` (PyTorch's TF32 switch) and ``tf32x3`` (parity): unproven
+on a GPU. The inference kernel's TF32 tiles (64×32, 4 warps), with 8 warps in the backward
+(4 spill on sm_80); tf32x3 splits every operand in two: 16×32 tiles are the largest that
+spill nowhere (32×32 spill on sm_90 for C = 21 with 4 warps, for C = 36 with 8)."""
+FP32_TILES_BY_PRECISION = {"ieee": (FP32_FORWARD, FP32_BACKWARD),
+                           "tf32": (TF32_FORWARD, TF32_BACKWARD),
+                           "tf32x3": (TF32X3_FORWARD, TF32X3_BACKWARD)}
+
+
+def tile_config(dtype: torch.dtype, window_size: int, *, backward: bool = False,
+                precision: str | None = None) -> TileConfig:
+    """The launch configuration the training kernels use for ``dtype`` and ``window_size``
+    (fp32: for the dot ``precision``, default :func:`~camixer_fast.kernels._tiles.dot_precision`);
     ``proven`` says whether it ran correctly on a GPU. Under the interpreter: whole windows."""
     if interpreting():
         return whole_windows(window_size)
     if dtype in HALF:
         return for_window(HALF_BACKWARD if backward else HALF_FORWARD, window_size)
-    return for_window(FP32_BACKWARD if backward else FP32_FORWARD, window_size)
+    forward, backward_cfg = FP32_TILES_BY_PRECISION[precision or dot_precision(dtype)]
+    return for_window(backward_cfg if backward else forward, window_size)
 
 
 def _launch_args(q: Tensor, window_size: int, backward: bool = False) -> tuple[tuple, dict]:
     b, c, height, width = q.shape
     cols = width // window_size
     n = (height // window_size) * cols
-    cfg = tile_config(q.dtype, window_size, backward=backward)
+    precision = dot_precision(q.dtype)
+    cfg = tile_config(q.dtype, window_size, backward=backward, precision=precision)
     meta = dict(WS=window_size, BC=channel_block(c, q.dtype), BM=cfg.bm, BN=cfg.bn,
-                PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps,
+                PRECISION=precision, num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages)
     return (c, height, width, cols, n), meta
 

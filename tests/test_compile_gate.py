@@ -53,8 +53,23 @@ def test_half_precision_products_use_tensor_cores(gate) -> None:
     assert half
     for key, u in half.items():
         assert u["tensor_core_dots"] == u["dots"] > 0 and u["mma"], key
-    fp32 = {k: u for k, u in usage.items() if "attention" in k and "[fp32" in k}
-    assert all(u["tensor_core_dots"] == 0 for u in fp32.values()), "fp32 must stay IEEE"
+    ieee = {k: u for k, u in usage.items() if "attention" in k and "[fp32,ieee]" in k}
+    assert ieee and all(u["tensor_core_dots"] == 0 for u in ieee.values()), \
+        "fp32 parity by IEEE products must stay on the FMA units"
+
+
+@pytest.mark.parametrize("precision", ["tf32", "tf32x3"])
+def test_fp32_tensor_core_precisions_use_tensor_cores(gate, precision: str) -> None:
+    """fp32 under PyTorch's TF32 switch (tf32) and the tensor-core parity mode (tf32x3): every
+    attention kernel compiled in it, all its products as HMMA / HGMMA."""
+    _, usage = gate
+    variants = {k: u for k, u in usage.items() if f"[fp32,{precision}]" in k}
+    kernels = {k.split("[")[0] for k in variants}
+    assert kernels == {"hard_window_attention", "attention_fwd", "attention_bwd_dkv",
+                       "attention_bwd_dq"}
+    for key, u in variants.items():
+        assert u["tensor_core_dots"] == u["dots"] > 0 and u["mma"], key
+        assert all(m.endswith("TF32") for m in u["mma"]), (key, u["mma"])
 
 
 def test_report_written(gate) -> None:

@@ -26,7 +26,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from camixer_fast.kernels import attention_inference, attention_training, routing, warp
-from camixer_fast.kernels._tiles import channel_block, dot_precision
+from camixer_fast.kernels._tiles import FP32_PARITY_PRECISIONS, channel_block, dot_precision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cubin import KernelReport, inspect  # noqa: E402
@@ -41,6 +41,8 @@ _PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _ACC = {"fp32": triton.language.float32, "fp64": triton.language.float64}
 MODULES = (routing, warp, attention_inference, attention_training)
+FP32_PRECISIONS = ("tf32", *FP32_PARITY_PRECISIONS)
+"""The dot precisions fp32 attention kernels launch with (``_tiles.dot_precision``)."""
 _WINDOWED = ("H", "W")
 """Int arguments of the windowed kernels that are multiples of the window size, 16."""
 
@@ -104,31 +106,39 @@ def variants() -> list[Variant]:
             "x_ptr": p, "off_ptr": p, "dout_ptr": p, "dx_ptr": f"*{acc}",
             "doff_ptr": f"*{acc}"}), dict(BC=warp.BACKWARD_CHANNEL_BLOCK,
                                            BP=warp.PIXEL_BLOCK, ACC=_ACC[acc])))
-    for dtype in _FLOATS:
+    # fp32 in each dot precision: IEEE (parity), tf32 (PyTorch's TF32 switch), tf32x3 (parity
+    # on tensor cores); half precision once
+    precisions = [(dtype, precision) for dtype in _FLOATS
+                  for precision in (FP32_PRECISIONS if dtype == torch.float32 else (None,))]
+    for dtype, precision in precisions:
         p = _PTR[dtype]
-        configs = {"inference": attention_inference.tile_config(dtype, WINDOW),
-                   "forward": attention_training.tile_config(dtype, WINDOW),
-                   "backward": attention_training.tile_config(dtype, WINDOW, backward=True)}
+        tag = p[1:] if precision is None else f"{p[1:]},{precision}"
+        precision = precision or dot_precision(dtype)
+        configs = {"inference": attention_inference.tile_config(dtype, WINDOW, precision),
+                   "forward": attention_training.tile_config(dtype, WINDOW,
+                                                             precision=precision),
+                   "backward": attention_training.tile_config(dtype, WINDOW, backward=True,
+                                                              precision=precision)}
         meta, opts = {}, {}
         for role, cfg in configs.items():
             opts[role] = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            meta[role] = dict(WS=WINDOW, BM=cfg.bm, BN=cfg.bn, PRECISION=dot_precision(dtype))
+            meta[role] = dict(WS=WINDOW, BM=cfg.bm, BN=cfg.bn, PRECISION=precision)
         for bc in sorted({channel_block(c, dtype) for c in PUBLISHED_CHANNELS}):
             k = attention_inference._hard_window_attention_kernel
-            out.append(Variant(f"hard_window_attention[{p[1:]}]", k, _signature(k, {
+            out.append(Variant(f"hard_window_attention[{tag}]", k, _signature(k, {
                 **{n: p for n in ("x_ptr", "k_ptr", "v_ptr", "sa_ptr", "wq_ptr", "bq_ptr",
                                   "wk_ptr", "bk_ptr", "out_ptr")},
                 "num_hard_ptr": "*i64", "order_ptr": "*i64"}), dict(meta["inference"], BC=bc),
                 opts["inference"], _WINDOWED))
             k = attention_training._attention_fwd_kernel
-            out.append(Variant(f"attention_fwd[{p[1:]}]", k, _signature(k, {
+            out.append(Variant(f"attention_fwd[{tag}]", k, _signature(k, {
                 "q_ptr": p, "k_ptr": p, "v_ptr": p, "out_ptr": p, "lse_ptr": "*fp32"}),
                 dict(meta["forward"], BC=bc), opts["forward"], _WINDOWED))
             for k, label in ((attention_training._attention_bwd_dkv_kernel, "attention_bwd_dkv"),
                              (attention_training._attention_bwd_dq_kernel, "attention_bwd_dq")):
                 ptrs = {n: p for n in k.arg_names if n.endswith("_ptr")}
                 ptrs.update(lse_ptr="*fp32", delta_ptr="*fp32")
-                out.append(Variant(f"{label}[{p[1:]}]", k, _signature(k, ptrs),
+                out.append(Variant(f"{label}[{tag}]", k, _signature(k, ptrs),
                                    dict(meta["backward"], BC=bc), opts["backward"], _WINDOWED))
     return out
 
@@ -264,7 +274,10 @@ launches are specialized (pointers 16-byte aligned; H and W of the windowed kern
 of 16; other ints unspecialized), and read with the triton wheel's `cuobjdump`: registers per
 thread, bytes spilled (stack + local memory; the gate fails on any), shared memory per program
 (static + dynamic), and the tensor-core instructions of the matrix products (the gate fails an
-fp16 / bf16 / tf32 product without them). `bench/gates/jit_gate.py` checks the same for every
+fp16 / bf16 / tf32 product without them). fp32 attention variants are compiled in each dot
+precision the launchers choose (`kernels/_tiles.py`, `dot_precision`): `ieee` (parity on the
+FMA units, the default), `tf32` (under PyTorch's TF32 switch) and `tf32x3` (parity on tensor
+cores, `CAMIXER_FAST_FP32_PARITY=tf32x3`). `bench/gates/jit_gate.py` checks the same for every
 specialization the model's launches get.
 
 {usage_table(results)}
