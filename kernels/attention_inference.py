@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from camixer_fast.kernels._autocast import autocast_entry
 from camixer_fast.kernels._tiles import (
     HALF,
     TileConfig,
@@ -119,6 +120,7 @@ def tile_config(dtype: torch.dtype, window_size: int, precision: str | None = No
     return for_window(FP32_TILE_BY_PRECISION[precision], window_size)
 
 
+@autocast_entry("lower")
 def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor, bq: Tensor,
                      wk: Tensor, bk: Tensor, num_hard: Tensor, order: Tensor, *,
                      window_size: int) -> Tensor:
@@ -128,6 +130,8 @@ def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
     num_hard: (B,) int64; order: (B, N) int64. Returns attn_out (B, C, H, W) in x's dtype.
     Only the hard windows' pixels of ``k_in`` are read; the kernel's memory does not depend on
     K (the reference's ``chunk`` has no counterpart here).
+    Under ``torch.autocast`` the floating inputs are cast to the autocast dtype and the
+    kernels run in it (:mod:`camixer_fast.kernels._autocast`).
     """
     b, c, height, width = check_maps(x, {"k_in": k_in, "v": v, "sa": sa, "wq": wq, "bq": bq,
                                           "wk": wk, "bk": bk, "num_hard": num_hard,

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from camixer_fast.kernels._autocast import autocast_entry
 from camixer_fast.kernels._tiles import (
     HALF,
     TileConfig,
@@ -220,6 +221,7 @@ class WindowAttentionCore(torch.autograd.Function):
         return dq, dk, dv, None
 
 
+@autocast_entry("lower")
 def masked_window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, mask: Tensor,
                             wq: Tensor, bq: Tensor, wk: Tensor, bk: Tensor, *,
                             window_size: int) -> Tensor:
@@ -228,6 +230,8 @@ def masked_window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, mask
     x, k_in, v: (B, C, H, W); sa: (B, 1, H, W); mask: (B, N, 1) straight-through 0/1 mask.
     ``attn_out = softmax(QKᵀ)·(v·M) + (v·sa)·(1 − M)`` with Q, K projected from the masked
     inputs; differentiable in every input.
+    Under ``torch.autocast`` the floating inputs are cast to the autocast dtype and the
+    kernels run in it (:mod:`camixer_fast.kernels._autocast`).
     """
     b, c, height, width = check_maps(x, {"k_in": k_in, "v": v, "sa": sa, "mask": mask},
                                      window_size)

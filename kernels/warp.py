@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from camixer_fast.kernels._autocast import autocast_entry
+
 
 @triton.jit
 def _pixels(i_p, i_b, num_hard_ptr, order_ptr, H, W, COLS, N, HARD_ONLY: tl.constexpr,
@@ -207,6 +209,7 @@ class DeformableKey(torch.autograd.Function):
         return deformable_key_backward(x, offsets, grad_out)
 
 
+@autocast_entry("widest")
 def deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
                    order: Tensor | None = None, *, window_size: int = 16) -> Tensor:
     """Fused twin of :func:`camixer_fast.reference.warp.deformable_key`.
@@ -214,6 +217,8 @@ def deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
     x (B, C, H, W), offsets (B, 2, H, W) in pixels -> x + warp(x, offsets), (B, C, H, W).
     Given the routing (``num_hard`` (B,), ``order`` (B, N)) and no gradient to compute, only the
     hard windows' pixels are computed; otherwise the whole map, differentiably.
+    Under ``torch.autocast`` both are cast to the wider of their dtypes (as ``grid_sample``
+    is) and the kernels run in it (:mod:`camixer_fast.kernels._autocast`).
     """
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or offsets.requires_grad)
     if num_hard is not None and not needs_grad:

@@ -86,6 +86,27 @@ def test_the_gate_drives_every_kernel_and_dtype(jit_gate) -> None:
             assert any(c.startswith(f"train-{dtype}") for c in cases)
             assert any(c.startswith(f"model-{dtype}") and c.endswith("16x16-gamma=1.0")
                        for c in cases)
+        # fp32 in the other dot precisions, and bf16 autocast around an fp32 model
+        for prefix in ("model-float32-tf32-", "train-float32-tf32-", "model-float32-tf32x3-",
+                       "train-float32-tf32x3-", "op-attention-float32-tf32x3-ws8",
+                       "train-autocast-bfloat16-", "model-autocast-bfloat16-"):
+            assert any(c.startswith(prefix) for c in cases), prefix
+
+
+def test_fp32_precisions_compile_on_tensor_cores(jit_gate) -> None:
+    """Every attention kernel launched in tf32 or tf32x3 (the model's launches, forward and
+    backward, and small windows) runs its products on tensor cores."""
+    _, results = jit_gate
+    for result in results:
+        for precision in ("tf32", "tf32x3"):
+            variants = {label: k for label, k in result["kernels"].items()
+                        if f"PRECISION={precision}," in label and label.startswith(
+                            ("_hard_window", "_attention")) and "[float32," in label}
+            assert {label.split("[")[0] for label in variants} == {
+                "_hard_window_attention_kernel", "_attention_fwd_kernel",
+                "_attention_bwd_dkv_kernel", "_attention_bwd_dq_kernel"}, precision
+            for label, k in variants.items():
+                assert k["tensor_core_dots"] == k["dots"] > 0 and k["mma"], label
 
 
 def test_half_precision_attention_runs_on_tensor_cores(jit_gate) -> None:

@@ -230,12 +230,88 @@ def op_cases(dtype_name: str) -> Iterator[tuple[str, Callable]]:
         yield f"op-attention-{dtype_name}-ws{ws}-{rows}x{cols}win-C{c}", routed
 
 
+@contextmanager
+def fp32_precision(precision: str) -> Iterator[None]:
+    """Within: the fp32 kernels launch with dot ``precision`` -- "tf32" through PyTorch's own
+    switch (``torch.backends.cuda.matmul.allow_tf32``), "tf32x3" or "ieee" as the parity
+    precision (``CAMIXER_FAST_FP32_PARITY``, TF32 off); both restored after."""
+    import torch
+
+    from camixer_fast.kernels._tiles import FP32_PARITY_VAR
+
+    saved = torch.backends.cuda.matmul.allow_tf32, os.environ.get(FP32_PARITY_VAR)
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    if precision != "tf32":
+        os.environ[FP32_PARITY_VAR] = precision
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved[0]
+        if saved[1] is None:
+            os.environ.pop(FP32_PARITY_VAR, None)
+        else:
+            os.environ[FP32_PARITY_VAR] = saved[1]
+
+
+FP32_PRECISIONS = ("tf32", "tf32x3")
+"""fp32 dot precisions beside the default IEEE products, each driven through the model."""
+
+
+def precision_cases(precision: str, channels: int) -> Iterator[tuple[str, Callable]]:
+    """fp32 models under dot ``precision``: inference at 16×16 (γ = 1) and 64×48 (γ = 0.5), a
+    training step at 17×33, and the attention on its own with 8×8 windows."""
+    for name, case in (*inference_cases("float32", channels), *training_cases("float32",
+                                                                               channels)):
+        if name.endswith(("-16x16-gamma=1.0", "-64x48-gamma=0.5", "-17x33")) and (
+                "train" in name or "model" in name):
+            def run(case=case):
+                with fp32_precision(precision):
+                    case()
+            yield name.replace("float32", f"float32-{precision}", 1), run
+    if channels == CHANNELS[0]:
+        for name, case in op_cases("float32"):
+            if "ws8" in name:
+                def run_op(case=case):
+                    with fp32_precision(precision):
+                        case()
+                yield name.replace("float32", f"float32-{precision}", 1), run_op
+
+
+def autocast_cases(channels: int) -> Iterator[tuple[str, Callable]]:
+    """bf16 autocast around an fp32 model (master weights stay fp32): a training step with
+    backward at 16×16 and 17×33, and inference at 64×48. The tensors are on the CPU, so
+    the CPU's autocast runs; the kernel entries cast their inputs the same way under CUDA's
+    (``camixer_fast.kernels._autocast``)."""
+    import torch
+
+    for h, w in TRAIN_SIZES:
+        def train(h=h, w=w):
+            m = _model(channels, torch.float32, train=True)
+            x = torch.rand(2, 3, h, w, requires_grad=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                sr, ratio_loss = m(x)
+                loss = sr.float().abs().mean() + ratio_loss.float()
+            loss.backward()
+        yield f"train-autocast-bfloat16-C{channels}-{h}x{w}", train
+
+    def infer():
+        m = _model(channels, torch.float32, train=False)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            m(torch.rand(1, 3, 64, 48))
+    yield f"model-autocast-bfloat16-C{channels}-64x48-gamma=0.5", infer
+
+
 def cases(dtypes: tuple[str, ...], channels: tuple[int, ...]) -> list[tuple[str, Callable]]:
     out = []
     for dtype in dtypes:
         for c in channels:
             out += list(inference_cases(dtype, c))
             out += list(training_cases(dtype, c))
+            if dtype == "float32":
+                for precision in FP32_PRECISIONS:
+                    out += list(precision_cases(precision, c))
+            if dtype == "bfloat16":
+                out += list(autocast_cases(c))
         out += list(op_cases(dtype))
     # the warp alone also takes fp64 (its gradcheck runs in it)
     out += [case for case in op_cases("float64") if "deformable_key" in case[0]]

@@ -17,6 +17,7 @@ import torch
 from camixer_fast.cli import gamma_type
 from camixer_fast.loading import CheckpointError
 from camixer_fast.train import (
+    AMP_MODES,
     AUGMENTS,
     LOSSES,
     TRAIN_BACKENDS,
@@ -98,6 +99,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        help="no Gumbel noise in the training mask (deterministic)")
     model.add_argument("--backend", choices=TRAIN_BACKENDS, default=d.backend,
                        help="auto: the Triton kernels on CUDA, the reference elsewhere")
+    model.add_argument("--amp", choices=AMP_MODES, default=d.amp,
+                       help="bf16: bf16 autocast around the forward and the loss, fp32 master "
+                            "weights (CUDA with bf16 support, or the CPU); default off")
     model.add_argument("--device", default=None, metavar="D",
                        help="torch device (default: cuda if available, else cpu; under "
                             "torchrun cuda:LOCAL_RANK)")
@@ -159,6 +163,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         ema_decay=args.ema_decay, loss=args.loss, augment=args.augment, repeat=args.repeat,
         train_noise=args.train_noise, val_every=args.val_every, save_every=args.save_every,
         log_every=args.log_every, probe=args.probe, seed=args.seed, backend=args.backend,
+        amp=args.amp,
         device=args.device, workers=args.workers, cache=args.cache, resume=args.resume,
         progress=args.progress)
 

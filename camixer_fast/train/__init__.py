@@ -20,6 +20,9 @@ One code path from a laptop CPU to many GPUs:
 - **scale-out** (:mod:`.distributed`): under ``torchrun`` (``WORLD_SIZE`` > 1) the model is
   wrapped in DistributedDataParallel (NCCL on GPUs, gloo on CPUs) and every rank takes its share
   of each global batch through a ``DistributedSampler``; only rank 0 writes checkpoints and logs.
+- **mixed precision** (``TrainConfig.amp = "bf16"``): bf16 autocast around the forward and the
+  loss, fp32 master weights, on either backend (the Triton kernels' entries cast their inputs
+  to one dtype under autocast, :mod:`camixer_fast.kernels._autocast`).
 
 Multi-process runs equal single-process runs on the same global batch by design: the global
 batch at step t is the same set of samples (a DistributedSampler with ``drop_last=True`` over
@@ -53,6 +56,7 @@ from camixer_fast.train.data import (
 from camixer_fast.train.distributed import DistInfo, setup_distributed, unwrap
 from camixer_fast.train.objective import LOSSES, LossTerms, pixel_loss, training_loss
 from camixer_fast.train.trainer import (
+    AMP_MODES,
     CONTINUITY_KEYS,
     TRAIN_BACKENDS,
     ConfigError,
@@ -76,6 +80,7 @@ def erp_row_weights(rows: np.ndarray, height: int) -> np.ndarray:
 
 
 __all__ = [
+    "AMP_MODES",
     "AUGMENTS",
     "CHECKPOINT_FORMAT",
     "CONTINUITY_KEYS",

@@ -10,6 +10,7 @@ import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,11 @@ from camixer_fast.train.distributed import DistInfo, setup_distributed
 from camixer_fast.train.objective import LOSSES, LossTerms, pixel_loss, training_loss
 
 TRAIN_BACKENDS = ("auto", "reference", "triton")
+AMP_MODES = ("off", "bf16")
+"""Mixed precision of the training forward: ``"off"`` (fp32), ``"bf16"`` (bf16 autocast
+around the forward and the loss; fp32 master weights, gradients and optimiser state)."""
 CONTINUITY_KEYS = ("batch_size", "patch_size", "seed", "repeat", "augment", "loss", "hr_dir",
-                   "lr_dir", "scale", "train_noise")
+                   "lr_dir", "scale", "train_noise", "amp")
 """Settings a resumed run must share with the checkpoint to continue it exactly."""
 
 
@@ -59,7 +63,10 @@ class TrainConfig:
     checkpoint's scale when fine-tuning. ``repeat`` is how many times an epoch visits each image
     (None: enough for at least 100 global batches per epoch). ``probe`` fixed training crops
     (None: ``batch_size``) are scored with the training L1 at every validation. Intervals of 0
-    disable that event; the last step is always validated and saved.
+    disable that event; the last step is always validated and saved. ``amp`` is
+    :data:`AMP_MODES`: ``"bf16"`` runs the forward and the loss under
+    ``torch.autocast(device, torch.bfloat16)`` with the weights kept in fp32 (no loss scaling:
+    bf16 has fp32's range); validation stays fp32.
     """
 
     hr_dir: str
@@ -92,6 +99,7 @@ class TrainConfig:
     probe: int | None = None
     seed: int = 0
     backend: str = "auto"
+    amp: str = "off"
     device: str | None = None
     workers: int = 0
     cache: bool | None = None
@@ -140,6 +148,8 @@ class TrainConfig:
             raise ConfigError(f"augment must be one of {AUGMENTS}, got {self.augment!r}")
         if self.backend not in TRAIN_BACKENDS:
             raise ConfigError(f"backend must be one of {TRAIN_BACKENDS}, got {self.backend!r}")
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values (tuples as lists)."""
@@ -158,6 +168,28 @@ def training_backend(backend: str, device: torch.device | str,
         return select_backend(backend, device, dtype, training=True).name
     except RuntimeError as err:
         raise ConfigError(str(err)) from None
+
+
+def check_amp(amp: str, device: torch.device | str) -> None:
+    """ConfigError unless mixed precision ``amp`` (:data:`AMP_MODES`) can run on ``device``."""
+    if amp not in AMP_MODES:
+        raise ConfigError(f"amp must be one of {AMP_MODES}, got {amp!r}")
+    device = torch.device(device)
+    if amp == "off":
+        return
+    if device.type not in ("cuda", "cpu"):
+        raise ConfigError(f"bf16 autocast runs on CUDA and CPU devices, not {device.type!r}")
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("this GPU has no bf16 support (compute capability 8.0 or newer "
+                          "needed): train with --amp off")
+
+
+def amp_context(amp: str, device: torch.device | str) -> AbstractContextManager:
+    """The context a training forward runs in: ``torch.autocast(device type, bf16)`` for
+    ``amp="bf16"``, else nothing. A fresh context per use."""
+    if amp == "off":
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 def _model_config(model: CAMixerSR) -> dict[str, Any]:
@@ -185,6 +217,7 @@ class Trainer:
             raise ConfigError(f"batch size {config.batch_size} is not divisible by the "
                               f"{self.dist.world_size} processes")
         self.local_batch = config.batch_size // self.dist.world_size
+        check_amp(config.amp, self.dist.device)
         self.out_dir = Path(config.out_dir)
         checkpoint = self._resume_checkpoint()
         model = self._build_model(checkpoint)
@@ -326,7 +359,8 @@ class Trainer:
         self.noise.manual_seed(derive_seed(self.config.seed, 2, self.step, self.dist.rank))
         self.net.train()
         self.optimizer.zero_grad(set_to_none=True)
-        terms = training_loss(self.net, lr, hr, weight, generator=self.noise)
+        with amp_context(self.config.amp, device):
+            terms = training_loss(self.net, lr, hr, weight, generator=self.noise)
         if not torch.isfinite(terms.loss):
             raise FloatingPointError(f"the loss is {terms.loss.item()} at step {self.step + 1}; "
                                      "lower the learning rate or check the data")
@@ -339,8 +373,8 @@ class Trainer:
 
     @torch.no_grad()
     def probe_l1(self) -> float | None:
-        """Training L1 (training mode, no Gumbel noise) of the current weights on the fixed
-        probe crops, or None without probe crops."""
+        """Training L1 (training mode, no Gumbel noise, the run's ``amp``) of the current
+        weights on the fixed probe crops, or None without probe crops."""
         if not self.probe_keys:
             return None
         model, device = self.model, self.dist.device
@@ -355,8 +389,9 @@ class Trainer:
                 hr = torch.stack([it["hr"] for it in items]).to(device)
                 weight = (torch.stack([it["weight"] for it in items]).to(device)
                           if "weight" in items[0] else None)
-                sr, _ = model(lr)
-                total += pixel_loss(sr, hr, weight).item() * len(items)
+                with amp_context(self.config.amp, device):
+                    sr, _ = model(lr)
+                total += pixel_loss(sr.float(), hr, weight).item() * len(items)
         finally:
             model.train_noise = noise
         return total / len(self.probe_keys)
@@ -496,11 +531,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
 
 __all__ = [
+    "AMP_MODES",
     "CONTINUITY_KEYS",
     "TRAIN_BACKENDS",
     "ConfigError",
     "TrainConfig",
     "Trainer",
+    "amp_context",
+    "check_amp",
     "train",
     "training_backend",
 ]
