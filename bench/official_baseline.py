@@ -22,9 +22,16 @@ project, of the official code's operation chain as ``spec/camixersr.md`` §3 des
 It marks the same ``torch.profiler`` ranges as the network (predictor, attention, conv, ffn), so
 :func:`camixer_fast.profiling.runtime_breakdown` applies to it.
 
+In training mode (``model.train()``) it runs the official training chain (spec §4): the
+predictor's straight-through ``gumbel_softmax(pred, hard=True)`` mask M (``noise=False``: no
+Gumbel noise, the deterministic mask the parity checks use), Q and K projected from the masked
+tokens ``qk·M``, softmax(QKᵀ)·(v·M) over every window as one batched matmul, plus
+``(v·sa)·(1 − M)``; it returns ``(sr, ratio_loss)`` with ratio_loss = 2γ(m − 0.5)², m the mean
+of M over all blocks, images and windows.
+
 It loads the same state dict as :class:`camixer_fast.CAMixerSR` (same module names) and is
-checked against it (``bench/test_bench_backends.py``, ``tests/test_cpu_backend.py``) before any
-time is taken. Inference only.
+checked against it (``bench/test_bench_backends.py``, ``tests/test_cpu_backend.py``,
+``tests/test_official_baseline.py``) before any time is taken.
 """
 
 from __future__ import annotations
@@ -115,14 +122,24 @@ class Predictor(nn.Module):
                                     nn.Sigmoid())
         self.out_SA = nn.Sequential(nn.Conv2d(cdim // 4, 1, 3, 1, 1), nn.Sigmoid())
 
-    def forward(self, x: Tensor, gamma: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """-> (idx1 (B, K) hard windows, idx2 (B, N-K) simple ones, offsets, ca, sa)."""
+    def forward(self, x: Tensor, gamma: float, noise: bool = True
+                ) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
+        """-> (idx1 (B, K) hard windows, idx2 (B, N-K) simple ones, offsets, ca, sa); in
+        training mode (mask (B, N, 1), None, offsets, ca, sa)."""
         x = self.in_conv(x)
         offsets = self.out_offsets(x).tanh().mul(8.0)
         ca = self.out_CA(x)
         sa = self.out_SA(x)
         x = tokens_of(torch.mean(x, keepdim=True, dim=1), self.window_size)
         pred_score = self.out_mask(x)                                   # [B, N, 2]
+        if self.training:
+            if noise:
+                mask = F.gumbel_softmax(pred_score, hard=True, dim=2)[:, :, 0:1]
+            else:
+                soft = torch.softmax(pred_score, dim=2)
+                hard = (soft[..., 0:1] >= soft[..., 1:2]).to(soft.dtype)
+                mask = hard - soft[..., 0:1].detach() + soft[..., 0:1]
+            return mask, None, offsets, ca, sa
         score = pred_score[:, :, 0]
         _, n = score.shape
         r = torch.softmax(pred_score, dim=-1)[..., 0].mean()            # expected Gumbel draw
@@ -147,7 +164,9 @@ class CAMixer(nn.Module):
         self.act = nn.GELU()
         self.route = Predictor(dim, window_size)
 
-    def forward(self, x: Tensor, condition_global: Tensor, gamma: float) -> Tensor:
+    def forward(self, x: Tensor, condition_global: Tensor, gamma: float,
+                noise: bool = True) -> tuple[Tensor, Tensor | None]:
+        """-> (mixer output, the training mask (B, N, 1) in training mode, else None)."""
         b, _, h, w = x.shape
         ws = self.window_size
         with span("camixer.predictor"):
@@ -156,7 +175,9 @@ class CAMixer(nn.Module):
             condition_wind = torch.stack(torch.meshgrid(ramp, ramp, indexing="ij")).type_as(x)
             condition_wind = condition_wind.unsqueeze(0).repeat(b, 1, h // ws, w // ws)
             condition = torch.cat([v, condition_global, condition_wind], dim=1)
-            idx1, idx2, offsets, ca, sa = self.route(condition, gamma)
+            idx1, idx2, offsets, ca, sa = self.route(condition, gamma, noise)
+        if self.training:
+            return self._train_mixing(x, v, idx1, offsets, ca, sa), idx1
         with span("camixer.attention"):
             q = x
             k = x + flow_warp(x, offsets.permute(0, 2, 3, 1))
@@ -177,6 +198,30 @@ class CAMixer(nn.Module):
             f_attn = (attn @ v1).reshape(b, k_windows, ws * ws * self.dim)
             attn_out = batch_index_fill(v.clone(), f_attn, v2.clone(), idx1, idx2)
             attn_out = map_of(attn_out.reshape(b, n, -1), ws, h, w)
+        return self._tail(attn_out, ca), None
+
+    def _train_mixing(self, x: Tensor, v: Tensor, mask: Tensor, offsets: Tensor, ca: Tensor,
+                      sa: Tensor) -> Tensor:
+        """The official training chain: every window attended, masked by M (B, N, 1)."""
+        b, _, h, w = x.shape
+        ws = self.window_size
+        with span("camixer.attention"):
+            k = x + flow_warp(x, offsets.permute(0, 2, 3, 1))
+            qk = tokens_of(torch.cat([x, k], dim=1), ws)
+            vs = tokens_of(v * sa, ws)
+            v = tokens_of(v, ws)
+            n = v.shape[1]
+            v1, v2 = v * mask, vs * (1 - mask)
+            qk1 = (qk * mask).reshape(b, n * ws * ws, 2 * self.dim)
+            q1, k1 = torch.chunk(qk1, 2, dim=2)
+            q1 = self.project_q(q1).reshape(b * n, ws * ws, self.dim)
+            k1 = self.project_k(k1).reshape(b * n, ws * ws, self.dim)
+            attn = (q1 @ k1.transpose(-2, -1)).softmax(dim=-1)
+            f_attn = (attn @ v1.reshape(b * n, ws * ws, self.dim)).reshape(b, n, -1)
+            attn_out = map_of(f_attn + v2, ws, h, w)
+        return self._tail(attn_out, ca)
+
+    def _tail(self, attn_out: Tensor, ca: Tensor) -> Tensor:
         with span("camixer.conv"):
             out = self.act(self.conv_sptial(attn_out)) * ca + attn_out
             return self.project_out(out)
@@ -204,11 +249,13 @@ class Block(nn.Module):
         self.norm2 = LayerNorm2d(dim)
         self.ffn = GatedFFN(dim)
 
-    def forward(self, x: Tensor, condition_global: Tensor, gamma: float) -> Tensor:
-        x = self.norm1(x + self.mixer(x, condition_global, gamma))
+    def forward(self, x: Tensor, condition_global: Tensor, gamma: float,
+                noise: bool = True) -> tuple[Tensor, Tensor | None]:
+        mixed, mask = self.mixer(x, condition_global, gamma, noise)
+        x = self.norm1(x + mixed)
         with span("camixer.ffn"):
             ffn = self.ffn(x)
-        return self.norm2(x + ffn)
+        return self.norm2(x + ffn), mask
 
 
 class Group(nn.Module):
@@ -217,18 +264,22 @@ class Group(nn.Module):
         self.body = nn.ModuleList(Block(dim, window_size) for _ in range(num_blocks))
         self.body_tail = nn.Conv2d(dim, dim, 1)
 
-    def forward(self, x: Tensor, condition_global: Tensor, gamma: float) -> Tensor:
+    def forward(self, x: Tensor, condition_global: Tensor, gamma: float, noise: bool,
+                masks: list[Tensor]) -> Tensor:
         shortcut = x
         for block in self.body:
-            x = block(x, condition_global, gamma)
+            x, mask = block(x, condition_global, gamma, noise)
+            if mask is not None:
+                masks.append(mask)
         return self.body_tail(x) + shortcut
 
 
 class OfficialCAMixerSR(nn.Module):
-    """The official network's inference path; ``gamma`` may be changed between calls.
+    """The official network; ``gamma`` and ``train_noise`` may be changed between calls.
 
-    (B, 3, H, W) in [0, 1] -> (B, 3, sH, sW). Reflect padding to multiples of 16 as the
-    official ``check_image_size`` (so H and W must be above 8 where they are padded).
+    (B, 3, H, W) in [0, 1] -> (B, 3, sH, sW); in training mode (sr, ratio_loss), the mask
+    drawn with Gumbel noise unless ``train_noise`` is False. Reflect padding to multiples of
+    16 as the official ``check_image_size`` (so H and W must be above 8 where they are padded).
     """
 
     def __init__(self, *, n_feats: int = 36, scale: int = 4,
@@ -236,6 +287,7 @@ class OfficialCAMixerSR(nn.Module):
                  gamma: float = 0.5) -> None:
         super().__init__()
         self.scale, self.window_size, self.gamma = scale, window_size, gamma
+        self.train_noise = True
         self.head = nn.Conv2d(3, n_feats, 3, padding=1)
         self.global_predictor = nn.Sequential(nn.Conv2d(n_feats, 8, 1), nn.LeakyReLU(0.1),
                                               nn.Conv2d(8, 2, 3, padding=1), nn.LeakyReLU(0.1))
@@ -244,17 +296,22 @@ class OfficialCAMixerSR(nn.Module):
         self.tail = nn.Sequential(nn.Conv2d(n_feats, 3 * scale * scale, 3, padding=1),
                                   nn.PixelShuffle(scale))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         h, w = x.shape[-2:]
         ws = self.window_size
         x = F.pad(x, (0, (ws - w % ws) % ws, 0, (ws - h % ws) % ws), mode="reflect")
         f0 = self.head(x)
         condition_global = self.global_predictor(f0)
         feat = f0
+        masks: list[Tensor] = []
         for group in self.body:
-            feat = group(feat, condition_global, self.gamma)
+            feat = group(feat, condition_global, self.gamma, self.train_noise, masks)
         feat = self.body_tail(feat) + f0
-        return self.tail(feat)[..., : h * self.scale, : w * self.scale]
+        sr = self.tail(feat)[..., : h * self.scale, : w * self.scale]
+        if not self.training:
+            return sr
+        m = torch.cat([mask.flatten() for mask in masks]).mean()
+        return sr, 2.0 * self.gamma * (m - 0.5) ** 2
 
 
 def load_official_baseline(state_dict: dict[str, Tensor], *, gamma: float = 0.5,
