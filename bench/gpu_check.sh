@@ -6,11 +6,15 @@
 #   2. run the CUDA test subset, one process per risky group (a crash that poisons the CUDA
 #      context cannot hide the other groups), from outside the checkout with python -P so the
 #      checkout's camixer_fast/ folder never shadows the installed package;
-#   3. run compute-sanitizer memcheck on one forward per dtype (and a training step in fp16 and
+#   3. run the speed benchmark (bench/gpu_bench.py --quick, issue 11): the official op chain
+#      against ours, S and B at 320x180 -> 1280x720, every gamma, every precision, per-kernel
+#      roofline, batch, large image, training, upscale, CUDA graphs and torch.compile; every
+#      case checked before it is timed; sections in their own processes, within the time left;
+#   4. run compute-sanitizer memcheck on one forward per dtype (and a training step in fp16 and
 #      bf16, whose training kernels are unproven on a GPU), where the tool exists and works;
-#   4. run the latency benchmark (bench/gpu_bench.py --quick): the official op chain against
-#      ours, S at 320x180 -> 1280x720, every gamma, fp32 / fp16 / bf16, checked before timed;
-#   5. write gpu-<date>.json and gpu-<date>.md (bench/gpu_summary.py) into --out.
+#   5. write gpu-<date>.json and gpu-<date>.md (bench/gpu_summary.py) into --out, the speed
+#      targets' verdicts included (bench/gpu_report.py); with the default --out, also the GPU
+#      section of bench/RESULTS.md.
 #
 # Every step has a time limit. Exit status: 0 all passed, 1 something failed, 2 bad usage,
 # 3 no CUDA device.
@@ -25,7 +29,8 @@ usage: bash bench/gpu_check.sh [options]
                    else ../shared beside the checkout, else shared/ inside it)
   --python EXE     the interpreter with the machine's torch and triton (default: python3)
   --work DIR       keep the work folder (logs, JUnit XML) here (default: a temporary one)
-  --full           the benchmark's full mode (more timed calls) instead of --quick
+  --full           the benchmark's full mode (more timed calls, longer limits) instead of
+                   --quick
   --budget SECONDS stop starting steps when this much time has passed (default 540: the
                    whole check fits a 10-minute command); a step never outlives it
   --logs           also write the work folder's logs as gpu-logs-<date>.tar.gz into --out
@@ -41,6 +46,7 @@ SHARED="${CAMIXER_FAST_SHARED:-}"
 PY="python3"
 WORK=""
 BENCH_MODE="--quick"
+BENCH_LIMIT=420
 BUDGET=540
 LOGS=0
 RUN_TESTS=1 RUN_SANITIZER=1 RUN_BENCH=1 DRY_RUN=0
@@ -57,7 +63,7 @@ while [ $# -gt 0 ]; do
     --shared) need_value "$@"; SHARED="$2"; shift 2 ;;
     --python) need_value "$@"; PY="$2"; shift 2 ;;
     --work) need_value "$@"; WORK="$2"; shift 2 ;;
-    --full) BENCH_MODE=""; shift ;;
+    --full) BENCH_MODE="--full"; BENCH_LIMIT=2400; shift ;;
     --budget) need_value "$@"; BUDGET="$2"; shift 2 ;;
     --logs) LOGS=1; shift ;;
     --skip-tests) RUN_TESTS=0; shift ;;
@@ -104,13 +110,18 @@ if [ "$DRY_RUN" = 1 ]; then
       echo "  tests-$name (${limit} s): pytest $args"
     done
   fi
+  if [ "$RUN_BENCH" = 1 ]; then
+    echo "  bench ($BENCH_LIMIT s, within the time left): bench/gpu_bench.py $BENCH_MODE"
+    "$PY" "$REPO/bench/gpu_bench.py" --weights "$SHARED/weights/CAMixerSR_S.pth" \
+      --image "$SHARED/data/Urban100/HR/img_001.png" $BENCH_MODE --dry-run 2>/dev/null \
+      | sed 's/^/    /'
+  fi
   if [ "$RUN_SANITIZER" = 1 ]; then
     for dtype in "${DTYPES[@]}"; do
       echo "  sanitizer-$dtype (240 s): compute-sanitizer memcheck bench/gpu_forward.py" \
            "--dtype $dtype $(sanitizer_train "$dtype")"
     done
   fi
-  [ "$RUN_BENCH" = 1 ] && echo "  bench (300 s): bench/gpu_bench.py ${BENCH_MODE:---full}"
   echo "  summary: $OUT/gpu-<date>.json, $OUT/gpu-<date>.md"
   exit 0
 fi
@@ -197,6 +208,25 @@ else
   skip tests skipped "--skip-tests"
 fi
 
+if [ "$RUN_BENCH" = 1 ]; then
+  WEIGHTS="$SHARED/weights/CAMixerSR_S.pth"
+  IMAGE="$SHARED/data/Urban100/HR/img_001.png"
+  LARGE="$SHARED/data/Urban100/HR/img_002.png"
+  if [ -f "$WEIGHTS" ] && [ -f "$IMAGE" ]; then
+    # the benchmark ends its sections within its own budget, inside the step's limit
+    left=$(( DEADLINE - RESERVE - $(date +%s) ))
+    limit=$(( BENCH_LIMIT < left ? BENCH_LIMIT : left ))
+    [ -f "$LARGE" ] || LARGE="$IMAGE"
+    step bench "$limit" "$WORK/bench.log" "$PY" "$REPO/bench/gpu_bench.py" \
+      --weights "$WEIGHTS" --image "$IMAGE" --large-image "$LARGE" --json "$WORK/bench.json" \
+      --commit "$COMMIT" --budget $(( limit > 40 ? limit - 20 : 20 )) $BENCH_MODE || true
+  else
+    skip bench unavailable "missing $WEIGHTS or $IMAGE"
+  fi
+else
+  skip bench skipped "--skip-bench"
+fi
+
 if [ "$RUN_SANITIZER" = 1 ]; then
   SANITIZER="$(command -v compute-sanitizer || true)"
   for candidate in /usr/local/cuda/bin/compute-sanitizer /opt/cuda/bin/compute-sanitizer; do
@@ -215,21 +245,12 @@ else
   skip sanitizer skipped "--skip-sanitizer"
 fi
 
-if [ "$RUN_BENCH" = 1 ]; then
-  WEIGHTS="$SHARED/weights/CAMixerSR_S.pth"
-  IMAGE="$SHARED/data/Urban100/HR/img_001.png"
-  if [ -f "$WEIGHTS" ] && [ -f "$IMAGE" ]; then
-    step bench 300 "$WORK/bench.log" "$PY" "$REPO/bench/gpu_bench.py" --weights "$WEIGHTS" \
-      --image "$IMAGE" --json "$WORK/bench.json" $BENCH_MODE || true
-  else
-    skip bench unavailable "missing $WEIGHTS or $IMAGE"
-  fi
-else
-  skip bench skipped "--skip-bench"
-fi
-
 "$PY" "$REPO/bench/gpu_summary.py" summarize --work "$WORK" --out "$OUT"
 status=$?
+if [ "$OUT" = "$REPO/bench/results" ] && [ -f "$WORK/bench.json" ]; then
+  "$PY" "$REPO/bench/gpu_report.py" "$WORK/bench.json" --results-md "$REPO/bench/RESULTS.md" \
+    || status=1
+fi
 if [ "$LOGS" = 1 ]; then
   tar -czf "$OUT/gpu-logs-$(date -u +%Y-%m-%d).tar.gz" -C "$WORK" --exclude=./site \
     --exclude=./src --exclude=./triton-cache .

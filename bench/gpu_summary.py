@@ -7,8 +7,10 @@ and rendered as a readable markdown summary.
 ``summarize`` reads the work folder the check filled -- ``steps.tsv`` (one line per step: name,
 status, seconds, detail), ``env.json``, ``tests-<group>.xml`` (pytest's JUnit XML) with
 ``tests-<group>.log``, ``sanitizer-<dtype>.log``, ``bench.json`` (bench/gpu_bench.py) -- and
-writes ``gpu-<date>.json`` and ``gpu-<date>.md`` into ``--out``. Nothing here needs torch or a
-GPU except ``env``.
+writes ``gpu-<date>.json`` and ``gpu-<date>.md`` into ``--out``; the benchmark's part of the
+markdown is bench/gpu_report.py's GPU section (the speed targets with their verdicts), which
+``python bench/gpu_report.py gpu-<date>.json --results-md bench/RESULTS.md`` puts into
+bench/RESULTS.md. Nothing here needs torch or a GPU except ``env``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import sys
 import xml.etree.ElementTree as ET
 from datetime import datetime, timezone
 from pathlib import Path
+
+import gpu_report
 
 STEP_STATUSES = ("ok", "failed", "timeout", "out-of-time", "skipped", "unavailable")
 """A step's fate: ``skipped`` when asked (``--skip-...``), ``unavailable`` when its tool or data
@@ -108,34 +112,11 @@ def gather(work: Path) -> dict:
     ok = (all(s["status"] in ("ok", "skipped", "unavailable") for s in steps)
           and all(t["status"] == "passed" for t in tests.values())
           and all(s["status"] in ("clean", "unavailable") for s in sanitizer.values())
-          and (bench is None or all(c["parity_ok"] for c in bench["cases"])))
+          and (bench is None or gpu_report.bench_ok(bench)))
     return {"date": environment.get("date") or datetime.now(timezone.utc).isoformat(
                 timespec="seconds"),
             "ok": ok, "environment": environment, "steps": steps, "tests": tests,
             "sanitizer": sanitizer, "bench": bench}
-
-
-def _latency_rows(bench: dict) -> list[str]:
-    by_key: dict[tuple, dict] = {}
-    for case in bench["cases"]:
-        by_key.setdefault((case["gamma"], case["dtype"]), {})[case["implementation"]] = case
-    rows = ["| γ | dtype | official ms | ours ms | speed-up | max abs(ours − official fp32) |",
-            "|---|---|---|---|---|---|"]
-    for (gamma, dtype), impls in by_key.items():
-        official, ours = impls.get("official", {}), impls.get("ours", {})
-        t_off, t_ours = official.get("median_ms"), ours.get("median_ms")
-        speed = f"{t_off / t_ours:.2f}×" if t_off and t_ours else "—"
-        err = ours.get("max_abs_vs_official_fp32")
-        err_text = "—" if err is None else f"{err:.1e}"
-        if ours and not ours.get("parity_ok", False):
-            err_text += f" **> {ours['tolerance']:.0e}: not timed**"
-        rows.append(f"| {gamma} | {dtype} | {_ms(t_off)} | {_ms(t_ours)} | {speed} | "
-                    f"{err_text} |")
-    return rows
-
-
-def _ms(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2f}"
 
 
 def render(result: dict) -> str:
@@ -177,15 +158,9 @@ def render(result: dict) -> str:
         lines.append("")
     bench = result.get("bench")
     if bench:
-        settings = bench["settings"]
-        w, h = settings["size"]
-        lines += [f"## Latency: {settings['model']}, {w}×{h} → {w * settings['scale']}×"
-                  f"{h * settings['scale']}", "",
-                  f"Medians of {settings['runs']} CUDA-event-timed calls after "
-                  f"{settings['warmup']} warm-ups; TF32 off; each case checked against the "
-                  "official chain in fp32 before timing.", ""]
-        lines += _latency_rows(bench)
-        lines.append("")
+        section = gpu_report.render_section(bench, "bench/gpu_bench.py")
+        lines += [line for line in section.splitlines()
+                  if line not in (gpu_report.BEGIN, gpu_report.END)]
     return "\n".join(lines)
 
 

@@ -32,6 +32,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 from benchlib import SHARED, dataset_lr, machine_stamp, read_rgb, to_tensor
+from gpu_report import extract_section
 from official_baseline import load_official_baseline
 
 import camixer_fast
@@ -488,8 +489,11 @@ def main(argv: list[str] | None = None) -> int:
     sources = [p.resolve().relative_to(BENCH.parent).as_posix()
                if p.resolve().is_relative_to(BENCH.parent) else str(p) for p in args.bench_json]
     sources += [f"bench/results/{n}.json" for n, v in measured.items() if v is not None]
-    args.out.write_text(render(benches, machine, measured["breakdown"], measured["quality"],
-                               measured["memory"], plot_md, sources, measured["onnx"]))
+    text = render(benches, machine, measured["breakdown"], measured["quality"],
+                  measured["memory"], plot_md, sources, measured["onnx"])
+    # the GPU section is bench/gpu_report.py's: kept as it is
+    gpu = extract_section(args.out.read_text()) if args.out.is_file() else None
+    args.out.write_text(text + ("\n" + gpu if gpu else ""))
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

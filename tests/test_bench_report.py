@@ -73,3 +73,17 @@ def test_onnx_table(report) -> None:
     onnx = {"rows": [{"gamma": 0.5, "cpu_s": 0.2, "onnxruntime_s": 0.3,
                       "errors": {"onnxruntime": 2.5e-5, "cpu": 1e-6}}]}
     assert "| 0.5 | 200 ms | 300 ms | 1.50 | 2.5e-05 |" in report.onnx_lines(onnx)
+
+
+def test_report_keeps_the_gpu_section(report, tmp_path: Path) -> None:
+    """RESULTS.md's GPU section is bench/gpu_report.py's: report.py rewrites the rest."""
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(fake_run(2.5, 0.6)))
+    out = tmp_path / "RESULTS.md"
+    gpu = "<!-- gpu-results:begin -->\n## GPU\n\nkept\n<!-- gpu-results:end -->\n"
+    out.write_text("# old CPU results\n\n" + gpu)
+    assert report.main([str(path), "--out", str(out), "--results", str(tmp_path / "r"),
+                        "--skip", "breakdown", "quality", "memory", "onnx"]) == 0
+    text = out.read_text()
+    assert "old CPU results" not in text and text.startswith("# CAMixerSR-S latency on the CPU")
+    assert text.endswith("\n" + gpu) and text.count("gpu-results:begin") == 1

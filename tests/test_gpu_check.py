@@ -1,7 +1,7 @@
 """The CPU-side parts of the one-command GPU check: bench/gpu_check.sh's argument handling and
-plan, bench/gpu_summary.py's gathering and rendering (from a canned work folder and JSON),
-bench/gpu_bench.py's arguments and input crop. The GPU parts run on a GPU (README, "Running on
-a GPU")."""
+plan, bench/gpu_summary.py's gathering and rendering (from a canned work folder and JSON).
+bench/gpu_bench.py's own parts: tests/test_gpu_bench.py. The GPU parts run on a GPU (README,
+"Running on a GPU")."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+
+import gpu_records
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
@@ -49,8 +49,12 @@ def test_dry_run_plans_every_step_without_a_gpu(tmp_path) -> None:
     plan = done.stdout
     for step in ("install", "tests-kernels", "tests-golden", "tests-training", "tests-api",
                  "sanitizer-float32", "sanitizer-float16", "sanitizer-bfloat16",
-                 "gpu_bench.py --quick", "gpu-<date>.json"):
+                 "gpu_bench.py --quick", "gpu-<date>.json",
+                 # the benchmark's own plan, one line per section
+                 "    mode quick:", "latency (at most 240 s)", "variants (at most"):
         assert step in plan, step
+    # the benchmark runs before the sanitizer: the speed issue's figures come first
+    assert plan.index("bench (") < plan.index("sanitizer-float32")
     assert not (tmp_path / "results").exists(), "a dry run wrote something"
     lean = check("--dry-run", "--skip-tests", "--skip-sanitizer", "--full", "--budget", "300")
     assert "tests-" not in lean.stdout and "sanitizer-" not in lean.stdout
@@ -88,22 +92,9 @@ SANITIZER_ERRORS = """========= COMPUTE-SANITIZER
 SANITIZER_REFUSED = "========= COMPUTE-SANITIZER\n========= Error: Device not supported\n"
 
 
-def bench_case(gamma: float, dtype: str, impl: str, ms: float | None, err: float,
-               ok: bool = True) -> dict:
-    case = {"gamma": gamma, "dtype": dtype, "implementation": impl, "tolerance": 1e-4,
-            "finite": True, "max_abs_vs_official_fp32": err, "parity_ok": ok}
-    if ms is not None:
-        case.update(median_ms=ms, min_ms=ms * 0.9, max_ms=ms * 1.1, runs=10)
-    return case
-
-
-BENCH_RESULT = {"environment": {},
-                "settings": {"image": "img_001.png", "size": [320, 180], "scale": 4,
-                             "model": "CAMixerSR-S", "warmup": 3, "runs": 10, "tf32": False},
-         "cases": [bench_case(0.5, "float32", "official", 46.0, 0.0),
-                   bench_case(0.5, "float32", "ours", 23.0, 4.0e-6),
-                   bench_case(0.5, "float16", "official", 30.0, 1e-3),
-                   bench_case(0.5, "float16", "ours", None, 0.3, ok=False)]}
+def failing_bench() -> dict:
+    """A benchmark record whose training section timed out."""
+    return gpu_records.record(training=None)
 
 
 def canned_work(folder: Path) -> Path:
@@ -126,7 +117,7 @@ def canned_work(folder: Path) -> Path:
     (folder / "sanitizer-float32.log").write_text(SANITIZER_CLEAN)
     (folder / "sanitizer-float16.log").write_text(SANITIZER_ERRORS)
     (folder / "sanitizer-bfloat16.log").write_text(SANITIZER_REFUSED)
-    (folder / "bench.json").write_text(json.dumps(BENCH_RESULT))
+    (folder / "bench.json").write_text(json.dumps(failing_bench()))
     return folder
 
 
@@ -155,8 +146,7 @@ def test_all_clean_is_a_pass(tmp_path) -> None:
     work.mkdir()
     (work / "steps.tsv").write_text("install\tok\t3\t\nsanitizer\tunavailable\t0\tnot found\n")
     (work / "tests-kernels.xml").write_text(JUNIT_PASSED)
-    passing = dict(BENCH_RESULT, cases=BENCH_RESULT["cases"][:2])
-    (work / "bench.json").write_text(json.dumps(passing))
+    (work / "bench.json").write_text(json.dumps(gpu_records.record()))
     assert summary.gather(work)["ok"] is True
 
 
@@ -172,17 +162,20 @@ def test_render_from_a_canned_json_record() -> None:
                                             "kind": "failure", "message": "boom"}]}},
         "sanitizer": {"float16": {"status": "errors", "errors": 2,
                                   "first": "Invalid __shared__ read"}},
-        "bench": BENCH_RESULT}))
+        "bench": failing_bench()}))
     text = summary.render(record)
     assert text.startswith("# GPU check, 2026-12-01")
     assert "NVIDIA H200" in text and "**Overall: FAIL**" in text
     assert "| kernels | failed | 2 | 1 | 0 | 0 | 3 |" in text
     assert "- `tests.test_kernels::test_warp` (kernels, failure): boom" in text
     assert "| float16 | errors | 2 | Invalid __shared__ read |" in text
-    assert "320×180 → 1280×720" in text
-    assert "| 0.5 | float32 | 46.00 | 23.00 | 2.00× | 4.0e-06 |" in text
-    # a case that failed its parity check shows no time and says why
-    assert "| 0.5 | float16 | 30.00 | — | — | 3.0e-01 **> 1e-04: not timed** |" in text
+    # the benchmark's part: the speed targets with their verdicts, then the tables
+    assert "## GPU: the speed targets (issue 11)" in text and "gpu-results:begin" not in text
+    assert "| training step (S, 16 × 64², fp32): ≥ 2× the official | section training: " \
+           "timeout | **NOT RUN** |" in text
+    assert "#### S, 320×180 → 1280×720" in text
+    assert "| fp32 | 0.5 | 46.00 | 41.40 | 5.60 | 8.21× | 0.50 | 4.0e-06 |" in text
+    assert "| training | timeout | 90 | killed after 90 s |" in text
 
 
 def test_summarize_writes_json_and_markdown(tmp_path) -> None:
@@ -212,38 +205,3 @@ def test_steps_file_with_an_unknown_status_is_an_error(tmp_path) -> None:
     (tmp_path / "steps.tsv").write_text("install\tmaybe\t1\t\n")
     with pytest.raises(ValueError, match="unknown status"):
         summary.read_steps(tmp_path / "steps.tsv")
-
-
-# --- gpu_bench.py ------------------------------------------------------------------------------
-
-def test_bench_arguments(tmp_path) -> None:
-    bench = bench_module("gpu_bench")
-    args = bench.parse_args(["--weights", "w.pth", "--image", "i.png", "--size", "64x48",
-                             "--dtype", "float16", "--gamma", "0.5", "--quick"])
-    assert args.size == (64, 48) and args.dtype == ("float16",) and args.gamma == (0.5,)
-    defaults = bench.parse_args(["--weights", "w.pth", "--image", "i.png"])
-    assert defaults.size == (320, 180) and defaults.dtype == bench.DTYPES
-    assert defaults.gamma == bench.GAMMAS
-    assert set(bench.TOLERANCE) == set(bench.DTYPES)
-    for bad in (["--size", "320"], ["--size", "0x5"], ["--gamma", "1.5"]):
-        with pytest.raises(SystemExit):
-            bench.parse_args(["--weights", "w", "--image", "i", *bad])
-
-
-def test_bench_crops_the_centre(tmp_path) -> None:
-    bench = bench_module("gpu_bench")
-    rgb = np.arange(10 * 12 * 3, dtype=np.uint8).reshape(10, 12, 3)
-    Image.fromarray(rgb).save(tmp_path / "img.png")
-    crop = bench.load_crop(tmp_path / "img.png", (4, 2))
-    assert crop.shape == (1, 3, 2, 4)
-    expected = torch.from_numpy(rgb[4:6, 4:8].astype(np.float32) / 255).permute(2, 0, 1)
-    assert torch.equal(crop[0], expected)
-    with pytest.raises(ValueError, match="smaller than"):
-        bench.load_crop(tmp_path / "img.png", (20, 2))
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
-def test_bench_says_it_needs_a_gpu(capsys) -> None:
-    bench = bench_module("gpu_bench")
-    assert bench.main(["--weights", "w", "--image", "i"]) == 2
-    assert "needs a CUDA device" in capsys.readouterr().err
