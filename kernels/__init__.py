@@ -13,7 +13,9 @@ the modules are named apart from them. Importing this package imports triton;
 On a GPU, the launch configurations that ran correctly on one (issue 9's H200 run) are marked
 ``proven`` (:func:`.attention_inference.tile_config`, :func:`.attention_training.tile_config`);
 the half-precision training attention and the warp backward's channel step are unproven on a
-GPU.
+GPU. fp32 tiles are multiplied as PyTorch's TF32 switch says (:func:`._tiles.dot_precision`:
+TF32, or the parity mode by IEEE products or tf32x3), and under ``torch.autocast`` the entries
+cast their inputs to one dtype (:mod:`._autocast`).
 """
 
 from types import SimpleNamespace
