@@ -90,6 +90,7 @@ TEST_GROUPS=(
   "golden|300|tests/test_golden.py"
   "training|240|tests/test_train.py -k triton"
   "api|300|tests/test_upscale.py tests/test_model.py tests/test_loading.py"
+  "precision|240|tests/test_precision.py tests/test_autocast.py"
 )
 DTYPES=(float32 float16 bfloat16)
 # a training step under the sanitizer too where its kernels have not run on a GPU yet

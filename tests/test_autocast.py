@@ -3,9 +3,10 @@ forward of a model whose weights stay fp32, on the reference backend and on the 
 (whose entries cast their inputs to one dtype, ``camixer_fast.kernels._autocast``), and
 ``TrainConfig.amp`` / ``camixer-fast train --amp``.
 
-On a CPU the autocast is the CPU's. The Triton path runs here in the interpreter under fp16
-autocast (the interpreter's bf16 ``tl.dot`` is broken); its bf16 autocast training step is
-compiled by the JIT gate (tests/test_jit_gate.py) and timed by bench/gpu_bench.py on a GPU.
+The steps run on ``DEVICE`` under its autocast: on a CPU the CPU's, with the Triton kernels in
+the interpreter under fp16 autocast (the interpreter's bf16 ``tl.dot`` is broken); on a GPU
+CUDA's, compiled. The Triton bf16 autocast training step is compiled by the JIT gate
+(tests/test_jit_gate.py) and checked and timed by bench/gpu_bench.py on a GPU.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from camixer_fast import cli
 from camixer_fast.kernels._autocast import autocast_dtype, autocast_entry
 from camixer_fast.train import AMP_MODES, ConfigError, TrainConfig, Trainer
 from camixer_fast.train.trainer import amp_context, check_amp
-from conftest import SHARED, assert_close
+from conftest import DEVICE, SHARED, assert_close, tf32_off
 
 
 @pytest.fixture(autouse=True)
@@ -31,18 +32,19 @@ def _one_thread(one_thread):
 
 def _model(backend: str, seed: int = 0) -> camixer_fast.CAMixerSR:
     torch.manual_seed(seed)
-    model = camixer_fast.CAMixerSR(n_feats=12, blocks_per_group=(1, 1)).train()
+    model = camixer_fast.CAMixerSR(n_feats=12, blocks_per_group=(1, 1)).to(DEVICE).train()
     model.train_noise = False
     model.backend = backend
     return model
 
 
 def _step(model: camixer_fast.CAMixerSR, x: torch.Tensor, dtype: torch.dtype | None):
-    """Loss and gradients of one training forward, under CPU autocast to ``dtype`` if given."""
-    context = (torch.autocast("cpu", dtype=dtype) if dtype is not None
-               else torch.autocast("cpu", enabled=False))
-    with context:
-        sr, ratio_loss = model(x)
+    """Loss and gradients of one training forward, under DEVICE's autocast to ``dtype`` if
+    given (TF32 off: fp32 convolutions are IEEE on a GPU too)."""
+    context = (torch.autocast(DEVICE, dtype=dtype) if dtype is not None
+               else torch.autocast(DEVICE, enabled=False))
+    with tf32_off(), context:
+        sr, ratio_loss = model(x.to(DEVICE))
         loss = sr.float().abs().mean() + ratio_loss.float()
     grads = torch.autograd.grad(loss, list(model.parameters()))
     return sr, loss.detach(), dict(zip([n for n, _ in model.named_parameters()], grads))
@@ -139,11 +141,12 @@ def test_triton_autocast_step_matches_the_reference_under_the_same_autocast(
                                               "deformable_key_forward"}
     assert all(len(dtypes) == 1 for _, dtypes in launched), launched
     assert sr.dtype == torch.float16
-    assert_close("sr", sr_ref.float(), sr.float(), 2e-3)
-    assert_close("loss", loss_ref, loss, 1e-4, relative=True)
+    # fp16 bounds (10 mantissa bits): the suite's for half-precision outputs
+    assert_close("sr", sr_ref.float(), sr.float(), 2e-2)
+    assert_close("loss", loss_ref, loss, 1e-3, relative=True)
     err = _relative_l2(g_ref, grads)
     print(f"triton vs reference under fp16 autocast: gradients relative L2 {err:.3e}")
-    assert err < 1e-3
+    assert err < 2e-2
 
 
 # --- TrainConfig.amp -----------------------------------------------------------------------

@@ -48,6 +48,7 @@ def test_dry_run_plans_every_step_without_a_gpu(tmp_path) -> None:
     assert done.returncode == 0, done.stderr
     plan = done.stdout
     for step in ("install", "tests-kernels", "tests-golden", "tests-training", "tests-api",
+                 "tests-precision (240 s): pytest tests/test_precision.py tests/test_autocast.py",
                  "sanitizer-float32", "sanitizer-float16", "sanitizer-bfloat16",
                  "gpu_bench.py --quick", "gpu-<date>.json",
                  # the benchmark's own plan, one line per section
