@@ -29,9 +29,10 @@ cannot hide the others; a section that outlives its limit is killed and recorded
   against eager. When ``bench/gpu_compile_graphs.py`` exists (issue 11 part B: the project's
   own ``camixer_fast.graphs``), that script runs instead and its rows are taken.
 
-The record (JSON) holds the machine, the settings, each section's status and data; with
-``--results-md`` the GPU section of bench/RESULTS.md is rewritten from it
-(bench/gpu_report.py: every target of the issue, PASS / FAIL / NOT RUN). ``--dry-run`` prints
+The record (JSON, ``--json``, default ``bench/results/gpu-<date>.json``) holds the machine,
+the settings, each section's status and data; the GPU section of ``--results-md`` (default
+bench/RESULTS.md) is rewritten from it (bench/gpu_report.py: every target of the issue,
+PASS / FAIL / NOT RUN). ``--dry-run`` prints
 the plan without a GPU. Exit status: 0 every section ran and every check passed, 1 otherwise,
 2 bad usage or no CUDA device.
 """
@@ -154,9 +155,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"comma-separated subset of {','.join(SECTIONS)}")
     parser.add_argument("--budget", type=int, default=None,
                         help="seconds for all sections (default: 420 quick, 2400 full)")
-    parser.add_argument("--json", type=Path, default=None, help="write the record here")
-    parser.add_argument("--results-md", type=Path, default=None,
-                        help="rewrite this file's GPU section from the record")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="write the record here (default bench/results/gpu-<date>.json)")
+    parser.add_argument("--results-md", type=Path, default=BENCH / "RESULTS.md",
+                        help="rewrite this file's GPU section from the record (default "
+                             "bench/RESULTS.md)")
     parser.add_argument("--commit", default=None, help="the project's commit, as recorded")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     parser.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)
@@ -170,6 +173,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--budget must be positive, got {args.budget}")
     if args.section and not args.part:
         parser.error("--section needs --part")
+    if args.json is None:
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+        args.json = BENCH / "results" / f"gpu-{stamp}.json"
     if args.large_image is None:
         sibling = args.image.parent / "img_002.png"
         args.large_image = sibling if sibling.is_file() else args.image
@@ -1053,13 +1059,12 @@ def main(argv: list[str] | None = None) -> int:
     import gpu_report
 
     record["ok"] = gpu_report.bench_ok(record)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=1) + "\n")
-        print(f"wrote {args.json}", file=sys.stderr)
-    if args.results_md:
-        gpu_report.update_results_md(args.results_md, gpu_report.render_section(record))
-        print(f"rewrote the GPU section of {args.results_md}", file=sys.stderr)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {args.json}", file=sys.stderr)
+    gpu_report.update_results_md(args.results_md,
+                                 gpu_report.render_section(record, args.json.name))
+    print(f"rewrote the GPU section of {args.results_md}", file=sys.stderr)
     print(gpu_report.targets_table(record))
     return 0 if record["ok"] else 1
 

@@ -220,6 +220,7 @@ if [ "$RUN_BENCH" = 1 ]; then
     [ -f "$LARGE" ] || LARGE="$IMAGE"
     step bench "$limit" "$WORK/bench.log" "$PY" "$REPO/bench/gpu_bench.py" \
       --weights "$WEIGHTS" --image "$IMAGE" --large-image "$LARGE" --json "$WORK/bench.json" \
+      --results-md "$WORK/RESULTS-gpu.md" \
       --commit "$COMMIT" --budget $(( limit > 40 ? limit - 20 : 20 )) $BENCH_MODE || true
   else
     skip bench unavailable "missing $WEIGHTS or $IMAGE"

@@ -204,6 +204,8 @@ def test_arguments(tmp_path: Path) -> None:
     assert args.mode == "quick" and args.budget == bench.BUDGETS["quick"]
     assert args.sections == bench.SECTIONS and args.size == (320, 180)
     assert args.large_image == IMAGE.parent / "img_002.png"
+    assert args.json.parent == BENCH / "results" and args.json.name.startswith("gpu-20")
+    assert args.results_md == BENCH / "RESULTS.md"
     full = bench.parse_args(["--weights", "w", "--image", str(tmp_path / "i.png"), "--full",
                              "--sections", "variants,latency", "--size", "64x48"])
     assert full.budget == bench.BUDGETS["full"] and full.sections == ("latency", "variants")
@@ -291,7 +293,8 @@ def test_smoke_run_of_the_cheap_sections(tmp_path: Path) -> None:
 
 
 def test_smoke_run_out_of_budget(tmp_path: Path) -> None:
-    done, record = _smoke(tmp_path, "--budget", "5", "--sections", "latency,variants")
+    done, record = _smoke(tmp_path, "--budget", "5", "--sections", "latency,variants",
+                          "--results-md", str(tmp_path / "RESULTS.md"))
     assert done.returncode == 1
     assert {s["status"] for s in record["sections"].values()} == {"out-of-time"}
 
