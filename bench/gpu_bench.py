@@ -77,12 +77,14 @@ MODELS = {"S": 36, "B": 60}
 """Model widths; S from ``--weights``, B from ``--weights-b`` or seeded random weights."""
 PRECISIONS = {
     "fp32": ("float32", False, "ieee"),
-    "fp32-tf32x3": ("float32", False, "tf32x3"),
     "tf32": ("float32", True, "ieee"),
     "fp16": ("float16", False, "ieee"),
     "bf16": ("bfloat16", False, "ieee"),
+    "fp32-tf32x3": ("float32", False, "tf32x3"),
 }
-"""name -> (weights' dtype, TF32 allowed, fp32 parity precision). ``fp32``: the parity mode,
+"""name -> (weights' dtype, TF32 allowed, fp32 parity precision), in the order they run: the
+tile configurations proven on a GPU first, tf32x3 (unproven) last, so that a crash in it
+loses nothing else (sections save what they measured as they go). ``fp32``: the parity mode,
 TF32 off everywhere (cuDNN too), IEEE products in our kernels; ``fp32-tf32x3``: the parity
 mode with tf32x3 products in our kernels (ours only); ``tf32``: PyTorch's TF32 switch on
 (cuBLAS, cuDNN and our kernels follow it); ``fp16`` / ``bf16``: the model cast."""
@@ -284,14 +286,17 @@ def drive(args: argparse.Namespace) -> dict:
             code, tail = _run_with_limit(_section_command(args, name, part), limit, env)
             seconds = round(time.monotonic() - start, 1)
             entry = {"seconds": seconds}
+            payload = json.loads(part.read_text()) if part.is_file() else None
             if code is None:
                 entry.update(status="timeout", error=f"killed after {limit:.0f} s",
                              log_tail=tail)
-            elif code != 0 or not part.is_file():
+            elif code != 0 or payload is None or payload.get("partial"):
                 entry.update(status="failed", error=f"exit status {code}", log_tail=tail)
             else:
-                payload = json.loads(part.read_text())
-                entry.update(status="ok", data=payload["data"])
+                entry["status"] = "ok"
+            if payload is not None:
+                # what a section measured before it failed or ran out of time is kept
+                entry.update(data=payload["data"], partial=bool(payload.get("partial")))
                 record["environment"] = record["environment"] or payload.get("environment")
             record["sections"][name] = entry
             print(f"   {entry['status']} ({seconds} s)", flush=True)
@@ -331,6 +336,19 @@ class Context:
         if self.smoke:
             self.mode.update(warmup=0, runs=1, profiled=1, train_steps=1)
         self._state: dict[str, dict] = {}
+        self._environment: dict | None = None
+
+    def save(self, data: dict, *, partial: bool = True) -> None:
+        """Write what the section has measured so far to its part file (the driver keeps it
+        when the section later crashes or runs out of time)."""
+        if self.args.part is None:
+            return
+        if self._environment is None:
+            self._environment = environment()
+        payload = {"environment": self._environment, "data": data, "partial": partial}
+        tmp = self.args.part.with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload, indent=1))
+        os.replace(tmp, self.args.part)
 
     # sizes shrink in the smoke run (the CPU, Triton's interpreter)
     def size(self, wh: tuple[int, int]) -> tuple[int, int]:
@@ -504,7 +522,7 @@ def run_section(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     data = SECTION_FUNCTIONS[args.section](ctx)
     data["seconds"] = round(time.perf_counter() - start, 1)
-    args.part.write_text(json.dumps({"environment": environment(), "data": data}, indent=1))
+    ctx.save(data, partial=False)
     return 0
 
 
@@ -552,29 +570,31 @@ def section_latency(ctx: Context) -> dict:
     import torch
 
     x32 = ctx.crop(ctx.args.size)
-    rows = []
-    for model in MODELS:
-        expected = {}
-        with precision_mode("fp32"):
+    out = {"rows": [], "input": list(x32.shape)}
+    expected = {}
+    with precision_mode("fp32"):
+        for model in MODELS:
             official = ctx.build(model, "official", torch.float32)
             for gamma in GAMMAS:
                 official.gamma = gamma
-                expected[gamma] = _forward(official, x32).float()
-        del official
-        for precision, (dtype_name, _, _) in PRECISIONS.items():
-            dtype = getattr(torch, dtype_name)
-            x = x32.to(dtype)
+                expected[model, gamma] = _forward(official, x32).float()
+            official = None
+    for precision, (dtype_name, _, _) in PRECISIONS.items():
+        dtype = getattr(torch, dtype_name)
+        x = x32.to(dtype)
+        for model in MODELS:
             with precision_mode(precision):
                 for impl in _implementations(precision):
                     net = ctx.build(model, impl, dtype)
                     for gamma in GAMMAS:
                         net.gamma = gamma
-                        rows.append(_latency_case(ctx, net, x, expected[gamma], model,
-                                                  precision, impl, gamma))
+                        out["rows"].append(_latency_case(ctx, net, x, expected[model, gamma],
+                                                         model, precision, impl, gamma))
+                        ctx.save(out)
                     net = None
                     if ctx.device.type == "cuda":
                         torch.cuda.empty_cache()
-    return {"rows": rows, "input": list(x32.shape)}
+    return out
 
 
 def _latency_case(ctx: Context, net, x, expected, model: str, precision: str, impl: str,
@@ -670,6 +690,7 @@ def section_kernels(ctx: Context) -> dict:
             except Exception as err:
                 entry.update(parity_ok=False, error=f"{type(err).__name__}: {err}"[:500])
             out["inference"][precision] = entry
+            ctx.save(out)
             print(f"kernels: {precision}: {entry.get('launches', '-')} launches, "
                   f"{entry.get('device_ms', float('nan')):.2f} ms on the device per forward",
                   flush=True)
@@ -698,6 +719,7 @@ def section_kernels(ctx: Context) -> dict:
             except Exception as err:
                 entry["error"] = f"{type(err).__name__}: {err}"[:500]
             out["training"][mode] = entry
+            ctx.save(out)
             net = None
     return out
 
@@ -743,6 +765,7 @@ def section_batch(ctx: Context) -> dict:
     n, side = BATCH if not ctx.smoke else (3, 32)
     xb = _train_batch(ctx, n, side)
     out = {"batch": n, "side": side, "rows": []}
+    official_solo = None
     with precision_mode("fp32"):
         for impl in ("official", "triton"):
             net = ctx.build("S", impl, torch.float32)
@@ -754,10 +777,12 @@ def section_batch(ctx: Context) -> dict:
                 row["max_abs_vs_solo"] = max_abs(batched, solo)
                 if impl == "official":
                     # the official chain routes a batch by its mean r: not per image
-                    out["official_solo"] = solo
+                    official_solo = solo
                     row["parity_ok"] = row["finite"]
                 else:
-                    row["max_abs_solo_vs_official_solo"] = max_abs(solo, out["official_solo"])
+                    if official_solo is None:
+                        raise RuntimeError("no official solo outputs to check against")
+                    row["max_abs_solo_vs_official_solo"] = max_abs(solo, official_solo)
                     row["parity_ok"] = (row["finite"] and row["max_abs_vs_solo"] <= SOLO_TOL
                                         and row["max_abs_solo_vs_official_solo"]
                                         <= TOLERANCE["fp32"])
@@ -767,9 +792,9 @@ def section_batch(ctx: Context) -> dict:
             except Exception as err:
                 row.update(parity_ok=False, error=f"{type(err).__name__}: {err}"[:500])
             out["rows"].append(row)
+            ctx.save(out)
             print(f"batch: {row}", flush=True)
             net = None
-    out.pop("official_solo", None)
     return out
 
 
@@ -810,6 +835,7 @@ def section_large(ctx: Context) -> dict:
             except Exception as err:
                 row.update(parity_ok=False, error=f"{type(err).__name__}: {err}"[:500])
             out["rows"].append(row)
+            ctx.save(out)
             print(f"large: {row}", flush=True)
             net = None
     return out
@@ -889,6 +915,7 @@ def section_training(ctx: Context) -> dict:
             except Exception as err:
                 row.update(parity_ok=False, error=f"{type(err).__name__}: {err}"[:500])
             rows.append(row)
+            ctx.save({"rows": rows})
             print(f"training: {row}", flush=True)
     return {"rows": rows}
 
@@ -983,6 +1010,7 @@ def section_variants(ctx: Context) -> dict:
             except Exception as err:
                 row.update(ok=False, error=f"{type(err).__name__}: {err}"[:500])
             rows.append(row)
+            ctx.save({"source": "bench/gpu_bench.py", "rows": rows})
             print(f"variants: {row}", flush=True)
     return {"source": "bench/gpu_bench.py", "rows": rows}
 

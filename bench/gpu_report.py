@@ -74,13 +74,12 @@ def bench_record(record: dict) -> dict | None:
 
 
 def section(record: dict | None, name: str) -> dict | None:
-    """A section's data, or None where it did not run to the end."""
+    """A section's data, or None where it measured nothing. A section that crashed or ran out
+    of time keeps what it measured before (``partial``): each of those cases was checked."""
     if record is None:
         return None
     entry = record.get("sections", {}).get(name)
-    if not entry or entry.get("status") != "ok":
-        return None
-    return entry.get("data")
+    return entry.get("data") if entry else None
 
 
 def _why_missing(record: dict | None, name: str) -> str:
@@ -89,6 +88,8 @@ def _why_missing(record: dict | None, name: str) -> str:
     entry = record.get("sections", {}).get(name)
     if entry is None:
         return f"section {name} not run"
+    if entry.get("data") is not None:
+        return f"not measured (section {name}: {entry.get('status')})"
     return f"section {name}: {entry.get('status')}"
 
 
@@ -565,7 +566,9 @@ def render_section(record: dict | None, source: str = "") -> str:
         lines += ["### Sections", "", "| section | status | seconds | error |",
                   "|---|---|---|---|"]
         for name, entry in record.get("sections", {}).items():
-            lines.append(f"| {name} | {entry.get('status')} | {entry.get('seconds', 0):.0f} | "
+            status = entry.get("status", "?") + (" (what it measured is kept)"
+                                                 if entry.get("partial") else "")
+            lines.append(f"| {name} | {status} | {entry.get('seconds', 0):.0f} | "
                          f"{(entry.get('error') or '')[:200]} |")
         lines.append("")
     lines.append(END)

@@ -254,6 +254,35 @@ def test_a_section_past_its_limit_is_killed() -> None:
     assert code is None and "started" in tail
 
 
+def test_driver_keeps_what_a_failed_section_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A section saves its rows as it goes: when it then crashes or is killed at its limit, the
+    record keeps them (with the section marked failed / timeout), and the report uses them."""
+    bench = bench_module("gpu_bench")
+    report = bench_module("gpu_report")
+    rows = [{"impl": "official", "parity_ok": True, "peak_gib": 2.6, "median_ms": 160.0},
+            {"impl": "triton", "parity_ok": True, "peak_gib": 1.1, "median_ms": 40.0}]
+
+    def fake_section(args, name: str, part: Path) -> list[str]:
+        payload = {"environment": {"gpu": "test"}, "data": {"rows": rows}, "partial": True}
+        then = "time.sleep(60)" if name == "large" else "sys.exit(1)"
+        return [sys.executable, "-c", f"import json, sys, time; open({str(part)!r}, 'w')"
+                f".write({json.dumps(payload)!r}); print('measured', flush=True); {then}"]
+
+    monkeypatch.setattr(bench, "_section_command", fake_section)
+    monkeypatch.setitem(bench.SECTION_LIMITS["quick"], "large", 3)
+    args = bench.parse_args(["--weights", "w", "--image", "i", "--sections", "batch,large",
+                             "--budget", "120"])
+    record = bench.drive(args)
+    batch, large = record["sections"]["batch"], record["sections"]["large"]
+    assert (batch["status"], large["status"]) == ("failed", "timeout")
+    assert batch["partial"] and large["partial"] and large["data"]["rows"] == rows
+    assert "measured" in large["log_tail"] and record["environment"]["gpu"] == "test"
+    assert not report.bench_ok(record)
+    got = {v.target: v for v in report.targets(record)}
+    assert got["1024×768 input: ≥ 3× the official speed"].status == "PASS"
+    assert "what it measured is kept" in report.render_section(record)
+
+
 def _smoke(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "record.json"
     env = dict(os.environ, TRITON_INTERPRET="1")
