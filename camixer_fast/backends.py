@@ -19,7 +19,6 @@ errors: nothing falls back silently.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import warnings
 from collections.abc import Callable
@@ -83,6 +82,9 @@ class Ops:
     given the block's weights by the network; None runs the network's own block code with
     these operations. ``whole_batch``: run an inference batch as one call (routing stays per
     image); False runs it image by image, which makes each output bit-identical to a solo run.
+    ``sync_free``: the inference forward never waits for the device to read a value on the
+    host (no ``.item()``, no boolean-mask gather), so a CUDA graph can capture it
+    (:mod:`camixer_fast.graphs`; ``tests/test_host_sync.py`` holds every backend to its word).
     """
 
     route_windows: RouteWindows
@@ -92,6 +94,7 @@ class Ops:
     masked_window_attention: MaskedWindowAttention
     block_inference: BlockInference | None = None
     whole_batch: bool = False
+    sync_free: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,9 @@ class Backend:
 
     @property
     def ops(self) -> Ops:
-        return _ops(self.name)
+        # no cache: a loader only imports (a lookup once imported) and fills the table, and
+        # torch.compile traces it without guarding on a cache that its first trace would fill
+        return self.load()
 
 
 def _triton_unsupported(device: torch.device, dtype: torch.dtype, training: bool) -> str | None:
@@ -151,13 +156,14 @@ def _reference_unsupported(device: torch.device, dtype: torch.dtype,
 
 
 def _reference_ops() -> Ops:
-    from camixer_fast.reference.attention_inference import window_attention
+    from camixer_fast.custom_ops import reference_route_windows, reference_window_attention
     from camixer_fast.reference.attention_training import masked_window_attention
-    from camixer_fast.reference.routing import route_windows, window_scores
+    from camixer_fast.reference.routing import window_scores
     from camixer_fast.reference.warp import deformable_key
 
-    return Ops(route_windows, window_scores, deformable_key, window_attention,
-               masked_window_attention)
+    # the reference functions, as custom operators where torch.compile needs them
+    return Ops(reference_route_windows, window_scores, deformable_key,
+               reference_window_attention, masked_window_attention)
 
 
 def _cpu_ops() -> Ops:
@@ -172,7 +178,7 @@ def _triton_ops() -> Ops:
 
     # training differentiates the window scores: their small MLP stays in PyTorch there
     return Ops(kernels.route_windows, window_scores, kernels.deformable_key,
-               kernels.window_attention, kernels.masked_window_attention)
+               kernels.window_attention, kernels.masked_window_attention, sync_free=True)
 
 
 REGISTRY: dict[str, Backend] = {
@@ -192,11 +198,6 @@ AUTO_ORDER = ("triton", "cpu", "reference")
 
 BACKENDS = ("auto", *REGISTRY)
 """Every name :func:`select_backend` accepts."""
-
-
-@functools.cache
-def _ops(name: str) -> Ops:
-    return REGISTRY[name].load()
 
 
 def select_backend(name: str, device: torch.device | str | None = None,

@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from camixer_fast.backends import Ops
+from camixer_fast.custom_ops import NAMESPACE, needs_grad, reference_route_windows, tracing
 from camixer_fast.reference.attention_inference import DEFAULT_CHUNK
 from camixer_fast.reference.attention_training import masked_window_attention
-from camixer_fast.reference.routing import flat_hard_windows, route_windows, window_scores
+from camixer_fast.reference.routing import flat_hard_windows, window_scores
 from camixer_fast.reference.warp import deform_warp
 from camixer_fast.reference.windows import check_window_grid
 
@@ -34,6 +35,11 @@ from camixer_fast.reference.windows import check_window_grid
 def to_nhwc(x: Tensor) -> Tensor:
     """(B, C, H, W) -> its (B, H, W, C) contiguous form: a free view of a channels-last map."""
     return x.permute(0, 2, 3, 1).contiguous()
+
+
+def _channels_last_like(x: Tensor, *args: object) -> Tensor:
+    """The fake kernel of both operators: a channels-last map shaped and typed like x."""
+    return torch.empty_like(x, memory_format=torch.channels_last)
 
 
 def hard_window_pixels(num_hard: Tensor, order: Tensor, height: int, width: int,
@@ -69,19 +75,9 @@ def _sampling_grid(offsets: Tensor, pixels: Tensor, width: int, height: int) -> 
     return torch.stack((gx, gy), dim=-1).view(1, -1, 1, 2)
 
 
-def deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
-                   order: Tensor | None = None, *, window_size: int = 16) -> Tensor:
-    """``k_in = x + warp(x, offsets)`` on the pixels of the hard windows, (B, C, H, W).
-
-    x (B, C, H, W), offsets (B, 2, H, W) in pixels; ``num_hard`` (B,) and ``order`` (B, N) name
-    the hard windows. Only their pixels are sampled: one ``grid_sample`` per image over the
-    list of hard pixels (the reference's grid values, bilinear, border, align_corners; in fp32
-    whatever x's dtype), added in place to a copy of ``x``. Elsewhere the result is ``x`` (no
-    warp), which the attention never reads. Returned channels-last. Without a routing (training) the whole map
-    is computed by the reference warp.
-    """
-    if num_hard is None or order is None:
-        return x + deform_warp(x, offsets)
+def hard_deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor, order: Tensor,
+                        window_size: int) -> Tensor:
+    """The routed case of :func:`deformable_key` (the operator ``camixer::cpu_deformable_key``)."""
     _, c, height, width = x.shape
     check_window_grid(height, width, window_size)
     xh = to_nhwc(x)
@@ -103,18 +99,36 @@ def deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
     return out.permute(0, 3, 1, 2)
 
 
-def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor, bq: Tensor,
-                     wk: Tensor, bk: Tensor, num_hard: Tensor, order: Tensor, *,
-                     window_size: int, chunk: int = DEFAULT_CHUNK) -> Tensor:
-    """Inference token mixing (spec §3.7) on channels-last maps; the reference's signature.
+_deformable_key_op = torch.library.custom_op(f"{NAMESPACE}::cpu_deformable_key",
+                                             hard_deformable_key, mutates_args=())
+_deformable_key_op.register_fake(_channels_last_like)
 
-    x, k_in, v: (B, C, H, W); sa: (B, 1, H, W); wq, wk: (C, C); bq, bk: (C,); num_hard (B,),
-    order (B, N). Only the hard windows' pixels of ``k_in`` are read. Returns attn_out
-    (B, C, H, W), channels-last, in x's dtype (computed in fp32): ``v·sa`` on the simple
-    windows, the hard windows' attention written in place, ``chunk`` windows per batched call.
+
+def deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
+                   order: Tensor | None = None, *, window_size: int = 16) -> Tensor:
+    """``k_in = x + warp(x, offsets)`` on the pixels of the hard windows, (B, C, H, W).
+
+    x (B, C, H, W), offsets (B, 2, H, W) in pixels; ``num_hard`` (B,) and ``order`` (B, N) name
+    the hard windows. Only their pixels are sampled: one ``grid_sample`` per image over the
+    list of hard pixels (the reference's grid values, bilinear, border, align_corners; in fp32
+    whatever x's dtype), added in place to a copy of ``x``. Elsewhere the result is ``x`` (no
+    warp), which the attention never reads. Returned channels-last. Without a routing
+    (training) the whole map is computed by the reference warp. One operator while traced
+    (:mod:`camixer_fast.custom_ops`).
     """
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if num_hard is None or order is None:
+        return x + deform_warp(x, offsets)
+    if not tracing() or needs_grad(x, offsets):
+        return hard_deformable_key(x, offsets, num_hard, order, window_size)
+    check_window_grid(x.shape[2], x.shape[3], window_size)
+    return _deformable_key_op(x, offsets, num_hard, order, window_size)
+
+
+def hard_window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
+                          bq: Tensor, wk: Tensor, bk: Tensor, num_hard: Tensor, order: Tensor,
+                          window_size: int, chunk: int) -> Tensor:
+    """The implementation of :func:`window_attention` (the operator
+    ``camixer::cpu_window_attention``)."""
     dtype = x.dtype
     _, c, height, width = x.shape
     check_window_grid(height, width, window_size)
@@ -141,7 +155,33 @@ def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
     return out.to(dtype).permute(0, 3, 1, 2)
 
 
-CPU_OPS = Ops(route_windows, window_scores, deformable_key, window_attention,
+_window_attention_op = torch.library.custom_op(f"{NAMESPACE}::cpu_window_attention",
+                                               hard_window_attention, mutates_args=())
+_window_attention_op.register_fake(_channels_last_like)
+
+
+def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor, bq: Tensor,
+                     wk: Tensor, bk: Tensor, num_hard: Tensor, order: Tensor, *,
+                     window_size: int, chunk: int = DEFAULT_CHUNK) -> Tensor:
+    """Inference token mixing (spec §3.7) on channels-last maps; the reference's signature.
+
+    x, k_in, v: (B, C, H, W); sa: (B, 1, H, W); wq, wk: (C, C); bq, bk: (C,); num_hard (B,),
+    order (B, N). Only the hard windows' pixels of ``k_in`` are read. Returns attn_out
+    (B, C, H, W), channels-last, in x's dtype (computed in fp32): ``v·sa`` on the simple
+    windows, the hard windows' attention written in place, ``chunk`` windows per batched call.
+    One operator while traced (:mod:`camixer_fast.custom_ops`).
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if not tracing() or needs_grad(x, k_in, v, sa, wq, bq, wk, bk):
+        return hard_window_attention(x, k_in, v, sa, wq, bq, wk, bk, num_hard, order,
+                                     window_size, chunk)
+    check_window_grid(x.shape[2], x.shape[3], window_size)
+    return _window_attention_op(x, k_in, v, sa, wq, bq, wk, bk, num_hard, order, window_size,
+                                chunk)
+
+
+CPU_OPS = Ops(reference_route_windows, window_scores, deformable_key, window_attention,
               masked_window_attention)
 """The CPU backend's operations; training runs the reference's (the backend ``trains_as``
 "reference")."""

@@ -1,0 +1,203 @@
+"""torch.compile(model, fullgraph=True): one graph per backend, the same outputs as eager.
+
+The operators of :mod:`camixer_fast.custom_ops` (and the CPU backend's) are checked with
+``torch.library.opcheck`` (schema, fake kernel against the real output's shape, dtype and
+strides, AOT dispatch); the network is compiled with ``fullgraph=True`` on a small random
+model, through AOT autograd for every backend and once through inductor.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close
+from torch._dynamo.backends.registry import lookup_backend
+
+from camixer_fast import cpu_ops, custom_ops
+from camixer_fast.reference.model import CAMixerSR
+from camixer_fast.reference.routing import route_windows
+
+COMPILED_TOL = 1e-4
+"""fp32: compiled against eager (issue 11)."""
+
+SMALL = {"n_feats": 8, "blocks_per_group": (1, 1), "window_size": 8}
+BACKENDS = ("reference", "cpu")
+"""The backends compiled here; the Triton kernels' operators are registered with the kernels."""
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from scratch: Dynamo's per-function recompile limit counts the
+    models of earlier tests otherwise."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def small_model(backend: str, *, saturated: bool = False) -> CAMixerSR:
+    """A random two-block model; ``saturated``: every window scores exactly 1.0, so that K cuts
+    through a tie of all windows and their order is the sort's order of equal scores."""
+    torch.manual_seed(0)
+    model = CAMixerSR(**SMALL).eval()
+    if saturated:
+        with torch.no_grad():
+            for mixer in model.mixers():
+                head = mixer.route.out_mask[2]
+                head.weight.zero_()
+                head.bias.copy_(torch.tensor([30.0, -30.0]))
+    model.backend = backend
+    return model
+
+
+def lr_input(batch: int = 2, height: int = 17, width: int = 33) -> torch.Tensor:
+    return torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(1))
+
+
+def operator_cases() -> list[tuple[str, object, tuple]]:
+    """(id, operator, sample arguments): odd channels, channels-last maps as the network passes
+    them, routings with K = 0, some and all windows."""
+    g = torch.Generator().manual_seed(0)
+    b, c, height, width, ws = 2, 5, 16, 24, 8
+
+    def fmap(channels: int) -> torch.Tensor:
+        return torch.randn(b, height, width, channels, generator=g).permute(0, 3, 1, 2)
+
+    x, k_in, v, h = fmap(c), fmap(c), fmap(c), fmap(3)
+    sa = torch.rand(b, 1, height, width, generator=g)
+    offsets = 3 * torch.randn(b, 2, height, width, generator=g)
+    wq, wk = torch.randn(c, c, generator=g), torch.randn(c, c, generator=g)
+    bq, bk = torch.randn(c, generator=g), torch.randn(c, generator=g)
+    mlp = (torch.randn(ws, ws * ws, generator=g), torch.randn(ws, generator=g),
+           torch.randn(2, ws, generator=g), torch.randn(2, generator=g))
+    assert cpu_ops.CPU_OPS is not None              # importing cpu_ops registers its operators
+    ops = torch.ops.camixer
+    cases = []
+    for gamma in (0.0, 0.5, 1.0):
+        r = route_windows(h, *mlp, gamma, window_size=ws)
+        cases += [
+            (f"reference_route_windows-gamma={gamma}", ops.reference_route_windows.default,
+             (h, *mlp, gamma, ws, "expected", "official")),
+            (f"reference_window_attention-gamma={gamma}", ops.reference_window_attention.default,
+             (x, k_in, v, sa, wq, bq, wk, bk, r.num_hard, r.order, ws, 2)),
+            (f"cpu_window_attention-gamma={gamma}", ops.cpu_window_attention.default,
+             (x, k_in, v, sa, wq, bq, wk, bk, r.num_hard, r.order, ws, 2)),
+            (f"cpu_deformable_key-gamma={gamma}", ops.cpu_deformable_key.default,
+             (x, offsets, r.num_hard, r.order, ws)),
+        ]
+    cases.append(("window_order-index", ops.window_order.default, (h[:, 0, 0], "index")))
+    return cases
+
+
+CASES = operator_cases()
+
+
+@pytest.mark.parametrize(("op", "args"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_operator(op, args) -> None:
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor",
+                                                "test_aot_dispatch_static"))
+
+
+def test_gumbel_noise_operator_fake_kernel() -> None:
+    # a random draw: its values differ run to run, so only schema and metadata are compared
+    like = torch.zeros(2, 7, 2)
+    torch.library.opcheck(torch.ops.camixer.gumbel_noise.default, (like,),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def compile_recording(model: CAMixerSR, graphs: list[torch.fx.GraphModule]):
+    """``torch.compile(model, fullgraph=True)`` through AOT autograd (eager kernels), keeping
+    every graph Dynamo produces."""
+    aot_eager = lookup_backend("aot_eager")
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    return torch.compile(model, backend=backend, fullgraph=True)
+
+
+def called(graph: torch.fx.GraphModule) -> list[str]:
+    """The names of the functions and methods a Dynamo graph calls."""
+    names = []
+    for node in graph.graph.nodes:
+        if node.op == "call_function":
+            names.append(str(node.target))
+        elif node.op == "call_method":
+            names.append(node.target)
+    return names
+
+
+def same_routing(eager, compiled) -> None:
+    for i, (a, b) in enumerate(zip(eager.blocks, compiled.blocks, strict=True)):
+        assert torch.equal(a.num_hard, b.num_hard), f"block {i}: K {a.num_hard} != {b.num_hard}"
+        assert torch.equal(a.order, b.order), f"block {i}: window order differs"
+
+
+@pytest.mark.parametrize("routing", ["expected", "gumbel"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fullgraph(one_thread, backend: str, routing: str) -> None:
+    model = small_model(backend, saturated=True)
+    model.routing, model.gamma = routing, 0.25
+    x = lr_input()
+    graphs: list[torch.fx.GraphModule] = []
+    compiled = compile_recording(model, graphs)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        want, want_routing = model(x, return_routing=True)
+        torch.manual_seed(7)
+        got, got_routing = compiled(x, return_routing=True)
+    assert len(graphs) == 1
+    names = called(graphs[0])
+    blocks, images = sum(SMALL["blocks_per_group"]), x.shape[0]
+    assert names.count("camixer.reference_route_windows.default") == blocks * images
+    attention = "camixer.cpu_window_attention.default" if backend == "cpu" else \
+        "camixer.reference_window_attention.default"
+    assert names.count(attention) == blocks * images
+    leaked = [n for n in names if n in ("item", "tolist")
+              or any(s in n for s in ("sort", "nonzero", "_local_scalar_dense"))]
+    assert not leaked, f"data-dependent calls traced into the graph: {leaked}"
+    # the Gumbel draws come from the default generator inside the routing operator, as eagerly
+    same_routing(want_routing, got_routing)
+    assert_close(f"{backend} {routing} compiled (aot_eager)", want, got, COMPILED_TOL)
+
+
+def test_fullgraph_needs_no_grad(one_thread) -> None:
+    # with gradients the hard-window gathers are traced and break the graph; compile inference
+    # under no_grad / inference_mode (README)
+    compiled = compile_recording(small_model("cpu"), [])
+    with pytest.raises(Exception, match="nonzero|data-dependent|Dynamic shape"):
+        compiled(lr_input(1, 16, 16))
+
+
+def test_backend_is_resolved_outside_the_graph(one_thread) -> None:
+    model = small_model("reference")
+    graphs: list[torch.fx.GraphModule] = []
+    compiled = compile_recording(model, graphs)
+    with torch.no_grad():
+        compiled(lr_input(1, 16, 16))
+        model.backend = "cpu"
+        compiled(lr_input(1, 16, 16))
+    # a change of backend is a guard failure and a new graph, with the new backend's operators
+    assert len(graphs) == 2
+    assert "camixer.cpu_window_attention.default" in called(graphs[1])
+    assert "camixer.cpu_window_attention.default" not in called(graphs[0])
+
+
+def test_window_order_entry_is_one_operator_when_traced() -> None:
+    scores = torch.ones(2, 12)
+    traced = torch.compile(lambda s: custom_ops.window_order(s, "official"), fullgraph=True,
+                           backend="eager")
+    assert torch.equal(traced(scores), torch.argsort(scores, dim=1, descending=True))
+
+
+@pytest.mark.slow
+def test_inductor_matches_eager(one_thread) -> None:
+    model = small_model("cpu", saturated=True)
+    model.gamma = 0.25
+    x = lr_input(1)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        want, want_routing = model(x, return_routing=True)
+        got, got_routing = compiled(x, return_routing=True)
+    same_routing(want_routing, got_routing)
+    assert_close("cpu compiled (inductor)", want, got, COMPILED_TOL)
