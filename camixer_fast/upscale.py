@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from camixer_fast.graphs import CUDAGraphModel
 from camixer_fast.imageio import array_to_pil, check_range, merge_array, pil_to_array, split_array
 from camixer_fast.loading import WEIGHTS_ENV, load_model
 from camixer_fast.reference.model import CAMixerSR
@@ -52,10 +53,19 @@ CACHE_SIZE = 8
 
 @dataclass
 class CachedModel:
-    """A loaded model and the lock that serializes its calls (``gamma`` is set per call)."""
+    """A loaded model and the lock that serializes its calls (``gamma`` is set per call);
+    ``graphed``: its CUDA graphs, made on first use (:meth:`graphs`)."""
 
     model: CAMixerSR
     lock: threading.Lock = field(default_factory=threading.Lock)
+    graphed: CUDAGraphModel | None = None
+
+    def graphs(self) -> CUDAGraphModel:
+        """The model's :class:`~camixer_fast.graphs.CUDAGraphModel` (RuntimeError with the
+        reason where it cannot be captured)."""
+        if self.graphed is None:
+            self.graphed = CUDAGraphModel(self.model)
+        return self.graphed
 
 
 _cache: OrderedDict[tuple, CachedModel] = OrderedDict()
@@ -189,12 +199,13 @@ def tile_origins(size: int, tile: int) -> list[int]:
     return list(range(0, size - tile, stride)) + [size - tile]
 
 
-def tiled_forward(model: CAMixerSR, x: Tensor, tile: int,
+def tiled_forward(model: CAMixerSR | CUDAGraphModel, x: Tensor, tile: int,
                   progress: ProgressCallback | None = None) -> Tensor:
     """The official overlapped-tile inference (spec §5): (B, 3, H, W) -> (B, 3, sH, sW) float32.
 
     The tile is ``min(tile, H, W)``; every tile goes through ``model`` alone and overlapping
-    outputs are averaged. Memory: one tile's working set plus the float32 output.
+    outputs are averaged. Memory: one tile's working set plus the float32 output. Every tile
+    has the same size: a :class:`~camixer_fast.graphs.CUDAGraphModel` captures one graph.
     """
     batch, _, height, width = x.shape
     scale = model.scale
@@ -229,23 +240,24 @@ def _check_tile(tile: int | str | None) -> int | str | None:
 
 def _super_resolve(x: Tensor, gamma: float, weights: str | os.PathLike | Mapping,
                    tile: int | str | None, device: torch.device, dtype: torch.dtype,
-                   backend: str, progress: ProgressCallback | None) -> Tensor:
+                   backend: str, cuda_graph: bool, progress: ProgressCallback | None) -> Tensor:
     """(B, 3, H, W) float in [0, 1] -> (B, 3, sH, sW) clamped to [0, 1], on ``device``."""
     entry = cached_model(weights, device, dtype, backend)
     model = entry.model
     with entry.lock:
         model.gamma = gamma
+        run = entry.graphs() if cuda_graph else model
         with torch.inference_mode():
             x = x.to(device=device, dtype=dtype)
             if tile == "auto":
                 tile = auto_tile(x.shape[2], x.shape[3], batch=x.shape[0], scale=model.scale,
                                  device=device, dtype=dtype)
             if tile is None:
-                out = model(x)
+                out = run(x)
                 if progress is not None:
                     progress(1, 1)
             else:
-                out = tiled_forward(model, x, tile, progress)
+                out = tiled_forward(run, x, tile, progress)
     return out.clamp(0, 1)
 
 
@@ -277,7 +289,7 @@ def upscale(img: ImageLike, gamma: float = 0.5, *,
             weights: str | os.PathLike | Mapping = "CAMixerSR-S",
             tile: int | str | None = None, device: torch.device | str | None = None,
             dtype: torch.dtype | str | None = None, backend: str = "auto",
-            progress: ProgressCallback | None = None) -> ImageLike:
+            cuda_graph: bool = False, progress: ProgressCallback | None = None) -> ImageLike:
     """Super-resolve ``img`` by the model's scale (×4 for CAMixerSR-S); returns the same kind.
 
     img:
@@ -309,11 +321,15 @@ def upscale(img: ImageLike, gamma: float = 0.5, *,
     dtype: the network's dtype (torch dtype or "fp32"/"fp16"/"bf16"); None: float32.
     backend: "auto", "reference", "cpu" or "triton" (see :mod:`camixer_fast.backends`; "auto"
       is "cpu" on the CPU, "triton" on a CUDA device that runs the kernels).
+    cuda_graph: replay the network as CUDA graphs, one per input (or tile) size, captured on
+      first use (:class:`camixer_fast.graphs.CUDAGraphModel`): far fewer launches for many
+      images or tiles of one size. Needs a CUDA device and the Triton backend; RuntimeError with
+      the reason otherwise (no silent fallback). Not yet proven on a GPU.
     progress: optional ``progress(done, total)`` called after each tile.
     """
     options = {"gamma": check_gamma(gamma), "weights": weights, "tile": _check_tile(tile),
                "device": device, "dtype": resolve_dtype(dtype), "backend": backend,
-               "progress": progress}
+               "cuda_graph": bool(cuda_graph), "progress": progress}
     if isinstance(img, Image.Image):
         arr, info = pil_to_array(img)
         return array_to_pil(_upscale_array(arr, options), info)

@@ -368,6 +368,7 @@ BAD_ARGS = {
     "tile-not-a-number": lambda i, t: [i, "-o", t / "out", "--tile", "big"],
     "unknown-dtype": lambda i, t: [i, "-o", t / "out", "--dtype", "fp8"],
     "bad-device": lambda i, t: [i, "-o", t / "out", "--device", "abacus"],
+    "cuda-graph-off-cuda": lambda i, t: [i, "-o", t / "out", "--cuda-graph", "--device", "cpu"],
     "unsupported-input-extension": lambda i, t: [i / "notes.txt", "-o", t / "out"],
     "unsupported-output-extension": lambda i, t: [i / "a.png", "-o", t / "a.gif"],
     "output-equals-input-file": lambda i, t: [i / "a.png", "-o", i / "a.png"],
