@@ -1,6 +1,6 @@
 """GPU check of the compiled and CUDA-graph variants (issue 11): parity with eager, then time.
 
-    python bench/gpu_compile_graphs.py [--out bench/results/gpu-compile-graphs.json] [--quick]
+    python bench/gpu_compile_graphs.py [--weights PTH] [--image PNG] [--json OUT] [--quick]
 
 On one CUDA device, for the S model on a 320×180 crop of an Urban100 photo (1280×720 out):
 
@@ -15,13 +15,16 @@ On one CUDA device, for the S model on a 320×180 crop of an Urban100 photo (128
 
 Every variant is timed only after its check passed; a failed check is recorded with its error
 and the script exits 1. Latency: median of 10 CUDA-synchronised calls after 3 warm-ups. The
-results, with the card, driver and versions, go to one JSON file.
+results, with the card, driver and versions, go to one JSON file. Each compile of S takes
+about a minute on an H200: ``--quick`` checks only the variants the first GPU run got wrong or
+never ran (triton compiled with official ties, the CUDA graphs), with 3 timed calls each.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -37,21 +40,27 @@ import camixer_fast
 from camixer_fast.graphs import CUDAGraphModel
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-from benchlib import SHARED  # noqa: E402
+SHARED = Path(os.environ.get("CAMIXER_FAST_SHARED", REPO.parent / "shared"))
 
 PARITY_TOL = 1e-4
 """fp32, compiled or replayed against eager (issue 11)."""
 
+RUNS = 10
+"""Timed calls per variant (3 with ``--quick``)."""
 
-def crop_input(height: int = 180, width: int = 320) -> torch.Tensor:
-    """The issue's input: the top-left height×width of Urban100's img_001, (1, 3, H, W)."""
-    rgb = np.asarray(Image.open(SHARED / "data" / "Urban100" / "HR" / "img_001.png")
-                     .convert("RGB"))[:height, :width]
+
+def crop_input(image: Path, height: int = 180, width: int = 320) -> torch.Tensor:
+    """The issue's input: the top-left height×width of the image, (1, 3, H, W) on CUDA."""
+    rgb = np.asarray(Image.open(image).convert("RGB"))[:height, :width]
     return torch.from_numpy(rgb.astype(np.float32) / 255.0).permute(2, 0, 1)[None].cuda()
 
 
-def latency_ms(fn, x: torch.Tensor, runs: int = 10, warmup: int = 3) -> float:
+def load(weights: Path, backend: str) -> camixer_fast.CAMixerSR:
+    return camixer_fast.load_model(weights, backend=backend, device="cuda", gamma=0.5)
+
+
+def latency_ms(fn, x: torch.Tensor, warmup: int = 3) -> float:
+    runs = RUNS
     for _ in range(warmup):
         fn(x)
     times = []
@@ -72,9 +81,8 @@ def compare(want, got) -> dict:
             "same_order": same_order}
 
 
-def check_compiled(backend: str, tie_break: str, x: torch.Tensor, quick: bool) -> dict:
+def check_compiled(model: camixer_fast.CAMixerSR, tie_break: str, x: torch.Tensor) -> dict:
     torch._dynamo.reset()
-    model = camixer_fast.load_model("CAMixerSR-S", backend=backend, device="cuda", gamma=0.5)
     model.tie_break = tie_break
     with torch.inference_mode():
         want = model(x, return_routing=True)
@@ -84,19 +92,18 @@ def check_compiled(backend: str, tie_break: str, x: torch.Tensor, quick: bool) -
         torch.cuda.synchronize()
         row = {"compile_s": time.perf_counter() - start, **compare(want, got)}
         row["ok"] = row["max_diff"] <= PARITY_TOL and row["same_k"] and row["same_order"]
-        if row["ok"] and not quick:
+        if row["ok"]:
             row["eager_ms"] = latency_ms(lambda t: model(t, return_routing=True), x)
             row["compiled_ms"] = latency_ms(lambda t: compiled(t, return_routing=True), x)
     return row
 
 
-def check_graphs(x: torch.Tensor, quick: bool) -> dict:
-    model = camixer_fast.load_model("CAMixerSR-S", backend="triton", device="cuda", gamma=0.5)
+def check_graphs(model: camixer_fast.CAMixerSR, x: torch.Tensor) -> dict:
     graphed = CUDAGraphModel(model)
     other = x[..., :96, :160].contiguous()
     row = {"max_diff": 0.0, "same_k": True, "same_order": True}
     with torch.inference_mode():
-        for step, inp in enumerate((x, other, x * 0.9, other * 0.9)):
+        for inp in (x, other, x * 0.9, other * 0.9):          # two sizes, interleaved
             want = model(inp, return_routing=True)
             got = graphed(inp, return_routing=True)
             r = compare(want, got)
@@ -105,7 +112,7 @@ def check_graphs(x: torch.Tensor, quick: bool) -> dict:
             row["same_order"] &= r["same_order"]
         row["graphs"] = len(graphed.keys())
         row["ok"] = row["max_diff"] <= PARITY_TOL and row["same_k"] and row["same_order"]
-        if row["ok"] and not quick:
+        if row["ok"]:
             row["eager_ms"] = latency_ms(model, x)
             row["replay_ms"] = latency_ms(graphed, x)
             graphed_static = CUDAGraphModel(model, copy_outputs=False)
@@ -113,10 +120,8 @@ def check_graphs(x: torch.Tensor, quick: bool) -> dict:
     return row
 
 
-def check_reduce_overhead(x: torch.Tensor, quick: bool) -> dict:
+def check_reduce_overhead(model: camixer_fast.CAMixerSR, x: torch.Tensor) -> dict:
     torch._dynamo.reset()
-    model = camixer_fast.load_model("CAMixerSR-S", backend="triton", device="cuda", gamma=0.5)
-    model.tie_break = "index"
     with torch.inference_mode():
         want = model(x, return_routing=True)
         compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
@@ -124,7 +129,7 @@ def check_reduce_overhead(x: torch.Tensor, quick: bool) -> dict:
             got = compiled(x, return_routing=True)
         row = compare(want, (got[0].clone(), got[1]))
         row["ok"] = row["max_diff"] <= PARITY_TOL and row["same_k"] and row["same_order"]
-        if row["ok"] and not quick:
+        if row["ok"]:
             row["compiled_ms"] = latency_ms(lambda t: compiled(t, return_routing=True), x)
     return row
 
@@ -147,26 +152,37 @@ def stamp() -> dict:
 
 
 def main() -> int:
+    global RUNS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" /
+    parser.add_argument("--weights", type=Path,
+                        default=SHARED / "weights" / "CAMixerSR_S.pth")
+    parser.add_argument("--image", type=Path,
+                        default=SHARED / "data" / "Urban100" / "HR" / "img_001.png")
+    parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" /
                         "gpu-compile-graphs.json")
-    parser.add_argument("--quick", action="store_true", help="checks only, no timing")
+    parser.add_argument("--quick", action="store_true",
+                        help="the triton compiled (official ties) and CUDA-graph variants only, "
+                             "3 timed calls each")
     parser.add_argument("--only", default="", metavar="TEXT",
-                        help="run the variants whose name contains TEXT (default: all; each "
-                             "compile of S takes about a minute)")
+                        help="run the variants whose name contains TEXT")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check", file=sys.stderr)
-        return 2
-    x = crop_input()
-    results = {"machine": stamp(), "input": list(x.shape), "gamma": 0.5, "model": "S"}
-    checks = [(f"compiled-{b}-{t}", lambda b=b, t=t: check_compiled(b, t, x, args.quick))
-              for b in ("triton", "reference") for t in ("official", "index")]
-    checks += [("cuda-graphs-triton", lambda: check_graphs(x, args.quick)),
-               ("reduce-overhead-triton", lambda: check_reduce_overhead(x, args.quick))]
+        return 3
+    if args.quick:
+        RUNS = 3
+    x = crop_input(args.image)
+    results = {"machine": stamp(), "input": list(x.shape), "gamma": 0.5,
+               "weights": args.weights.name, "runs": RUNS}
+    checks = {f"compiled-{b}-{t}": (lambda b=b, t=t: check_compiled(load(args.weights, b), t, x))
+              for b in ("triton", "reference") for t in ("official", "index")}
+    checks["cuda-graphs-triton"] = lambda: check_graphs(load(args.weights, "triton"), x)
+    checks["reduce-overhead-triton"] = lambda: check_reduce_overhead(
+        load(args.weights, "triton"), x)
+    quick = ("compiled-triton-official", "cuda-graphs-triton")
     failed = False
-    for name, check in checks:
-        if args.only not in name:
+    for name, check in checks.items():
+        if args.only not in name or (args.quick and name not in quick):
             continue
         try:
             row = check()
@@ -176,9 +192,9 @@ def main() -> int:
         failed |= not row["ok"]
         results[name] = row
         print(name, json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {args.json}")
     return 1 if failed else 0
 
 
