@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import DEVICE, assert_close
 from torch._dynamo.backends.registry import lookup_backend
 
 from camixer_fast import cpu_ops, custom_ops
@@ -32,6 +32,33 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+def _triton_add_one():
+    """A one-kernel operator registered through :func:`camixer_fast.custom_ops.kernel_op`."""
+    import triton
+    import triton.language as tl
+    from torch.library import wrap_triton
+
+    @triton.jit
+    def _add_one_kernel(x_ptr, out_ptr, N, BLOCK: tl.constexpr):
+        o_i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m_i = o_i < N
+        tl.store(out_ptr + o_i, tl.load(x_ptr + o_i, mask=m_i) + 1.0, mask=m_i)
+
+    def launch(x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(x)
+        wrap_triton(_add_one_kernel)[(triton.cdiv(x.numel(), 16),)](x, out, x.numel(), BLOCK=16)
+        return out
+
+    return custom_ops.kernel_op("_test_add_one", launch, lambda x: torch.empty_like(x))
+
+
+try:
+    add_one = _triton_add_one()
+except ImportError:                     # triton is not installed: the kernels cannot run
+    add_one = None
+triton_kernel_test = pytest.mark.skipif(add_one is None, reason="triton is not installed")
 
 
 def small_model(backend: str, *, saturated: bool = False) -> CAMixerSR:
@@ -188,6 +215,38 @@ def test_window_order_entry_is_one_operator_when_traced() -> None:
     traced = torch.compile(lambda s: custom_ops.window_order(s, "official"), fullgraph=True,
                            backend="eager")
     assert torch.equal(traced(scores), torch.argsort(scores, dim=1, descending=True))
+
+
+@pytest.mark.parametrize("backend", ["reference"])
+def test_fullgraph_training_step(one_thread, backend: str) -> None:
+    model = small_model(backend).train()
+    model.train_noise = False
+    x = lr_input(2, 16, 24)
+    grads = []
+    for run in (model, compile_recording(model, [])):
+        model.zero_grad()
+        sr, ratio_loss = run(x)
+        (sr.square().mean() + ratio_loss).backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    for name, want in grads[0].items():
+        assert_close(f"{backend} grad {name}", want, grads[1][name], COMPILED_TOL)
+
+
+@triton_kernel_test
+def test_kernel_op_launches_plainly_and_traces_as_one_operator() -> None:
+    x = torch.arange(37.0, device=DEVICE)
+    assert torch.equal(add_one(x), x + 1)               # eager: the launcher itself
+    graphs: list[torch.fx.GraphModule] = []
+    aot_eager = lookup_backend("aot_eager")
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    traced = torch.compile(lambda t: add_one(t * 2.0), backend=backend, fullgraph=True)
+    assert torch.equal(traced(x), x * 2 + 1)
+    assert "camixer._test_add_one.default" in called(graphs[0])
+    torch.library.opcheck(add_one.op, (x,), test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.slow
