@@ -212,6 +212,16 @@ def select_backend(name: str, device: torch.device | str | None = None,
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     device = torch.device("cpu" if device is None else device)
+    return REGISTRY[_chosen(name, device, dtype, training)]
+
+
+def _chosen(name: str, device: torch.device, dtype: torch.dtype, training: bool) -> str:
+    # The name of the backend select_backend returns. torch.compile calls this once per
+    # compiled graph, outside it, and keeps the name: the answers depend on the process (triton
+    # installed, the GPU's capability, TRITON_INTERPRET), and the questions (importlib's
+    # find_spec, torch.cuda.get_device_capability) would break the graph. The arguments are
+    # guarded as the graph's own (the model's backend request and mode, the input's device,
+    # the weights' dtype).
     if name == "auto":
         reasons = []
         for candidate in AUTO_ORDER:
@@ -222,7 +232,7 @@ def select_backend(name: str, device: torch.device | str | None = None,
                 backend = REGISTRY[backend.trains_as]
             reason = backend.unsupported(device, dtype, training)
             if reason is None:
-                return backend
+                return backend.name
             reasons.append(f"{backend.name}: {reason}")
         raise RuntimeError(f"no backend runs {dtype} on {device}: " + "; ".join(reasons))
     backend = REGISTRY[name]
@@ -231,7 +241,12 @@ def select_backend(name: str, device: torch.device | str | None = None,
     reason = backend.unsupported(device, dtype, training)
     if reason is not None:
         raise RuntimeError(f"backend {name!r} cannot run here: {reason}")
-    return backend
+    return backend.name
+
+
+# what torch.compiler.assume_constant_result sets, which would import Dynamo (and with it
+# triton) with this module (tests/test_compile.py checks that the choice stays out of graphs)
+_chosen._dynamo_marked_constant = True
 
 
 def can_use_triton(device: torch.device | str | None = None) -> tuple[bool, str]:

@@ -8,12 +8,14 @@ model, through AOT autograd for every backend and once through inductor.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import DEVICE, assert_close
 from torch._dynamo.backends.registry import lookup_backend
 
-from camixer_fast import cpu_ops, custom_ops
+from camixer_fast import backends, cpu_ops, custom_ops
 from camixer_fast.reference.model import CAMixerSR
 from camixer_fast.reference.routing import route_windows
 
@@ -208,6 +210,30 @@ def test_backend_is_resolved_outside_the_graph(one_thread) -> None:
     assert len(graphs) == 2
     assert "camixer.cpu_window_attention.default" in called(graphs[1])
     assert "camixer.cpu_window_attention.default" not in called(graphs[0])
+
+
+def test_backend_choice_is_not_traced(one_thread, monkeypatch) -> None:
+    # the choice asks questions Dynamo cannot trace on every device (importlib's find_spec,
+    # torch.cuda.get_device_capability on a GPU): it runs once, outside the graph
+    reference = backends.REGISTRY["reference"]
+    asked = []
+
+    def untraceable(device: torch.device, dtype: torch.dtype, training: bool) -> str | None:
+        torch._dynamo.graph_break()
+        asked.append(device)
+        return reference.unsupported(device, dtype, training)
+
+    monkeypatch.setitem(backends.REGISTRY, "reference",
+                        dataclasses.replace(reference, unsupported=untraceable))
+    model = small_model("reference")
+    compiled = compile_recording(model, [])
+    with torch.no_grad():
+        want = model(lr_input(1, 16, 16))
+        asked.clear()
+        got = compiled(lr_input(1, 16, 16))
+        compiled(lr_input(1, 16, 16))
+    assert asked == [torch.device("cpu")], "the choice ran more than once, or in the graph"
+    assert_close("compiled", want, got, COMPILED_TOL)
 
 
 def test_window_order_entry_is_one_operator_when_traced() -> None:
