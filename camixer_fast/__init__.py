@@ -4,11 +4,13 @@ CUDA) fused Triton kernels.
 >>> model = camixer_fast.load_model("CAMixerSR-S", gamma=0.5)
 >>> sr = model(lr)          # (B, 3, H, W) in [0, 1] -> (B, 3, 4H, 4W), unclamped
 >>> big = camixer_fast.upscale(pil_image)   # PIL / numpy / tensor in, same kind out
+>>> bigs = camixer_fast.upscale_batch(images)   # many, pipelined and batched by size
 """
 
 from camixer_fast.backends import can_use_triton, resolve_backend
 from camixer_fast.loading import CheckpointError, infer_config, load_model
 from camixer_fast.reference.model import CAMixerSR
+from camixer_fast.runner import upscale_batch, upscale_iter
 from camixer_fast.upscale import upscale
 
 __version__ = "0.1.0"
@@ -22,4 +24,6 @@ __all__ = [
     "load_model",
     "resolve_backend",
     "upscale",
+    "upscale_batch",
+    "upscale_iter",
 ]

@@ -63,37 +63,74 @@ def _sha256(path: Path) -> str:
 
 
 def _download(entry: RegisteredWeights, dest: Path) -> None:
-    """Fetch ``entry.url`` into ``dest`` atomically, refusing a file whose sha256 differs."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    print(f"camixer_fast: downloading {entry.filename} from {entry.url}", file=sys.stderr)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{entry.filename}.", suffix=".part")
-    tmp = Path(tmp_name)
+    """Fetch ``entry.url`` into ``dest`` atomically, refusing a file whose sha256 differs.
+
+    A failed download (no network, HTTP error, wrong digest) raises CheckpointError, one line
+    that says where the file can be put by hand, and leaves no file or folder it created."""
+    created = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(entry.url, timeout=60) as resp:
-            for block in iter(lambda: resp.read(1 << 20), b""):
-                out.write(block)
-        got = _sha256(tmp)
-        if got != entry.sha256:
-            raise CheckpointError(f"download of {entry.url} has sha256 {got}, expected "
-                                  f"{entry.sha256}; nothing was saved")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        print(f"camixer_fast: downloading {entry.filename} from {entry.url}", file=sys.stderr)
+        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{entry.filename}.",
+                                        suffix=".part")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out, \
+                    urllib.request.urlopen(entry.url, timeout=60) as resp:
+                for block in iter(lambda: resp.read(1 << 20), b""):
+                    out.write(block)
+            got = _sha256(tmp)
+            if got != entry.sha256:
+                raise CheckpointError(f"download of {entry.url} has sha256 {got}, expected "
+                                      f"{entry.sha256}; nothing was saved")
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except (OSError, ValueError) as err:
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        if isinstance(err, CheckpointError):
+            raise
+        reason = getattr(err, "reason", None) or getattr(err, "strerror", None) or err
+        raise CheckpointError(
+            f"cannot download {entry.filename} ({reason}); put the file at {dest} or set "
+            f"${WEIGHTS_ENV} to it (or to its folder); it is at {entry.url}") from None
+
+
+def _env_weights(entry: RegisteredWeights) -> Path | None:
+    """The file ``$CAMIXER_FAST_WEIGHTS`` names for ``entry`` (a file, or a folder holding
+    ``entry.filename``); None when the variable is unset or empty. A value that names no such
+    file raises CheckpointError naming the variable and the path, rather than being ignored."""
+    env = os.environ.get(WEIGHTS_ENV)
+    if not env:
+        return None
+    path = Path(env).expanduser()
+    where = f"${WEIGHTS_ENV}={env}" + ("" if path.is_absolute() else
+                                      f" (relative to {Path.cwd()})")
+    if path.is_file():
+        return path
+    if path.is_dir():
+        if (path / entry.filename).is_file():
+            return path / entry.filename
+        raise CheckpointError(f"{where} is a folder without {entry.filename}; put the file "
+                              f"there or point the variable at the file ({entry.url})")
+    raise CheckpointError(f"{where}: no such file or folder; point it at {entry.filename} "
+                          f"or its folder, or unset it to use the cache ({cache_dir()})")
 
 
 def resolve_weights(name: str) -> Path:
     """The file behind a registered name: ``$CAMIXER_FAST_WEIGHTS`` (a file, or a folder holding
-    the official file name), else the user cache, else a verified download into the cache."""
+    the official file name; set to anything else, it is an error), else the user cache, else a
+    verified download into the cache. Raises CheckpointError when none of them gives the file."""
     if name not in REGISTRY:
         raise CheckpointError(f"unknown weights name {name!r}; known names: {sorted(REGISTRY)}")
     entry = REGISTRY[name]
-    env = os.environ.get(WEIGHTS_ENV)
-    if env:
-        env_path = Path(env).expanduser()
-        if env_path.is_file():
-            return env_path
-        if (env_path / entry.filename).is_file():
-            return env_path / entry.filename
+    from_env = _env_weights(entry)
+    if from_env is not None:
+        return from_env
     cached = cache_dir() / entry.filename
     if cached.is_file():
         if _sha256(cached) == entry.sha256:
@@ -105,12 +142,28 @@ def resolve_weights(name: str) -> Path:
 
 
 def _read_file(path: Path) -> Mapping:
+    """torch.load of a checkpoint file with ``weights_only=True``; anything that is not a
+    checkpoint of tensors raises CheckpointError saying so (never suggesting to unpickle it)."""
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a "
+                              f"pickle: it starts with {head!r})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several kinds for non-checkpoint files
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if found:
+            raise CheckpointError(f"{path} is not a checkpoint of tensors: it holds a "
+                                  f"{found[1]} object, which camixer_fast does not unpickle "
+                                  "(unpickling can run code)") from None
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        detail = (lines[0] if lines and "weights_only" not in str(err).lower().replace(" ", "_")
+                  else type(err).__name__)
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({detail})") \
+            from None
 
 
 def extract_state_dict(obj: Mapping) -> dict[str, Tensor]:
