@@ -4,6 +4,7 @@ CUDA) fused Triton kernels.
 >>> model = camixer_fast.load_model("CAMixerSR-S", gamma=0.5)
 >>> sr = model(lr)          # (B, 3, H, W) in [0, 1] -> (B, 3, 4H, 4W), unclamped
 >>> big = camixer_fast.upscale(pil_image)   # PIL / numpy / tensor in, same kind out
+>>> camixer_fast.export_onnx(model, "camixer_s.onnx")   # routing inside the graph
 >>> bigs = camixer_fast.upscale_batch(images)   # many, pipelined and batched by size
 """
 
@@ -20,6 +21,7 @@ __all__ = [
     "CheckpointError",
     "__version__",
     "can_use_triton",
+    "export_onnx",
     "infer_config",
     "load_model",
     "resolve_backend",
@@ -27,3 +29,13 @@ __all__ = [
     "upscale_batch",
     "upscale_iter",
 ]
+
+
+def __getattr__(name: str):
+    # camixer_fast.export_onnx (camixer_fast.onnx_export.export_onnx) is imported on first use:
+    # it brings in torch.onnx and registers the "onnx" backend
+    if name == "export_onnx":
+        from camixer_fast.onnx_export import export_onnx
+
+        return export_onnx
+    raise AttributeError(f"module 'camixer_fast' has no attribute {name!r}")
