@@ -19,7 +19,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 
+from camixer_fast.custom_ops import kernel_op
 from camixer_fast.kernels._tiles import (
     HALF,
     TileConfig,
@@ -105,6 +107,37 @@ def tile_config(dtype: torch.dtype, window_size: int) -> TileConfig:
     return for_window(FP32_TILES, window_size)
 
 
+def hard_window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
+                          bq: Tensor, wk: Tensor, bk: Tensor, num_hard: Tensor, order: Tensor,
+                          window_size: int) -> Tensor:
+    """Launch the kernel on checked inputs (:func:`window_attention`): attn_out (B, C, H, W),
+    contiguous, in x's dtype."""
+    b, c, height, width = x.shape
+    ws = window_size
+    cols = width // ws
+    n = (height // ws) * cols
+    x, k_in, v, sa, wq, bq, wk, bk, num_hard, order = (
+        t.contiguous() for t in (x, k_in, v, sa, wq, bq, wk, bk, num_hard, order))
+    out = torch.empty_like(x)
+    cfg = tile_config(x.dtype, ws)
+    grid = (n, ws * ws // cfg.bm, b)
+    wrap_triton(_hard_window_attention_kernel)[grid](
+        x, k_in, v, sa, wq, bq, wk, bk, num_hard, order, out, c, height, width, cols, n, WS=ws,
+        BC=channel_block(c, x.dtype), BM=cfg.bm, BN=cfg.bn, PRECISION=dot_precision(x.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+def _hard_window_attention_fake(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
+                                bq: Tensor, wk: Tensor, bk: Tensor, num_hard: Tensor,
+                                order: Tensor, window_size: int) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+_hard_window_attention = kernel_op("triton_window_attention", hard_window_attention,
+                                   _hard_window_attention_fake)
+
+
 def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor, bq: Tensor,
                      wk: Tensor, bk: Tensor, num_hard: Tensor, order: Tensor, *,
                      window_size: int, chunk: int | None = None) -> Tensor:
@@ -113,7 +146,8 @@ def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
     x, k_in, v: (B, C, H, W); sa: (B, 1, H, W); wq, wk: (C, C); bq, bk: (C,);
     num_hard: (B,) int64; order: (B, N) int64. Returns attn_out (B, C, H, W) in x's dtype.
     Only the hard windows' pixels of ``k_in`` are read. ``chunk`` is accepted for signature
-    compatibility and ignored: the kernel's memory does not depend on K.
+    compatibility and ignored: the kernel's memory does not depend on K. Compiled, the kernel
+    is the operator ``camixer::triton_window_attention``.
     """
     b, c, height, width = check_maps(x, {"k_in": k_in, "v": v, "sa": sa, "wq": wq, "bq": bq,
                                           "wk": wk, "bk": bk, "num_hard": num_hard,
@@ -133,20 +167,8 @@ def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
         raise ValueError(f"wq, wk: expected ({c}, {c}), got {tuple(wq.shape)}, {tuple(wk.shape)}")
     if tuple(bq.shape) != (c,) or tuple(bk.shape) != (c,):
         raise ValueError(f"bq, bk: expected ({c},), got {tuple(bq.shape)}, {tuple(bk.shape)}")
-    ws = window_size
-    cols = width // ws
-    n = (height // ws) * cols
+    n = (height // window_size) * (width // window_size)
     if tuple(num_hard.shape) != (b,) or tuple(order.shape) != (b, n):
         raise ValueError(f"num_hard {tuple(num_hard.shape)} / order {tuple(order.shape)} do not "
                          f"fit {b} images of {n} windows")
-    x, k_in, v, sa, wq, bq, wk, bk, num_hard, order = (
-        t.contiguous() for t in (x, k_in, v, sa, wq, bq, wk, bk, num_hard, order))
-    out = torch.empty_like(x)
-    cfg = tile_config(x.dtype, ws)
-    grid = (n, ws * ws // cfg.bm, b)
-    _hard_window_attention_kernel[grid](x, k_in, v, sa, wq, bq, wk, bk, num_hard, order, out,
-                                        c, height, width, cols, n, WS=ws,
-                                        BC=channel_block(c, x.dtype), BM=cfg.bm, BN=cfg.bn,
-                                        PRECISION=dot_precision(x.dtype),
-                                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return out
+    return _hard_window_attention(x, k_in, v, sa, wq, bq, wk, bk, num_hard, order, window_size)

@@ -12,6 +12,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
+
+from camixer_fast.custom_ops import kernel_op
 
 
 @triton.jit
@@ -173,24 +176,38 @@ def deformable_key_forward(x: Tensor, offsets: Tensor, num_hard: Tensor | None =
         n, cols, ws = 1, 1, 1
         num_hard = order = x
     out = torch.empty_like(x)
-    _deform_key_fwd_kernel[grid](x, offsets, out, num_hard, order, c, height, width, cols, n,
-                                 HARD_ONLY=hard_only, WS=ws, BC=CHANNEL_BLOCK, BP=block,
-                                 ACC=_acc(x))
+    wrap_triton(_deform_key_fwd_kernel)[grid](x, offsets, out, num_hard, order, c, height,
+                                              width, cols, n, HARD_ONLY=hard_only, WS=ws,
+                                              BC=CHANNEL_BLOCK, BP=block, ACC=_acc(x))
     return out
 
 
 def deformable_key_backward(x: Tensor, offsets: Tensor, grad_out: Tensor) -> tuple[Tensor, Tensor]:
     """Gradients of ``x + warp(x, offsets)``: (dx (B, C, H, W), doffsets (B, 2, H, W))."""
     b, c, height, width = x.shape
-    x = x.contiguous()
+    x, grad_out = x.contiguous(), grad_out.contiguous()
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     dx = torch.zeros(x.shape, dtype=acc_dtype, device=x.device)
     doff = torch.empty(offsets.shape, dtype=acc_dtype, device=x.device)
     grid = (triton.cdiv(height * width, PIXEL_BLOCK), b)
-    _deform_key_bwd_kernel[grid](x, offsets.contiguous(), grad_out.contiguous(), dx, doff, c,
-                                 height, width, BC=BACKWARD_CHANNEL_BLOCK,
-                                 BP=PIXEL_BLOCK, ACC=_acc(x))
+    wrap_triton(_deform_key_bwd_kernel)[grid](x, offsets.contiguous(), grad_out, dx, doff, c,
+                                              height, width, BC=BACKWARD_CHANNEL_BLOCK,
+                                              BP=PIXEL_BLOCK, ACC=_acc(x))
     return (grad_out + dx).to(x.dtype), doff.to(offsets.dtype)
+
+
+def _forward_fake(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
+                  order: Tensor | None = None, *, window_size: int = 16) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _backward_fake(x: Tensor, offsets: Tensor, grad_out: Tensor) -> tuple[Tensor, Tensor]:
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(offsets, memory_format=torch.contiguous_format))
+
+
+_forward = kernel_op("triton_deformable_key", deformable_key_forward, _forward_fake)
+_backward = kernel_op("triton_deformable_key_backward", deformable_key_backward, _backward_fake)
 
 
 class DeformableKey(torch.autograd.Function):
@@ -199,12 +216,12 @@ class DeformableKey(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, offsets: Tensor) -> Tensor:
         ctx.save_for_backward(x, offsets)
-        return deformable_key_forward(x, offsets)
+        return _forward(x, offsets)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor]:
         x, offsets = ctx.saved_tensors
-        return deformable_key_backward(x, offsets, grad_out)
+        return _backward(x, offsets, grad_out)
 
 
 def deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
@@ -217,5 +234,5 @@ def deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
     """
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or offsets.requires_grad)
     if num_hard is not None and not needs_grad:
-        return deformable_key_forward(x, offsets, num_hard, order, window_size=window_size)
+        return _forward(x, offsets, num_hard, order, window_size=window_size)
     return DeformableKey.apply(x, offsets)

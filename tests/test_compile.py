@@ -23,8 +23,19 @@ COMPILED_TOL = 1e-4
 """fp32: compiled against eager (issue 11)."""
 
 SMALL = {"n_feats": 8, "blocks_per_group": (1, 1), "window_size": 8}
-BACKENDS = ("reference", "cpu")
-"""The backends compiled here; the Triton kernels' operators are registered with the kernels."""
+BACKENDS = ("reference", "cpu", "triton")
+"""The backends compiled here (the Triton kernels in the interpreter on the CPU)."""
+
+HOT_OPERATORS = {
+    "reference": ("camixer.reference_route_windows.default",
+                  "camixer.reference_window_attention.default"),
+    "cpu": ("camixer.reference_route_windows.default", "camixer.cpu_deformable_key.default",
+            "camixer.cpu_window_attention.default"),
+    "triton": ("camixer.triton_score_windows.default", "camixer.triton_select_windows.default",
+               "camixer.triton_deformable_key.default",
+               "camixer.triton_window_attention.default"),
+}
+"""The operators each backend's inference forward calls once per block and image."""
 
 
 @pytest.fixture(autouse=True)
@@ -67,7 +78,7 @@ def small_model(backend: str, *, saturated: bool = False) -> CAMixerSR:
     """A random two-block model; ``saturated``: every window scores exactly 1.0, so that K cuts
     through a tie of all windows and their order is the sort's order of equal scores."""
     torch.manual_seed(0)
-    model = CAMixerSR(**SMALL).eval()
+    model = CAMixerSR(**SMALL).to(device_of(backend)).eval()
     if saturated:
         with torch.no_grad():
             for mixer in model.mixers():
@@ -78,8 +89,15 @@ def small_model(backend: str, *, saturated: bool = False) -> CAMixerSR:
     return model
 
 
-def lr_input(batch: int = 2, height: int = 17, width: int = 33) -> torch.Tensor:
-    return torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(1))
+def device_of(backend: str) -> str:
+    """Where a backend's model runs here: the Triton kernels on the kernel tests' device."""
+    return DEVICE if backend == "triton" else "cpu"
+
+
+def lr_input(batch: int = 2, height: int = 17, width: int = 33,
+             device: str = "cpu") -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(batch, 3, height, width, generator=g).to(device)
 
 
 def operator_cases() -> list[tuple[str, object, tuple]]:
@@ -117,6 +135,52 @@ def operator_cases() -> list[tuple[str, object, tuple]]:
     return cases
 
 
+def triton_operator_cases() -> list[tuple[str, object, tuple, dict]]:
+    """(id, operator, arguments, keyword arguments) of the Triton kernels' operators, on the
+    kernels' device, with the channels-last maps the network passes."""
+    from camixer_fast import kernels  # noqa: F401  (registers the operators)
+
+    g = torch.Generator().manual_seed(0)
+    b, c, height, width, ws = 2, 5, 16, 24, 8
+    n = (height // ws) * (width // ws)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(DEVICE)
+
+    def fmap(channels: int) -> torch.Tensor:
+        return rand(b, height, width, channels).permute(0, 3, 1, 2)
+
+    x, k_in, v, h = fmap(c), fmap(c), fmap(c), fmap(3)
+    sa, offsets = rand(b, 1, height, width).sigmoid(), 3 * rand(b, 2, height, width)
+    wq, wk, bq, bk = rand(c, c), rand(c, c), rand(c), rand(c)
+    mlp = (rand(ws, ws * ws), rand(ws), rand(2, ws), rand(2))
+    pred = torch.softmax(rand(b, n, 2), dim=-1)
+    num_hard = torch.tensor([0, 3], device=DEVICE)
+    order = torch.stack([torch.randperm(n, generator=g) for _ in range(b)]).to(DEVICE)
+    q, k, vv = (t.contiguous() for t in (x, k_in, v))
+    out, lse = fmap(c).contiguous(), rand(b, n, ws * ws)      # metadata is what is checked
+    ops = torch.ops.camixer
+    return [
+        ("triton_score_windows", ops.triton_score_windows.default,
+         (h.contiguous(), *mlp, ws), {}),
+        ("triton_select_windows", ops.triton_select_windows.default, (pred, None, 0.5), {}),
+        ("triton_select_windows-gumbel", ops.triton_select_windows.default,
+         (pred, rand(b, n, 2), 0.5), {}),
+        ("triton_deformable_key-hard", ops.triton_deformable_key.default,
+         (x, offsets, num_hard, order), {"window_size": ws}),
+        ("triton_deformable_key-whole", ops.triton_deformable_key.default, (x, offsets), {}),
+        ("triton_deformable_key_backward", ops.triton_deformable_key_backward.default,
+         (x, offsets, fmap(c)), {}),
+        ("triton_window_attention", ops.triton_window_attention.default,
+         (x, k_in, v, sa, wq, bq, wk, bk, num_hard, order, ws), {}),
+        ("triton_window_attention_core", ops.triton_window_attention_core.default,
+         (q, k, vv), {"window_size": ws}),
+        ("triton_window_attention_core_backward",
+         ops.triton_window_attention_core_backward.default,
+         (q, k, vv, out, lse, fmap(c)), {"window_size": ws}),
+    ]
+
+
 CASES = operator_cases()
 
 
@@ -124,6 +188,20 @@ CASES = operator_cases()
 def test_operator(op, args) -> None:
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor",
                                                 "test_aot_dispatch_static"))
+
+
+TRITON_CASES = triton_operator_cases() if add_one is not None else []
+
+
+@pytest.mark.parametrize(("op", "args", "kwargs"), [c[1:] for c in TRITON_CASES],
+                         ids=[c[0] for c in TRITON_CASES])
+def test_triton_operator(op, args, kwargs) -> None:
+    checks = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
+    if op is torch.ops.camixer.triton_deformable_key.default and "window_size" in kwargs:
+        # only the hard windows' pixels are written (the rest is never read): two runs agree
+        # there only, and the AOT check compares whole outputs
+        checks = checks[:2]
+    torch.library.opcheck(op, args, kwargs, test_utils=checks)
 
 
 def test_gumbel_noise_operator_fake_kernel() -> None:
@@ -172,7 +250,7 @@ FULLGRAPH_CASES = [(b, "expected") for b in BACKENDS] + [
 def test_fullgraph(one_thread, backend: str, routing: str) -> None:
     model = small_model(backend, saturated=True)
     model.routing, model.gamma = routing, 0.25
-    x = lr_input()
+    x = lr_input(device=device_of(backend))
     graphs: list[torch.fx.GraphModule] = []
     compiled = compile_recording(model, graphs)
     with torch.no_grad():
@@ -182,11 +260,14 @@ def test_fullgraph(one_thread, backend: str, routing: str) -> None:
         got, got_routing = compiled(x, return_routing=True)
     assert len(graphs) == 1
     names = called(graphs[0])
-    blocks, images = sum(SMALL["blocks_per_group"]), x.shape[0]
-    assert names.count("camixer.reference_route_windows.default") == blocks * images
-    attention = "camixer.cpu_window_attention.default" if backend == "cpu" else \
-        "camixer.reference_window_attention.default"
-    assert names.count(attention) == blocks * images
+    calls = sum(SMALL["blocks_per_group"]) * x.shape[0]
+    for op in HOT_OPERATORS[backend]:
+        assert names.count(op) == calls, f"{op}: {names.count(op)} calls, expected {calls}"
+    if backend == "triton":
+        # the official order of tied scores and the Gumbel draw stay eager operators
+        assert names.count("camixer.window_order.default") == calls
+        assert names.count("camixer.gumbel_noise.default") == (calls if routing == "gumbel"
+                                                               else 0)
     leaked = [n for n in names if n in ("item", "tolist")
               or any(s in n for s in ("sort", "nonzero", "_local_scalar_dense"))]
     assert not leaked, f"data-dependent calls traced into the graph: {leaked}"
@@ -248,11 +329,11 @@ def test_window_order_entry_is_one_operator_when_traced() -> None:
     assert torch.equal(traced(scores), torch.argsort(scores, dim=1, descending=True))
 
 
-@pytest.mark.parametrize("backend", ["reference"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_fullgraph_training_step(one_thread, backend: str) -> None:
     model = small_model(backend).train()
     model.train_noise = False
-    x = lr_input(2, 16, 24)
+    x = lr_input(2, 16, 24, device=device_of(backend))
     grads = []
     for run in (model, compile_recording(model, [])):
         model.zero_grad()
@@ -281,13 +362,16 @@ def test_kernel_op_launches_plainly_and_traces_as_one_operator() -> None:
 
 
 @pytest.mark.slow
-def test_inductor_matches_eager(one_thread) -> None:
-    model = small_model("cpu", saturated=True)
+@pytest.mark.parametrize("backend", ["triton" if DEVICE == "cuda" else "cpu"])
+def test_inductor_matches_eager(one_thread, backend: str) -> None:
+    # on a GPU: the Triton operators through inductor, ties in a CUDA sort; here: the CPU
+    # backend (one inductor compile of the small model costs ~15-50 s on this machine)
+    model = small_model(backend, saturated=True)
     model.gamma = 0.25
-    x = lr_input(1)
+    x = lr_input(1, device=device_of(backend))
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
         want, want_routing = model(x, return_routing=True)
         got, got_routing = compiled(x, return_routing=True)
     same_routing(want_routing, got_routing)
-    assert_close("cpu compiled (inductor)", want, got, COMPILED_TOL)
+    assert_close(f"{backend} compiled (inductor)", want, got, COMPILED_TOL)
