@@ -10,7 +10,10 @@
 #      bf16, whose training kernels are unproven on a GPU), where the tool exists and works;
 #   4. run the latency benchmark (bench/gpu_bench.py --quick): the official op chain against
 #      ours, S at 320x180 -> 1280x720, every gamma, fp32 / fp16 / bf16, checked before timed;
-#   5. write gpu-<date>.json and gpu-<date>.md (bench/gpu_summary.py) into --out.
+#   5. check and time the compiled and CUDA-graph variants (bench/gpu_compile_graphs.py
+#      --quick, issue 11): torch.compile(fullgraph=True) of the Triton path against eager,
+#      CUDAGraphModel replays against eager forwards;
+#   6. write gpu-<date>.json and gpu-<date>.md (bench/gpu_summary.py) into --out.
 #
 # Every step has a time limit. Exit status: 0 all passed, 1 something failed, 2 bad usage,
 # 3 no CUDA device.
@@ -29,7 +32,7 @@ usage: bash bench/gpu_check.sh [options]
   --budget SECONDS stop starting steps when this much time has passed (default 540: the
                    whole check fits a 10-minute command); a step never outlives it
   --logs           also write the work folder's logs as gpu-logs-<date>.tar.gz into --out
-  --skip-tests | --skip-sanitizer | --skip-bench
+  --skip-tests | --skip-sanitizer | --skip-bench | --skip-compile
   --dry-run        print the plan and exit (no GPU needed)
   -h, --help       this text
 EOF
@@ -43,7 +46,7 @@ WORK=""
 BENCH_MODE="--quick"
 BUDGET=540
 LOGS=0
-RUN_TESTS=1 RUN_SANITIZER=1 RUN_BENCH=1 DRY_RUN=0
+RUN_TESTS=1 RUN_SANITIZER=1 RUN_BENCH=1 RUN_COMPILE=1 DRY_RUN=0
 
 need_value() {
   if [ $# -lt 2 ] || [ -z "$2" ]; then
@@ -63,6 +66,7 @@ while [ $# -gt 0 ]; do
     --skip-tests) RUN_TESTS=0; shift ;;
     --skip-sanitizer) RUN_SANITIZER=0; shift ;;
     --skip-bench) RUN_BENCH=0; shift ;;
+    --skip-compile) RUN_COMPILE=0; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "error: unknown option $1" >&2; usage >&2; exit 2 ;;
@@ -84,6 +88,7 @@ TEST_GROUPS=(
   "golden|300|tests/test_golden.py"
   "training|240|tests/test_train.py -k triton"
   "api|300|tests/test_upscale.py tests/test_model.py tests/test_loading.py"
+  "compile|300|tests/test_compile.py tests/test_graphs.py tests/test_host_sync.py"
 )
 DTYPES=(float32 float16 bfloat16)
 # a training step under the sanitizer too where its kernels have not run on a GPU yet
@@ -111,6 +116,8 @@ if [ "$DRY_RUN" = 1 ]; then
     done
   fi
   [ "$RUN_BENCH" = 1 ] && echo "  bench (300 s): bench/gpu_bench.py ${BENCH_MODE:---full}"
+  [ "$RUN_COMPILE" = 1 ] && echo "  compile-graphs (240 s): bench/gpu_compile_graphs.py" \
+                                 "${BENCH_MODE:---full}"
   echo "  summary: $OUT/gpu-<date>.json, $OUT/gpu-<date>.md"
   exit 0
 fi
@@ -226,6 +233,20 @@ if [ "$RUN_BENCH" = 1 ]; then
   fi
 else
   skip bench skipped "--skip-bench"
+fi
+
+if [ "$RUN_COMPILE" = 1 ]; then
+  WEIGHTS="$SHARED/weights/CAMixerSR_S.pth"
+  IMAGE="$SHARED/data/Urban100/HR/img_001.png"
+  if [ -f "$WEIGHTS" ] && [ -f "$IMAGE" ]; then
+    step compile-graphs 240 "$WORK/compile-graphs.log" "$PY" \
+      "$REPO/bench/gpu_compile_graphs.py" --weights "$WEIGHTS" --image "$IMAGE" \
+      --json "$WORK/compile-graphs.json" $BENCH_MODE || true
+  else
+    skip compile-graphs unavailable "missing $WEIGHTS or $IMAGE"
+  fi
+else
+  skip compile-graphs skipped "--skip-compile"
 fi
 
 "$PY" "$REPO/bench/gpu_summary.py" summarize --work "$WORK" --out "$OUT"

@@ -6,7 +6,8 @@ and rendered as a readable markdown summary.
 
 ``summarize`` reads the work folder the check filled -- ``steps.tsv`` (one line per step: name,
 status, seconds, detail), ``env.json``, ``tests-<group>.xml`` (pytest's JUnit XML) with
-``tests-<group>.log``, ``sanitizer-<dtype>.log``, ``bench.json`` (bench/gpu_bench.py) -- and
+``tests-<group>.log``, ``sanitizer-<dtype>.log``, ``bench.json`` (bench/gpu_bench.py),
+``compile-graphs.json`` (bench/gpu_compile_graphs.py) -- and
 writes ``gpu-<date>.json`` and ``gpu-<date>.md`` into ``--out``. Nothing here needs torch or a
 GPU except ``env``.
 """
@@ -105,14 +106,37 @@ def gather(work: Path) -> dict:
                  for p in sorted(work.glob("sanitizer-*.log"))}
     bench_path = work / "bench.json"
     bench = json.loads(bench_path.read_text()) if bench_path.exists() else None
+    compiled_path = work / "compile-graphs.json"
+    compiled = json.loads(compiled_path.read_text()) if compiled_path.exists() else None
     ok = (all(s["status"] in ("ok", "skipped", "unavailable") for s in steps)
           and all(t["status"] == "passed" for t in tests.values())
           and all(s["status"] in ("clean", "unavailable") for s in sanitizer.values())
-          and (bench is None or all(c["parity_ok"] for c in bench["cases"])))
+          and (bench is None or all(c["parity_ok"] for c in bench["cases"]))
+          and (compiled is None or all(r["ok"] for r in _variants(compiled).values())))
     return {"date": environment.get("date") or datetime.now(timezone.utc).isoformat(
                 timespec="seconds"),
             "ok": ok, "environment": environment, "steps": steps, "tests": tests,
-            "sanitizer": sanitizer, "bench": bench}
+            "sanitizer": sanitizer, "bench": bench, "compile_graphs": compiled}
+
+
+def _variants(compiled: dict) -> dict[str, dict]:
+    """The variant rows of a ``compile-graphs.json`` (the entries with an ``ok``)."""
+    return {name: row for name, row in compiled.items()
+            if isinstance(row, dict) and "ok" in row}
+
+
+def _compiled_rows(compiled: dict) -> list[str]:
+    rows = ["| variant | ok | max abs diff to eager | same K / order | eager ms | "
+            "compiled / replay ms |", "|---|---|---|---|---|---|"]
+    for name, r in _variants(compiled).items():
+        if "error" in r:
+            rows.append(f"| {name} | no | {r['error'][:120]} | — | — | — |")
+            continue
+        fast = r.get("compiled_ms", r.get("replay_ms"))
+        rows.append(f"| {name} | {'yes' if r['ok'] else '**no**'} | {r['max_diff']:.1e} | "
+                    f"{r['same_k']} / {r['same_order']} | {_ms(r.get('eager_ms'))} | "
+                    f"{_ms(fast)} |")
+    return rows
 
 
 def _latency_rows(bench: dict) -> list[str]:
@@ -185,6 +209,13 @@ def render(result: dict) -> str:
                   f"{settings['warmup']} warm-ups; TF32 off; each case checked against the "
                   "official chain in fp32 before timing.", ""]
         lines += _latency_rows(bench)
+        lines.append("")
+    compiled = result.get("compile_graphs")
+    if compiled:
+        lines += ["## torch.compile and CUDA graphs (S, γ = 0.5, fp32)", "",
+                  "Each variant checked against eager (≤ 1e-4, the same K and window order) "
+                  "before it is timed.", ""]
+        lines += _compiled_rows(compiled)
         lines.append("")
     return "\n".join(lines)
 

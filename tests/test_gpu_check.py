@@ -1,7 +1,7 @@
 """The CPU-side parts of the one-command GPU check: bench/gpu_check.sh's argument handling and
 plan, bench/gpu_summary.py's gathering and rendering (from a canned work folder and JSON),
-bench/gpu_bench.py's arguments and input crop. The GPU parts run on a GPU (README, "Running on
-a GPU")."""
+bench/gpu_bench.py's arguments and input crop, bench/gpu_compile_graphs.py's refusal without
+a GPU. The GPU parts run on a GPU (README, "Running on a GPU")."""
 
 from __future__ import annotations
 
@@ -48,13 +48,15 @@ def test_dry_run_plans_every_step_without_a_gpu(tmp_path) -> None:
     assert done.returncode == 0, done.stderr
     plan = done.stdout
     for step in ("install", "tests-kernels", "tests-golden", "tests-training", "tests-api",
-                 "sanitizer-float32", "sanitizer-float16", "sanitizer-bfloat16",
-                 "gpu_bench.py --quick", "gpu-<date>.json"):
+                 "tests-compile", "sanitizer-float32", "sanitizer-float16",
+                 "sanitizer-bfloat16", "gpu_bench.py --quick", "gpu_compile_graphs.py --quick",
+                 "gpu-<date>.json"):
         assert step in plan, step
     assert not (tmp_path / "results").exists(), "a dry run wrote something"
     lean = check("--dry-run", "--skip-tests", "--skip-sanitizer", "--full", "--budget", "300")
     assert "tests-" not in lean.stdout and "sanitizer-" not in lean.stdout
     assert "gpu_bench.py --full" in lean.stdout and "budget:   300 s" in lean.stdout
+    assert "compile-graphs" not in check("--dry-run", "--skip-compile").stdout
     assert check("--dry-run", "--budget", "ten").returncode == 2
 
 
@@ -205,6 +207,39 @@ def test_a_step_the_budget_left_out_fails_the_check(tmp_path) -> None:
     (work / "steps.tsv").write_text("install\tok\t3\t\n"
                                     "bench\tout-of-time\t0\tno time left in the 60 s budget\n")
     assert summary.gather(work)["ok"] is False
+
+
+COMPILE_GRAPHS = {
+    "machine": {"gpu": "NVIDIA H200"}, "input": [1, 3, 180, 320], "gamma": 0.5, "runs": 3,
+    "compiled-triton-official": {"compile_s": 55.0, "max_diff": 2e-6, "same_k": True,
+                                 "same_order": True, "ok": True, "eager_ms": 28.3,
+                                 "compiled_ms": 14.3},
+    "cuda-graphs-triton": {"ok": False, "error": "RuntimeError: capturing the forward failed"},
+}
+
+
+def test_compiled_and_graph_variants_are_gathered_and_rendered(tmp_path) -> None:
+    summary = bench_module("gpu_summary")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "steps.tsv").write_text("install\tok\t3\t\ncompile-graphs\tok\t90\t\n")
+    (work / "compile-graphs.json").write_text(json.dumps(COMPILE_GRAPHS))
+    result = summary.gather(work)
+    assert result["ok"] is False                      # a variant failed its check
+    text = summary.render(result)
+    assert "| compiled-triton-official | yes | 2.0e-06 | True / True | 28.30 | 14.30 |" in text
+    assert "| cuda-graphs-triton | no | RuntimeError: capturing the forward failed |" in text
+    passing = dict(COMPILE_GRAPHS)
+    del passing["cuda-graphs-triton"]
+    (work / "compile-graphs.json").write_text(json.dumps(passing))
+    assert summary.gather(work)["ok"] is True
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_compile_graphs_check_says_there_is_no_gpu() -> None:
+    done = subprocess.run([sys.executable, str(BENCH / "gpu_compile_graphs.py"), "--quick"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 3 and "no CUDA device" in done.stderr
 
 
 def test_steps_file_with_an_unknown_status_is_an_error(tmp_path) -> None:
