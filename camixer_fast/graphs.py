@@ -36,8 +36,8 @@ The rules (nothing falls back silently to an uncaptured forward):
   advance at every replay; there is no ``generator`` argument.
 - Replays run on the caller's current CUDA stream.
 
-Unproven on a GPU so far (this project's sessions had none): ``bench/gpu_graphs.py`` checks
-replays against eager forwards, several sizes interleaved, and times them.
+Unproven on a GPU so far (this project's sessions had none): ``bench/gpu_compile_graphs.py``
+checks replays against eager forwards, two sizes interleaved, and times them.
 """
 
 from __future__ import annotations
