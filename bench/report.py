@@ -10,6 +10,8 @@ measured MAdds per γ on Set5 and Set14 (:func:`camixer_fast.evaluate.evaluate`)
 one 1024×1024 input in a fresh process -- stores those as JSON beside the benchmark files
 (``breakdown.json``, ``quality.json``, ``memory.json``; ``--reuse`` reads them instead of
 recomputing), draws PSNR against MAdds when matplotlib is installed, and writes the report.
+``official_code.json`` (``bench/official_speed.py``, which needs the official code) is read
+when present, never measured here.
 Every figure in the report comes from these files.
 """
 
@@ -240,6 +242,56 @@ def upscale_lines(table: dict) -> list[str]:
     return lines
 
 
+def official_lines(data: dict) -> list[str]:
+    """The section of ``bench/official_speed.py``: ``backend="auto"`` against the official code."""
+    stamp, rows = data["machine"], data["rows"]
+    timed = [r for r in rows if "speedup" in r]
+    loads = [r[k] for r in timed for k in ("loadavg_1min_start", "loadavg_1min_end")]
+    worst = min((r["speedup"] for r in timed), default=float("nan"))
+    met = bool(timed) and len(timed) == len(rows) and worst >= data["target"]
+    official = data["official"]
+    lines = [
+        "## Against the official code",
+        "",
+        (f"Written from `bench/results/official_code.json` (`bench/official_speed.py`, "
+         f"{data['date']}). The official architecture file of {official['repo']} at "
+         f"`{official['commit'][:7]}`, run as published (`bench/official_code.py`: only "
+         "basicsr's registry and `flow_warp` are stubbed), against `camixer_fast` with "
+         f"`backend=\"auto\"` (here `{data['ours']['backend']}`, {data['ours']['routing']} "
+         "routing); the same `CAMixerSR_S.pth` (`params_ema`). "
+         f"{stamp['cpu_model']}, {stamp['cpu_count']} cores, torch {stamp['torch']}, "
+         f"{data['threads']} threads, {data['mode']}, {data['rounds']} rounds; 1-minute load "
+         + (f"average {min(loads):.2f}–{max(loads):.2f}." if loads else "average not recorded.")),
+        "",
+        ("Checked before timing, per input and γ: the official output for one Gumbel draw "
+         "against ours for the same draw, and the timed model against the reference backend "
+         f"(max abs, both ≤ {data['tolerance']:g}). The official code draws K at random "
+         "(`gumbel_softmax` averaged over the batch and the windows, in every block of every "
+         "call); ours takes its expectation. K/N: the mean fraction of windows attended in "
+         "the timed calls."),
+        "",
+        f"Target: ≥ {data['target']:g}× at every γ on every input: "
+        + (f"**met** (lowest {worst:.2f}×)." if met else f"**not met** (lowest {worst:.2f}×)."),
+        "",
+        "| input | γ | official | ours | speed-up | K/N official | K/N ours | "
+        "max err same draw | max err vs reference |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        check = r["check"]
+        if "speedup" not in r:
+            lines.append(f"| {r['image']} {r['size']} | {r['gamma']:g} | – | – | "
+                         f"{r['skipped']} | – | – | {check['official_vs_ours_same_draw']:.1e} | "
+                         f"{check['ours_vs_reference']:.1e} |")
+            continue
+        lines.append(f"| {r['image']} {r['size']} | {r['gamma']:g} | {ms(r['official_s'])} | "
+                     f"{ms(r['ours_s'])} | **{r['speedup']:.2f}×** | "
+                     f"{r['official_k_fraction']:.2f} | {r['ours_k_fraction']:.2f} | "
+                     f"{check['official_vs_ours_same_draw']:.1e} | "
+                     f"{check['ours_vs_reference']:.1e} |")
+    return lines
+
+
 def breakdown_lines(breakdown: dict) -> list[str]:
     lines = ["| backend | γ | " + " | ".join(PARTS) + " |", "|---|---|" + "---|" * len(PARTS)]
     for row in breakdown["rows"]:
@@ -286,7 +338,8 @@ def plot(quality: dict, path: Path) -> str:
 
 
 def render(benches: list[dict], machine: dict, breakdown: dict | None, quality: dict | None,
-           memory: dict | None, plot_md: str, sources: list[str]) -> str:
+           memory: dict | None, plot_md: str, sources: list[str],
+           official: dict | None = None) -> str:
     stamp = machine.get("camixer_fast") or machine_stamp()
     backends, upscales = backend_table(benches), upscale_table(benches)
     loads = [b["extra_info"]["loadavg_1min"] for b in benches if "loadavg_1min" in b["extra_info"]]
@@ -313,6 +366,7 @@ def render(benches: list[dict], machine: dict, breakdown: dict | None, quality: 
         ("- **reference**: `camixer_fast.reference` (pure PyTorch, NCHW); **cpu**: "
         "`camixer_fast.cpu_ops`, the CPU backend (`backend=\"auto\"` on the CPU)."),
         "",
+        *(official_lines(official) + [""] if official else []),
         "## Speed targets",
         "",
         *speed_targets(backends, memory),
@@ -391,8 +445,12 @@ def main(argv: list[str] | None = None) -> int:
     sources = [p.resolve().relative_to(BENCH.parent).as_posix()
                if p.resolve().is_relative_to(BENCH.parent) else str(p) for p in args.bench_json]
     sources += [f"bench/results/{n}.json" for n, v in measured.items() if v is not None]
+    official_path = args.results / "official_code.json"
+    official = json.loads(official_path.read_text()) if official_path.is_file() else None
+    if official:
+        sources.append("bench/results/official_code.json")
     args.out.write_text(render(benches, machine, measured["breakdown"], measured["quality"],
-                               measured["memory"], plot_md, sources))
+                               measured["memory"], plot_md, sources, official))
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
