@@ -110,13 +110,16 @@ class GatedFFN(nn.Module):
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """x (B, H, W, C) -> (B, H, W, C); with ``residual`` (B, H, W, C), residual + ffn(x)."""
-        t = spatial(pointwise(x, self.project_in), self.dwconv)          # [B, H, W, 2C]
-        a, b = t.chunk(2, dim=-1)
-        # gelu of a contiguous copy of the first half: on the strided half it is slower
+        c = x.shape[-1]
+        # the two halves a, b of project_in and of the depthwise conv, each on its own: no
+        # (B, H, W, 2C) maps and no copy of the strided half a
+        w_in, w_dw = _matrix(self.project_in), self.dwconv.weight
+        a, b = (nhwc(F.conv2d(nchw(F.linear(x, w_in[half])), w_dw[half], padding=1, groups=c))
+                for half in (slice(0, c), slice(c, 2 * c)))
         if torch.is_grad_enabled():
-            gated = F.gelu(a.contiguous()) * b
-        else:   # autograd is off: the copy is this call's own, overwrite it
-            gated = torch.ops.aten.gelu_(a.contiguous()).mul_(b)
+            gated = F.gelu(a) * b
+        else:   # autograd is off: a is this call's own, overwrite it
+            gated = torch.ops.aten.gelu_(a).mul_(b)
         return pointwise(gated, self.project_out, residual)
 
 
