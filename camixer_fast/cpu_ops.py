@@ -77,9 +77,10 @@ def deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
     x (B, C, H, W), offsets (B, 2, H, W) in pixels; ``num_hard`` (B,) and ``order`` (B, N) name
     the hard windows. Only their pixels are sampled: one ``grid_sample`` per image over the
     list of hard pixels (the reference's grid values, bilinear, border, align_corners; in fp32
-    whatever x's dtype), added in place to a copy of ``x``. Elsewhere the result is ``x`` (no
-    warp), which the attention never reads. Returned channels-last. Without a routing (training) the whole map
-    is computed by the reference warp.
+    whatever x's dtype), added to those pixels of ``x`` and written over a copy of ``x``.
+    Elsewhere the result is ``x`` (no warp), which the attention never reads. Returned
+    channels-last. Without a routing (training) the whole map is computed by the reference
+    warp.
     """
     if num_hard is None or order is None:
         return x + deform_warp(x, offsets)
@@ -87,22 +88,29 @@ def deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
     check_window_grid(height, width, window_size)
     xh = to_nhwc(x)
     pixels = hard_window_pixels(num_hard, order, height, width, window_size)
-    out = xh.clone()
-    out_flat = out.view(-1, c)
+    area, tokens = height * width, window_size * window_size
+    counts = [k * tokens for k in num_hard.tolist()]
+    # where every window is hard, every pixel is written below: no copy of x first
+    out = torch.empty_like(xh) if min(counts) == area else xh.clone()
+    out_flat, x_flat = out.view(-1, c), xh.view(-1, c)
     start = 0
-    for i, k in enumerate(num_hard.tolist()):
-        count = k * window_size * window_size
+    for i, count in enumerate(counts):
         if count == 0:
             continue
-        sel = pixels[start:start + count]
+        image = slice(i * area, (i + 1) * area)
+        # every window hard: the pixels in raster order, so the sum is written in place
+        sel = torch.arange(image.start, image.stop, device=x.device) if count == area else \
+            pixels[start:start + count]
         start += count
-        grid = _sampling_grid(offsets[i:i + 1].float(), sel - i * height * width, width,
-                              height)
+        grid = _sampling_grid(offsets[i:i + 1].float(), sel - i * area, width, height)
         warped = F.grid_sample(x[i:i + 1].float(), grid, mode="bilinear",
                                padding_mode="border", align_corners=True)      # [1, C, P, 1]
-        # index_add_ of a transposed source is slower than the transposing copy plus a
-        # contiguous index_add_
-        out_flat.index_add_(0, sel, warped.view(c, count).t().contiguous().to(x.dtype))
+        warped = warped.view(c, count).t().to(x.dtype)
+        if count == area:
+            torch.add(x_flat[image], warped, out=out_flat[image])
+        else:
+            # gather, add, index_copy_: index_add_ would run as a serial scatter
+            out_flat.index_copy_(0, sel, torch.add(x_flat.index_select(0, sel), warped))
     return out.permute(0, 3, 1, 2)
 
 
