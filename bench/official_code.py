@@ -125,12 +125,16 @@ def load_official_module(path: str | os.PathLike | None = None) -> types.ModuleT
     Needs ``einops`` (the ``bench`` extra). The module is not registered in ``sys.modules``.
     """
     file = arch_path(path)
-    if importlib.util.find_spec("einops") is None:
-        raise ModuleNotFoundError("the official code imports einops: pip install -e '.[bench]'")
     spec = importlib.util.spec_from_file_location("camixersr_official_arch", file)
     module = importlib.util.module_from_spec(spec)
-    with _basicsr_stubs():
-        spec.loader.exec_module(module)
+    try:
+        with _basicsr_stubs():
+            spec.loader.exec_module(module)
+    except ModuleNotFoundError as error:
+        if error.name == "einops":
+            raise ModuleNotFoundError("the official code imports einops: "
+                                      "pip install -e '.[bench]'", name="einops") from error
+        raise
     return module
 
 

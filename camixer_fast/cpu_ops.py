@@ -98,7 +98,7 @@ def deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
         if count == 0:
             continue
         image = slice(i * area, (i + 1) * area)
-        # every window hard: the pixels in raster order, so the sum is written in place
+        # every window hard: the pixels in raster order, so the sum can be written in place
         sel = torch.arange(image.start, image.stop, device=x.device) if count == area else \
             pixels[start:start + count]
         start += count
@@ -106,7 +106,7 @@ def deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
         warped = F.grid_sample(x[i:i + 1].float(), grid, mode="bilinear",
                                padding_mode="border", align_corners=True)      # [1, C, P, 1]
         warped = warped.view(c, count).t().to(x.dtype)
-        if count == area:
+        if count == area and not torch.is_grad_enabled():
             torch.add(x_flat[image], warped, out=out_flat[image])
         else:
             # gather, add, index_copy_: index_add_ would run as a serial scatter

@@ -67,3 +67,26 @@ def test_breakdown_and_quality_tables(report) -> None:
          "mean_madds": 2.5e9}]}}
     assert ("| Set5 | 1 | 32.330 dB | 0.8969 | 1.00 | 2.50G |"
             in report.quality_lines(quality))
+
+
+def test_official_code_section(report, tmp_path: Path) -> None:
+    """The section of bench/official_speed.py, from its JSON: table, verdict, provenance."""
+    rows = [{"image": "Urban100/img_004", "size": "128x128", "gamma": g,
+             "check": {"official_vs_ours_same_draw": 1e-6, "ours_vs_reference": 2e-6},
+             "official_s": 0.8 * g + 0.2, "ours_s": 0.3 * g + 0.05, "speedup": s,
+             "official_k_fraction": g, "ours_k_fraction": g, "loadavg_1min_start": 0.2,
+             "loadavg_1min_end": 0.4} for g, s in ((1.0, 2.86), (0.5, 2.6))]
+    rows.append({"image": "Set14/barbara", "size": "128x128", "gamma": 0.25,
+                 "check": {"official_vs_ours_same_draw": 3e-3, "ours_vs_reference": 1e-6},
+                 "skipped": "official_vs_ours_same_draw above 0.0001: not timed"})
+    data = {"official": {"repo": "https://github.com/icandle/CAMixerSR", "commit": "d690b12bb",
+                         "file": "CAMixerSR_arch.py"},
+            "ours": {"backend": "cpu", "routing": "expected"}, "threads": 2, "rounds": 5,
+            "tolerance": 1e-4, "target": 2.5, "mode": "no_grad", "date": "2026-12-01",
+            "machine": {"cpu_model": "Test CPU", "cpu_count": 2, "torch": "2.x"}, "rows": rows}
+    text = "\n".join(report.official_lines(data))
+    assert "| Urban100/img_004 128x128 | 1 | 1000 ms | 350 ms | **2.86×** |" in text
+    assert "not timed" in text and "**not met** (lowest 2.60×)" in text
+    assert "icandle/CAMixerSR at `d690b12`" in text and "2 threads" in text
+    data["rows"] = rows[:2]
+    assert "**met** (lowest 2.60×)" in "\n".join(report.official_lines(data))
