@@ -22,7 +22,10 @@ in every block of every call (its Gumbel rule, the global generator seeded once)
 expected K. Both are recorded as the mean fraction of windows attended.
 
 Writes ``bench/results/official_code.json`` and re-renders ``bench/RESULTS.md`` through
-``bench/report.py --reuse`` (its section "Against the official code").
+``bench/report.py --reuse`` (its section "Against the official code"). ``--profile`` adds
+(to an existing JSON, without timing again) where each model spends a forward on the first
+128×128 input: ``torch.profiler``'s operations by self CPU time, and ours per network range
+(:func:`camixer_fast.profiling.profile_ranges`).
 """
 
 from __future__ import annotations
@@ -127,6 +130,45 @@ def time_pair(official, ours, x: torch.Tensor, gamma: float, rounds: int) -> dic
             "loadavg_1min_end": os.getloadavg()[0]}
 
 
+def top_operations(run, runs: int = 3, top: int = 8) -> dict:
+    """The operations of ``run()`` by self CPU time: {"total_ms", "ops": [[name, ms, share]]}
+    per call, mean of ``runs`` profiled calls after one warm-up."""
+    run()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(runs):
+            run()
+    ops = [(e.key, e.self_cpu_time_total / runs / 1e3) for e in prof.key_averages()
+           if not e.key.startswith("camixer.")]
+    total = sum(t for _, t in ops)
+    ops.sort(key=lambda item: -item[1])
+    return {"total_ms": total, "ops": [[name, t, t / total] for name, t in ops[:top]]}
+
+
+def profile(threads: int, arch: str | None) -> dict:
+    """Operations of both models and ours per range, per γ, on the first 128×128 input."""
+    from camixer_fast.profiling import profile_ranges
+
+    torch.set_num_threads(threads)
+    official = load_official(WEIGHTS, path=arch)
+    ours = camixer_fast.load_model(WEIGHTS, backend="auto")
+    name, path = next(iter(IMAGES.items()))
+    x = centre_crop(read_rgb(path), 128)
+    out = {"input": f"{name} 128x128", "threads": threads, "gammas": {}}
+    for gamma in GAMMAS:
+        set_ratio(official, gamma)
+        ours.gamma = gamma
+
+        def run_ours() -> None:
+            with torch.no_grad():
+                ours(x)
+
+        out["gammas"][str(gamma)] = {
+            "official": top_operations(lambda: run_official(official, x)),
+            "ours": top_operations(run_ours),
+            "ours_ranges_ms": {k: v * 1e3 for k, v in profile_ranges(ours, x).items()}}
+    return out
+
+
 def measure(threads: int, rounds: int, sizes: tuple[int, ...], arch: str | None) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -171,8 +213,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULT)
     parser.add_argument("--no-report", action="store_true",
                         help="do not re-render bench/RESULTS.md")
+    parser.add_argument("--profile", action="store_true",
+                        help="add the operation profiles to the existing --out JSON instead "
+                        "of timing")
     args = parser.parse_args(argv)
-    result = measure(args.threads, args.rounds, tuple(args.sizes), args.arch)
+    if args.profile:
+        result = json.loads(args.out.read_text())
+        result["profile"] = profile(result["threads"], args.arch)
+    else:
+        result = measure(args.threads, args.rounds, tuple(args.sizes), args.arch)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)

@@ -289,6 +289,27 @@ def official_lines(data: dict) -> list[str]:
                      f"{r['official_k_fraction']:.2f} | {r['ours_k_fraction']:.2f} | "
                      f"{check['official_vs_ours_same_draw']:.1e} | "
                      f"{check['ours_vs_reference']:.1e} |")
+    prof = data.get("profile")
+    if prof:
+        lines += ["", (f"Where a forward's time goes ({prof['input']}, {prof['threads']} threads, "
+                       "`torch.profiler` self CPU time per operation, mean of 3 forwards; the "
+                       "profiler's per-operation cost is included). Ours per network range: "
+                       "predictor = project_v, predictor and routing; attention = deformable "
+                       "keys and window attention; conv = the mixer's depthwise convolutions, "
+                       "GELU gate and output projection; ffn = the FFN and its LayerNorm; rest "
+                       "= head, tail, group tails, the first LayerNorm of each block."), "",
+                  "| γ | model | profiled total | largest operations (share) |",
+                  "|---|---|---|---|"]
+        for gamma, cell in prof["gammas"].items():
+            for model in ("official", "ours"):
+                ops = ", ".join(f"{name.removeprefix('aten::')} {100 * share:.0f}%"
+                                for name, _, share in cell[model]["ops"][:6])
+                lines.append(f"| {float(gamma):g} | {model} | {cell[model]['total_ms']:.0f} ms "
+                             f"| {ops} |")
+            ranges = cell["ours_ranges_ms"]
+            parts = ", ".join(f"{k} {ranges[k]:.0f} ms" for k in ranges if k != "total")
+            lines.append(f"| {float(gamma):g} | ours by range | {ranges['total']:.0f} ms | "
+                         f"{parts} |")
     return lines
 
 

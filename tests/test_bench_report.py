@@ -89,4 +89,11 @@ def test_official_code_section(report, tmp_path: Path) -> None:
     assert "not timed" in text and "**not met** (lowest 2.60×)" in text
     assert "icandle/CAMixerSR at `d690b12`" in text and "2 threads" in text
     data["rows"] = rows[:2]
-    assert "**met** (lowest 2.60×)" in "\n".join(report.official_lines(data))
+    data["profile"] = {"input": "Urban100/img_004 128x128", "threads": 2, "gammas": {"0.5": {
+        "official": {"total_ms": 800.0, "ops": [["aten::bmm", 240.0, 0.3]]},
+        "ours": {"total_ms": 300.0, "ops": [["aten::addmm", 90.0, 0.3]]},
+        "ours_ranges_ms": {"predictor": 50.0, "attention": 100.0, "total": 300.0}}}}
+    text = "\n".join(report.official_lines(data))
+    assert "**met** (lowest 2.60×)" in text
+    assert "| 0.5 | official | 800 ms | bmm 30% |" in text
+    assert "| 0.5 | ours by range | 300 ms | predictor 50 ms, attention 100 ms |" in text
