@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", help="the official CAMixerSR_arch.py (or the checkout); "
                         "default $CAMIXER_OFFICIAL_ARCH")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads (with --profile too: 1 gives the cleanest shares)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     parser.add_argument("--out", type=Path, default=RESULT)
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.profile:
         result = json.loads(args.out.read_text())
-        result["profile"] = profile(result["threads"], args.arch)
+        result["profile"] = profile(args.threads, args.arch)
     else:
         result = measure(args.threads, args.rounds, tuple(args.sizes), args.arch)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -260,7 +260,9 @@ def official_lines(data: dict) -> list[str]:
          f"`backend=\"auto\"` (here `{data['ours']['backend']}`, {data['ours']['routing']} "
          "routing); the same `CAMixerSR_S.pth` (`params_ema`). "
          f"{stamp['cpu_model']}, {stamp['cpu_count']} cores, torch {stamp['torch']}, "
-         f"{data['threads']} threads, {data['mode']}, {data['rounds']} rounds; 1-minute load "
+         f"{data['threads']} threads"
+         + "".join(f", {k}={v}" for k, v in data.get("env", {}).items())
+         + f", {data['mode']}, {data['rounds']} rounds; 1-minute load "
          + (f"average {min(loads):.2f}–{max(loads):.2f}." if loads else "average not recorded.")),
         "",
         ("Checked before timing, per input and γ: the official output for one Gumbel draw "
@@ -291,7 +293,8 @@ def official_lines(data: dict) -> list[str]:
                      f"{check['ours_vs_reference']:.1e} |")
     prof = data.get("profile")
     if prof:
-        lines += ["", (f"Where a forward's time goes ({prof['input']}, {prof['threads']} threads, "
+        lines += ["", (f"Where a forward's time goes ({prof['input']}, torch threads: "
+                       f"{prof['threads']}, "
                        "`torch.profiler` self CPU time per operation, mean of 3 forwards; the "
                        "profiler's per-operation cost is included). Ours per network range: "
                        "predictor = project_v, predictor and routing; attention = deformable "
