@@ -93,9 +93,10 @@ class LayerNorm2d(nn.Module):
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
         self.eps = eps
+        self.normalized_shape = (channels,)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 class GatedFFN(nn.Module):
@@ -140,9 +141,7 @@ def layer_norm_channels_first(x: Tensor, weight: Tensor, bias: Tensor, eps: floa
 
 def pointwise_channels_first(t: Tensor, conv: nn.Conv2d) -> Tensor:
     """A 1×1 convolution of a channels-first map flattened to (B, C_in, P) -> (B, C_out, P)."""
-    weight = conv.weight
-    weight = weight.view(weight.shape[0], weight.shape[1]).expand(t.shape[0], -1, -1)
-    return torch.baddbmm(conv.bias.view(1, -1, 1), weight, t)
+    return torch.matmul(_matrix(conv), t) + conv.bias.view(1, -1, 1)
 
 
 class Predictor(nn.Module):
@@ -173,16 +172,15 @@ class Predictor(nn.Module):
     def forward(self, v: Tensor, condition: Tensor) -> PredictorOutput:
         """v (B, H, W, C) and the conditions [Cg, Cw] (B, H, W, 4), NHWC.
 
-        ``in_conv`` of the official ``cat([v, Cg, Cw])`` as W_v·vᵀ + W_g·[Cg, Cw]ᵀ + bias: no
-        (C+4)-channel concatenation per block.
+        ``in_conv`` of the official ``cat([v, Cg, Cw])`` is one batched product W·[v, Cg, Cw]ᵀ
+        whose result is channels-first (B, c4, H·W).
         """
         b, height, width, c = v.shape
         conv, norm = self.in_conv[0], self.in_conv[1]
         weight = conv.weight.view(conv.out_channels, c + 4)
-        h = torch.baddbmm(conv.bias.view(1, -1, 1), weight[:, c:].expand(b, -1, -1),
-                          condition.view(b, -1, 4).transpose(1, 2))
-        h = torch.baddbmm(h, weight[:, :c].expand(b, -1, -1),
-                          v.view(b, -1, c).transpose(1, 2))                     # [B, c4, P]
+        # baddbmm, not matmul: matmul folds this product into one (P, c4) mm and a transpose
+        h = torch.baddbmm(conv.bias.view(1, -1, 1), weight.expand(b, -1, -1),
+                          torch.cat([v, condition], dim=-1).view(b, -1, c + 4).transpose(1, 2))
         h = self.in_conv[2](layer_norm_channels_first(h, norm.weight, norm.bias, norm.eps))
         off = self.out_offsets[1](pointwise_channels_first(h, self.out_offsets[0]))
         offsets = torch.tanh(pointwise_channels_first(off, self.out_offsets[2])) * 8.0
@@ -266,9 +264,9 @@ class CAMixer(nn.Module):
             y = spatial(attn, self.conv_sptial)
             ca = route.ca.view(b, 1, 1, c)
             if torch.is_grad_enabled():
-                gated = torch.addcmul(attn, F.gelu(y), ca)
+                gated = F.gelu(y) * ca + attn
             else:   # autograd is off: y is this call's own, overwrite it
-                gated = torch.addcmul(attn, torch.ops.aten.gelu_(y), ca, out=y)
+                gated = torch.ops.aten.gelu_(y).mul_(ca).add_(attn)
             out = pointwise(gated, self.project_out)
         if self.capture is not None:
             self.capture.update(x=x_map, condition_global=nchw(condition[..., :2]),
@@ -377,7 +375,7 @@ class Block(nn.Module):
         mixed, record = self.mixer(x, condition, settings)
         x = self.norm1(mixed + x)
         with span("camixer.ffn"):
-            x = self.norm2(self.ffn(x, residual=x))
+            x = self.norm2(self.ffn(x) + x)
         return x, record
 
 
@@ -560,7 +558,7 @@ class CAMixerSR(nn.Module):
         x = pad_to_multiple(x, self.window_size)
         # a fresh channels-last copy (3 channels: cheap): whatever the caller's strides, the
         # convolutions then see one layout and round the same way
-        x = torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
+        x = x.clone(memory_format=torch.channels_last)
         b, _, ph, pw = x.shape
         f0 = self.head(x)                                            # channels-last
         cw = nhwc(window_condition(ph, pw, self.window_size, dtype=f0.dtype, device=f0.device))

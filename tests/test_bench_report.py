@@ -48,7 +48,7 @@ def test_report_states_targets(report, tmp_path: Path, speedup: float, ratio: fl
     path.write_text(json.dumps(fake_run(speedup, ratio)))
     out = tmp_path / "RESULTS.md"
     assert report.main([str(path), "--out", str(out), "--results", str(tmp_path / "r"),
-                        "--skip", "breakdown", "quality", "memory"]) == 0
+                        "--skip", "breakdown", "quality", "memory", "onnx"]) == 0
     text = out.read_text()
     assert "Test CPU, 2 cores" in text and "torch threads: 2" in text
     assert f"**{speedup:.2f}×** | {verdicts[0]} |" in text
@@ -97,3 +97,9 @@ def test_official_code_section(report, tmp_path: Path) -> None:
     assert "**met** (lowest 2.60×)" in text
     assert "| 0.5 | official | 800 ms | bmm 30% |" in text
     assert "| 0.5 | ours by range | 300 ms | predictor 50 ms, attention 100 ms |" in text
+
+
+def test_onnx_table(report) -> None:
+    onnx = {"rows": [{"gamma": 0.5, "cpu_s": 0.2, "onnxruntime_s": 0.3,
+                      "errors": {"onnxruntime": 2.5e-5, "cpu": 1e-6}}]}
+    assert "| 0.5 | 200 ms | 300 ms | 1.50 | 2.5e-05 |" in report.onnx_lines(onnx)
