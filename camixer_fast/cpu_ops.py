@@ -7,7 +7,8 @@ and results up to fp32 rounding; the network (its own code, NHWC, see
 
 - :func:`deformable_key` samples the keys of the hard windows' pixels alone (one
   ``grid_sample`` over that list per image, no full-size warp).
-- :func:`window_attention` gathers just those windows' tokens, runs one batched
+- :func:`window_attention` gathers just those windows' tokens, projects the queries with the
+  key projection folded in (:func:`folded_query`; the keys are the raw ``k_in``), runs one batched
   :func:`torch.nn.functional.scaled_dot_product_attention` per chunk of windows (4-D, so the
   fused CPU kernel runs; ``scale=1.0``, the network has no 1/sqrt(C) factor) and writes the
   results over ``v·sa`` in place.
@@ -82,20 +83,29 @@ def hard_deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor, order: Ten
     check_window_grid(height, width, window_size)
     xh = to_nhwc(x)
     pixels = hard_window_pixels(num_hard, order, height, width, window_size)
-    out = xh.clone()
-    out_flat = out.view(-1, c)
+    area, tokens = height * width, window_size * window_size
+    counts = [k * tokens for k in num_hard.tolist()]
+    # where every window is hard, every pixel is written below: no copy of x first
+    out = torch.empty_like(xh) if min(counts) == area else xh.clone()
+    out_flat, x_flat = out.view(-1, c), xh.view(-1, c)
     start = 0
-    for i, k in enumerate(num_hard.tolist()):
-        count = k * window_size * window_size
+    for i, count in enumerate(counts):
         if count == 0:
             continue
-        sel = pixels[start:start + count]
+        image = slice(i * area, (i + 1) * area)
+        # every window hard: the pixels in raster order, so the sum can be written in place
+        sel = torch.arange(image.start, image.stop, device=x.device) if count == area else \
+            pixels[start:start + count]
         start += count
-        grid = _sampling_grid(offsets[i:i + 1].float(), sel - i * height * width, width,
-                              height)
+        grid = _sampling_grid(offsets[i:i + 1].float(), sel - i * area, width, height)
         warped = F.grid_sample(x[i:i + 1].float(), grid, mode="bilinear",
                                padding_mode="border", align_corners=True)      # [1, C, P, 1]
-        out_flat.index_add_(0, sel, warped.view(c, count).t().to(x.dtype))
+        warped = warped.view(c, count).t().to(x.dtype)
+        if count == area and not torch.is_grad_enabled():
+            torch.add(x_flat[image], warped, out=out_flat[image])
+        else:
+            # gather, add, index_copy_: index_add_ would run as a serial scatter
+            out_flat.index_copy_(0, sel, torch.add(x_flat.index_select(0, sel), warped))
     return out.permute(0, 3, 1, 2)
 
 
@@ -124,6 +134,17 @@ def deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
     return _deformable_key_op(x, offsets, num_hard, order, window_size)
 
 
+def folded_query(wq: Tensor, bq: Tensor, wk: Tensor) -> tuple[Tensor, Tensor]:
+    """The key projection folded into the query's: (W, b) with Q·Kᵀ = (x·Wᵀ + b)·k_inᵀ + r.
+
+    Q = x·Wqᵀ + bq and K = k_in·Wkᵀ + bk give Q·Kᵀ = (Q·Wk)·k_inᵀ + (Q·bk)·1ᵀ. The last term is
+    the same for every key of a query's row, and a softmax over the keys drops it, so the
+    attention weights are those of Q' = x·(Wkᵀ·Wq)ᵀ + Wkᵀ·bq against the raw keys k_in: one
+    projection instead of two. wq, wk (C, C), bq (C,) -> W (C, C), b (C,).
+    """
+    return wk.t() @ wq, wk.t() @ bq
+
+
 def hard_window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
                           bq: Tensor, wk: Tensor, bk: Tensor, num_hard: Tensor, order: Tensor,
                           window_size: int, chunk: int) -> Tensor:
@@ -142,12 +163,12 @@ def hard_window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Te
         tokens = window_size * window_size
         xf, kf, vf = (t.view(-1, c) for t in (to_nhwc(x.float()), to_nhwc(k_in.float()), vh))
         of = out.view(-1, c)
-        wq, bq, wk, bk = wq.float(), bq.float(), wk.float(), bk.float()
+        wqk, bqk = folded_query(wq.float(), bq.float(), wk.float())
         for start in range(0, pixels.numel(), chunk * tokens):
             sel = pixels[start:start + chunk * tokens]
             n = sel.numel() // tokens
-            q = F.linear(xf.index_select(0, sel), wq, bq).view(n, 1, tokens, c)
-            k = F.linear(kf.index_select(0, sel), wk, bk).view(n, 1, tokens, c)
+            q = F.linear(xf.index_select(0, sel), wqk, bqk).view(n, 1, tokens, c)
+            k = kf.index_select(0, sel).view(n, 1, tokens, c)
             # (windows, 1 head, tokens, C): the shape the fused CPU attention kernel takes
             v_tok = vf.index_select(0, sel).view(n, 1, tokens, c)
             mixed = F.scaled_dot_product_attention(q, k, v_tok, scale=1.0)
@@ -169,6 +190,7 @@ def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
     order (B, N). Only the hard windows' pixels of ``k_in`` are read. Returns attn_out
     (B, C, H, W), channels-last, in x's dtype (computed in fp32): ``v·sa`` on the simple
     windows, the hard windows' attention written in place, ``chunk`` windows per batched call.
+    The key projection is folded into the query's (:func:`folded_query`), so ``bk`` drops out.
     One operator while traced (:mod:`camixer_fast.custom_ops`).
     """
     if chunk < 1:
