@@ -172,15 +172,18 @@ class Predictor(nn.Module):
     def forward(self, v: Tensor, condition: Tensor) -> PredictorOutput:
         """v (B, H, W, C) and the conditions [Cg, Cw] (B, H, W, 4), NHWC.
 
-        ``in_conv`` of the official ``cat([v, Cg, Cw])`` is one batched product W·[v, Cg, Cw]ᵀ
-        whose result is channels-first (B, c4, H·W).
+        ``in_conv`` of the official ``cat([v, Cg, Cw])`` is W_v·vᵀ + W_g·[Cg, Cw]ᵀ + bias, two
+        batched products whose result is channels-first (B, c4, H·W).
         """
         b, height, width, c = v.shape
         conv, norm = self.in_conv[0], self.in_conv[1]
         weight = conv.weight.view(conv.out_channels, c + 4)
-        # baddbmm, not matmul: matmul folds this product into one (P, c4) mm and a transpose
-        h = torch.baddbmm(conv.bias.view(1, -1, 1), weight.expand(b, -1, -1),
-                          torch.cat([v, condition], dim=-1).view(b, -1, c + 4).transpose(1, 2))
+        # v and the conditions apart (no (C+4)-channel concatenation per block); baddbmm, not
+        # matmul: matmul folds these products into one (P, c4) mm and a transpose
+        h = torch.baddbmm(conv.bias.view(1, -1, 1), weight[:, :c].expand(b, -1, -1),
+                          v.view(b, -1, c).transpose(1, 2))
+        h = torch.baddbmm(h, weight[:, c:].expand(b, -1, -1),
+                          condition.view(b, -1, 4).transpose(1, 2))
         h = self.in_conv[2](layer_norm_channels_first(h, norm.weight, norm.bias, norm.eps))
         off = self.out_offsets[1](pointwise_channels_first(h, self.out_offsets[0]))
         offsets = torch.tanh(pointwise_channels_first(off, self.out_offsets[2])) * 8.0
