@@ -170,9 +170,13 @@ def _triton_ops() -> Ops:
     from camixer_fast import kernels
     from camixer_fast.reference.routing import window_scores
 
-    # training differentiates the window scores: their small MLP stays in PyTorch there
+    from camixer_fast.kernels.block import block_inference
+
+    # training differentiates the window scores: their small MLP stays in PyTorch there.
+    # At inference a whole block runs fused (kernels/block.py), the batch as one call.
     return Ops(kernels.route_windows, window_scores, kernels.deformable_key,
-               kernels.window_attention, kernels.masked_window_attention)
+               kernels.window_attention, kernels.masked_window_attention,
+               block_inference=block_inference, whole_batch=True)
 
 
 REGISTRY: dict[str, Backend] = {

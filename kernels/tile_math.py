@@ -1,0 +1,120 @@
+"""Device functions the fused block's kernels share: activations, a LayerNorm over the channels
+of a pixel tile, a depthwise 3×3 tap sum, and the launch choices they all make.
+
+No kernels here. A *tile* is [BP pixels, BC channels] in fp32 registers; channels past C are
+masked (``m_c``) and come in as zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from camixer_fast.triton_env import interpreting
+
+
+@triton.jit
+def leaky_relu(z):
+    """LeakyReLU with slope 0.1 (the predictor's)."""
+    return tl.where(z >= 0, z, 0.1 * z)
+
+
+@triton.jit
+def tanh(z):
+    """tanh in fp32 from one exp, stable for any |z|."""
+    t = tl.exp(-2.0 * tl.abs(z))
+    r = (1.0 - t) / (1.0 + t)
+    return tl.where(z >= 0, r, -r)
+
+
+@triton.jit
+def gelu(z):
+    """The exact GELU of ``F.gelu`` (erf form)."""
+    return 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+
+
+@triton.jit
+def layer_norm(b_z, m_c, C, w_ptr, b_ptr, o_c):
+    """LayerNorm of each row of the fp32 tile ``b_z`` [BP, BC] over its C valid channels
+    (biased variance, eps 1e-6), times the weight plus the bias (both (C,)). Masked channels
+    come out 0."""
+    b_mean = tl.sum(tl.where(m_c[None, :], b_z, 0.0), axis=1) / C
+    b_d = tl.where(m_c[None, :], b_z - b_mean[:, None], 0.0)
+    b_var = tl.sum(b_d * b_d, axis=1) / C
+    b_w = tl.load(w_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
+    b_b = tl.load(b_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
+    return b_d * tl.rsqrt(b_var + 1e-6)[:, None] * b_w[None, :] + b_b[None, :]
+
+
+@triton.jit
+def depthwise3x3(src_ptr, w_ptr, py, px, m_p, o_c, m_c, s_y, s_x, s_c, H, W,
+                 DIL: tl.constexpr):
+    """Σ over the 9 taps of a depthwise 3×3 convolution with dilation DIL and zero padding DIL
+    (the output keeps the H×W grid): fp32 [BP, BC] at pixels (py, px) [BP] (int64) and channels
+    o_c [BC], no bias.
+
+    ``src_ptr`` points at the image's (0, 0, channel 0); element (y, x, c) lies at
+    ``src_ptr + y·s_y + x·s_x + c·s_c``. ``w_ptr``: the (C, 1, 3, 3) weight, contiguous.
+    """
+    b_acc = tl.zeros([py.shape[0], o_c.shape[0]], dtype=tl.float32)
+    o_cs = (o_c * s_c)[None, :]
+    for i in tl.static_range(3):
+        qy = py + (i - 1) * DIL
+        m_y = m_p & (qy >= 0) & (qy < H)
+        p_y = src_ptr + qy * s_y
+        for j in tl.static_range(3):
+            qx = px + (j - 1) * DIL
+            m_q = m_y & (qx >= 0) & (qx < W)
+            b_s = tl.load((p_y + qx * s_x)[:, None] + o_cs, mask=m_q[:, None] & m_c[None, :],
+                          other=0.0).to(tl.float32)
+            b_w = tl.load(w_ptr + o_c * 9 + (3 * i + j), mask=m_c, other=0.0).to(tl.float32)
+            b_acc += b_s * b_w[None, :]
+    return b_acc
+
+
+@triton.jit
+def load_transposed(w_ptr, row0, C_OUT, C_IN, o_in, o_out, DT: tl.constexpr):
+    """Rows ``row0 ... row0 + C_OUT`` of a (rows, C_IN) weight matrix, transposed into a
+    [BC_in, BC_out] tile in dtype DT (zeros outside), ready for ``tile @ tile``."""
+    m = (o_in < C_IN)[:, None] & (o_out < C_OUT)[None, :]
+    p = w_ptr + (row0 + o_out[None, :]) * C_IN + o_in[:, None]
+    return tl.load(p, mask=m, other=0.0).to(DT)
+
+
+MAP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+"""The dtypes the block's maps may have (accumulation is fp32 in every case)."""
+
+
+def channel_block(channels: int) -> int:
+    """Channels padded (with masks, in the kernels) to a power of two, at least 16 for tl.dot."""
+    return max(16, triton.next_power_of_2(channels))
+
+
+def pixel_block(pixels: int) -> int:
+    """Pixels per program of the per-pixel kernels.
+
+    On a GPU, 64: a [64, 64] fp32 tile is 32 registers a thread at 4 warps, and a 720p frame
+    (61,440 LR pixels) gives 960 programs per image, 7 per SM on an H200. Under the interpreter
+    the whole map up to 1024 pixels: each program costs Python overhead there. (A choice made
+    without a GPU: not yet timed.)
+    """
+    if interpreting():
+        return max(16, min(1024, triton.next_power_of_2(pixels)))
+    return 64
+
+
+def dot_dtype(dtype: torch.dtype) -> tl.dtype:
+    """The operand dtype of the kernels' tile products for maps of ``dtype``: the map's own
+    (fp32 with IEEE products; fp16 and bf16 on tensor cores, fp32 accumulation), except bf16
+    under the interpreter, which cannot multiply bf16 (numpy has no bf16): there the operands,
+    already rounded to bf16, are multiplied in fp32 -- the same exact products."""
+    if dtype == torch.bfloat16:
+        return tl.float32 if interpreting() else tl.bfloat16
+    return {torch.float32: tl.float32, torch.float16: tl.float16}[dtype]
+
+
+def map_dtype(dtype: torch.dtype) -> tl.dtype:
+    """The Triton dtype of maps of ``dtype``."""
+    return {torch.float32: tl.float32, torch.float16: tl.float16,
+            torch.bfloat16: tl.bfloat16}[dtype]
