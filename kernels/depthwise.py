@@ -13,23 +13,26 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from camixer_fast.kernels.tile_math import MAP_DTYPES, channel_block, depthwise3x3, pixel_block
+from camixer_fast.kernels.tile_math import (
+    MAP_DTYPES,
+    channel_block,
+    depthwise3x3,
+    pixel_block,
+    pixel_tile,
+)
 
 
 @triton.jit
 def _depthwise3x3_kernel(src_ptr, w_ptr, b_ptr, out_ptr, H, W, C, s_b, s_y, s_x, s_c,
                          BP: tl.constexpr, BC: tl.constexpr):
-    i_t, i_b = tl.program_id(0), tl.program_id(1)
-    o_p = i_t * BP + tl.arange(0, BP)
-    m_p = o_p < H * W
-    py, px = (o_p // W).to(tl.int64), (o_p % W).to(tl.int64)
+    i_b = tl.program_id(1)
+    o_p, py, px, m_p = pixel_tile(tl.program_id(0), i_b, H * W, W, BP)
     o_c = tl.arange(0, BC)
     m_c = o_c < C
-    b_z = depthwise3x3(src_ptr + i_b.to(tl.int64) * s_b, w_ptr, py, px, m_p, o_c, m_c, s_y, s_x,
+    b_z = depthwise3x3(src_ptr, w_ptr, i_b.to(tl.int64) * s_b, py, px, m_p, o_c, m_c, s_y, s_x,
                        s_c, H, W, 1)
     b_z += tl.load(b_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
-    pix = i_b.to(tl.int64) * H * W + o_p
-    tl.store(out_ptr + pix[:, None] * C + o_c[None, :], b_z.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + o_p[:, None] * C + o_c[None, :], b_z.to(out_ptr.dtype.element_ty),
              mask=m_p[:, None] & m_c[None, :])
 
 

@@ -26,33 +26,32 @@ from camixer_fast.kernels.tile_math import (
     layer_norm,
     load_transposed,
     pixel_block,
+    pixel_tile,
 )
 
 
 @triton.jit
 def _ffn_tail_kernel(u_ptr, x1_ptr, dw_ptr, wo_ptr, n2w_ptr, n2b_ptr, out_ptr, H, W, C,
                      BP: tl.constexpr, BC: tl.constexpr, DOT: tl.constexpr):
-    i_t, i_b = tl.program_id(0), tl.program_id(1)
     dt = x1_ptr.dtype.element_ty
-    o_p = i_t * BP + tl.arange(0, BP)
-    m_p = o_p < H * W
-    py, px = (o_p // W).to(tl.int64), (o_p % W).to(tl.int64)
-    pix = i_b.to(tl.int64) * H * W + o_p
+    i_b = tl.program_id(1)
+    o_p, py, px, m_p = pixel_tile(tl.program_id(0), i_b, H * W, W, BP)
     o_c = tl.arange(0, BC)
     m_c = o_c < C
     m_pc = m_p[:, None] & m_c[None, :]
 
-    p_u = u_ptr + i_b.to(tl.int64) * H * W * (2 * C)
-    b_ta = depthwise3x3(p_u, dw_ptr, py, px, m_p, o_c, m_c, W * 2 * C, 2 * C, 1, H, W, 1)
-    b_tb = depthwise3x3(p_u + C, dw_ptr + 9 * C, py, px, m_p, o_c, m_c, W * 2 * C, 2 * C, 1, H,
-                        W, 1)
+    p_img = i_b.to(tl.int64) * H * W * (2 * C)
+    b_ta = depthwise3x3(u_ptr, dw_ptr, p_img, py, px, m_p, o_c, m_c, W * 2 * C, 2 * C, 1, H, W,
+                        1)
+    b_tb = depthwise3x3(u_ptr + C, dw_ptr + 9 * C, p_img, py, px, m_p, o_c, m_c, W * 2 * C,
+                        2 * C, 1, H, W, 1)
     b_g = (gelu(b_ta) * b_tb).to(dt)
     b_f = tl.dot(b_g.to(DOT), load_transposed(wo_ptr, 0, C, C, o_c, o_c, DOT),
                  input_precision="ieee")
-    p_x1 = pix[:, None] * C + o_c[None, :]
-    b_f += tl.load(x1_ptr + p_x1, mask=m_pc, other=0.0).to(tl.float32)
+    p_pc = o_p[:, None] * C + o_c[None, :]
+    b_f += tl.load(x1_ptr + p_pc, mask=m_pc, other=0.0).to(tl.float32)
     b_out = layer_norm(b_f, m_c, C, n2w_ptr, n2b_ptr, o_c)
-    tl.store(out_ptr + p_x1, b_out.to(dt), mask=m_pc)
+    tl.store(out_ptr + p_pc, b_out.to(dt), mask=m_pc)
 
 
 def ffn_tail(u: Tensor, x1: Tensor, ffn_dw_w: Tensor, ffn_out_w: Tensor, norm2_w: Tensor,

@@ -31,27 +31,27 @@ from camixer_fast.kernels.tile_math import (
     layer_norm,
     load_transposed,
     pixel_block,
+    pixel_tile,
 )
 
 
 @triton.jit
 def _mixer_tail_kernel(z_ptr, a_ptr, x_ptr, ca_ptr, dil_w_ptr, dil_b_ptr, wo_ptr, bo_ptr,
-                       n1w_ptr, n1b_ptr, wi_ptr, x1_ptr, u_ptr, H, W, C, a_sb, a_sy, a_sx, a_sc,
-                       BP: tl.constexpr, BC: tl.constexpr, DOT: tl.constexpr):
-    i_t, i_b = tl.program_id(0), tl.program_id(1)
+                       n1w_ptr, n1b_ptr, wi_ptr, x1_ptr, u_ptr, H, W, C, a_sb, a_sy, a_sx,
+                       a_sc, BP: tl.constexpr, BC: tl.constexpr, DOT: tl.constexpr):
     dt = x_ptr.dtype.element_ty
-    o_p = i_t * BP + tl.arange(0, BP)
-    m_p = o_p < H * W
-    py, px = (o_p // W).to(tl.int64), (o_p % W).to(tl.int64)
-    pix = i_b.to(tl.int64) * H * W + o_p
+    i_b = tl.program_id(1)
+    o_p, py, px, m_p = pixel_tile(tl.program_id(0), i_b, H * W, W, BP)
     o_c = tl.arange(0, BC)
     m_c = o_c < C
     m_pc = m_p[:, None] & m_c[None, :]
+    p_pc = o_p[:, None] * C + o_c[None, :]                             # NHWC element offsets
 
-    b_y = depthwise3x3(z_ptr + i_b.to(tl.int64) * H * W * C, dil_w_ptr, py, px, m_p, o_c, m_c,
+    b_y = depthwise3x3(z_ptr, dil_w_ptr, i_b.to(tl.int64) * H * W * C, py, px, m_p, o_c, m_c,
                        W * C, C, 1, H, W, 2)
     b_y += tl.load(dil_b_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
-    p_a = a_ptr + i_b.to(tl.int64) * a_sb + (py * a_sy + px * a_sx)[:, None] + o_c[None, :] * a_sc
+    p_a = (a_ptr + i_b.to(tl.int64) * a_sb + (py * a_sy + px * a_sx)[:, None]
+           + o_c[None, :] * a_sc)
     b_a = tl.load(p_a, mask=m_pc, other=0.0).to(tl.float32)
     b_ca = tl.load(ca_ptr + i_b.to(tl.int64) * C + o_c, mask=m_c, other=0.0)
     b_m = (b_a + gelu(b_y) * b_ca[None, :]).to(dt)
@@ -59,11 +59,11 @@ def _mixer_tail_kernel(z_ptr, a_ptr, x_ptr, ca_ptr, dil_w_ptr, dil_b_ptr, wo_ptr
     b_o = tl.dot(b_m.to(DOT), load_transposed(wo_ptr, 0, C, C, o_c, o_c, DOT),
                  input_precision="ieee")
     b_o += tl.load(bo_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
-    b_o += tl.load(x_ptr + pix[:, None] * C + o_c[None, :], mask=m_pc, other=0.0).to(tl.float32)
+    b_o += tl.load(x_ptr + p_pc, mask=m_pc, other=0.0).to(tl.float32)
     b_x1 = layer_norm(b_o, m_c, C, n1w_ptr, n1b_ptr, o_c).to(dt)
-    tl.store(x1_ptr + pix[:, None] * C + o_c[None, :], b_x1, mask=m_pc)
+    tl.store(x1_ptr + p_pc, b_x1, mask=m_pc)
 
-    p_u = u_ptr + pix[:, None] * (2 * C) + o_c[None, :]
+    p_u = u_ptr + o_p[:, None] * (2 * C) + o_c[None, :]
     for half in tl.static_range(2):                                    # u = [u_a | u_b]
         b_u = tl.dot(b_x1.to(DOT), load_transposed(wi_ptr, half * C, C, C, o_c, o_c, DOT),
                      input_precision="ieee")

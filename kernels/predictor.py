@@ -34,6 +34,7 @@ from camixer_fast.kernels.tile_math import (
     leaky_relu,
     load_transposed,
     pixel_block,
+    pixel_tile,
     tanh,
 )
 
@@ -46,10 +47,7 @@ def _predictor_kernel(x_ptr, cond_ptr, wv_ptr, bv_ptr, wr_ptr, br_ptr, nw_ptr, n
                       BC8: tl.constexpr, DOT: tl.constexpr):
     i_t, i_b = tl.program_id(0), tl.program_id(1)
     dt = x_ptr.dtype.element_ty
-    o_p = i_t * BP + tl.arange(0, BP)
-    m_p = o_p < H * W
-    py, px = (o_p // W).to(tl.int64), (o_p % W).to(tl.int64)
-    pix = i_b.to(tl.int64) * H * W + o_p                               # [BP] pixel of the batch
+    pix, py, px, m_p = pixel_tile(i_t, i_b, H * W, W, BP)
     o_c = tl.arange(0, BC)
     m_c = o_c < C
     o_k = tl.arange(0, BC4)
@@ -101,9 +99,7 @@ def _predictor_heads_kernel(h_ptr, part_ptr, saw_ptr, sab_ptr, caw_ptr, cab_ptr,
     m_k = o_k < C4
     if i_t < T:
         # sa of the pixel tile i_t: a 3×3 convolution of h, c4 -> 1, zero padding
-        o_p = i_t * BP + tl.arange(0, BP)
-        m_p = o_p < H * W
-        py, px = (o_p // W).to(tl.int64), (o_p % W).to(tl.int64)
+        pix, py, px, m_p = pixel_tile(i_t, i_b, H * W, W, BP)
         p_img = h_ptr + i_b.to(tl.int64) * H * W * C4
         b_acc = tl.zeros([BP], dtype=tl.float32)
         for i in tl.static_range(3):
@@ -115,8 +111,7 @@ def _predictor_heads_kernel(h_ptr, part_ptr, saw_ptr, sab_ptr, caw_ptr, cab_ptr,
                 b_w = tl.load(saw_ptr + o_k * 9 + (3 * i + j), mask=m_k, other=0.0)
                 b_acc += tl.sum(b_h * b_w.to(tl.float32)[None, :], axis=1)
         b_sa = tl.sigmoid(b_acc + tl.load(sab_ptr).to(tl.float32))
-        tl.store(sa_ptr + i_b.to(tl.int64) * H * W + o_p,
-                 b_sa.to(sa_ptr.dtype.element_ty), mask=m_p)
+        tl.store(sa_ptr + pix, b_sa.to(sa_ptr.dtype.element_ty), mask=m_p)
     else:
         # ca of image i_b from the T partial sums of h, in tile order
         b_s = tl.zeros([BC4], dtype=tl.float32)

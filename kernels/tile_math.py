@@ -48,29 +48,40 @@ def layer_norm(b_z, m_c, C, w_ptr, b_ptr, o_c):
 
 
 @triton.jit
-def depthwise3x3(src_ptr, w_ptr, py, px, m_p, o_c, m_c, s_y, s_x, s_c, H, W,
+def depthwise3x3(src_ptr, w_ptr, p_img, py, px, m_p, o_c, m_c, s_y, s_x, s_c, H, W,
                  DIL: tl.constexpr):
     """Σ over the 9 taps of a depthwise 3×3 convolution with dilation DIL and zero padding DIL
-    (the output keeps the H×W grid): fp32 [BP, BC] at pixels (py, px) [BP] (int64) and channels
-    o_c [BC], no bias.
+    (the output keeps the H×W grid): fp32 [BP, BC] at the pixels (py, px) [BP] of their images
+    and channels o_c [BC], no bias.
 
-    ``src_ptr`` points at the image's (0, 0, channel 0); element (y, x, c) lies at
-    ``src_ptr + y·s_y + x·s_x + c·s_c``. ``w_ptr``: the (C, 1, 3, 3) weight, contiguous.
+    Element (y, x, c) of a pixel's image lies at ``src_ptr + p_img + y·s_y + x·s_x + c·s_c``
+    (``p_img``: the offset of that image). ``w_ptr``: the (C, 1, 3, 3) weight, contiguous.
     """
     b_acc = tl.zeros([py.shape[0], o_c.shape[0]], dtype=tl.float32)
-    o_cs = (o_c * s_c)[None, :]
+    p_c = (o_c * s_c)[None, :]
+    m_c2 = m_c[None, :]
+    p_w = w_ptr + o_c * 9
     for i in tl.static_range(3):
         qy = py + (i - 1) * DIL
         m_y = m_p & (qy >= 0) & (qy < H)
-        p_y = src_ptr + qy * s_y
+        p_y = src_ptr + p_img + qy * s_y
         for j in tl.static_range(3):
             qx = px + (j - 1) * DIL
-            m_q = m_y & (qx >= 0) & (qx < W)
-            b_s = tl.load((p_y + qx * s_x)[:, None] + o_cs, mask=m_q[:, None] & m_c[None, :],
-                          other=0.0).to(tl.float32)
-            b_w = tl.load(w_ptr + o_c * 9 + (3 * i + j), mask=m_c, other=0.0).to(tl.float32)
-            b_acc += b_s * b_w[None, :]
+            m_q = (m_y & (qx >= 0) & (qx < W))[:, None] & m_c2
+            b_s = tl.load((p_y + qx * s_x)[:, None] + p_c, mask=m_q, other=0.0)
+            b_w = tl.load(p_w + (3 * i + j), mask=m_c, other=0.0)
+            b_acc += b_s.to(tl.float32) * b_w.to(tl.float32)[None, :]
     return b_acc
+
+
+@triton.jit
+def pixel_tile(i_t, i_b, P, W, BP: tl.constexpr):
+    """Tile ``i_t`` of image ``i_b`` (P pixels, W per row): the pixels' indices in the batch
+    [BP] (int64, image-major), their rows and columns, and the in-image mask. Tiles never span
+    two images, so each image's results do not depend on the batch around it."""
+    o_l = i_t * BP + tl.arange(0, BP)
+    o_p = i_b.to(tl.int64) * P + o_l
+    return o_p, (o_l // W).to(tl.int64), (o_l % W).to(tl.int64), o_l < P
 
 
 @triton.jit
@@ -96,11 +107,11 @@ def pixel_block(pixels: int) -> int:
 
     On a GPU, 64: a [64, 64] fp32 tile is 32 registers a thread at 4 warps, and a 720p frame
     (61,440 LR pixels) gives 960 programs per image, 7 per SM on an H200. Under the interpreter
-    the whole map up to 1024 pixels: each program costs Python overhead there. (A choice made
-    without a GPU: not yet timed.)
+    the whole map up to 16,384 pixels: there each program costs ~50 ms of Python, more than the
+    arithmetic of a 4096-pixel tile. (A choice made without a GPU: not yet timed.)
     """
     if interpreting():
-        return max(16, min(1024, triton.next_power_of_2(pixels)))
+        return max(16, min(16384, triton.next_power_of_2(pixels)))
     return 64
 
 
