@@ -17,23 +17,24 @@ from camixer_fast.kernels.tile_math import (
     MAP_DTYPES,
     channel_block,
     depthwise3x3,
-    pixel_block,
     pixel_tile,
+    tile_config,
 )
 
 
 @triton.jit
 def _depthwise3x3_kernel(src_ptr, w_ptr, b_ptr, out_ptr, H, W, C, s_b, s_y, s_x, s_c,
-                         BP: tl.constexpr, BC: tl.constexpr):
+                         BP: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
     i_b = tl.program_id(1)
     o_p, py, px, m_p = pixel_tile(tl.program_id(0), i_b, H * W, W, BP)
-    o_c = tl.arange(0, BC)
-    m_c = o_c < C
-    b_z = depthwise3x3(src_ptr, w_ptr, i_b.to(tl.int64) * s_b, py, px, m_p, o_c, m_c, s_y, s_x,
-                       s_c, H, W, 1)
-    b_z += tl.load(b_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + o_p[:, None] * C + o_c[None, :], b_z.to(out_ptr.dtype.element_ty),
-             mask=m_p[:, None] & m_c[None, :])
+    for k0 in range(0, BC, BK):                                        # channel steps
+        o_k = k0 + tl.arange(0, BK)
+        m_k = o_k < C
+        b_z = depthwise3x3(src_ptr, w_ptr, i_b.to(tl.int64) * s_b, py, px, m_p, o_k, m_k, s_y,
+                           s_x, s_c, H, W, 1)
+        b_z += tl.load(b_ptr + o_k, mask=m_k, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + o_p[:, None] * C + o_k[None, :], b_z.to(out_ptr.dtype.element_ty),
+                 mask=m_p[:, None] & m_k[None, :])
 
 
 def depthwise_conv3x3(src: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -51,8 +52,8 @@ def depthwise_conv3x3(src: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         raise ValueError(f"weight {tuple(weight.shape)} / bias {tuple(bias.shape)} do not fit "
                          f"{c} channels")
     out = torch.empty(b, height, width, c, dtype=src.dtype, device=src.device)
-    bp = pixel_block(height * width)
-    _depthwise3x3_kernel[(triton.cdiv(height * width, bp), b)](
-        src, weight.contiguous(), bias, out, height, width, c, *src.stride(), BP=bp,
-        BC=channel_block(c))
+    cfg = tile_config(height * width, c)
+    _depthwise3x3_kernel[(triton.cdiv(height * width, cfg.bp), b)](
+        src, weight.contiguous(), bias, out, height, width, c, *src.stride(), BP=cfg.bp,
+        BC=channel_block(c), BK=cfg.bk, num_warps=cfg.num_warps)
     return out

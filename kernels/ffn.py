@@ -25,14 +25,14 @@ from camixer_fast.kernels.tile_math import (
     gelu,
     layer_norm,
     load_transposed,
-    pixel_block,
     pixel_tile,
+    tile_config,
 )
 
 
 @triton.jit
 def _ffn_tail_kernel(u_ptr, x1_ptr, dw_ptr, wo_ptr, n2w_ptr, n2b_ptr, out_ptr, H, W, C,
-                     BP: tl.constexpr, BC: tl.constexpr, DOT: tl.constexpr):
+                     BP: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr):
     dt = x1_ptr.dtype.element_ty
     i_b = tl.program_id(1)
     o_p, py, px, m_p = pixel_tile(tl.program_id(0), i_b, H * W, W, BP)
@@ -41,13 +41,17 @@ def _ffn_tail_kernel(u_ptr, x1_ptr, dw_ptr, wo_ptr, n2w_ptr, n2b_ptr, out_ptr, H
     m_pc = m_p[:, None] & m_c[None, :]
 
     p_img = i_b.to(tl.int64) * H * W * (2 * C)
-    b_ta = depthwise3x3(u_ptr, dw_ptr, p_img, py, px, m_p, o_c, m_c, W * 2 * C, 2 * C, 1, H, W,
-                        1)
-    b_tb = depthwise3x3(u_ptr + C, dw_ptr + 9 * C, p_img, py, px, m_p, o_c, m_c, W * 2 * C,
-                        2 * C, 1, H, W, 1)
-    b_g = (gelu(b_ta) * b_tb).to(dt)
-    b_f = tl.dot(b_g.to(DOT), load_transposed(wo_ptr, 0, C, C, o_c, o_c, DOT),
-                 input_precision="ieee")
+    b_f = tl.zeros([BP, BC], dtype=tl.float32)
+    for k0 in range(0, BC, BK):              # channel steps: the gate, then its share of Wout
+        o_k = k0 + tl.arange(0, BK)
+        m_k = o_k < C
+        b_ta = depthwise3x3(u_ptr, dw_ptr, p_img, py, px, m_p, o_k, m_k, W * 2 * C, 2 * C, 1,
+                            H, W, 1)
+        b_tb = depthwise3x3(u_ptr + C, dw_ptr + 9 * C, p_img, py, px, m_p, o_k, m_k, W * 2 * C,
+                            2 * C, 1, H, W, 1)
+        b_g = (gelu(b_ta) * b_tb).to(dt)
+        b_f += tl.dot(b_g.to(DOT), load_transposed(wo_ptr, 0, C, C, o_k, o_c, DOT),
+                      input_precision="ieee")
     p_pc = o_p[:, None] * C + o_c[None, :]
     b_f += tl.load(x1_ptr + p_pc, mask=m_pc, other=0.0).to(tl.float32)
     b_out = layer_norm(b_f, m_c, C, n2w_ptr, n2b_ptr, o_c)
@@ -75,8 +79,9 @@ def ffn_tail(u: Tensor, x1: Tensor, ffn_dw_w: Tensor, ffn_out_w: Tensor, norm2_w
             raise ValueError(f"{name} is on {t.device}, x1 on {x1.device}")
     u, x1 = u.contiguous(), x1.contiguous()
     out = torch.empty_like(x1)
-    bp = pixel_block(height * width)
-    _ffn_tail_kernel[(triton.cdiv(height * width, bp), b)](
+    cfg = tile_config(height * width, c)
+    _ffn_tail_kernel[(triton.cdiv(height * width, cfg.bp), b)](
         u, x1, ffn_dw_w.contiguous(), ffn_out_w.contiguous(), norm2_w, norm2_b, out, height,
-        width, c, BP=bp, BC=channel_block(c), DOT=dot_dtype(x1.dtype))
+        width, c, BP=cfg.bp, BC=channel_block(c), BK=cfg.bk, DOT=dot_dtype(x1.dtype),
+        num_warps=cfg.num_warps)
     return out

@@ -30,15 +30,16 @@ from camixer_fast.kernels.tile_math import (
     gelu,
     layer_norm,
     load_transposed,
-    pixel_block,
     pixel_tile,
+    tile_config,
 )
 
 
 @triton.jit
 def _mixer_tail_kernel(z_ptr, a_ptr, x_ptr, ca_ptr, dil_w_ptr, dil_b_ptr, wo_ptr, bo_ptr,
                        n1w_ptr, n1b_ptr, wi_ptr, x1_ptr, u_ptr, H, W, C, a_sb, a_sy, a_sx,
-                       a_sc, BP: tl.constexpr, BC: tl.constexpr, DOT: tl.constexpr):
+                       a_sc, BP: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                       DOT: tl.constexpr):
     dt = x_ptr.dtype.element_ty
     i_b = tl.program_id(1)
     o_p, py, px, m_p = pixel_tile(tl.program_id(0), i_b, H * W, W, BP)
@@ -47,27 +48,32 @@ def _mixer_tail_kernel(z_ptr, a_ptr, x_ptr, ca_ptr, dil_w_ptr, dil_b_ptr, wo_ptr
     m_pc = m_p[:, None] & m_c[None, :]
     p_pc = o_p[:, None] * C + o_c[None, :]                             # NHWC element offsets
 
-    b_y = depthwise3x3(z_ptr, dil_w_ptr, i_b.to(tl.int64) * H * W * C, py, px, m_p, o_c, m_c,
-                       W * C, C, 1, H, W, 2)
-    b_y += tl.load(dil_b_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
-    p_a = (a_ptr + i_b.to(tl.int64) * a_sb + (py * a_sy + px * a_sx)[:, None]
-           + o_c[None, :] * a_sc)
-    b_a = tl.load(p_a, mask=m_pc, other=0.0).to(tl.float32)
-    b_ca = tl.load(ca_ptr + i_b.to(tl.int64) * C + o_c, mask=m_c, other=0.0)
-    b_m = (b_a + gelu(b_y) * b_ca[None, :]).to(dt)
-
-    b_o = tl.dot(b_m.to(DOT), load_transposed(wo_ptr, 0, C, C, o_c, o_c, DOT),
-                 input_precision="ieee")
+    p_z = i_b.to(tl.int64) * H * W * C
+    p_a = a_ptr + i_b.to(tl.int64) * a_sb + (py * a_sy + px * a_sx)[:, None]
+    b_o = tl.zeros([BP, BC], dtype=tl.float32)
+    for k0 in range(0, BC, BK):      # channel steps: m = gelu(y)·ca + attn, its share of Wout
+        o_k = k0 + tl.arange(0, BK)
+        m_k = o_k < C
+        b_y = depthwise3x3(z_ptr, dil_w_ptr, p_z, py, px, m_p, o_k, m_k, W * C, C, 1, H, W, 2)
+        b_y += tl.load(dil_b_ptr + o_k, mask=m_k, other=0.0).to(tl.float32)[None, :]
+        b_a = tl.load(p_a + o_k[None, :] * a_sc, mask=m_p[:, None] & m_k[None, :], other=0.0)
+        b_ca = tl.load(ca_ptr + i_b.to(tl.int64) * C + o_k, mask=m_k, other=0.0)
+        b_m = (b_a.to(tl.float32) + gelu(b_y) * b_ca[None, :]).to(dt)
+        b_o += tl.dot(b_m.to(DOT), load_transposed(wo_ptr, 0, C, C, o_k, o_c, DOT),
+                      input_precision="ieee")
     b_o += tl.load(bo_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
     b_o += tl.load(x_ptr + p_pc, mask=m_pc, other=0.0).to(tl.float32)
     b_x1 = layer_norm(b_o, m_c, C, n1w_ptr, n1b_ptr, o_c).to(dt)
     tl.store(x1_ptr + p_pc, b_x1, mask=m_pc)
 
-    p_u = u_ptr + o_p[:, None] * (2 * C) + o_c[None, :]
+    p_u = u_ptr + o_p[:, None] * (2 * C)
     for half in tl.static_range(2):                                    # u = [u_a | u_b]
-        b_u = tl.dot(b_x1.to(DOT), load_transposed(wi_ptr, half * C, C, C, o_c, o_c, DOT),
-                     input_precision="ieee")
-        tl.store(p_u + half * C, b_u.to(dt), mask=m_pc)
+        for n0 in range(0, BC, BK):                                    # output channel steps
+            o_n = n0 + tl.arange(0, BK)
+            b_u = tl.dot(b_x1.to(DOT), load_transposed(wi_ptr, half * C, C, C, o_c, o_n, DOT),
+                         input_precision="ieee")
+            tl.store(p_u + half * C + o_n[None, :], b_u.to(dt),
+                     mask=m_p[:, None] & (o_n < C)[None, :])
 
 
 class MixerTail(NamedTuple):
@@ -99,9 +105,9 @@ def mixer_tail(z: Tensor, attn: Tensor, x: Tensor, ca: Tensor, dil_w: Tensor, di
     x, z, ca = x.contiguous(), z.contiguous(), ca.float().contiguous()
     x1 = torch.empty_like(x)
     u = torch.empty(b, height, width, 2 * c, dtype=x.dtype, device=x.device)
-    bp = pixel_block(height * width)
-    _mixer_tail_kernel[(triton.cdiv(height * width, bp), b)](
+    cfg = tile_config(height * width, c)
+    _mixer_tail_kernel[(triton.cdiv(height * width, cfg.bp), b)](
         z, attn, x, ca, dil_w.contiguous(), dil_b, out_w.contiguous(), out_b, norm1_w, norm1_b,
-        ffn_in_w.contiguous(), x1, u, height, width, c, *attn.stride(), BP=bp,
-        BC=channel_block(c), DOT=dot_dtype(x.dtype))
+        ffn_in_w.contiguous(), x1, u, height, width, c, *attn.stride(), BP=cfg.bp,
+        BC=channel_block(c), BK=cfg.bk, DOT=dot_dtype(x.dtype), num_warps=cfg.num_warps)
     return MixerTail(x1, u)

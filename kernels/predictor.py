@@ -33,9 +33,9 @@ from camixer_fast.kernels.tile_math import (
     layer_norm,
     leaky_relu,
     load_transposed,
-    pixel_block,
     pixel_tile,
     tanh,
+    tile_config,
 )
 
 
@@ -43,8 +43,8 @@ from camixer_fast.kernels.tile_math import (
 def _predictor_kernel(x_ptr, cond_ptr, wv_ptr, bv_ptr, wr_ptr, br_ptr, nw_ptr, nb_ptr, w1_ptr,
                       b1_ptr, w2_ptr, b2_ptr, v_ptr, h_ptr, mean_ptr, off_ptr, part_ptr,
                       H, W, C, C4, C8, T, v_sb, v_sy, v_sx, v_sc, o_sb, o_sy, o_sx, o_sc,
-                      BP: tl.constexpr, BC: tl.constexpr, BC4: tl.constexpr,
-                      BC8: tl.constexpr, DOT: tl.constexpr):
+                      BP: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                      BC4: tl.constexpr, BC8: tl.constexpr, DOT: tl.constexpr):
     i_t, i_b = tl.program_id(0), tl.program_id(1)
     dt = x_ptr.dtype.element_ty
     pix, py, px, m_p = pixel_tile(i_t, i_b, H * W, W, BP)
@@ -55,18 +55,21 @@ def _predictor_kernel(x_ptr, cond_ptr, wv_ptr, bv_ptr, wr_ptr, br_ptr, nw_ptr, n
     o_j = tl.arange(0, BC8)
     m_pc = m_p[:, None] & m_c[None, :]
 
-    b_x = tl.load(x_ptr + pix[:, None] * C + o_c[None, :], mask=m_pc, other=0.0)  # [BP, BC]
-    b_v = tl.dot(b_x.to(DOT), load_transposed(wv_ptr, 0, C, C, o_c, o_c, DOT),
-                 input_precision="ieee")
-    b_v += tl.load(bv_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
-    b_v = b_v.to(dt)                                                   # [BP, BC] as stored
-    p_v = v_ptr + i_b.to(tl.int64) * v_sb + (py * v_sy + px * v_sx)[:, None] + o_c[None, :] * v_sc
-    tl.store(p_v, b_v, mask=m_pc)
-
-    # in_conv over [v | Cg | Cw]: the weight's first C columns on v, its last 4 on the conditions
-    b_wr = tl.load(wr_ptr + o_k[None, :] * (C + 4) + o_c[:, None],
-                   mask=m_c[:, None] & m_k[None, :], other=0.0).to(DOT)  # [BC, BC4]
-    b_h = tl.dot(b_v.to(DOT), b_wr, input_precision="ieee")            # [BP, BC4]
+    b_x = tl.load(x_ptr + pix[:, None] * C + o_c[None, :], mask=m_pc, other=0.0).to(DOT)
+    p_v = v_ptr + i_b.to(tl.int64) * v_sb + (py * v_sy + px * v_sx)[:, None]
+    b_h = tl.zeros([BP, BC4], dtype=tl.float32)
+    for n0 in range(0, BC, BK):
+        # v's channels n0 ... n0 + BK (stored), then their share of in_conv, whose first C
+        # columns act on v (the last 4 on the conditions, below)
+        o_n = n0 + tl.arange(0, BK)
+        m_n = o_n < C
+        b_v = tl.dot(b_x, load_transposed(wv_ptr, 0, C, C, o_c, o_n, DOT), input_precision="ieee")
+        b_v += tl.load(bv_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+        b_v = b_v.to(dt)                                               # [BP, BK] as stored
+        tl.store(p_v + o_n[None, :] * v_sc, b_v, mask=m_p[:, None] & m_n[None, :])
+        b_wr = tl.load(wr_ptr + o_k[None, :] * (C + 4) + o_n[:, None],
+                       mask=m_n[:, None] & m_k[None, :], other=0.0).to(DOT)  # [BK, BC4]
+        b_h += tl.dot(b_v.to(DOT), b_wr, input_precision="ieee")       # [BP, BC4]
     for j in tl.static_range(4):
         b_cond = tl.load(cond_ptr + pix * 4 + j, mask=m_p, other=0.0).to(tl.float32)
         b_wc = tl.load(wr_ptr + o_k * (C + 4) + C + j, mask=m_k, other=0.0).to(tl.float32)
@@ -102,14 +105,13 @@ def _predictor_heads_kernel(h_ptr, part_ptr, saw_ptr, sab_ptr, caw_ptr, cab_ptr,
         pix, py, px, m_p = pixel_tile(i_t, i_b, H * W, W, BP)
         p_img = h_ptr + i_b.to(tl.int64) * H * W * C4
         b_acc = tl.zeros([BP], dtype=tl.float32)
-        for i in tl.static_range(3):
-            for j in tl.static_range(3):
-                qy, qx = py + (i - 1), px + (j - 1)
-                m_q = m_p & (qy >= 0) & (qy < H) & (qx >= 0) & (qx < W)
-                b_h = tl.load(p_img + (qy * W + qx)[:, None] * C4 + o_k[None, :],
-                              mask=m_q[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-                b_w = tl.load(saw_ptr + o_k * 9 + (3 * i + j), mask=m_k, other=0.0)
-                b_acc += tl.sum(b_h * b_w.to(tl.float32)[None, :], axis=1)
+        for t in range(9):                                             # the taps
+            qy, qx = py + (t // 3 - 1), px + (t % 3 - 1)
+            m_q = m_p & (qy >= 0) & (qy < H) & (qx >= 0) & (qx < W)
+            b_h = tl.load(p_img + (qy * W + qx)[:, None] * C4 + o_k[None, :],
+                          mask=m_q[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+            b_w = tl.load(saw_ptr + o_k * 9 + t, mask=m_k, other=0.0)
+            b_acc += tl.sum(b_h * b_w.to(tl.float32)[None, :], axis=1)
         b_sa = tl.sigmoid(b_acc + tl.load(sab_ptr).to(tl.float32))
         tl.store(sa_ptr + pix, b_sa.to(sa_ptr.dtype.element_ty), mask=m_p)
     else:
@@ -123,9 +125,9 @@ def _predictor_heads_kernel(h_ptr, part_ptr, saw_ptr, sab_ptr, caw_ptr, cab_ptr,
         b_mean = b_s / (H * W)
         o_c = tl.arange(0, BC)
         m_c = o_c < C
-        b_w = tl.load(caw_ptr + o_c[:, None] * C4 + o_k[None, :],
-                      mask=m_c[:, None] & m_k[None, :], other=0.0).to(tl.float32)  # [BC, BC4]
-        b_ca = tl.sum(b_w * b_mean[None, :], axis=1)
+        b_wca = tl.load(caw_ptr + o_c[:, None] * C4 + o_k[None, :],
+                        mask=m_c[:, None] & m_k[None, :], other=0.0).to(tl.float32)  # [BC, BC4]
+        b_ca = tl.sum(b_wca * b_mean[None, :], axis=1)
         b_ca += tl.load(cab_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
         tl.store(ca_ptr + i_b.to(tl.int64) * C + o_c, tl.sigmoid(b_ca), mask=m_c)
 
@@ -189,7 +191,8 @@ def predictor(x: Tensor, condition: Tensor, v_w: Tensor, v_b: Tensor, route_w: T
     v_w, route_w, off1_w, off2_w, ca_w, sa_w = (
         t.contiguous() for t in (v_w, route_w, off1_w, off2_w, ca_w, sa_w))
     pixels = height * width
-    bp = pixel_block(pixels)
+    cfg = tile_config(pixels, c)
+    bp = cfg.bp
     tiles = triton.cdiv(pixels, bp)
     dev = x.device
     if planar:
@@ -207,9 +210,9 @@ def predictor(x: Tensor, condition: Tensor, v_w: Tensor, v_b: Tensor, route_w: T
     _predictor_kernel[(tiles, b)](
         x, condition, v_w, v_b, route_w, route_b, route_norm_w, route_norm_b, off1_w, off1_b,
         off2_w, off2_b, v, hidden, mean, offsets, part, height, width, c, c4, c8, tiles,
-        *v.stride(), *offsets.stride(), BP=bp, BC=bc, BC4=bc4, BC8=channel_block(c8),
-        DOT=dot_dtype(x.dtype))
+        *v.stride(), *offsets.stride(), BP=bp, BC=bc, BK=cfg.bk, BC4=bc4,
+        BC8=channel_block(c8), DOT=dot_dtype(x.dtype), num_warps=cfg.num_warps)
     _predictor_heads_kernel[(tiles + 1, b)](
         hidden, part, sa_w, sa_b, ca_w, ca_b, sa, ca, height, width, c, c4, tiles, BP=bp,
-        BC=bc, BC4=bc4, BT=PART_BLOCK)
+        BC=bc, BC4=bc4, BT=PART_BLOCK, num_warps=cfg.num_warps)
     return PredictorMaps(v, hidden, mean, offsets, sa, ca)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import camixer_fast
 from camixer_fast.backends import REGISTRY
+from camixer_fast.kernels import tile_math
 from camixer_fast.kernels.block import block_inference
 from camixer_fast.kernels.depthwise import depthwise_conv3x3
 from camixer_fast.kernels.ffn import ffn_tail
@@ -34,7 +35,10 @@ STAGE_TOL = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 1.5e-1}
 """Max abs error of one stage against the fp32 module on the same rounded inputs: fp32 products
 (fp32 rounding of sums of ~C terms); fp16 / bf16 maps rounded between stages (8 / 11 bits of
 mantissa on values of a few units)."""
-BLOCK_TOL = {torch.float32: 1e-4, torch.float16: 5e-2, torch.bfloat16: 3e-1}
+BLOCK_TOL = 1e-4
+"""fp32: the project's parity target. In fp16 / bf16 a whole block is held to the module's own
+error in that dtype (the window attention's unscaled logits amplify rounding), see
+:func:`assert_block_close`."""
 HARD_WINDOWS_IN_BF16 = pytest.mark.skipif(
     INTERPRETED, reason="the window-attention kernel's bf16 tl.dot is broken in the interpreter "
                         "(numpy has no bf16); bf16 is checked here with no hard windows")
@@ -72,7 +76,7 @@ def make_inputs(b: int, height: int, width: int, channels: int, window_size: int
     g = torch.Generator().manual_seed(seed)
     scale = torch.linspace(0.5, 2.0, b).view(b, 1, 1, 1) if b > 1 else torch.ones(1, 1, 1, 1)
     x = torch.randn(b, height, width, channels, generator=g) * scale
-    x += 2.0 * torch.randn(b, 1, 1, channels, generator=g)
+    x += torch.randn(b, 1, 1, channels, generator=g)
     cw = nhwc(window_condition(height, width, window_size, dtype=torch.float32, device="cpu"))
     cond = torch.cat([torch.randn(b, height, width, 2, generator=g), cw.expand(b, -1, -1, -1)],
                      dim=-1)
@@ -179,6 +183,23 @@ def test_ffn_tail_matches_module(shape, dtype: torch.dtype) -> None:
     assert_close("ffn", want, got, STAGE_TOL[dtype])
 
 
+def assert_block_close(shape, dtype: torch.dtype, gamma: float, seed: int = 10) -> None:
+    """A block in fp16 / bf16 is at most twice as far from the fp32 module as the module itself
+    run in that dtype (on the CPU)."""
+    b, h, w, c, ws = shape
+    block = make_block(c, ws, seed=seed)
+    low, ref, (x, cond), (x_r, cond_r) = on_device(block, dtype, *make_inputs(b, h, w, c, ws,
+                                                                               seed=seed + 1))
+    with torch.no_grad():
+        want, _ = ref(x_r, cond_r, settings(gamma))
+        module, _ = copy.deepcopy(low).cpu()(x.cpu(), cond.cpu(), settings(gamma))
+        got, _ = block_inference(low.weights(), x, cond, settings(gamma))
+    assert got.dtype == dtype
+    module_error = (module.float() - want).abs().max().item()
+    print(f"the module in {dtype}: max abs error {module_error:.3e}")
+    assert_close(f"block {dtype}", want, got, 2 * module_error)
+
+
 def _block_case(shape, dtype: torch.dtype, gamma: float, seed: int = 10):
     b, h, w, c, ws = shape
     block = make_block(c, ws, seed=seed)
@@ -198,8 +219,22 @@ def test_block_matches_module_fp32(shape, gamma: float) -> None:
     assert torch.equal(got_routing.num_hard.cpu(), want_routing.num_hard)
     assert torch.equal(got_routing.order.cpu(), want_routing.order)
     assert_close("scores", want_routing.scores, got_routing.scores, 1e-6)
-    assert_close("block", want, got, BLOCK_TOL[torch.float32])
+    assert_close("block", want, got, BLOCK_TOL)
     assert got_routing.mask is None
+
+
+@pytest.mark.usefixtures("poisoned_allocations")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_block_with_the_gpu_tiles(monkeypatch, dtype: torch.dtype) -> None:
+    """The tiles a GPU launches (64 pixels, 16-channel steps: several steps, partial tiles)
+    instead of the interpreter's whole-map ones."""
+    monkeypatch.setattr(tile_math, "interpreting", lambda: False)
+    assert tile_math.tile_config(16 * 16, 36).bk < tile_math.channel_block(36)
+    if dtype == torch.float32:
+        want, _, got, _ = _block_case((1, 16, 16, 36, 8), dtype, 1.0)
+        assert_close("block", want, got, BLOCK_TOL)
+    else:
+        assert_block_close((1, 16, 16, 36, 8), dtype, 1.0)
 
 
 @pytest.mark.usefixtures("poisoned_allocations")
@@ -211,15 +246,12 @@ def test_block_batch_has_different_k_per_image() -> None:
 
 
 @pytest.mark.usefixtures("poisoned_allocations")
-@pytest.mark.parametrize("gamma", [0.0, pytest.param(1.0, marks=HARD_WINDOWS_IN_BF16)],
-                         ids=lambda g: f"gamma={g}")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype, gamma", [
+    (torch.float16, 1.0), (torch.bfloat16, 0.0),
+    pytest.param(torch.bfloat16, 1.0, marks=HARD_WINDOWS_IN_BF16)],
+    ids=["float16-gamma=1", "bfloat16-gamma=0", "bfloat16-gamma=1"])
 def test_block_half_precision(dtype: torch.dtype, gamma: float) -> None:
-    if dtype == torch.float16 and gamma == 0.0:
-        pytest.skip("covered with hard windows at gamma=1")
-    want, _, got, routing = _block_case(SHAPES[1], dtype, gamma)
-    assert got.dtype == dtype
-    assert_close(f"block {dtype}", want, got, BLOCK_TOL[dtype])
+    assert_block_close(SHAPES[1], dtype, gamma)
 
 
 @pytest.mark.usefixtures("poisoned_allocations")
@@ -323,6 +355,7 @@ def test_the_sync_detector_detects() -> None:
     assert counter.aten["aten.sum"] == 2
 
 
+@pytest.mark.slow
 def test_network_batch_matches_solo_runs(model_s_triton) -> None:
     """A batch runs as one call (``whole_batch``) with routing per image: each image matches
     its solo run within 1e-5, with its own K. The real (interpreted) run launches exactly what
