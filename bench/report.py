@@ -7,9 +7,10 @@ Reads the pytest-benchmark JSON files given (``bench/test_bench_backends.py``,
 ``bench/test_bench_upscale.py``), computes what the benchmarks do not time -- the runtime
 breakdown per backend (:func:`camixer_fast.profiling.runtime_breakdown`), PSNR/SSIM and
 measured MAdds per γ on Set5 and Set14 (:func:`camixer_fast.evaluate.evaluate`), the peak RSS of
-one 1024×1024 input in a fresh process -- stores those as JSON beside the benchmark files
-(``breakdown.json``, ``quality.json``, ``memory.json``; ``--reuse`` reads them instead of
-recomputing), draws PSNR against MAdds when matplotlib is installed, and writes the report.
+one 1024×1024 input in a fresh process, onnxruntime against the CPU backend on the ONNX export
+-- stores those as JSON beside the benchmark files (``breakdown.json``, ``quality.json``,
+``memory.json``, ``onnx.json``; ``--reuse`` reads them instead of recomputing), draws PSNR
+against MAdds when matplotlib is installed, and writes the report.
 Every figure in the report comes from these files.
 """
 
@@ -110,6 +111,75 @@ def measure_memory(threads: int) -> dict:
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result.update(threads=threads, backend="cpu", gamma=1.0, lr_size="1024x1024")
     return result
+
+
+def _alternating_medians(runs: dict, rounds: int) -> dict[str, float]:
+    """Median seconds of each callable over ``rounds`` rounds after a warm-up, the callables
+    taking turns within every round (so that a change of machine load hits them alike)."""
+    for run in runs.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def measure_onnx(threads: int, rounds: int = 7) -> dict:
+    """onnxruntime (CPU) against the CPU backend on Set5's baby LR (128×128), per γ: S exported
+    once with γ as a graph input; each runtime's output is first checked against the reference
+    backend to 1e-4 (all with the graph's "index" tie rule), then timed, taking turns."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    from camixer_fast.onnx_export import export_onnx
+
+    x = to_tensor(read_rgb(SHARED / "data" / "Set5" / "LR_bicubic" / "X4" / "babyx4.png"))
+    reference = camixer_fast.load_model(WEIGHTS, backend="reference")
+    cpu = camixer_fast.load_model(WEIGHTS, backend="cpu")
+    # the graph's tie rule for all three: K cuts through equal scores on this image
+    reference.tie_break = cpu.tie_break = "index"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "camixer_s.onnx"
+        exported = export_onnx(reference, path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        start = time.perf_counter()
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session_seconds = time.perf_counter() - start
+        size_mb = path.stat().st_size / 2**20
+    rows = []
+    for gamma in GAMMAS:
+        feeds = {"lr": x.numpy(), "gamma": torch.tensor(gamma).numpy()}
+        reference.gamma = cpu.gamma = gamma
+        with torch.inference_mode():
+            ref = reference(x)
+            errors = {"onnxruntime": float((torch.from_numpy(session.run(None, feeds)[0])
+                                            - ref).abs().max()),
+                      "cpu": float((cpu(x) - ref).abs().max())}
+        bad = {k: v for k, v in errors.items() if not v <= 1e-4}
+        if bad:
+            raise RuntimeError(f"γ={gamma}: differs from the reference by {bad}; not timed")
+
+        def run_cpu() -> None:
+            with torch.inference_mode():
+                cpu(x)
+
+        load = os.getloadavg()[0]
+        medians = _alternating_medians(
+            {"onnxruntime": lambda: session.run(None, feeds), "cpu": run_cpu}, rounds)
+        rows.append({"gamma": gamma, "errors": errors, "loadavg_1min": load,
+                     "onnxruntime_s": medians["onnxruntime"], "cpu_s": medians["cpu"]})
+    return {"input": "Set5 baby LR 128x128", "rounds": rounds, "threads": threads,
+            "machine": machine_stamp(), "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__, "opset": exported.opset, "nodes": exported.nodes,
+            "export_s": exported.seconds, "session_s": session_seconds, "size_mb": size_mb,
+            "rows": rows}
 
 
 # --- reading the benchmark JSON --------------------------------------------------------------
@@ -285,8 +355,19 @@ def plot(quality: dict, path: Path) -> str:
     return f"![PSNR against MAdds per γ]({path.relative_to(BENCH).as_posix()})"
 
 
+def onnx_lines(onnx: dict) -> list[str]:
+    out = ["| γ | CPU backend | onnxruntime | onnxruntime / CPU backend | max error vs reference |",
+           "|---|---|---|---|---|"]
+    for row in onnx["rows"]:
+        out.append(f"| {row['gamma']:g} | {ms(row['cpu_s'])} | {ms(row['onnxruntime_s'])} | "
+                   f"{row['onnxruntime_s'] / row['cpu_s']:.2f} | "
+                   f"{row['errors']['onnxruntime']:.1e} |")
+    return out
+
+
 def render(benches: list[dict], machine: dict, breakdown: dict | None, quality: dict | None,
-           memory: dict | None, plot_md: str, sources: list[str]) -> str:
+           memory: dict | None, plot_md: str, sources: list[str],
+           onnx: dict | None = None) -> str:
     stamp = machine.get("camixer_fast") or machine_stamp()
     backends, upscales = backend_table(benches), upscale_table(benches)
     loads = [b["extra_info"]["loadavg_1min"] for b in benches if "loadavg_1min" in b["extra_info"]]
@@ -347,6 +428,20 @@ def render(benches: list[dict], machine: dict, breakdown: dict | None, quality: 
                 "head, norms, group tails, upsampler. The profiler's per-operation cost "
                 "inflates parts made of many small operations."), "",
                 *breakdown_lines(breakdown), ""]
+    if onnx:
+        loads = [r["loadavg_1min"] for r in onnx["rows"]]
+        out += ["## ONNX export on onnxruntime (CPU)", "",
+                (f"CAMixerSR-S exported by `camixer_fast.export_onnx` (γ a graph input, opset "
+                 f"{onnx['opset']}, {onnx['nodes']:,} nodes, {onnx['size_mb']:.1f} MB; export "
+                 f"{onnx['export_s']:.1f} s, session creation {onnx['session_s']:.1f} s) run "
+                 f"by onnxruntime {onnx['onnxruntime']} on the CPU against the CPU backend, "
+                 f"{onnx['input']}, {onnx['threads']} threads each, medians of "
+                 f"{onnx['rounds']} rounds after a warm-up, the two taking turns in each round; "
+                 f"1-minute load average "
+                 f"{min(loads):.2f}–{max(loads):.2f}. Both outputs were first checked against "
+                 "the reference backend to 1e-4, all three with the graph's tie rule "
+                 "(\"index\": on this image K cuts through equal window scores)."), "",
+                *onnx_lines(onnx), ""]
     if quality:
         out += ["## Quality per γ", "",
                 (f"PSNR / SSIM on Y, border 4, SR clamped and rounded to uint8 "
@@ -362,11 +457,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("bench_json", nargs="+", type=Path, help="pytest-benchmark JSON files")
     parser.add_argument("--out", type=Path, default=BENCH / "RESULTS.md")
     parser.add_argument("--results", type=Path, default=BENCH / "results",
-                        help="folder of breakdown.json, quality.json, memory.json, the plot")
+                        help="folder of breakdown.json, quality.json, memory.json, onnx.json, "
+                             "the plot")
     parser.add_argument("--reuse", action="store_true",
                         help="read breakdown, quality and memory JSON instead of measuring")
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["breakdown", "quality", "memory"], help="leave these out")
+                        choices=["breakdown", "quality", "memory", "onnx"],
+                        help="leave these out")
     args = parser.parse_args(argv)
     benches, machine = load_benchmarks(args.bench_json)
     threads = (machine.get("camixer_fast") or {}).get("threads", torch.get_num_threads())
@@ -374,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     args.results.mkdir(parents=True, exist_ok=True)
     measured = {}
     makers = {"breakdown": measure_breakdown, "quality": measure_quality,
-              "memory": lambda: measure_memory(threads)}
+              "memory": lambda: measure_memory(threads), "onnx": lambda: measure_onnx(threads)}
     for name, make in makers.items():
         path = args.results / f"{name}.json"
         if name in args.skip:
@@ -392,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
                if p.resolve().is_relative_to(BENCH.parent) else str(p) for p in args.bench_json]
     sources += [f"bench/results/{n}.json" for n, v in measured.items() if v is not None]
     args.out.write_text(render(benches, machine, measured["breakdown"], measured["quality"],
-                               measured["memory"], plot_md, sources))
+                               measured["memory"], plot_md, sources, measured["onnx"]))
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

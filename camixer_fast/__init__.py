@@ -4,11 +4,14 @@ CUDA) fused Triton kernels.
 >>> model = camixer_fast.load_model("CAMixerSR-S", gamma=0.5)
 >>> sr = model(lr)          # (B, 3, H, W) in [0, 1] -> (B, 3, 4H, 4W), unclamped
 >>> big = camixer_fast.upscale(pil_image)   # PIL / numpy / tensor in, same kind out
+>>> camixer_fast.export_onnx(model, "camixer_s.onnx")   # routing inside the graph
+>>> bigs = camixer_fast.upscale_batch(images)   # many, pipelined and batched by size
 """
 
 from camixer_fast.backends import can_use_triton, resolve_backend
 from camixer_fast.loading import CheckpointError, infer_config, load_model
 from camixer_fast.reference.model import CAMixerSR
+from camixer_fast.runner import upscale_batch, upscale_iter
 from camixer_fast.upscale import upscale
 
 __version__ = "0.1.0"
@@ -18,8 +21,21 @@ __all__ = [
     "CheckpointError",
     "__version__",
     "can_use_triton",
+    "export_onnx",
     "infer_config",
     "load_model",
     "resolve_backend",
     "upscale",
+    "upscale_batch",
+    "upscale_iter",
 ]
+
+
+def __getattr__(name: str):
+    # camixer_fast.export_onnx (camixer_fast.onnx_export.export_onnx) is imported on first use:
+    # it brings in torch.onnx and registers the "onnx" backend
+    if name == "export_onnx":
+        from camixer_fast.onnx_export import export_onnx
+
+        return export_onnx
+    raise AttributeError(f"module 'camixer_fast' has no attribute {name!r}")

@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS: tuple[str, ...] = ("upscale", "eval", "info", "train")
+COMMANDS: tuple[str, ...] = ("upscale", "eval", "info", "train", "convert", "export")
 """Subcommand modules under camixer_fast.commands, in the order ``--help`` lists them."""
 
 

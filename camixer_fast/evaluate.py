@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
+from camixer_fast.imageio import read_rgb
 from camixer_fast.imresize import make_lr
 from camixer_fast.metrics import psnr, ssim
 from camixer_fast.reference.model import CAMixerSR
@@ -75,12 +75,6 @@ def list_images(folder: str | Path) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
     return files
-
-
-def read_rgb(path: str | Path) -> np.ndarray:
-    """An image file as (H, W, 3) uint8 RGB (grey images get three equal channels)."""
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"))
 
 
 def find_lr_file(lr_dir: str | Path, hr_path: Path, scale: int) -> Path:

@@ -251,8 +251,28 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
                        exif=exif if isinstance(exif, bytes) else None)
 
 
+
+
 def _to_8bit(arr: np.ndarray) -> np.ndarray:
     return ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """An image file as (H, W, 3) uint8 RGB, as SR benchmarks and training read their data:
+    grey replicated, alpha and palettes resolved by Pillow's ``convert("RGB")``, 16-bit
+    images (PNG, TIFF) rounded to 8 bits (round(v·255/65535)) rather than clipped. Raises
+    what :func:`read_image` raises for a corrupt, truncated or non-image file."""
+    pixels = read_image(path).pixels
+    if isinstance(pixels, Image.Image) and pixels.mode == "I;16":
+        pixels = np.asarray(pixels).astype(np.uint16)
+    if isinstance(pixels, np.ndarray):
+        pixels = _to_8bit(pixels)
+        if pixels.ndim == 2:
+            pixels = pixels[..., None]
+        channels = pixels.shape[2]
+        rgb = pixels[..., :1].repeat(3, axis=2) if channels <= 2 else pixels[..., :3]
+        return np.ascontiguousarray(rgb)
+    return np.asarray(pixels.convert("RGB"))
 
 
 def fit_to_format(pixels: Image.Image | np.ndarray,

@@ -7,6 +7,7 @@ a CAMixerSR state dict is refused with an error naming what is missing or unexpe
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import sys
@@ -22,6 +23,8 @@ from torch import Tensor
 from camixer_fast.reference.model import CAMixerSR
 
 WEIGHTS_ENV = "CAMIXER_FAST_WEIGHTS"
+METADATA_CONFIG = "camixer_fast.config"
+"""The safetensors metadata key holding the model's config as JSON (see :func:`infer_config`)."""
 
 
 class CheckpointError(ValueError):
@@ -30,22 +33,73 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class RegisteredWeights:
+    """An official checkpoint known by name.
+
+    filename: the official file name (looked for in ``$CAMIXER_FAST_WEIGHTS`` and the cache).
+    url:      where the official repository serves it.
+    sha256:   the digest a download must have; ``None`` when none is published, and then the
+              file is never downloaded (it must be put in place by hand).
+    size:     its size in bytes, where known.
+    git_blob: the object id of the file in the official repository's git tree (SHA-1 of
+              ``b"blob <size>\\0" + bytes``); a cached copy of a file without a sha256 must
+              match it.
+    refused:  why the file cannot be loaded (a different architecture), or ``None``.
+    """
+
     filename: str
     url: str
-    sha256: str
-    size: int
+    sha256: str | None = None
+    size: int | None = None
+    git_blob: str | None = None
+    refused: str | None = None
+
+
+_OFFICIAL = "https://github.com/icandle/CAMixerSR/raw/main/pretrained_models/"
+_OSR_WHY = ("CAMixerOSR, a different architecture (deformable convolutions, a latitude "
+            "condition, shifted windows) that camixer_fast does not implement")
+
+
+def _official(folder: str, filename: str, git_blob: str, *, sha256: str | None = None,
+              size: int | None = None, refused: str | None = None) -> RegisteredWeights:
+    return RegisteredWeights(filename, f"{_OFFICIAL}{folder}/{filename}", sha256, size, git_blob,
+                             refused)
 
 
 REGISTRY: dict[str, RegisteredWeights] = {
-    "CAMixerSR-S": RegisteredWeights(
-        filename="CAMixerSR_S.pth",
-        url=("https://github.com/icandle/CAMixerSR/raw/main/"
-             "pretrained_models/LargeSR/CAMixerSR_S.pth"),
+    # large-image SR (DIV2K, ×4): C = 36 / 48 / 60
+    "CAMixerSR-S": _official(
+        "LargeSR", "CAMixerSR_S.pth", "eb470abd9295cb46d54436900d0a34be2bec0192",
         sha256="49ffcfbb59583b4512ed7f4290b6f480b4bac50afb3d1db1553687bbdeff3076",
-        size=3_323_709,
-    ),
+        size=3_323_709),
+    "CAMixerSR-M": _official("LargeSR", "CAMixerSR_M.pth",
+                             "587c1704ae00808319015ab8754c80c054994eee"),
+    # the same bytes as LightSR ×4 (one git object in the official repository)
+    "CAMixerSR-B": _official("LargeSR", "CAMixerSR_B.pth",
+                             "832f81a75f68125e0038fcd4514493bd3cde8fbc"),
+    "CAMixerSR-ClassSR": _official("LargeSR", "CAMixerSR_ClassSR.pth",
+                                   "d34586dcecc7587aecb3fd2dfb1c2da7017144dc"),
+    # lightweight SR, C = 60, trained on DIV2K, or DF2K for the -DF2K names (the official
+    # repository publishes no ×3 DF2K model)
+    "CAMixerSR-LightSR-x2": _official("LightSR", "CAMixerSRx2.pth",
+                                      "8a6d6d19a8ee1aeeb5ac03b7a9618288265390be"),
+    "CAMixerSR-LightSR-x3": _official("LightSR", "CAMixerSRx3.pth",
+                                      "1bb089df3657fd48b31f4bcbdab41331f23a7879"),
+    "CAMixerSR-LightSR-x4": _official("LightSR", "CAMixerSRx4.pth",
+                                      "832f81a75f68125e0038fcd4514493bd3cde8fbc"),
+    "CAMixerSR-LightSR-x2-DF2K": _official("LightSR", "CAMixerSRx2_DF.pth",
+                                           "3302e2bcd6b73d100b1298ea2076bee5f1fdc22a"),
+    "CAMixerSR-LightSR-x4-DF2K": _official("LightSR", "CAMixerSRx4_DF.pth",
+                                           "18bb973e5faf8081d8fc846de0a24ad4340dc0dc"),
+    # omnidirectional SR: another network
+    "CAMixerSR-ODISR-x2": _official("ODISR", "CAMixerSRx2.pth",
+                                    "b88949a0cb694b6534d051497a33f22c92244a3f",
+                                    refused=f"is an ODISR checkpoint of {_OSR_WHY}"),
+    "CAMixerSR-ODISR-x4": _official("ODISR", "CAMixerSRx4.pth",
+                                    "26f0cca359323b523d4b37ed5f86dd072bdcf844",
+                                    refused=f"is an ODISR checkpoint of {_OSR_WHY}"),
 }
-"""Official checkpoints known by name, with the digest a downloaded copy must have."""
+"""Every checkpoint the official repository publishes, by name. Only those with a sha256 are
+downloaded (and verified); the others are read from ``$CAMIXER_FAST_WEIGHTS`` or the cache."""
 
 
 def cache_dir() -> Path:
@@ -62,39 +116,89 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def git_blob_id(path: Path) -> str:
+    """The git object id of a file's contents: SHA-1 of ``b"blob <size>\\0" + bytes``."""
+    digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _download(entry: RegisteredWeights, dest: Path) -> None:
-    """Fetch ``entry.url`` into ``dest`` atomically, refusing a file whose sha256 differs."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    print(f"camixer_fast: downloading {entry.filename} from {entry.url}", file=sys.stderr)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{entry.filename}.", suffix=".part")
-    tmp = Path(tmp_name)
+    """Fetch ``entry.url`` into ``dest`` atomically, refusing a file whose sha256 differs.
+
+    A failed download (no network, HTTP error, wrong digest) raises CheckpointError, one line
+    that says where the file can be put by hand, and leaves no file or folder it created."""
+    created = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(entry.url, timeout=60) as resp:
-            for block in iter(lambda: resp.read(1 << 20), b""):
-                out.write(block)
-        got = _sha256(tmp)
-        if got != entry.sha256:
-            raise CheckpointError(f"download of {entry.url} has sha256 {got}, expected "
-                                  f"{entry.sha256}; nothing was saved")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        print(f"camixer_fast: downloading {entry.filename} from {entry.url}", file=sys.stderr)
+        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{entry.filename}.",
+                                        suffix=".part")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out, \
+                    urllib.request.urlopen(entry.url, timeout=60) as resp:
+                for block in iter(lambda: resp.read(1 << 20), b""):
+                    out.write(block)
+            got = _sha256(tmp)
+            if got != entry.sha256:
+                raise CheckpointError(f"download of {entry.url} has sha256 {got}, expected "
+                                      f"{entry.sha256}; nothing was saved")
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except (OSError, ValueError) as err:
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        if isinstance(err, CheckpointError):
+            raise
+        reason = getattr(err, "reason", None) or getattr(err, "strerror", None) or err
+        raise CheckpointError(
+            f"cannot download {entry.filename} ({reason}); put the file at {dest} or set "
+            f"${WEIGHTS_ENV} to it (or to its folder); it is at {entry.url}") from None
+
+
+def _env_weights(entry: RegisteredWeights) -> Path | None:
+    """The file ``$CAMIXER_FAST_WEIGHTS`` names for ``entry`` (a file, or a folder holding
+    ``entry.filename``); None when the variable is unset or empty. A value that names no such
+    file raises CheckpointError naming the variable and the path, rather than being ignored."""
+    env = os.environ.get(WEIGHTS_ENV)
+    if not env:
+        return None
+    path = Path(env).expanduser()
+    where = f"${WEIGHTS_ENV}={env}" + ("" if path.is_absolute() else
+                                      f" (relative to {Path.cwd()})")
+    if path.is_file():
+        return path
+    if path.is_dir():
+        if (path / entry.filename).is_file():
+            return path / entry.filename
+        raise CheckpointError(f"{where} is a folder without {entry.filename}; put the file "
+                              f"there or point the variable at the file ({entry.url})")
+    raise CheckpointError(f"{where}: no such file or folder; point it at {entry.filename} "
+                          f"or its folder, or unset it to use the cache ({cache_dir()})")
 
 
 def resolve_weights(name: str) -> Path:
     """The file behind a registered name: ``$CAMIXER_FAST_WEIGHTS`` (a file, or a folder holding
-    the official file name), else the user cache, else a verified download into the cache."""
+    the official file name; set to anything else, it is an error), else the user cache, else a
+    verified download into the cache. Raises CheckpointError when none of them gives the file."""
     if name not in REGISTRY:
         raise CheckpointError(f"unknown weights name {name!r}; known names: {sorted(REGISTRY)}")
     entry = REGISTRY[name]
-    env = os.environ.get(WEIGHTS_ENV)
-    if env:
-        env_path = Path(env).expanduser()
-        if env_path.is_file():
-            return env_path
-        if (env_path / entry.filename).is_file():
-            return env_path / entry.filename
+    if entry.refused:
+        raise CheckpointError(f"{name} ({entry.url}) {entry.refused}")
+    from_env = _env_weights(entry)
+    if from_env is not None:
+        return from_env
     cached = cache_dir() / entry.filename
+    if entry.sha256 is None:
+        return _unverifiable(name, entry, cached)
     if cached.is_file():
         if _sha256(cached) == entry.sha256:
             return cached
@@ -104,13 +208,77 @@ def resolve_weights(name: str) -> Path:
     return cached
 
 
+def _unverifiable(name: str, entry: RegisteredWeights, cached: Path) -> Path:
+    """A file without a published sha256: the cached copy if it is the official one; it is
+    never downloaded."""
+    if cached.is_file():
+        if entry.git_blob is None or git_blob_id(cached) == entry.git_blob:
+            return cached
+        raise CheckpointError(
+            f"{cached} is not the official {entry.filename} (its git object id is not "
+            f"{entry.git_blob}, the one in the official repository); replace it with the file "
+            f"from {entry.url}")
+    raise CheckpointError(
+        f"{name}: no sha256 is published for {entry.filename}, so it is not downloaded "
+        f"automatically. Download it yourself from {entry.url} and put it at {cached}, or in "
+        f"a folder named by ${WEIGHTS_ENV}")
+
+
 def _read_file(path: Path) -> Mapping:
+    """torch.load of a checkpoint file with ``weights_only=True``; anything that is not a
+    checkpoint of tensors raises CheckpointError saying so (never suggesting to unpickle it)."""
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
+    if is_safetensors(path):
+        return read_safetensors(path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a "
+                              f"pickle: it starts with {head!r})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several kinds for non-checkpoint files
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if found:
+            raise CheckpointError(f"{path} is not a checkpoint of tensors: it holds a "
+                                  f"{found[1]} object, which camixer_fast does not unpickle "
+                                  "(unpickling can run code)") from None
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        detail = (lines[0] if lines and "weights_only" not in str(err).lower().replace(" ", "_")
+                  else type(err).__name__)
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({detail})") \
+            from None
+
+
+def is_safetensors(path: Path) -> bool:
+    """Whether ``path`` starts like a safetensors file (an 8-byte little-endian header length,
+    then the JSON header), whatever its suffix."""
+    with open(path, "rb") as f:
+        start = f.read(9)
+    if len(start) < 9 or start[8:9] != b"{":
+        return False
+    return int.from_bytes(start[:8], "little") <= path.stat().st_size - 8
+
+
+def read_safetensors(path: Path) -> dict[str, Tensor]:
+    """The tensors of a safetensors file, after checking the CAMixerSR config its metadata
+    records, if any, against the one its tensor shapes give."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            state_dict = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
+    recorded = metadata.get(METADATA_CONFIG)
+    if recorded is not None:
+        inferred = json.dumps(infer_config(state_dict))
+        if json.loads(recorded) != json.loads(inferred):
+            raise CheckpointError(f"{path}: the config in its metadata, {recorded}, is not the "
+                                  f"one its tensor shapes give, {inferred}")
+    return state_dict
 
 
 def extract_state_dict(obj: Mapping) -> dict[str, Tensor]:
@@ -129,11 +297,25 @@ def extract_state_dict(obj: Mapping) -> dict[str, Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+def _refuse_other_networks(state_dict: Mapping[str, Tensor]) -> None:
+    if any(k.startswith("classifier.") for k in state_dict) and any(
+            k.startswith("net1.") for k in state_dict):
+        raise CheckpointError(
+            "a ClassSR state dict: a classifier choosing among three CAMixerSR networks "
+            "('net1.', 'net2.', 'net3.'), not one CAMixerSR; load one branch, e.g. "
+            "{k.removeprefix('net3.'): v for k, v in sd.items() if k.startswith('net3.')}")
+    if "head.weight" in state_dict and any(
+            k.startswith(("dcn.", "offset_conv.")) for k in state_dict):
+        raise CheckpointError(f"an ODISR state dict of {_OSR_WHY}")
+
+
 def infer_config(state_dict: Mapping[str, Tensor]) -> dict:
     """Hyperparameters of a CAMixerSR state dict from its tensor shapes (spec §6).
 
-    Returns ``{"n_feats", "scale", "blocks_per_group", "window_size"}``.
+    Returns ``{"n_feats", "scale", "blocks_per_group", "window_size"}``. The official
+    repository's other networks (ClassSR's three-branch model, CAMixerOSR) are refused by name.
     """
+    _refuse_other_networks(state_dict)
     for key in ("head.weight", "tail.0.weight"):
         if key not in state_dict:
             raise CheckpointError(f"not a CAMixerSR state dict: missing {key!r}")
@@ -199,9 +381,9 @@ def load_model(weights: str | os.PathLike | Mapping, *, gamma: float = 0.5,
                dtype: torch.dtype = torch.float32) -> CAMixerSR:
     """Load CAMixerSR weights into a ready model, in eval mode.
 
-    weights: a registered name (``"CAMixerSR-S"``), a path to an official ``.pth`` file
-             (``params_ema`` preferred, then ``params``) or a bare state dict file, or an
-             already-loaded dict of either kind.
+    weights: a registered name (``"CAMixerSR-S"``, see :data:`REGISTRY`), a path to an
+             official ``.pth`` file (``params_ema`` preferred, then ``params``), a bare state dict
+             file or a ``.safetensors`` file, or an already-loaded dict of either kind.
     gamma:   attention ratio γ in [0, 1] (changeable later through ``model.gamma``).
     backend: "auto", "reference" or "triton" (see :mod:`camixer_fast.backends`).
     routing: "expected" (deterministic, the default) or "gumbel" (the official random draw).
@@ -212,7 +394,8 @@ def load_model(weights: str | os.PathLike | Mapping, *, gamma: float = 0.5,
         text = os.fspath(weights)
         if text in REGISTRY and not Path(text).exists():
             obj = _read_file(resolve_weights(text))
-        elif Path(text).expanduser().exists() or os.sep in text or text.endswith((".pth", ".pt")):
+        elif (Path(text).expanduser().exists() or os.sep in text
+              or text.endswith((".pth", ".pt", ".safetensors"))):
             obj = _read_file(Path(text).expanduser())
         else:
             raise CheckpointError(f"{text!r} is neither a weights file nor a registered name "

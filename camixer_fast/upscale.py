@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -128,8 +129,9 @@ def clear_model_cache() -> None:
 
 
 def available_memory(device: torch.device) -> int:
-    """Bytes free for a new allocation on ``device``: CUDA's free memory, else MemAvailable of
-    /proc/meminfo, capped by a cgroup memory limit if there is one (os.sysconf as a fallback)."""
+    """Bytes free for a new allocation on ``device``: CUDA's free memory, else the smallest of
+    MemAvailable of /proc/meminfo (os.sysconf as a fallback), the room under a cgroup memory
+    limit and the room under the process's address-space limit (``ulimit -v``)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
@@ -156,7 +158,31 @@ def available_memory(device: torch.device) -> int:
             continue
         if limit.isdigit() and int(limit) < 1 << 60:
             amounts.append(max(int(limit) - usage, 0))
+    address_room = _address_space_room()
+    if address_room is not None:
+        amounts.append(address_room)
     return min(amounts)
+
+
+def _address_space_room() -> int | None:
+    """Bytes left under the process's address-space limit (``ulimit -v``, RLIMIT_AS): the soft
+    limit minus the current virtual size (VmSize of /proc/self/status); None when unlimited."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY or soft < 0:
+        return None
+    used = 0
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    used = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return max(soft - used, 0)
 
 
 def auto_tile(height: int, width: int, *, batch: int = 1, scale: int = 4,
@@ -190,17 +216,19 @@ def tile_origins(size: int, tile: int) -> list[int]:
 
 
 def tiled_forward(model: CAMixerSR, x: Tensor, tile: int,
-                  progress: ProgressCallback | None = None) -> Tensor:
+                  progress: ProgressCallback | None = None, *, batch: int = 1) -> Tensor:
     """The official overlapped-tile inference (spec §5): (B, 3, H, W) -> (B, 3, sH, sW) float32.
 
     The tile is ``min(tile, H, W)``; every tile goes through ``model`` alone and overlapping
-    outputs are averaged. Memory: one tile's working set plus the float32 output.
+    outputs are averaged. ``batch`` tiles (all of the same size) are given to ``model`` in one
+    call, which runs them one by one at inference, so the result does not depend on ``batch``.
+    Memory: one tile's working set plus the float32 output and ``batch`` tiles' outputs.
     """
-    batch, _, height, width = x.shape
+    images, _, height, width = x.shape
     scale = model.scale
     tile = min(tile, height, width)
     rows, cols = tile_origins(height, tile), tile_origins(width, tile)
-    out = torch.zeros(batch, 3, height * scale, width * scale, dtype=torch.float32,
+    out = torch.zeros(images, 3, height * scale, width * scale, dtype=torch.float32,
                       device=x.device)
     row_count = torch.zeros(height * scale, dtype=torch.float32, device=x.device)
     col_count = torch.zeros(width * scale, dtype=torch.float32, device=x.device)
@@ -208,15 +236,90 @@ def tiled_forward(model: CAMixerSR, x: Tensor, tile: int,
         row_count[i * scale:(i + tile) * scale] += 1
     for j in cols:
         col_count[j * scale:(j + tile) * scale] += 1
-    total, done = len(rows) * len(cols), 0
-    for i in rows:
-        for j in cols:
-            patch = model(x[..., i:i + tile, j:j + tile])
-            out[..., i * scale:(i + tile) * scale, j * scale:(j + tile) * scale] += patch
-            done += 1
-            if progress is not None:
-                progress(done, total)
+    origins = [(i, j) for i in rows for j in cols]
+    step = max(int(batch), 1)
+    for start in range(0, len(origins), step):
+        group = origins[start:start + step]
+        patches = model(torch.cat([x[..., i:i + tile, j:j + tile] for i, j in group]))
+        for k, (i, j) in enumerate(group):
+            out[..., i * scale:(i + tile) * scale, j * scale:(j + tile) * scale] += \
+                patches[k * images:(k + 1) * images]
+        if progress is not None:
+            progress(start + len(group), len(origins))
     return out.div_(row_count[:, None] * col_count[None, :])
+
+
+OOM_TILE_FLOOR = 16
+"""Smallest tile (LR pixels, one window) that out-of-memory recovery halves down to."""
+
+_ALLOCATION_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory",
+                        "not enough memory", "failed to allocate")
+
+
+def is_allocation_failure(err: BaseException) -> bool:
+    """Whether ``err`` is a failed memory allocation: MemoryError, torch's OutOfMemoryError
+    (CUDA), or a RuntimeError of the CPU allocator ("DefaultCPUAllocator: can't allocate
+    memory") or of another device's."""
+    if isinstance(err, MemoryError):
+        return True
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError",
+                                                              None)
+    if oom is not None and isinstance(err, oom):
+        return True
+    return isinstance(err, RuntimeError) and any(text in str(err).lower()
+                                                 for text in _ALLOCATION_MESSAGES)
+
+
+def halved_tile(tile: int | None, height: int, width: int) -> int | None:
+    """The tile to retry with after an allocation failure: half the tile in use (the whole
+    image counts as max(H, W)), rounded down to a multiple of 16; None below
+    :data:`OOM_TILE_FLOOR` (nothing left to try)."""
+    current = max(height, width) if tile is None else min(tile, height, width)
+    smaller = current // 2 // 16 * 16
+    return smaller if smaller >= OOM_TILE_FLOOR else None
+
+
+def _release_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_network(model: CAMixerSR, x: Tensor, tile: int | None, *, batch: int = 1,
+                progress: ProgressCallback | None = None,
+                on_retry: Callable[[str], None] | None = None) -> Tensor:
+    """``model`` on (B, 3, H, W) ``x`` (already on the model's device and dtype), whole or in
+    tiles of ``tile``; returns (B, 3, sH, sW), not clamped (clamp it outside inference mode
+    to give a normal tensor).
+
+    Out-of-memory recovery: when an allocation fails (:func:`is_allocation_failure`), the tile
+    is halved (:func:`halved_tile`) and the run retried, down to :data:`OOM_TILE_FLOOR`;
+    ``on_retry`` gets a sentence saying what happened. Below the floor the error is raised
+    as MemoryError. Call under ``torch.inference_mode()``.
+    """
+    height, width = x.shape[-2:]
+    while True:
+        try:
+            if tile is None:
+                out = model(x)
+                if progress is not None:
+                    progress(1, 1)
+            else:
+                out = tiled_forward(model, x, tile, progress, batch=batch)
+            return out
+        except Exception as err:  # noqa: BLE001 - only allocation failures are retried
+            if not is_allocation_failure(err):
+                raise
+            what = "the whole image" if tile is None else f"{min(tile, height, width)}-pixel tiles"
+            _release_memory(x.device)
+            smaller = halved_tile(tile, height, width)
+            if smaller is None:
+                cause = (str(err).splitlines() or [type(err).__name__])[0][:200]
+                raise MemoryError(f"out of memory on a {height}x{width} input even with "
+                                  f"{what} ({cause})") from None
+            if on_retry is not None:
+                on_retry(f"out of memory with {what} of {height}x{width}; retried in "
+                         f"{smaller}x{smaller} tiles")
+            tile = smaller
 
 
 def _check_tile(tile: int | str | None) -> int | str | None:
@@ -229,7 +332,8 @@ def _check_tile(tile: int | str | None) -> int | str | None:
 
 def _super_resolve(x: Tensor, gamma: float, weights: str | os.PathLike | Mapping,
                    tile: int | str | None, device: torch.device, dtype: torch.dtype,
-                   backend: str, progress: ProgressCallback | None) -> Tensor:
+                   backend: str, progress: ProgressCallback | None,
+                   on_retry: Callable[[str], None] | None = None) -> Tensor:
     """(B, 3, H, W) float in [0, 1] -> (B, 3, sH, sW) clamped to [0, 1], on ``device``."""
     entry = cached_model(weights, device, dtype, backend)
     model = entry.model
@@ -240,25 +344,39 @@ def _super_resolve(x: Tensor, gamma: float, weights: str | os.PathLike | Mapping
             if tile == "auto":
                 tile = auto_tile(x.shape[2], x.shape[3], batch=x.shape[0], scale=model.scale,
                                  device=device, dtype=dtype)
-            if tile is None:
-                out = model(x)
-                if progress is not None:
-                    progress(1, 1)
-            else:
-                out = tiled_forward(model, x, tile, progress)
+            out = run_network(model, x, tile, progress=progress, on_retry=on_retry)
     return out.clamp(0, 1)
 
 
-def _upscale_array(arr: np.ndarray, options: dict) -> np.ndarray:
+@dataclass
+class Prepared:
+    """An image brought to the network's input, and how to turn the network's output back into
+    the kind of thing it was (see :func:`prepare`)."""
+
+    colour: Tensor
+    """(B, 3, H, W) float in [0, 1]: B = 1 for PIL images and arrays."""
+    finish: Callable[[Tensor], object]
+    """SR colour (B, 3, sH, sW) clamped to [0, 1] (any device) -> the result."""
+    device: torch.device | None = None
+    """The input tensor's device (where ``device=None`` runs it), None for other kinds."""
+
+
+def _prepare_array(arr: np.ndarray, to_pil: Callable[[np.ndarray], Image.Image] | None = None
+                   ) -> Prepared:
     colour, alpha, layout = split_array(arr)
-    options["device"] = resolve_device(options["device"])
-    sr = _super_resolve(colour, **options)
-    if alpha is not None:
-        alpha = F.interpolate(alpha, size=sr.shape[-2:], mode="bicubic", align_corners=False)
-    return merge_array(sr, alpha, layout)
+
+    def finish(sr: Tensor) -> np.ndarray | Image.Image:
+        scaled = alpha
+        if scaled is not None:
+            scaled = F.interpolate(scaled, size=sr.shape[-2:], mode="bicubic",
+                                   align_corners=False)
+        out = merge_array(sr, scaled, layout)
+        return out if to_pil is None else to_pil(out)
+
+    return Prepared(colour, finish)
 
 
-def _upscale_tensor(x: Tensor, options: dict) -> Tensor:
+def _prepare_tensor(x: Tensor) -> Prepared:
     if x.dim() not in (3, 4) or x.shape[-3] != 3:
         raise ValueError(f"expected a (3, H, W) or (B, 3, H, W) RGB tensor, got shape "
                          f"{tuple(x.shape)}")
@@ -267,10 +385,27 @@ def _upscale_tensor(x: Tensor, options: dict) -> Tensor:
     if x.numel() == 0:
         raise ValueError(f"empty tensor of shape {tuple(x.shape)}")
     check_range(x.detach(), "a tensor")
-    options["device"] = resolve_device(options["device"], x)
-    sr = _super_resolve(x if x.dim() == 4 else x[None], **options)
-    sr = sr.to(device=x.device, dtype=x.dtype)
-    return sr if x.dim() == 4 else sr[0]
+
+    def finish(sr: Tensor) -> Tensor:
+        sr = sr.to(device=x.device, dtype=x.dtype)
+        return sr if x.dim() == 4 else sr[0]
+
+    return Prepared(x if x.dim() == 4 else x[None], finish, x.device)
+
+
+def prepare(img: ImageLike) -> Prepared:
+    """Check ``img`` (a PIL image, numpy array or tensor, as :func:`upscale` takes) and split
+    it into the network's input and a function that rebuilds a result of the same kind.
+    Raises what :func:`upscale` raises for bad inputs."""
+    if isinstance(img, Image.Image):
+        arr, info = pil_to_array(img)
+        return _prepare_array(arr, lambda out: array_to_pil(out, info))
+    if isinstance(img, np.ndarray):
+        return _prepare_array(img)
+    if torch.is_tensor(img):
+        return _prepare_tensor(img)
+    raise TypeError(f"expected a PIL image, a numpy array or a torch tensor, got "
+                    f"{type(img).__name__}")
 
 
 def upscale(img: ImageLike, gamma: float = 0.5, *,
@@ -311,15 +446,9 @@ def upscale(img: ImageLike, gamma: float = 0.5, *,
       is "cpu" on the CPU, "triton" on a CUDA device that runs the kernels).
     progress: optional ``progress(done, total)`` called after each tile.
     """
-    options = {"gamma": check_gamma(gamma), "weights": weights, "tile": _check_tile(tile),
-               "device": device, "dtype": resolve_dtype(dtype), "backend": backend,
-               "progress": progress}
-    if isinstance(img, Image.Image):
-        arr, info = pil_to_array(img)
-        return array_to_pil(_upscale_array(arr, options), info)
-    if isinstance(img, np.ndarray):
-        return _upscale_array(img, options)
-    if torch.is_tensor(img):
-        return _upscale_tensor(img, options)
-    raise TypeError(f"expected a PIL image, a numpy array or a torch tensor, got "
-                    f"{type(img).__name__}")
+    gamma, tile, dtype = check_gamma(gamma), _check_tile(tile), resolve_dtype(dtype)
+    job = prepare(img)
+    device = resolve_device(device if device is not None else job.device)
+    sr = _super_resolve(job.colour, gamma, weights, tile, device, dtype, backend, progress,
+                        on_retry=lambda text: warnings.warn(text, RuntimeWarning, stacklevel=3))
+    return job.finish(sr)

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import camixer_fast
+from camixer_fast.imageio import read_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CAMIXER_FAST_SHARED", REPO.parent / "shared")).resolve()
@@ -83,7 +83,7 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float, *,
 
 def load_rgb(path: Path) -> torch.Tensor:
     """A PNG as a (1, 3, H, W) float tensor in [0, 1]."""
-    arr = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+    arr = read_rgb(path).astype(np.float32) / 255.0
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 

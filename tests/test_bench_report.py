@@ -48,7 +48,7 @@ def test_report_states_targets(report, tmp_path: Path, speedup: float, ratio: fl
     path.write_text(json.dumps(fake_run(speedup, ratio)))
     out = tmp_path / "RESULTS.md"
     assert report.main([str(path), "--out", str(out), "--results", str(tmp_path / "r"),
-                        "--skip", "breakdown", "quality", "memory"]) == 0
+                        "--skip", "breakdown", "quality", "memory", "onnx"]) == 0
     text = out.read_text()
     assert "Test CPU, 2 cores" in text and "torch threads: 2" in text
     assert f"**{speedup:.2f}×** | {verdicts[0]} |" in text
@@ -67,3 +67,9 @@ def test_breakdown_and_quality_tables(report) -> None:
          "mean_madds": 2.5e9}]}}
     assert ("| Set5 | 1 | 32.330 dB | 0.8969 | 1.00 | 2.50G |"
             in report.quality_lines(quality))
+
+
+def test_onnx_table(report) -> None:
+    onnx = {"rows": [{"gamma": 0.5, "cpu_s": 0.2, "onnxruntime_s": 0.3,
+                      "errors": {"onnxruntime": 2.5e-5, "cpu": 1e-6}}]}
+    assert "| 0.5 | 200 ms | 300 ms | 1.50 | 2.5e-05 |" in report.onnx_lines(onnx)

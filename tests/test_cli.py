@@ -20,6 +20,7 @@ import camixer_fast
 from camixer_fast import png16
 from camixer_fast.cli import main
 from camixer_fast.imageio import LoadedImage, fit_to_format, write_image
+from camixer_fast.progress import Progress
 
 cmd = importlib.import_module("camixer_fast.commands.upscale")
 
@@ -229,7 +230,8 @@ def test_existing_outputs_are_skipped_unless_overwrite(inputs, tmp_path, capsys)
 
 @pytest.mark.parametrize("error,status", [(OSError("disk full"), 1), (KeyboardInterrupt(), 130)],
                          ids=["write-error", "interrupted"])
-def test_failed_write_leaves_no_partial_file(inputs, tmp_path, monkeypatch, error, status):
+def test_failed_write_leaves_no_partial_file(inputs, tmp_path, monkeypatch, error, status,
+                                             capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "c.bmp").write_bytes(b"old output")
@@ -242,6 +244,47 @@ def test_failed_write_leaves_no_partial_file(inputs, tmp_path, monkeypatch, erro
     assert cli(inputs / "a.png", inputs / "c.bmp", "-o", out, "--overwrite") == status
     assert names(out) == ["c.bmp"], "a temporary or truncated file was left behind"
     assert (out / "c.bmp").read_bytes() == b"old output"
+    err = capsys.readouterr().err
+    if status == 1:
+        assert f"cannot write {out / 'a.png'}: disk full" in err and ".part" not in err
+
+
+def test_unwritable_output_folder_is_refused_before_any_work(inputs, tmp_path, monkeypatch,
+                                                              capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(cmd.os, "access", lambda path, mode: False if Path(path) == locked
+                        else real_access(path, mode))   # root writes anywhere: pretend
+    ran = []
+    monkeypatch.setattr(camixer_fast.CAMixerSR, "forward", lambda *a, **k: ran.append(1))
+    for out in (locked, locked / "new" / "deeper"):
+        assert cli(inputs, "-o", out) == 2
+        err = capsys.readouterr().err
+        assert f"cannot write {out / 'a.png'}" in err and "not writable" in err, err
+    assert cli(inputs / "a.png", "-o", locked / "big.png") == 2
+    assert f"cannot write {locked / 'big.png'}" in capsys.readouterr().err
+    assert ran == [] and names(locked) == []
+
+
+def test_no_weights_and_no_network_is_one_line_and_exit_2(inputs, tmp_path, monkeypatch,
+                                                          capsys):
+    import urllib.error
+
+    from camixer_fast import loading
+
+    def offline(url, timeout):
+        raise urllib.error.URLError(OSError(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.delenv("CAMIXER_FAST_WEIGHTS")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(loading.urllib.request, "urlopen", offline)
+    assert cli(inputs / "a.png", "-o", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.splitlines()) <= 2, err
+    assert "cannot download CAMixerSR_S.pth" in err and "$CAMIXER_FAST_WEIGHTS" in err
+    assert str(tmp_path / "cache" / "camixer_fast" / "CAMixerSR_S.pth") in err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
 
 
 def test_outputs_get_ordinary_permissions(inputs, tmp_path):
@@ -400,10 +443,12 @@ def test_no_arguments_is_a_usage_error(capsys):
     assert "usage" in capsys.readouterr().err
 
 
-def test_empty_folder_is_not_an_error(tmp_path, capsys):
+def test_folder_without_images_is_an_error_and_creates_nothing(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    assert cli(tmp_path / "empty", "-o", tmp_path / "out") == 0
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    assert cli(tmp_path / "empty", "-o", tmp_path / "out") == 1
     assert "no images found" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 # --- options ---------------------------------------------------------------------------------
@@ -423,16 +468,18 @@ def test_progress_bar_only_on_a_terminal():
             return True
 
     for stream, shown in ((Terminal(), True), (io.StringIO(), False)):
-        bar = cmd.Progress(2, stream)
-        bar.start("a.png")
-        bar.tiles(1, 3)
+        bar = Progress(2, stream=stream, min_interval=0)
+        bar.update(text="a.png")
+        bar.set_detail(" (tile 1/3)")
         bar.message("note")
-        bar.advance()
+        bar.advance(pixels=2_000_000)
         bar.close()
         text = stream.getvalue()
         assert "note\n" in text
-        assert ("\r[" in text and "1/2" in text and "tile 1/3" in text) == shown
+        assert ("\r[" in text and "1/2" in text and "tile 1/3" in text
+                and "images/s" in text and "MP/s" in text) == shown
         assert ("\r" in text) == shown
+        assert bar.summary().startswith("1 image in ")
 
 
 def test_python_m_camixer_fast_upscale(inputs, tmp_path):
@@ -445,6 +492,56 @@ def test_python_m_camixer_fast_upscale(inputs, tmp_path):
     assert "\r" not in done.stderr, "a progress bar was drawn on a pipe"
     with Image.open(tmp_path / "c.png") as img:
         assert img.mode == "L" and img.size == (4 * W, 4 * H)
+
+
+SLOW_WRITES = """
+import time
+import camixer_fast.imageio as imageio
+
+_write = imageio.write_image
+
+
+def _slow_write(*args, **kwargs):
+    time.sleep(0.3)
+    return _write(*args, **kwargs)
+
+
+imageio.write_image = _slow_write
+"""
+"""A sitecustomize that makes each write take 0.3 s longer, so that SIGINT surely comes
+mid-run, however busy the machine."""
+
+
+def test_sigint_keeps_finished_files_and_exits_130(tmp_path):
+    import signal
+    import time
+
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    for k in range(30):
+        Image.fromarray(RNG.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(
+            folder / f"{k:02d}.png")
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_WRITES)
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{hook}{os.pathsep}{repo}")
+    proc = subprocess.Popen([sys.executable, "-m", "camixer_fast", "upscale", str(folder), "-o",
+                             str(out)], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out.is_dir() and any(p.suffix == ".png" for p in out.iterdir())):
+        assert proc.poll() is None and time.monotonic() < deadline, "no output appeared"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err
+    written = names(out)
+    assert "interrupted; " in err and f"{len(written)} written" in err
+    assert 0 < len(written) < 30 and all(name.endswith(".png") for name in written), written
+    for name in written:
+        with Image.open(out / name) as img:
+            img.load()
+            assert img.size == (192, 192)
 
 
 # --- the 16-bit PNG codec --------------------------------------------------------------------

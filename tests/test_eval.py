@@ -95,3 +95,14 @@ def test_cli_bad_gamma() -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", "--hr-dir", ".", "--gamma", "1.5"])
     assert exit_info.value.code == 2
+
+
+def test_table_mean_row_is_the_mean_time(capsys: pytest.CaptureFixture[str]) -> None:
+    from camixer_fast.commands.eval import _print_table
+    from camixer_fast.evaluate import GammaScore, ImageScore
+
+    result = GammaScore(0.5, [ImageScore("a", (4, 4), 30.0, 0.9, 0.5, 1.0),
+                              ImageScore("b", (4, 4), 32.0, 0.8, 0.5, 3.0)])
+    _print_table(result, 4)
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert rows["mean"][-1] == "2.000" and rows["total"][-1] == "4.000"

@@ -90,7 +90,7 @@ def test_not_a_camixer_state_dict(obj: dict, message: str) -> None:
 def test_unreadable_and_missing_files(tmp_path: Path) -> None:
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
         camixer_fast.load_model(junk)
     with pytest.raises(FileNotFoundError):
         camixer_fast.load_model(tmp_path / "nothing.pth")
@@ -167,7 +167,75 @@ def test_download_with_wrong_digest_leaves_nothing(fake_registry, monkeypatch) -
     monkeypatch.setattr(loading.urllib.request, "urlopen", FakeDownload(payload[:-10]))
     with pytest.raises(CheckpointError, match="sha256"):
         loading.resolve_weights("CAMixerSR-S")
-    assert list(cached.parent.iterdir()) == []
+    assert not cached.parent.exists(), "the cache folder it created was left behind"
+
+
+def test_no_network_is_one_line_saying_where_to_put_the_file(fake_registry, monkeypatch):
+    import urllib.error
+
+    _, cached = fake_registry
+
+    def offline(url, timeout):
+        raise urllib.error.URLError(OSError(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(loading.urllib.request, "urlopen", offline)
+    with pytest.raises(CheckpointError) as info:
+        loading.resolve_weights("CAMixerSR-S")
+    message = str(info.value)
+    print(message)
+    assert "\n" not in message
+    for part in ("cannot download CAMixerSR_S.pth", str(cached), "$CAMIXER_FAST_WEIGHTS",
+                 "https://example.invalid/CAMixerSR_S.pth"):
+        assert part in message
+    assert not (cached.parents[1]).exists(), "an empty cache folder was left behind"
+
+
+def _missing(tmp: Path) -> str:
+    return str(tmp / "nowhere" / "CAMixerSR_S.pth")
+
+
+def _empty_folder(tmp: Path) -> str:
+    (tmp / "empty").mkdir()
+    return str(tmp / "empty")
+
+
+def _relative_from_elsewhere(tmp: Path) -> str:
+    return "weights/CAMixerSR_S.pth"
+
+
+@pytest.mark.parametrize("make", [_missing, _empty_folder, _relative_from_elsewhere],
+                         ids=["missing-path", "empty-folder", "relative-path"])
+def test_environment_pointing_nowhere_is_an_error(make, tmp_path, monkeypatch):
+    value = make(tmp_path)
+    monkeypatch.setenv("CAMIXER_FAST_WEIGHTS", value)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loading, "_download", pytest.fail)
+    with pytest.raises(CheckpointError) as info:
+        loading.resolve_weights("CAMixerSR-S")
+    assert f"$CAMIXER_FAST_WEIGHTS={value}" in str(info.value)
+
+
+@pytest.mark.parametrize("content", [b"hello, I am a text file\n", b"",
+                                     b"\x80\x02garbage pickle"],
+                         ids=["text", "empty", "broken-pickle"])
+def test_a_non_checkpoint_never_suggests_weights_only_false(content, tmp_path):
+    path = tmp_path / "weights.txt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as info:
+        loading.load_model(path)
+    print(info.value)
+    assert "weights_only" not in str(info.value) and str(path) in str(info.value)
+    assert "checkpoint" in str(info.value)
+
+
+def test_a_pickle_of_other_objects_is_refused_by_what_it_holds(tmp_path):
+    import fractions
+
+    path = tmp_path / "objects.pth"
+    torch.save({"ratio": fractions.Fraction(1, 3)}, path)
+    with pytest.raises(CheckpointError, match="holds a fractions.Fraction object") as info:
+        loading.load_model(path)
+    assert "weights_only" not in str(info.value)
 
 
 def test_registry_digest_is_the_official_one(weights_path: Path) -> None:

@@ -55,8 +55,10 @@ def _print_table(result: GammaScore, scale: int) -> None:
     print(f"  {'image':<16} {'LR':>9} {'PSNR(Y)':>9} {'SSIM(Y)':>8} {'K/N':>7} {'time(s)':>8}")
     for score in result.images:
         print(_image_line(score))
+    mean_seconds = result.seconds / max(len(result.images), 1)
     print(f"  {'mean':<16} {'':>9} {result.mean_psnr:9.3f} {result.mean_ssim:8.4f} "
-          f"{result.mean_k_fraction:7.3f} {result.seconds:8.3f}")
+          f"{result.mean_k_fraction:7.3f} {mean_seconds:8.3f}")
+    print(f"  {'total':<16} {'':>9} {'':>9} {'':>8} {'':>7} {result.seconds:8.3f}")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from camixer_fast.backends import select_backend
 from camixer_fast.evaluate import super_resolve
 from camixer_fast.loading import load_model
 from camixer_fast.metrics import psnr
+from camixer_fast.progress import Progress
 from camixer_fast.reference.model import CAMixerSR
 from camixer_fast.train.checkpoints import CHECKPOINT_FORMAT, EMA, read_checkpoint, save_checkpoint
 from camixer_fast.train.data import (
@@ -143,38 +144,6 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values (tuples as lists)."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
-
-
-class ProgressLine:
-    """A one-line training progress bar on a terminal stream, redrawn at most 4 times a
-    second; nothing on anything else."""
-
-    def __init__(self, total: int, stream: TextIO | None = None,
-                 enabled: bool | None = None) -> None:
-        self.total = total
-        self.stream = stream if stream is not None else sys.stderr
-        isatty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.enabled = isatty if enabled is None else enabled
-        self.last = 0.0
-
-    def update(self, step: int, text: str, force: bool = False) -> None:
-        if not self.enabled or (not force and time.monotonic() - self.last < 0.25):
-            return
-        self.last = time.monotonic()
-        filled = 24 * step // max(self.total, 1)
-        line = f"[{'#' * filled}{'.' * (24 - filled)}] {step}/{self.total} {text}"
-        self.stream.write("\r" + line[:150] + "\x1b[K")
-        self.stream.flush()
-
-    def message(self, text: str) -> None:
-        if self.enabled:
-            self.stream.write("\r\x1b[K")
-        print(text, file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
 
 
 def training_backend(backend: str, device: torch.device | str,
@@ -410,7 +379,7 @@ class Trainer:
                   for _, lr, hr in self.val_pairs]
         return float(np.mean(scores))
 
-    def evaluate_and_log(self, progress: ProgressLine) -> None:
+    def evaluate_and_log(self, progress: Progress) -> None:
         """Probe L1 and validation PSNR (rank 0), logged; ``best.pth`` on a new best PSNR."""
         if not self.dist.is_main:
             return
@@ -437,8 +406,8 @@ class Trainer:
         """Train until ``config.iterations``; returns a summary (steps, last losses, first
         and last probe L1 / validation PSNR, checkpoint path)."""
         cfg = self.config
-        progress = ProgressLine(cfg.iterations, enabled=cfg.progress if self.dist.is_main
-                                else False)
+        progress = Progress(cfg.iterations, unit="step",
+                            enabled=cfg.progress if self.dist.is_main else False)
         self.log({"event": "start", "step": self.step, "world_size": self.dist.world_size,
                   "device": str(self.dist.device), "backend": self.model.backend,
                   "repeat": self.repeat, "images": len(self.data.images),
@@ -530,7 +499,6 @@ __all__ = [
     "CONTINUITY_KEYS",
     "TRAIN_BACKENDS",
     "ConfigError",
-    "ProgressLine",
     "TrainConfig",
     "Trainer",
     "train",

@@ -1,0 +1,138 @@
+"""Checkpoint conversion: official ``.pth`` files <-> safetensors.
+
+A safetensors file holds one state dict (``params_ema`` by default) and metadata strings:
+the model's config (:data:`~camixer_fast.loading.METADATA_CONFIG`, checked against the tensor
+shapes whenever the file is read), the parameter count and where the weights came from -- the
+facts that do not depend on γ. A ``.pth`` file is written in the official BasicSR layout,
+``{"params": sd, "params_ema": sd}`` (one copy on disk: both keys share the tensors), which the
+official code, spandrel and :func:`~camixer_fast.load_model` all read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from camixer_fast.loading import (
+    METADATA_CONFIG,
+    REGISTRY,
+    CheckpointError,
+    _read_file,
+    _sha256,
+    build_model,
+    extract_state_dict,
+    infer_config,
+    resolve_weights,
+)
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PTH_SUFFIXES = (".pth", ".pt")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+KEYS = ("params_ema", "params")
+
+
+def _source_path(source: str | os.PathLike) -> Path:
+    text = os.fspath(source)
+    if text in REGISTRY and not Path(text).exists():
+        return resolve_weights(text)
+    return Path(text).expanduser()
+
+
+def _select(obj: Mapping, key: str | None) -> tuple[dict[str, Tensor], str]:
+    """The state dict to convert and the key it came from ("bare" for a bare state dict)."""
+    if key is not None:
+        if key not in KEYS:
+            raise ValueError(f"key must be one of {KEYS}, got {key!r}")
+        if key not in obj:
+            raise CheckpointError(f"the checkpoint has no {key!r} entry (it has "
+                                  f"{sorted(k for k in obj if k in KEYS) or 'neither'})")
+        return extract_state_dict(obj[key]), key
+    found = next((k for k in KEYS if k in obj), "bare")
+    return extract_state_dict(obj), found
+
+
+def safetensors_metadata(state_dict: Mapping[str, Tensor], config: dict, *, source: str,
+                         source_sha256: str | None, source_key: str) -> dict[str, str]:
+    """The metadata strings written with a converted state dict."""
+    from camixer_fast import __version__
+
+    parameters = sum(t.numel() for t in state_dict.values())
+    metadata = {
+        "format": "pt",
+        "camixer_fast.architecture": "CAMixerSR",
+        METADATA_CONFIG: json.dumps(config),
+        "camixer_fast.parameters": str(parameters),
+        "camixer_fast.dtype": str(next(iter(state_dict.values())).dtype).removeprefix("torch."),
+        "camixer_fast.source": source,
+        "camixer_fast.source_key": source_key,
+        "camixer_fast.version": __version__,
+    }
+    if source_sha256 is not None:
+        metadata["camixer_fast.source_sha256"] = source_sha256
+    return metadata
+
+
+def _write_atomic(dest: Path, write: Callable[[Path], None]) -> None:
+    """Have ``write`` fill a temporary file beside ``dest``, then move it into place: ``dest``
+    is never left half-written."""
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def convert_checkpoint(source: str | os.PathLike, dest: str | os.PathLike, *,
+                       key: str | None = None, dtype: torch.dtype | None = None,
+                       overwrite: bool = False) -> dict[str, str]:
+    """Convert a CAMixerSR checkpoint to safetensors or to an official-layout ``.pth``.
+
+    source: a registered name, or a ``.pth`` / ``.safetensors`` file (official, bare, or
+            written by this function).
+    dest:   ``*.safetensors`` or ``*.pth`` / ``*.pt``; the suffix picks the format.
+    key:    which weights of an official file to take, "params_ema" or "params" (default: the
+            first present, as :func:`~camixer_fast.load_model` does).
+    dtype:  cast the tensors (default: keep them as they are).
+    Returns the metadata describing the written weights. The weights are checked to build a
+    CAMixerSR before anything is written; ``dest`` appears whole or not at all.
+    """
+    dest = Path(dest).expanduser()
+    suffix = dest.suffix.lower()
+    if suffix not in SAFETENSORS_SUFFIXES + PTH_SUFFIXES:
+        raise ValueError(f"{dest}: unknown output format {suffix or '(no suffix)'!r}; use "
+                         ".safetensors, .pth or .pt")
+    path = _source_path(source)
+    if dest.exists() and dest.resolve() == path.resolve():
+        raise ValueError(f"{dest} is the input file; choose another output")
+    if dest.exists() and not overwrite:
+        raise FileExistsError(f"{dest} exists (pass overwrite=True / --overwrite to replace it)")
+    if not dest.parent.is_dir():
+        raise ValueError(f"{dest.parent}: no such folder for {dest.name}")
+    state_dict, source_key = _select(_read_file(path), key)
+    if dtype is not None:
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v
+                      for k, v in state_dict.items()}
+    build_model(state_dict)                            # refuses anything that is not CAMixerSR
+    metadata = safetensors_metadata(state_dict, infer_config(state_dict), source=path.name,
+                                    source_sha256=_sha256(path), source_key=source_key)
+    tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    if suffix in SAFETENSORS_SUFFIXES:
+        from safetensors.torch import save_file
+
+        _write_atomic(dest, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    else:
+        _write_atomic(dest, lambda tmp: torch.save({"params": tensors, "params_ema": tensors},
+                                                   tmp))
+    return metadata

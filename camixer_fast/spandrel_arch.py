@@ -1,0 +1,131 @@
+"""CAMixerSR as a spandrel architecture (chaiNNer, ComfyUI and other spandrel users).
+
+spandrel has no plugin discovery: a package adds architectures to a registry, as
+``spandrel_extra_arches.install()`` does. Here:
+
+>>> import spandrel, camixer_fast.spandrel_arch
+>>> camixer_fast.spandrel_arch.install()            # adds CAMixerSR to spandrel.MAIN_REGISTRY
+>>> model = spandrel.ModelLoader().load_from_file("CAMixerSR_S.pth")
+>>> model.model                                     # a camixer_fast.CAMixerSR, in eval mode
+
+Detection looks for CAMixerSR's own module names (the global predictor, the mixers' predictor
+``route.out_mask``, the dilated depthwise pair ``conv_sptial``) and then requires the
+hyperparameters to be readable from the shapes (:func:`~camixer_fast.infer_config`), so other
+architectures' state dicts are not claimed. ClassSR's three-branch file and CAMixerOSR (ODISR)
+are not claimed either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import Tensor
+
+try:
+    from spandrel import (
+        MAIN_REGISTRY,
+        Architecture,
+        ArchRegistry,
+        ArchSupport,
+        ImageModelDescriptor,
+        ModelTiling,
+        SizeRequirements,
+        StateDict,
+    )
+except ImportError as err:  # pragma: no cover - exercised only without the extra
+    raise ImportError("camixer_fast.spandrel_arch needs spandrel: "
+                      "pip install 'camixer_fast[spandrel]'") from err
+
+from camixer_fast.cost import MODEL_SIZES
+from camixer_fast.loading import CheckpointError, build_model, infer_config
+from camixer_fast.reference.model import CAMixerSR
+
+ARCH_ID = "CAMixerSR"
+
+SIGNATURE = (
+    "head.weight",
+    "global_predictor.0.weight",
+    "global_predictor.2.weight",
+    "body.0.body.0.norm1.weight",
+    "body.0.body.0.mixer.project_v.weight",
+    "body.0.body.0.mixer.project_q.weight",
+    "body.0.body.0.mixer.project_k.weight",
+    "body.0.body.0.mixer.conv_sptial.0.weight",
+    "body.0.body.0.mixer.conv_sptial.1.weight",
+    "body.0.body.0.mixer.route.in_conv.0.weight",
+    "body.0.body.0.mixer.route.out_offsets.0.weight",
+    "body.0.body.0.mixer.route.out_mask.0.weight",
+    "body.0.body.0.mixer.route.out_CA.1.weight",
+    "body.0.body.0.mixer.route.out_SA.0.weight",
+    "body.0.body.0.ffn.project_in.weight",
+    "body.0.body.0.ffn.dwconv.weight",
+    "body.0.body_tail.weight",
+    "body_tail.weight",
+    "tail.0.weight",
+)
+"""Keys every CAMixerSR state dict has (official module names)."""
+
+
+def detect(state_dict: Mapping[str, object]) -> bool:
+    """Whether ``state_dict`` is a CAMixerSR one: its signature keys are there and its
+    hyperparameters read from the shapes. Never raises."""
+    if not all(key in state_dict for key in SIGNATURE):
+        return False
+    try:
+        infer_config(state_dict)  # type: ignore[arg-type]
+    except (CheckpointError, AttributeError, IndexError, TypeError):
+        return False
+    return True
+
+
+class CAMixerSRArch(Architecture[CAMixerSR]):
+    """The spandrel description of :class:`~camixer_fast.CAMixerSR`."""
+
+    def __init__(self) -> None:
+        super().__init__(id=ARCH_ID, name="CAMixerSR", detect=detect)
+
+    def load(self, state_dict: StateDict) -> ImageModelDescriptor[CAMixerSR]:
+        """A descriptor around a CAMixerSR shaped after ``state_dict`` (γ = 0.5, expected
+        routing, the "auto" backend, chosen again for the device of every call, so it follows
+        ``descriptor.to(...)``; change ``descriptor.model.gamma`` to trade speed for
+        quality)."""
+        model = build_model(state_dict).eval()
+        model.backend = "auto"
+        size = next((name for name, c in MODEL_SIZES.items() if c == model.n_feats), None)
+        tags = [f"{model.n_feats}nf", "blocks " + "-".join(map(str, model.blocks_per_group)),
+                f"window {model.window_size}"]
+        if size is not None:
+            tags.insert(0, size)
+        return ImageModelDescriptor(
+            model,
+            state_dict,
+            architecture=self,
+            purpose="SR",
+            tags=tags,
+            supports_half=True,
+            supports_bfloat16=True,
+            scale=model.scale,
+            input_channels=3,
+            output_channels=3,
+            # any size works: the model pads to its window grid itself (reflect, as the
+            # official code), so spandrel must not pad with its own rule
+            size_requirements=SizeRequirements(),
+            # the official large-image results use 64-pixel tiles; each tile routes its own
+            # windows, so tiles agree closely, not exactly, with a whole-image run
+            tiling=ModelTiling.SUPPORTED,
+        )
+
+
+CAMIXER_REGISTRY = ArchRegistry()
+"""The architectures this package adds to spandrel (CAMixerSR)."""
+CAMIXER_REGISTRY.add(ArchSupport.from_architecture(CAMixerSRArch()))
+
+
+def install(registry: ArchRegistry = MAIN_REGISTRY, *,
+            ignore_duplicates: bool = True) -> list[ArchSupport]:
+    """Add CAMixerSR to ``registry`` (spandrel's main registry by default, which
+    ``spandrel.ModelLoader()`` uses); returns what was added (nothing when it is there)."""
+    return registry.add(*CAMIXER_REGISTRY, ignore_duplicates=ignore_duplicates)
+
+
+__all__ = ["ARCH_ID", "CAMIXER_REGISTRY", "CAMixerSRArch", "detect", "install"]
