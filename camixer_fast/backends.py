@@ -168,9 +168,8 @@ def _cpu_ops() -> Ops:
 
 def _triton_ops() -> Ops:
     from camixer_fast import kernels
-    from camixer_fast.reference.routing import window_scores
-
     from camixer_fast.kernels.block import block_inference
+    from camixer_fast.reference.routing import window_scores
 
     # training differentiates the window scores: their small MLP stays in PyTorch there.
     # At inference a whole block runs fused (kernels/block.py), the batch as one call.
