@@ -59,10 +59,18 @@ def block_inference(weights: BlockWeights, x: Tensor, condition: Tensor,
     if x.dim() != 4:
         raise ValueError(f"x: expected (B, H, W, C), got {tuple(x.shape)}")
     ws = window_size_of(weights)
-    b, height, width, c = x.shape
+    _, height, width, _ = x.shape
     if height % ws or width % ws:
         raise ValueError(f"x is {height}x{width}, not a multiple of the window size {ws}")
-    w = weights
+    if x.is_cuda:
+        # Triton launches on the current device: make it x's (a model on another GPU)
+        with torch.cuda.device(x.device):
+            return _block(weights, x, condition, settings, ws)
+    return _block(weights, x, condition, settings, ws)
+
+
+def _block(w: BlockWeights, x: Tensor, condition: Tensor, settings: MixerSettings,
+           ws: int) -> tuple[Tensor, BlockRouting]:
     with span("camixer.predictor"):
         maps = predictor(x, condition, w.v_w, w.v_b, w.route_w, w.route_b, w.route_norm_w,
                          w.route_norm_b, w.off1_w, w.off1_b, w.off2_w, w.off2_b, w.ca_w, w.ca_b,
