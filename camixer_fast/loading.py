@@ -164,8 +164,9 @@ def _download(entry: RegisteredWeights, dest: Path) -> None:
 
 
 def _env_weights(entry: RegisteredWeights) -> Path | None:
-    """The file ``$CAMIXER_FAST_WEIGHTS`` names for ``entry`` (a file, or a folder holding
-    ``entry.filename``); None when the variable is unset or empty. A value that names no such
+    """The file ``$CAMIXER_FAST_WEIGHTS`` names for ``entry`` (a file -- ``entry.filename`` or
+    a file with its sha256 --, or a folder holding ``entry.filename``); None when the variable
+    is unset or empty. A value that names no such
     file raises CheckpointError naming the variable and the path, rather than being ignored."""
     env = os.environ.get(WEIGHTS_ENV)
     if not env:
@@ -174,7 +175,13 @@ def _env_weights(entry: RegisteredWeights) -> Path | None:
     where = f"${WEIGHTS_ENV}={env}" + ("" if path.is_absolute() else
                                       f" (relative to {Path.cwd()})")
     if path.is_file():
-        return path
+        # one file serves only the name it is the file of: its official name, or its digest
+        if path.name == entry.filename or (entry.sha256 is not None
+                                           and _sha256(path) == entry.sha256):
+            return path
+        raise CheckpointError(f"{where} is a file, but not {entry.filename} (the weights of "
+                              f"this name); point the variable at a folder holding "
+                              f"{entry.filename}, or pass the file's path as the weights")
     if path.is_dir():
         if (path / entry.filename).is_file():
             return path / entry.filename

@@ -276,25 +276,6 @@ def compact_graph(proto: "onnx.ModelProto") -> "onnx.ModelProto":
     return proto
 
 
-def _copy_symbolic(g, self, src, non_blocking):
-    """``aten::copy`` (what ``torch.empty_like(x).copy_(src)`` traces to, as the network's
-    fresh channels-last input copy does): src broadcast to self's shape."""
-    return g.op("Expand", src, g.op("Shape", self))
-
-
-def _layer_norm_symbolic(g, x, normalized_shape, weight, bias, eps, cudnn_enable):
-    """``aten::layer_norm`` over the last dimension, as the network's LayerNorms are, whose
-    ``normalized_shape`` the tracer records as a value (``x.shape[-1]``), not a constant."""
-    from torch.onnx import symbolic_helper
-
-    epsilon = symbolic_helper._get_const(eps, "f", "eps")
-    return g.op("LayerNormalization", x, weight, bias, epsilon_f=epsilon, axis_i=-1)
-
-
-_SYMBOLICS = {"aten::copy": _copy_symbolic, "aten::layer_norm": _layer_norm_symbolic}
-"""Translations the exporter lacks for what the network traces to, set for the export only."""
-
-
 @dataclass(frozen=True)
 class OnnxExport:
     """What :func:`export_onnx` wrote."""
@@ -365,15 +346,9 @@ def export_onnx(model: CAMixerSR, path: str | os.PathLike, *, gamma: float | Non
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", category=FutureWarning)
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            for name, symbolic in _SYMBOLICS.items():
-                torch.onnx.register_custom_op_symbolic(name, symbolic, opset)
-            try:
-                torch.onnx.export(graph, args, tmp, dynamo=False, opset_version=opset,
-                                  input_names=names, output_names=["sr"], dynamic_axes=axes,
-                                  do_constant_folding=True)
-            finally:
-                for name in _SYMBOLICS:
-                    torch.onnx.unregister_custom_op_symbolic(name, opset)
+            torch.onnx.export(graph, args, tmp, dynamo=False, opset_version=opset,
+                              input_names=names, output_names=["sr"], dynamic_axes=axes,
+                              do_constant_folding=True)
         proto = compact_graph(onnx.load(tmp))
         onnx.checker.check_model(proto, full_check=True)
         onnx.save(proto, tmp)

@@ -3,18 +3,25 @@
 
 - :mod:`.routing`: window scores, per-image K and window order (no host sync, no argsort)
 - :mod:`.warp`: the deformable key ``x + warp(x, offsets)``, forward and backward
-- :mod:`.window_attention`: hard-window attention with ``v·sa`` on simple windows (inference),
-  and the dense masked attention of training, forward and backward
+- :mod:`.attention_inference`: hard-window attention with ``v·sa`` on simple windows
+- :mod:`.attention_training`: the dense masked attention of training, forward and backward
 
-Importing this package imports triton; ``camixer_fast.backends`` does so only when the Triton
-backend is chosen.
+The package exports the functions (``camixer_fast.kernels.window_attention`` is the function);
+the modules are named apart from them. Importing this package imports triton;
+``camixer_fast.backends`` does so only when the Triton backend is chosen.
+
+On a GPU, the launch configurations that ran correctly on one (issue 9's H200 run) are marked
+``proven`` (:func:`.attention_inference.tile_config`, :func:`.attention_training.tile_config`);
+the half-precision training attention and the warp backward's channel step are unproven on a
+GPU.
 """
 
 from types import SimpleNamespace
 
+from camixer_fast.kernels.attention_inference import window_attention
+from camixer_fast.kernels.attention_training import masked_window_attention
 from camixer_fast.kernels.routing import route_windows
 from camixer_fast.kernels.warp import deformable_key
-from camixer_fast.kernels.window_attention import masked_window_attention, window_attention
 from camixer_fast.reference.routing import window_scores
 
 TRITON_OPS = SimpleNamespace(

@@ -82,7 +82,7 @@ def _select_kernel(pred_ptr, noise_ptr, num_hard_ptr, order_ptr, N, gamma,
     tl.store(order_ptr + base + b_rank, o_i.to(tl.int64), mask=m_i)
     if i_blk == 0:
         if ALL_HARD:
-            k = N.to(tl.int64)
+            k = tl.cast(N, tl.int64)     # N may arrive as the constant 1 (a single window)
         else:
             # K = int(N · r · 2γ), rounded in the official order (fp32: ((r·N)·2)·γ)
             b_frac = tl.sum(b_r) / N

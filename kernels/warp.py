@@ -44,8 +44,9 @@ def _sample_coords(off_ptr, i_b, py, px, m_p, H, W, ACC: tl.constexpr):
     p_off = off_ptr + i_b.to(tl.int64) * 2 * H * W + py * W + px
     sx = px.to(ACC) + tl.load(p_off, mask=m_p, other=0.0).to(ACC)
     sy = py.to(ACC) + tl.load(p_off + H * W, mask=m_p, other=0.0).to(ACC)
-    ix = tl.minimum(tl.maximum(sx, 0.0), (W - 1).to(ACC))
-    iy = tl.minimum(tl.maximum(sy, 0.0), (H - 1).to(ACC))
+    # H and W may arrive as the constant 1 (a map one pixel high or wide): tl.cast, not .to
+    ix = tl.minimum(tl.maximum(sx, 0.0), tl.cast(W - 1, ACC))
+    iy = tl.minimum(tl.maximum(sy, 0.0), tl.cast(H - 1, ACC))
     fx0, fy0 = tl.floor(ix), tl.floor(iy)
     x0, y0 = fx0.to(tl.int32), fy0.to(tl.int32)
     # the far tap is clamped too: it only ever gets weight 0 there
@@ -135,6 +136,12 @@ CHANNEL_BLOCK = 16
 """Channels per inner step: registers stay bounded whatever C is."""
 
 
+BACKWARD_CHANNEL_BLOCK = 8
+"""Channels per inner step of the backward kernel. 16 (issue 9's H200 training run) sits at 255
+registers per thread and spills for some shapes in every dtype (Triton 3.6 and 3.9; fp64 up to
+400 B); 8 needs at most ~210 and spills nowhere (the JIT gate). Unproven on a GPU."""
+
+
 def deformable_key_forward(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
                            order: Tensor | None = None, *, window_size: int = 16) -> Tensor:
     """Launch the forward kernel: x (B, C, H, W), offsets (B, 2, H, W) -> k_in (B, C, H, W).
@@ -181,7 +188,8 @@ def deformable_key_backward(x: Tensor, offsets: Tensor, grad_out: Tensor) -> tup
     doff = torch.empty(offsets.shape, dtype=acc_dtype, device=x.device)
     grid = (triton.cdiv(height * width, PIXEL_BLOCK), b)
     _deform_key_bwd_kernel[grid](x, offsets.contiguous(), grad_out.contiguous(), dx, doff, c,
-                                 height, width, BC=CHANNEL_BLOCK, BP=PIXEL_BLOCK, ACC=_acc(x))
+                                 height, width, BC=BACKWARD_CHANNEL_BLOCK,
+                                 BP=PIXEL_BLOCK, ACC=_acc(x))
     return (grad_out + dx).to(x.dtype), doff.to(offsets.dtype)
 
 

@@ -78,9 +78,10 @@ class LayerNorm2d(nn.Module):
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
         self.eps = eps
+        self.normalized_shape = (channels,)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 class GatedFFN(nn.Module):
@@ -515,7 +516,7 @@ class CAMixerSR(nn.Module):
         x = pad_to_multiple(x, self.window_size)
         # a fresh channels-last copy (3 channels: cheap): whatever the caller's strides, the
         # convolutions then see one layout and round the same way
-        x = torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
+        x = x.clone(memory_format=torch.channels_last)
         b, _, ph, pw = x.shape
         f0 = self.head(x)                                            # channels-last
         cw = nhwc(window_condition(ph, pw, self.window_size, dtype=f0.dtype, device=f0.device))

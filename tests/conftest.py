@@ -1,12 +1,20 @@
-"""Shared fixtures: the read-only ``../shared`` folder (golden outputs, weights, images).
+"""Shared fixtures: the read-only ``../shared`` folder (golden outputs, weights, images), and
+the device the Triton kernels run on.
 
 Tests that need ``../shared`` fail, never skip, when it is missing: CI must prove golden parity.
 Its location can be overridden with ``CAMIXER_FAST_SHARED``.
+
+The same command runs the suite on a CPU machine and on a CUDA one. On a CPU the kernels run in
+Triton's interpreter (``DEVICE == "cpu"``, ``INTERPRETED``); on a GPU they are compiled
+(``DEVICE == "cuda"``). Parity tests use :func:`no_tf32` (PyTorch lets cuDNN convolutions use
+TF32 by default); comparisons across devices pin the device or name their tolerance.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +30,9 @@ SHARED = Path(os.environ.get("CAMIXER_FAST_SHARED", REPO.parent / "shared")).res
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 """Where the kernel tests run: compiled on a GPU, else in Triton's CPU interpreter."""
+INTERPRETED = DEVICE == "cpu"
+"""The kernels run in Triton's interpreter: a test that needs it (none does today) skips on a
+GPU with ``pytest.mark.skipif(not INTERPRETED, reason=...)``, saying why."""
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -30,6 +41,29 @@ def pytest_configure(config: pytest.Config) -> None:
     if DEVICE == "cpu":
         # before any test module imports the kernels: run them in the interpreter
         os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@contextmanager
+def tf32_off() -> Iterator[None]:
+    """IEEE fp32 in CUDA convolutions (cuDNN) and matrix products within; restores the settings.
+
+    PyTorch lets cuDNN use TF32 by default (10-bit mantissas on Ampere and newer): fp32 parity
+    with the reference (1e-4 and tighter) needs it off. No effect on a CPU.
+    """
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture(scope="module")
+def no_tf32() -> Iterator[None]:
+    """TF32 off for a whole module (``pytestmark = pytest.mark.usefixtures("no_tf32")``): set
+    before the module's fixtures run their forwards, restored after its last test."""
+    with tf32_off():
+        yield
 
 
 @pytest.fixture()
@@ -45,7 +79,8 @@ def one_thread():
 @pytest.fixture(scope="session")
 def shared() -> Path:
     if not (SHARED / "golden" / "camixer_s_x4.pt").is_file():
-        pytest.fail(f"the shared folder is missing or incomplete: {SHARED} (set CAMIXER_FAST_SHARED)")
+        pytest.fail(f"the shared folder is missing or incomplete: {SHARED} "
+                    "(set CAMIXER_FAST_SHARED)")
     return SHARED
 
 

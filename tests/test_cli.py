@@ -484,10 +484,12 @@ def test_progress_bar_only_on_a_terminal():
 
 def test_python_m_camixer_fast_upscale(inputs, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    # from outside the checkout: ``-m`` puts the working directory first on sys.path, and the
+    # checkout's camixer_fast/ folder would shadow a package installed without -e
     done = subprocess.run(
         [sys.executable, "-m", "camixer_fast", "upscale", str(inputs / "c.bmp"), "-o",
          str(tmp_path / "c.png"), "--tile", "8"],
-        capture_output=True, text=True, env=env, timeout=120)
+        capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "\r" not in done.stderr, "a progress bar was drawn on a pipe"
     with Image.open(tmp_path / "c.png") as img:

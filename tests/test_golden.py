@@ -1,4 +1,8 @@
-"""Parity with the official implementation's recorded outputs (../shared/golden)."""
+"""Parity with the official implementation's recorded outputs (../shared/golden).
+
+The reference backend runs on the CPU, the Triton backend on ``DEVICE`` (compiled on a GPU, in
+the interpreter on a CPU); fp32 everywhere, TF32 off.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ from torch import nn
 import camixer_fast
 from camixer_fast.reference.windows import to_windows
 from conftest import DEVICE, assert_close
+
+pytestmark = pytest.mark.usefixtures("no_tf32")
 
 OUTPUT_TOL = 1e-4
 GRAD_RTOL = 1e-4
@@ -23,8 +29,9 @@ def output_cases() -> list[str]:
             if not (name == "baby_x4_lr" and g in ("0.25", "0.0"))]
 
 
-# The Triton backend runs in the CPU interpreter here, a minute a case: every γ on one input,
-# the padded/cropped input once, and the input whose routing cuts through tied scores.
+# The Triton backend runs in the CPU interpreter on a machine without a GPU, a minute a case:
+# every γ on one input, the padded/cropped input once, and the input whose routing cuts through
+# tied scores.
 TRITON_CASES = ("butterfly_x4_lr@gamma=1.0", "butterfly_x4_lr@gamma=0.5",
                 "butterfly_x4_lr@gamma=0.25", "butterfly_x4_lr@gamma=0.0",
                 "butterfly_crop_45x61@gamma=0.5", "baby_x4_lr@gamma=0.5")
@@ -38,13 +45,17 @@ def models(model_s: camixer_fast.CAMixerSR, weights_path) -> dict[str, camixer_f
             "triton": camixer_fast.load_model(weights_path, backend="triton", device=DEVICE)}
 
 
+def device_of(model: camixer_fast.CAMixerSR) -> torch.device:
+    return next(model.parameters()).device
+
+
 @pytest.mark.parametrize("backend, case", BACKEND_CASES, ids=[f"{b}-{c}" for b, c in BACKEND_CASES])
 def test_outputs(golden: dict, models: dict, backend: str, case: str) -> None:
     model = models[backend]
     name, gamma = case.split("@gamma=")
     model.gamma = float(gamma)
     with torch.no_grad():
-        out = model(golden["inputs"][name].to(DEVICE))
+        out = model(golden["inputs"][name].to(device_of(model)))
     assert_close(case, golden["outputs"][case], out, OUTPUT_TOL)
 
 
@@ -66,7 +77,7 @@ def captured(golden: dict, models: dict) -> dict[str, dict[str, dict]]:
             mixer.capture = {}
         try:
             with torch.no_grad():
-                model(golden["inputs"]["butterfly_x4_lr"].to(DEVICE))
+                model(golden["inputs"]["butterfly_x4_lr"].to(device_of(model)))
             out[backend] = {block: {k: v.cpu() for k, v in mixer.capture.items()}
                             for block, mixer in zip(RECORDED_BLOCKS, mixers)}
         finally:

@@ -1,26 +1,26 @@
 """Parity of the Triton kernels with their reference twins.
 
 On a machine without a GPU the kernels run in Triton's interpreter (conftest sets
-TRITON_INTERPRET=1), so shapes stay small. Every tensor the wrappers allocate is poisoned (NaN
-for floats, -7 for integers) so an element a kernel fails to write shows up.
+TRITON_INTERPRET=1), so shapes stay small; on a GPU they are compiled, TF32 off for the PyTorch
+parts (the training attention's projections are convolutions). Every tensor the wrappers
+allocate is poisoned (NaN for floats, -7 for integers) so an element a kernel fails to write
+shows up.
 """
 
 from __future__ import annotations
-
-import importlib
 
 import pytest
 import torch
 
 from camixer_fast import reference
+from camixer_fast.kernels import attention_inference as kattn
+from camixer_fast.kernels import attention_training as ktrain
+from camixer_fast.kernels import routing as kroute
+from camixer_fast.kernels import warp as kwarp
 from camixer_fast.reference.windows import to_windows
-from conftest import DEVICE, assert_close
+from conftest import DEVICE, INTERPRETED, assert_close
 
-kroute = importlib.import_module("camixer_fast.kernels.routing")
-kwarp = importlib.import_module("camixer_fast.kernels.warp")
-kattn = importlib.import_module("camixer_fast.kernels.window_attention")
-
-INTERPRETED = DEVICE == "cpu"
+pytestmark = pytest.mark.usefixtures("no_tf32")
 DTYPES = [torch.float32, torch.float16,
           pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
               INTERPRETED, reason="bf16 tl.dot is broken in the interpreter; proven by the "
@@ -199,7 +199,7 @@ def test_masked_window_attention_forward_and_backward(case: tuple) -> None:
     logits = rand(b, rows * cols, 2, seed=9)
     grad = rand(b, c, rows * 16, cols * 16, seed=10)
     results = []
-    for fn in (kattn.masked_window_attention, reference.masked_window_attention):
+    for fn in (ktrain.masked_window_attention, reference.masked_window_attention):
         leaves = [t.clone().requires_grad_() for t in (x, k_in, v, sa, logits, *proj)]
         soft = torch.softmax(leaves[4], -1)[..., 0:1]
         mask = (soft >= 0.5).float() - soft.detach() + soft

@@ -199,6 +199,18 @@ def _empty_folder(tmp: Path) -> str:
     return str(tmp / "empty")
 
 
+
+def test_a_weights_file_in_the_environment_serves_its_own_name_only(weights_path: Path,
+                                                                   tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    renamed = tmp_path / "my_s.pth"
+    renamed.write_bytes(weights_path.read_bytes())
+    monkeypatch.setenv("CAMIXER_FAST_WEIGHTS", str(renamed))
+    assert loading.resolve_weights("CAMixerSR-S") == renamed          # its sha256 is S's
+    monkeypatch.setattr(loading, "_download", pytest.fail)
+    with pytest.raises(CheckpointError, match="is a file, but not CAMixerSR_M.pth"):
+        loading.resolve_weights("CAMixerSR-M")
+
 def _relative_from_elsewhere(tmp: Path) -> str:
     return "weights/CAMixerSR_S.pth"
 

@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent("""
 def test_1024_input_under_4gb(weights_path: Path) -> None:
     # a fresh process, so the peak is this run's alone
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(weights_path)], capture_output=True,
-                          text=True, timeout=1200, check=False)
+                          text=True, timeout=1200, check=False, cwd=weights_path.parent)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"peak RSS {result['peak_mb']:.0f} MB")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED, assert_close
+from conftest import SHARED, assert_close, tf32_off
 from PIL import Image
 from torch import nn
 
@@ -389,17 +389,18 @@ def test_triton_training_step_matches_reference(weights_path: Path) -> None:
     lr, hr = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 128, 128)
     signs: dict[str, torch.Tensor] = {}
     results = {}
-    for backend in ("reference", "triton"):
-        dev = "cpu" if backend == "reference" else device
-        model = camixer_fast.load_model(weights_path, backend=backend, device=dev).train()
-        model.train_noise = False
-        flipped = _pin_kinks(model, signs, record=backend == "reference")
-        assert training_backend(backend, dev) == backend
-        terms = training_loss(model, lr.to(dev), hr.to(dev))
-        terms.total.backward()
-        print(f"{backend}: loss {terms.loss.item():.6f}, kinks pinned: {sum(flipped)}")
-        assert sum(flipped) <= 4
-        results[backend] = (terms, {n: p.grad.cpu() for n, p in model.named_parameters()})
+    with tf32_off():       # IEEE fp32 convolutions on CUDA, as in the reference
+        for backend in ("reference", "triton"):
+            dev = "cpu" if backend == "reference" else device
+            model = camixer_fast.load_model(weights_path, backend=backend, device=dev).train()
+            model.train_noise = False
+            flipped = _pin_kinks(model, signs, record=backend == "reference")
+            assert training_backend(backend, dev) == backend
+            terms = training_loss(model, lr.to(dev), hr.to(dev))
+            terms.total.backward()
+            print(f"{backend}: loss {terms.loss.item():.6f}, kinks pinned: {sum(flipped)}")
+            assert sum(flipped) <= 4
+            results[backend] = (terms, {n: p.grad.cpu() for n, p in model.named_parameters()})
     ref, out = results["reference"], results["triton"]
     assert_close("loss", ref[0].loss, out[0].loss, 1e-4, relative=True)
     assert_close("mask means", ref[0].mask_means, out[0].mask_means, 0)
@@ -552,7 +553,8 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path, weights_path: Path
                 "train_noise": False, "log_every": 1, "val_every": 0, "save_every": 0,
                 "probe": 0, "progress": False, "seed": 4}
     worker = REPO / "tests" / "ddp_train_worker.py"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    # the installed package, never the checkout's folders (they shadow a non-editable install)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
     runs = {}
     for world in (2, 1):
@@ -565,7 +567,7 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path, weights_path: Path
                        str(world), "--master_addr", "127.0.0.1", "--master_port",
                        str(_free_port())] + command[1:]
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300,
-                              check=False)
+                              check=False, cwd=tmp_path)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         runs[world] = out
     ranks = [torch.load(runs[2] / f"rank{r}.pt", weights_only=True) for r in range(2)]

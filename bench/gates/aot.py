@@ -1,30 +1,35 @@
-"""Ahead-of-time compile gate: every kernel variant the wrappers can launch, compiled for NVIDIA
-GPUs without a GPU, with its register, spill and shared-memory use read from the cubin.
+"""Ahead-of-time compile gate: every kernel variant the wrappers launch for the published models,
+compiled for sm_80 and sm_90 without a GPU, with unspecialized int arguments (the JIT gate,
+``jit_gate.py``, covers the specializations), then read with :mod:`cubin`: registers, spills,
+shared memory, tensor cores.
 
 A variant is one (kernel, dtype, constexpr configuration, launch options) the wrappers choose for
-the published models (C = 36, 48, 60; window 16; their channel blocks are 16 for the predictor
-and 64 for the features). ``python -m camixer_fast.kernels.aot`` compiles them all and prints
-the table that ``bench/kernels.md`` holds.
+the published models (C = 36, 48, 60; window 16). Run as a script (never ``python -m`` from the
+checkout, which would shadow the installed package)::
+
+    python bench/gates/aot.py [--json usage.json] [--report bench/kernels.md]
+
+It prints the resource table that ``bench/kernels.md`` holds and exits 1 on any problem. Needs
+Triton >= 3.3 (``ASTSource(..., constexprs=)``); the kernels themselves need only 3.2.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
-import re
-import subprocess
-import tempfile
+import sys
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-# the package exports functions with the modules' names: take the modules themselves
-routing, warp, attention = (importlib.import_module(f"camixer_fast.kernels.{m}")
-                            for m in ("routing", "warp", "window_attention"))
+from camixer_fast.kernels import attention_inference, attention_training, routing, warp
+from camixer_fast.kernels._tiles import channel_block, dot_precision
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cubin import KernelReport, inspect  # noqa: E402
 
 TARGETS = (80, 90)
 """Compute capabilities the gate compiles for: sm_80 (A100) and sm_90 (H100)."""
@@ -35,6 +40,9 @@ _PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
         torch.float64: "*fp64"}
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _ACC = {"fp32": triton.language.float32, "fp64": triton.language.float64}
+MODULES = (routing, warp, attention_inference, attention_training)
+_WINDOWED = ("H", "W")
+"""Int arguments of the windowed kernels that are multiples of the window size, 16."""
 
 
 @dataclass(frozen=True)
@@ -44,18 +52,7 @@ class Variant:
     signature: dict
     constexprs: dict
     options: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Usage:
-    registers: int
-    stack: int
-    local: int
-    shared: int          # static + dynamic bytes per program
-
-    @property
-    def spills(self) -> bool:
-        return self.stack > 0 or self.local > 0
+    aligned: tuple[str, ...] = ()    # int arguments that are multiples of 16 on every launch
 
 
 def _signature(kernel, pointers: dict[str, str], floats: tuple[str, ...] = ()) -> dict:
@@ -76,14 +73,13 @@ def variants() -> list[Variant]:
     """Every (kernel, dtype, configuration) the wrappers launch for the published models."""
     out: list[Variant] = []
     c4_blocks = sorted({triton.next_power_of_2((c + 4) // 4) for c in PUBLISHED_CHANNELS})
-    c_blocks = sorted({attention.channel_block(c) for c in PUBLISHED_CHANNELS})
     for dtype in _FLOATS:
         p = _PTR[dtype]
         for bc in c4_blocks:
             k = routing._window_scores_kernel
             out.append(Variant(f"window_scores[{p[1:]}]", k, _signature(k, {
                 "h_ptr": p, "w1_ptr": p, "b1_ptr": p, "w2_ptr": p, "b2_ptr": p,
-                "pred_ptr": "*fp32"}), dict(WS=WINDOW, BC=bc, BH=WINDOW)))
+                "pred_ptr": "*fp32"}), dict(WS=WINDOW, BC=bc, BH=WINDOW), aligned=_WINDOWED))
     k = routing._select_kernel
     for noise in (False, True):
         for all_hard in (False, True):
@@ -102,81 +98,73 @@ def variants() -> list[Variant]:
                                               "num_hard_ptr": "*i64", "order_ptr": "*i64"}),
                                dict(HARD_ONLY=hard, WS=WINDOW if hard else 1,
                                     BC=warp.CHANNEL_BLOCK, BP=warp.PIXEL_BLOCK,
-                                    ACC=_ACC[acc])))
+                                    ACC=_ACC[acc]), aligned=_WINDOWED if hard else ()))
         k = warp._deform_key_bwd_kernel
         out.append(Variant(f"deform_key_bwd[{p[1:]}]", k, _signature(k, {
             "x_ptr": p, "off_ptr": p, "dout_ptr": p, "dx_ptr": f"*{acc}",
-            "doff_ptr": f"*{acc}"}), dict(BC=warp.CHANNEL_BLOCK, BP=warp.PIXEL_BLOCK,
-                                           ACC=_ACC[acc])))
+            "doff_ptr": f"*{acc}"}), dict(BC=warp.BACKWARD_CHANNEL_BLOCK,
+                                           BP=warp.PIXEL_BLOCK, ACC=_ACC[acc])))
     for dtype in _FLOATS:
         p = _PTR[dtype]
-        cfg = attention.attention_config(dtype, WINDOW)
-        bwd = attention.attention_config(dtype, WINDOW, backward=True)
-        prec = "ieee" if dtype == torch.float32 else "tf32"
-        opts = dict(num_warps=cfg.num_warps, num_stages=1)
-        bwd_opts = dict(num_warps=bwd.num_warps, num_stages=1)
-        for bc in c_blocks:
-            meta = dict(WS=WINDOW, BC=bc, BM=cfg.bm, BN=cfg.bn, PRECISION=prec)
-            bwd_meta = dict(meta, BM=bwd.bm, BN=bwd.bn)
-            k = attention._hard_window_attention_kernel
+        configs = {"inference": attention_inference.tile_config(dtype, WINDOW),
+                   "forward": attention_training.tile_config(dtype, WINDOW),
+                   "backward": attention_training.tile_config(dtype, WINDOW, backward=True)}
+        meta, opts = {}, {}
+        for role, cfg in configs.items():
+            opts[role] = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            meta[role] = dict(WS=WINDOW, BM=cfg.bm, BN=cfg.bn, PRECISION=dot_precision(dtype))
+        for bc in sorted({channel_block(c, dtype) for c in PUBLISHED_CHANNELS}):
+            k = attention_inference._hard_window_attention_kernel
             out.append(Variant(f"hard_window_attention[{p[1:]}]", k, _signature(k, {
                 **{n: p for n in ("x_ptr", "k_ptr", "v_ptr", "sa_ptr", "wq_ptr", "bq_ptr",
                                   "wk_ptr", "bk_ptr", "out_ptr")},
-                "num_hard_ptr": "*i64", "order_ptr": "*i64"}), meta, opts))
-            k = attention._attention_fwd_kernel
+                "num_hard_ptr": "*i64", "order_ptr": "*i64"}), dict(meta["inference"], BC=bc),
+                opts["inference"], _WINDOWED))
+            k = attention_training._attention_fwd_kernel
             out.append(Variant(f"attention_fwd[{p[1:]}]", k, _signature(k, {
-                "q_ptr": p, "k_ptr": p, "v_ptr": p, "out_ptr": p, "lse_ptr": "*fp32"}), meta,
-                opts))
-            for k, label in ((attention._attention_bwd_dkv_kernel, "attention_bwd_dkv"),
-                             (attention._attention_bwd_dq_kernel, "attention_bwd_dq")):
+                "q_ptr": p, "k_ptr": p, "v_ptr": p, "out_ptr": p, "lse_ptr": "*fp32"}),
+                dict(meta["forward"], BC=bc), opts["forward"], _WINDOWED))
+            for k, label in ((attention_training._attention_bwd_dkv_kernel, "attention_bwd_dkv"),
+                             (attention_training._attention_bwd_dq_kernel, "attention_bwd_dq")):
                 ptrs = {n: p for n in k.arg_names if n.endswith("_ptr")}
                 ptrs.update(lse_ptr="*fp32", delta_ptr="*fp32")
-                out.append(Variant(f"{label}[{p[1:]}]", k, _signature(k, ptrs), bwd_meta,
-                                   bwd_opts))
+                out.append(Variant(f"{label}[{p[1:]}]", k, _signature(k, ptrs),
+                                   dict(meta["backward"], BC=bc), opts["backward"], _WINDOWED))
     return out
 
 
-def _cuobjdump() -> str:
-    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                        "cuobjdump")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"cuobjdump not found in the triton wheel at {path}")
-    return path
+def compile_variant(variant: Variant, capability: int):
+    """Compile ``variant`` for sm_``capability``: triton's CompiledKernel.
 
-
-def compile_variant(variant: Variant, capability: int) -> Usage:
-    """Compile ``variant`` for sm_``capability`` and read its resource use from the cubin."""
+    Specialized as every launch of the published models is by the JIT: pointers 16-byte
+    aligned (fresh torch allocations), H and W of the windowed kernels multiples of 16 (the
+    maps tile into 16×16 windows); the other ints unspecialized (the JIT gate covers the rest).
+    """
+    aligned = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(variant.kernel.arg_names)
+               if variant.signature[arg].startswith("*") or arg in variant.aligned}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         source = ASTSource(fn=variant.kernel, signature=variant.signature,
-                           constexprs=variant.constexprs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                                  options=dict(variant.options))
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "kernel.cubin")
-        with open(cubin, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        report = subprocess.run([_cuobjdump(), "--dump-resource-usage", cubin],
-                                capture_output=True, text=True, check=True).stdout
-    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", report)
-    if not found:
-        raise RuntimeError(f"no resource usage in cuobjdump output:\n{report}")
-    reg, stack, shared, local = map(int, found.groups())
-    return Usage(reg, stack, local, shared + int(compiled.metadata.shared))
+                           constexprs=variant.constexprs, attrs=aligned)
+        return triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                              options=dict(variant.options))
 
 
-def usage_table(results: dict[tuple[str, int], Usage]) -> str:
-    """Markdown table: one row per variant, registers / spills / shared memory per target."""
+def usage_table(results: dict[tuple[str, int], KernelReport]) -> str:
+    """Markdown table: one row per variant; registers, spills, shared memory per target; the
+    tensor-core instructions of its products."""
     names = sorted({name for name, _ in results})
     head = "| kernel variant | " + " | ".join(
-        f"sm_{cc} regs | sm_{cc} spill B | sm_{cc} smem B" for cc in TARGETS) + " |"
-    rule = "|---|" + "---|---|---|" * len(TARGETS)
+        f"sm_{cc} regs | sm_{cc} spill B | sm_{cc} smem B | sm_{cc} tensor cores"
+        for cc in TARGETS) + " |"
+    rule = "|---|" + "---|---|---|---|" * len(TARGETS)
     rows = [head, rule]
     for name in names:
         cells = []
         for cc in TARGETS:
             u = results[(name, cc)]
-            cells += [str(u.registers), str(u.stack + u.local), str(u.shared)]
+            mma = ", ".join(u.mma) if u.mma else ("none (IEEE fp32)" if u.dots else "no dot")
+            cells += [str(u.registers), str(u.stack + u.local), str(u.shared), mma]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -244,15 +232,15 @@ def cost_table(costs: list[KernelCost]) -> str:
     return "\n".join(rows)
 
 
-def write_report(path: str, results: dict[tuple[str, int], Usage]) -> None:
+def write_report(path: str, results: dict[tuple[str, int], KernelReport]) -> None:
     """Write ``bench/kernels.md``: the cost model and the compiled resource use."""
     costs = frame_costs()
     inference = [c for c in costs if "training" not in c.name]
     per_block = sum(c.floor_us() for c in inference)
     text = f"""# Kernels: cost per call and compiled resource use
 
-Made by `tests/test_compile_gate.py` (through `camixer_fast.kernels.aot.write_report`); do not
-edit by hand.
+Made by `tests/test_compile_gate.py` (through `bench/gates/aot.py --report`); do not edit by
+hand.
 
 ## Bytes and FLOPs per call
 
@@ -270,10 +258,14 @@ so {20 * per_block / 1000:.2f} ms per frame for routing, keys and attention toge
 ## Compiled resource use
 
 Every variant the wrappers launch for the published models (C = 36, 48, 60: channel blocks of
-16 in the predictor and the warp, 64 in the attention), compiled ahead of time with
-`triton.compile(..., target=GPUTarget("cuda", cc, 32))` and read with the triton wheel's
-`cuobjdump --dump-resource-usage`: registers per thread, bytes spilled (stack + local memory;
-the gate fails on any), shared memory per program (static + dynamic).
+16 in the predictor, 16 in the warp (8 in its backward), 64 in the attention),
+compiled ahead of time with `triton.compile(..., target=GPUTarget("cuda", cc, 32))` as their
+launches are specialized (pointers 16-byte aligned; H and W of the windowed kernels multiples
+of 16; other ints unspecialized), and read with the triton wheel's `cuobjdump`: registers per
+thread, bytes spilled (stack + local memory; the gate fails on any), shared memory per program
+(static + dynamic), and the tensor-core instructions of the matrix products (the gate fails an
+fp16 / bf16 / tf32 product without them). `bench/gates/jit_gate.py` checks the same for every
+specialization the model's launches get.
 
 {usage_table(results)}
 """
@@ -281,19 +273,22 @@ the gate fails on any), shared memory per program (static + dynamic).
         f.write(text)
 
 
-def compile_all() -> dict[tuple[str, int], Usage]:
-    results = {}
+def compile_all() -> dict[tuple[str, int], KernelReport]:
+    """Compile every variant for every target; their reports by (variant label, capability)."""
+    keys, compiled = [], []
     for variant in variants():
         key = variant.name + "".join(f",{k}={v}" for k, v in variant.constexprs.items()
                                      if k in ("BC",))
         for cc in TARGETS:
-            results[(key, cc)] = compile_variant(variant, cc)
-    return results
+            c = compile_variant(variant, cc)
+            keys.append((key, cc))
+            compiled.append((c.asm, c.metadata.shared))
+    return dict(zip(keys, inspect(compiled)))
 
 
 def ungated_kernels() -> set[str]:
     """Kernels defined in the kernel modules that :func:`variants` does not compile."""
-    defined = {name for module in (routing, warp, attention) for name, obj in vars(module).items()
+    defined = {name for module in MODULES for name, obj in vars(module).items()
                if isinstance(obj, triton.runtime.JITFunction) and name.endswith("_kernel")}
     return defined - {variant.kernel.__name__ for variant in variants()}
 
@@ -302,11 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 
+    from camixer_fast.triton_env import interpreting
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", help="write {variant: {sm_cc: usage}} here")
+    parser.add_argument("--json", help="write {variant@sm_cc: report} here")
     parser.add_argument("--report", help="write the markdown report (bench/kernels.md) here")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreting():
         parser.error("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU")
     missing = ungated_kernels()
     if missing:
@@ -314,12 +311,16 @@ def main(argv: list[str] | None = None) -> int:
     results = compile_all()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({f"{name}@sm_{cc}": u.__dict__ for (name, cc), u in results.items()}, f,
-                      indent=1)
+            json.dump({f"{name}@sm_{cc}": dict(r.as_dict(), problems=r.problems())
+                       for (name, cc), r in results.items()}, f, indent=1)
     if args.report:
         write_report(args.report, results)
     print(usage_table(results))
-    return 1 if any(u.spills for u in results.values()) else 0
+    problems = [f"{name}@sm_{cc}: {p}" for (name, cc), r in results.items()
+                for p in r.problems()]
+    for problem in problems:
+        print(f"FAIL {problem}")
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":
