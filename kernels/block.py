@@ -7,7 +7,7 @@ Launches per block (and per batch: every launch covers all images, routing stays
 3. window scores, 4. selection (K per image, window order) (:mod:`.routing`, fed the channel
    mean); with ``tie_break="official"`` the order comes from ``torch.argsort`` (one more op)
 5. the deformable keys on the hard windows (:mod:`.warp`)
-6. hard-window attention, ``v·sa`` on simple windows (:mod:`.window_attention`)
+6. hard-window attention, ``v·sa`` on simple windows (:mod:`.attention_inference`)
 7. dw3x3 of the attention output (:mod:`.depthwise`)
 8. dilated 3×3, gelu·ca + attn, project_out, + x, LN1, the FFN's project_in (:mod:`.mixer_tail`)
 9. the FFN's dw3x3, gelu gate, project_out, + x1, LN2 (:mod:`.ffn`)
@@ -30,7 +30,7 @@ from camixer_fast.kernels.mixer_tail import mixer_tail
 from camixer_fast.kernels.predictor import predictor
 from camixer_fast.kernels.routing import route_windows
 from camixer_fast.kernels.warp import deformable_key
-from camixer_fast.kernels.window_attention import window_attention
+from camixer_fast.kernels.attention_inference import window_attention
 from camixer_fast.reference.model import BlockWeights, MixerSettings, nchw, span
 from camixer_fast.reference.routing import BlockRouting
 

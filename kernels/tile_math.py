@@ -115,12 +115,16 @@ class TileConfig(NamedTuple):
 def tile_config(pixels: int, channels: int) -> TileConfig:
     """The tiles of the per-pixel kernels for maps of ``pixels`` per image and ``channels``.
 
-    On a GPU: 32 pixels by 16-channel steps with 4 warps. It compiles without register spills
-    for C up to 64 in every dtype on sm_90 (``tests/jit_gate.py``; 64 pixels spill a little in
-    fp32, with 4 or 8 warps); a 720p frame (61,440 LR pixels) gives 1,920 programs per image,
-    15 per SM on an H200. Not yet timed: no GPU was available where this was chosen. Under the interpreter: the whole map (up to
-    16,384 pixels) and all channels in one step, since there each program and each operation
-    costs Python overhead (~50 ms a program) beyond its arithmetic.
+    On a GPU: 32 pixels by 16-channel steps with 4 warps. Every variant compiles without
+    register spills for C up to 64 in every dtype on sm_80 and sm_90 (the JIT gate,
+    ``bench/gates/jit_gate.py``; 64-pixel tiles spill a little in fp32 with 4 or 8 warps). At
+    32 rows the fp16 / bf16 tile products compile to mma.sync (HMMA) even on sm_90, not to the
+    wgmma whose narrow (< 128 B) operands broke the attention there (see
+    :mod:`camixer_fast.kernels._tiles`). A 720p frame (61,440 LR pixels) gives 1,920 programs
+    per image, 15 per SM on an H200. Unproven on a GPU: no GPU was available where this was
+    chosen, and nothing here is timed. Under the interpreter: the whole map (up to 16,384
+    pixels) and all channels in one step, since there each program and each operation costs
+    Python overhead (~50 ms a program) beyond its arithmetic.
     """
     bc = channel_block(channels)
     if interpreting():
