@@ -74,7 +74,6 @@ def block_costs(channels: int, itemsize: int, hard_fraction: float = 0.5) -> lis
              0, px * (2 * 9 * c4 + 10)),
         Cost("window_scores", f"{n} windows", px * 4 + n * 8, 0, n * (2 * tokens * ws + 80)),
         Cost("select (+ argsort for official ties)", f"{n} windows", n * 32, 0, 4 * n * n),
-        Cost("copy x to channels-first", f"{px} pixels", 2 * px * c * b, 0, 0),
         Cost("deform_key (hard windows)", f"{k} windows", hard * (2 * c * b + 2 * b), 0,
              hard * (8 * c + 20)),
         Cost("hard_window_attention", f"{k} hard + {n - k} simple windows",

@@ -30,21 +30,24 @@ from camixer_fast.kernels._tiles import (
     whole_windows,
     window_tokens,
 )
+from camixer_fast.kernels.tile_math import pixel_strides
 from camixer_fast.triton_env import interpreting
 
 
 @triton.jit
 def _hard_window_attention_kernel(x_ptr, k_ptr, v_ptr, sa_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr,
-                                  num_hard_ptr, order_ptr, out_ptr, C, H, W, COLS, N,
-                                  WS: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr,
-                                  BN: tl.constexpr, PRECISION: tl.constexpr):
+                                  num_hard_ptr, order_ptr, out_ptr, C, H, W, COLS, N, s_b,
+                                  s_p, s_c, WS: tl.constexpr, BC: tl.constexpr,
+                                  BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr):
+    # x, k_in, v and out: element (b, c, pixel p = y·W + x) at b·s_b + p·s_p + c·s_c
+    # (channels-first or channels-last memory alike); sa: (B, 1, H, W)
     i_r, i_m, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     win = tl.load(order_ptr + i_b.to(tl.int64) * N + i_r)
     o_c = tl.arange(0, BC)
     m_c = o_c < C
-    plane = i_b.to(tl.int64) * C * H * W + o_c.to(tl.int64) * H * W   # [BC]
+    plane = i_b.to(tl.int64) * s_b + o_c.to(tl.int64) * s_c           # [BC]
     pix_m = window_tokens(win, i_m, COLS, W, WS, BM)                   # [BM]
-    p_m = plane[None, :] + pix_m[:, None]                              # [BM, BC]
+    p_m = plane[None, :] + pix_m.to(tl.int64)[:, None] * s_p           # [BM, BC]
     if i_r < tl.load(num_hard_ptr + i_b):
         dt = x_ptr.dtype.element_ty
         # Q·Kᵀ = (Q·Wk)·k_inᵀ + (Q·bk)·1ᵀ, and softmax ignores a per-row constant: fold Wk
@@ -60,7 +63,8 @@ def _hard_window_attention_kernel(x_ptr, k_ptr, v_ptr, sa_ptr, wq_ptr, bq_ptr, w
         b_li = tl.zeros([BM], dtype=tl.float32)
         b_acc = tl.zeros([BM, BC], dtype=tl.float32)
         for i_n in range(0, WS * WS // BN):
-            p_n = plane[None, :] + window_tokens(win, i_n, COLS, W, WS, BN)[:, None]  # [BN, BC]
+            pix_n = window_tokens(win, i_n, COLS, W, WS, BN).to(tl.int64)
+            p_n = plane[None, :] + pix_n[:, None] * s_p                # [BN, BC]
             b_kin = tl.load(k_ptr + p_n, mask=m_c[None, :], other=0.0)
             b_s = tl.dot(b_q, tl.trans(b_kin), input_precision=PRECISION)  # [BM, BN] fp32
             b_mnew = tl.maximum(b_mi, tl.max(b_s, axis=1))
@@ -139,13 +143,18 @@ def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
     if tuple(num_hard.shape) != (b,) or tuple(order.shape) != (b, n):
         raise ValueError(f"num_hard {tuple(num_hard.shape)} / order {tuple(order.shape)} do not "
                          f"fit {b} images of {n} windows")
-    x, k_in, v, sa, wq, bq, wk, bk, num_hard, order = (
-        t.contiguous() for t in (x, k_in, v, sa, wq, bq, wk, bk, num_hard, order))
-    out = torch.empty_like(x)
+    strides = pixel_strides(x)
+    if strides is None or not strides == pixel_strides(k_in) == pixel_strides(v):
+        # one layout for the three maps: channels-first or channels-last memory, read in place
+        x, k_in, v = x.contiguous(), k_in.contiguous(), v.contiguous()
+        strides = pixel_strides(x)
+    sa, wq, bq, wk, bk, num_hard, order = (
+        t.contiguous() for t in (sa, wq, bq, wk, bk, num_hard, order))
+    out = torch.empty_like(x)                                          # x's memory format
     cfg = tile_config(x.dtype, ws)
     grid = (n, ws * ws // cfg.bm, b)
     _hard_window_attention_kernel[grid](x, k_in, v, sa, wq, bq, wk, bk, num_hard, order, out,
-                                        c, height, width, cols, n, WS=ws,
+                                        c, height, width, cols, n, *strides, WS=ws,
                                         BC=channel_block(c, x.dtype), BM=cfg.bm, BN=cfg.bn,
                                         PRECISION=dot_precision(x.dtype),
                                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -12,9 +12,8 @@ Launches per block (and per batch: every launch covers all images, routing stays
 8. dilated 3×3, gelu·ca + attn, project_out, + x, LN1, the FFN's project_in (:mod:`.mixer_tail`)
 9. the FFN's dw3x3, gelu gate, project_out, + x1, LN2 (:mod:`.ffn`)
 
-plus one copy: the warp and the attention kernels read channels-first maps, so x is copied to
-that layout (v and the offsets are written in it directly). No host synchronisation: K stays
-on the device. fp32 maps use IEEE fp32 products (parity with the reference); fp16 / bf16 maps
+All maps NHWC, read in place by every kernel (the warp and the attention take (B, C, H, W)
+views of them). No host synchronisation: K stays on the device. fp32 maps use IEEE fp32 products (parity with the reference); fp16 / bf16 maps
 use tensor-core products with fp32 accumulation. Proven in Triton's interpreter and by
 compiling; speed not yet measured on a GPU.
 """
@@ -74,12 +73,12 @@ def _block(w: BlockWeights, x: Tensor, condition: Tensor, settings: MixerSetting
     with span("camixer.predictor"):
         maps = predictor(x, condition, w.v_w, w.v_b, w.route_w, w.route_b, w.route_norm_w,
                          w.route_norm_b, w.off1_w, w.off1_b, w.off2_w, w.off2_b, w.ca_w, w.ca_b,
-                         w.sa_w, w.sa_b, planar=True)
+                         w.sa_w, w.sa_b)
         routing = route_windows(maps.mean, w.mask1_w, w.mask1_b, w.mask2_w, w.mask2_b,
                                 settings.gamma, window_size=ws, routing=settings.routing,
                                 generator=settings.generator, tie_break=settings.tie_break)
     with span("camixer.attention"):
-        x_map = nchw(x).contiguous()
+        x_map = nchw(x)                                # (B, C, H, W) view of the NHWC map
         k_in = deformable_key(x_map, nchw(maps.offsets), routing.num_hard, routing.order,
                               window_size=ws)
         attn = window_attention(x_map, k_in, nchw(maps.v), maps.sa, w.q_w, w.q_b, w.k_w,

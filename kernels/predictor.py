@@ -12,9 +12,8 @@
    per image, ca = sigmoid(Wca·mean(h) + bca) (``route.out_CA``) from the partial sums, in a
    fixed order.
 
-Maps are NHWC; v and the offsets may be written channels-first (``planar``), the layout the
-deformable-key and window-attention kernels read today. Tile sizes and their speed are not yet
-measured on a GPU (no GPU was available where this was written).
+Maps are NHWC. Tile sizes and their speed are not yet measured on a GPU (no GPU was available
+where this was written).
 """
 
 from __future__ import annotations
@@ -135,10 +134,10 @@ def _predictor_heads_kernel(h_ptr, part_ptr, saw_ptr, sab_ptr, caw_ptr, cab_ptr,
 class PredictorMaps(NamedTuple):
     """What the predictor gives the rest of the block (B images, H×W pixels, C channels)."""
 
-    v: Tensor        # (B, H, W, C) project_v(x), x's dtype (channels-first memory if planar)
+    v: Tensor        # (B, H, W, C) project_v(x), x's dtype
     hidden: Tensor   # (B, H, W, c4) route.in_conv output, x's dtype
     mean: Tensor     # (B, 1, H, W) fp32: the channel mean of hidden, the window scores' input
-    offsets: Tensor  # (B, H, W, 2) in pixels, 8·tanh applied (channels-first memory if planar)
+    offsets: Tensor  # (B, H, W, 2) in pixels, 8·tanh applied
     sa: Tensor       # (B, 1, H, W) spatial attention, x's dtype
     ca: Tensor       # (B, C) fp32 channel attention
 
@@ -158,15 +157,14 @@ def _check_weight(name: str, t: Tensor, shape: tuple[int, ...], like: Tensor) ->
 def predictor(x: Tensor, condition: Tensor, v_w: Tensor, v_b: Tensor, route_w: Tensor,
               route_b: Tensor, route_norm_w: Tensor, route_norm_b: Tensor, off1_w: Tensor,
               off1_b: Tensor, off2_w: Tensor, off2_b: Tensor, ca_w: Tensor, ca_b: Tensor,
-              sa_w: Tensor, sa_b: Tensor, *, planar: bool = False) -> PredictorMaps:
+              sa_w: Tensor, sa_b: Tensor) -> PredictorMaps:
     """The predictor of one block at inference, two launches (see the module docstring).
 
     x: (B, H, W, C) NHWC, fp32 / fp16 / bf16; condition: (B, H, W, 4) [Cg, Cw], x's dtype.
     The weights by role (:class:`~camixer_fast.reference.model.BlockWeights`, x's dtype):
     v_w (C, C), v_b (C,); route_w (c4, C + 4), route_b, route_norm_w, route_norm_b (c4,);
     off1_w (c8, c4), off1_b (c8,); off2_w (2, c8), off2_b (2,); ca_w (C, c4), ca_b (C,);
-    sa_w (1, c4, 3, 3), sa_b (1,). ``planar``: write v and the offsets in channels-first
-    memory (their (B, H, W, ·) results are then permuted views).
+    sa_w (1, c4, 3, 3), sa_b (1,).
     """
     if x.dim() != 4:
         raise ValueError(f"x: expected (B, H, W, C), got {tuple(x.shape)}")
@@ -195,12 +193,8 @@ def predictor(x: Tensor, condition: Tensor, v_w: Tensor, v_b: Tensor, route_w: T
     bp = cfg.bp
     tiles = triton.cdiv(pixels, bp)
     dev = x.device
-    if planar:
-        v = torch.empty(b, c, height, width, dtype=x.dtype, device=dev).permute(0, 2, 3, 1)
-        offsets = torch.empty(b, 2, height, width, dtype=x.dtype, device=dev).permute(0, 2, 3, 1)
-    else:
-        v = torch.empty(b, height, width, c, dtype=x.dtype, device=dev)
-        offsets = torch.empty(b, height, width, 2, dtype=x.dtype, device=dev)
+    v = torch.empty(b, height, width, c, dtype=x.dtype, device=dev)
+    offsets = torch.empty(b, height, width, 2, dtype=x.dtype, device=dev)
     hidden = torch.empty(b, height, width, c4, dtype=x.dtype, device=dev)
     mean = torch.empty(b, 1, height, width, dtype=torch.float32, device=dev)
     part = torch.empty(b, tiles, c4, dtype=torch.float32, device=dev)

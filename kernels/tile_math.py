@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from camixer_fast.triton_env import interpreting
 
@@ -93,6 +94,19 @@ def load_transposed(w_ptr, row0, C_OUT, C_IN, o_in, o_out, DT: tl.constexpr):
     m = (o_in < C_IN)[:, None] & (o_out < C_OUT)[None, :]
     p = w_ptr + (row0 + o_out[None, :]) * C_IN + o_in[:, None]
     return tl.load(p, mask=m, other=0.0).to(DT)
+
+
+def pixel_strides(t: Tensor) -> tuple[int, int, int] | None:
+    """The (image, pixel, channel) strides of a (B, C, H, W) map whose pixel y·W + x lies at
+    that index times one stride -- channels-first or channels-last memory, so the network's
+    NHWC maps are read in place -- else None. Strides of dimensions of size 1 read as 0."""
+    b, c, height, width = t.shape
+    if not (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
+        return None
+    if height > 1 and width > 1 and t.stride(2) != width * t.stride(3):
+        return None
+    s_p = 0 if height * width == 1 else t.stride(3) if width > 1 else t.stride(2)
+    return (t.stride(0) if b > 1 else 0), s_p, (t.stride(1) if c > 1 else 0)
 
 
 MAP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
