@@ -40,14 +40,15 @@ def _hard_window_attention_kernel(x_ptr, k_ptr, v_ptr, sa_ptr, wq_ptr, bq_ptr, w
                                   s_p, s_c, WS: tl.constexpr, BC: tl.constexpr,
                                   BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr):
     # x, k_in, v and out: element (b, c, pixel p = y·W + x) at b·s_b + p·s_p + c·s_c
-    # (channels-first or channels-last memory alike); sa: (B, 1, H, W)
+    # (channels-first or channels-last memory alike; p·s_p < 2³¹, the wrapper sees to it:
+    # int32 there keeps the half-precision tiles within their registers); sa: (B, 1, H, W)
     i_r, i_m, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     win = tl.load(order_ptr + i_b.to(tl.int64) * N + i_r)
     o_c = tl.arange(0, BC)
     m_c = o_c < C
     plane = i_b.to(tl.int64) * s_b + o_c.to(tl.int64) * s_c           # [BC]
     pix_m = window_tokens(win, i_m, COLS, W, WS, BM)                   # [BM]
-    p_m = plane[None, :] + pix_m.to(tl.int64)[:, None] * s_p           # [BM, BC]
+    p_m = plane[None, :] + (pix_m * s_p)[:, None]                      # [BM, BC]
     if i_r < tl.load(num_hard_ptr + i_b):
         dt = x_ptr.dtype.element_ty
         # Q·Kᵀ = (Q·Wk)·k_inᵀ + (Q·bk)·1ᵀ, and softmax ignores a per-row constant: fold Wk
@@ -63,8 +64,8 @@ def _hard_window_attention_kernel(x_ptr, k_ptr, v_ptr, sa_ptr, wq_ptr, bq_ptr, w
         b_li = tl.zeros([BM], dtype=tl.float32)
         b_acc = tl.zeros([BM, BC], dtype=tl.float32)
         for i_n in range(0, WS * WS // BN):
-            pix_n = window_tokens(win, i_n, COLS, W, WS, BN).to(tl.int64)
-            p_n = plane[None, :] + pix_n[:, None] * s_p                # [BN, BC]
+            pix_n = window_tokens(win, i_n, COLS, W, WS, BN) * s_p     # int32: see below
+            p_n = plane[None, :] + pix_n[:, None]                      # [BN, BC]
             b_kin = tl.load(k_ptr + p_n, mask=m_c[None, :], other=0.0)
             b_s = tl.dot(b_q, tl.trans(b_kin), input_precision=PRECISION)  # [BM, BN] fp32
             b_mnew = tl.maximum(b_mi, tl.max(b_s, axis=1))
@@ -96,16 +97,25 @@ HALF_SMALL_WINDOWS = TileConfig(64, 64, 8, 1, proven=False)
 GPU."""
 
 
-def tile_config(dtype: torch.dtype, window_size: int) -> TileConfig:
-    """The launch configuration :func:`window_attention` uses for ``dtype`` and ``window_size``.
+HALF_CHANNELS_LAST = TileConfig(64, 64, 8, 2, proven=False)
+"""fp16 / bf16 on channels-last (NHWC) maps, the fused block's: with 4 warps the tiles spill
+registers on sm_80 (16-48 B, the JIT gate); unproven on a GPU."""
+
+
+def tile_config(dtype: torch.dtype, window_size: int, *,
+                channels_last: bool = False) -> TileConfig:
+    """The launch configuration :func:`window_attention` uses for ``dtype`` and ``window_size``
+    (on channels-last maps if ``channels_last``).
 
     ``proven`` says whether it ran correctly on a GPU: only the 16×16 windows of the published
-    models did. Under the interpreter: whole windows.
+    models on channels-first maps did. Under the interpreter: whole windows.
     """
     if interpreting():
         return whole_windows(window_size)
     if dtype in HALF:
-        return for_window(HALF_TILES if window_size >= 16 else HALF_SMALL_WINDOWS, window_size)
+        if window_size < 16:
+            return for_window(HALF_SMALL_WINDOWS, window_size)
+        return for_window(HALF_CHANNELS_LAST if channels_last else HALF_TILES, window_size)
     return for_window(FP32_TILES, window_size)
 
 
@@ -144,14 +154,16 @@ def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
         raise ValueError(f"num_hard {tuple(num_hard.shape)} / order {tuple(order.shape)} do not "
                          f"fit {b} images of {n} windows")
     strides = pixel_strides(x)
-    if strides is None or not strides == pixel_strides(k_in) == pixel_strides(v):
+    if (strides is None or not strides == pixel_strides(k_in) == pixel_strides(v)
+            or height * width * strides[1] >= 2**31):
         # one layout for the three maps: channels-first or channels-last memory, read in place
+        # (channels-first copies where they differ, or where pixel offsets pass int32)
         x, k_in, v = x.contiguous(), k_in.contiguous(), v.contiguous()
         strides = pixel_strides(x)
     sa, wq, bq, wk, bk, num_hard, order = (
         t.contiguous() for t in (sa, wq, bq, wk, bk, num_hard, order))
     out = torch.empty_like(x)                                          # x's memory format
-    cfg = tile_config(x.dtype, ws)
+    cfg = tile_config(x.dtype, ws, channels_last=strides[2] == 1 and c > 1)
     grid = (n, ws * ws // cfg.bm, b)
     _hard_window_attention_kernel[grid](x, k_in, v, sa, wq, bq, wk, bk, num_hard, order, out,
                                         c, height, width, cols, n, *strides, WS=ws,

@@ -27,7 +27,7 @@ def _depthwise3x3_kernel(src_ptr, w_ptr, b_ptr, out_ptr, H, W, C, s_b, s_y, s_x,
                          BP: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
     i_b = tl.program_id(1)
     o_p, py, px, m_p = pixel_tile(tl.program_id(0), i_b, H * W, W, BP)
-    for k0 in range(0, BC, BK):                                        # channel steps
+    for k0 in tl.static_range(0, BC, BK):                              # channel steps
         o_k = k0 + tl.arange(0, BK)
         m_k = o_k < C
         b_z = depthwise3x3(src_ptr, w_ptr, i_b.to(tl.int64) * s_b, py, px, m_p, o_k, m_k, s_y,
