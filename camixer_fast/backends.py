@@ -5,8 +5,8 @@ the operations it calls (:class:`Ops`): routing, window scores, the deformable k
 forms of window attention, plus optional block-level paths, declared as fields, never probed.
 
 - ``"triton"``: the fused kernels of :mod:`camixer_fast.kernels` (CUDA devices of compute
-  capability 8.0 or newer; on the CPU only in Triton's interpreter, ``TRITON_INTERPRET=1``, and
-  only when asked for by name).
+  capability 8.0 or newer; on the CPU only in Triton's interpreter, ``TRITON_INTERPRET=1``, or
+  under a compile-only JIT gate, and only when asked for by name).
 - ``"cpu"``: :mod:`camixer_fast.cpu_ops`, the fast CPU inference operations (keys and attention
   on the hard windows only). In training mode it declares that the reference runs instead.
 - ``"reference"``: the pure-PyTorch operations of :mod:`camixer_fast.reference` (any device).
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import Tensor
 
-from camixer_fast.triton_env import interpreting
+from camixer_fast.triton_env import compile_only, interpreting
 
 if TYPE_CHECKING:
     from camixer_fast.reference.model import BlockWeights, MixerSettings
@@ -130,7 +130,7 @@ def _triton_unsupported(device: torch.device, dtype: torch.dtype, training: bool
             return f"the kernels need compute capability >= 8.0, this GPU has {major}.{minor}"
         return None
     if device.type == "cpu":
-        if interpreting():
+        if interpreting() or compile_only():
             return None
         return ("the Triton kernels need a CUDA device; on the CPU they run only in Triton's "
                 "interpreter (set TRITON_INTERPRET=1 before importing them)")

@@ -1,7 +1,7 @@
 """Fused hard-window attention at inference: self-attention on hard windows, ``v·sa`` on simple
 ones (spec §3.7, §4).
 
-Twin of :func:`camixer_fast.reference.window_attention.window_attention`. One program per (rank,
+Twin of :func:`camixer_fast.reference.attention_inference.window_attention`. One program per (rank,
 query block, image) over every window of every image -- a flat list, not a padded B×K
 rectangle: the window of rank r of image b is ``order[b, r]``; ranks below the image's K are
 attended, the others get ``v·sa``. A program reads its window's pixels straight from the
@@ -121,13 +121,13 @@ def tile_config(dtype: torch.dtype, window_size: int, *,
 
 def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor, bq: Tensor,
                      wk: Tensor, bk: Tensor, num_hard: Tensor, order: Tensor, *,
-                     window_size: int, chunk: int | None = None) -> Tensor:
-    """Fused twin of :func:`camixer_fast.reference.window_attention.window_attention`.
+                     window_size: int) -> Tensor:
+    """Fused twin of :func:`camixer_fast.reference.attention_inference.window_attention`.
 
     x, k_in, v: (B, C, H, W); sa: (B, 1, H, W); wq, wk: (C, C); bq, bk: (C,);
     num_hard: (B,) int64; order: (B, N) int64. Returns attn_out (B, C, H, W) in x's dtype.
-    Only the hard windows' pixels of ``k_in`` are read. ``chunk`` is accepted for signature
-    compatibility and ignored: the kernel's memory does not depend on K.
+    Only the hard windows' pixels of ``k_in`` are read; the kernel's memory does not depend on
+    K (the reference's ``chunk`` has no counterpart here).
     """
     b, c, height, width = check_maps(x, {"k_in": k_in, "v": v, "sa": sa, "wq": wq, "bq": bq,
                                           "wk": wk, "bk": bk, "num_hard": num_hard,

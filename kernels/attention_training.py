@@ -1,6 +1,6 @@
 """Fused dense masked window attention for training, forward and backward (spec §3.7).
 
-Twin of :func:`camixer_fast.reference.window_attention.masked_window_attention`. The
+Twin of :func:`camixer_fast.reference.attention_training.masked_window_attention`. The
 projections and masks are a few elementwise and linear PyTorch ops; the attention itself --
 softmax(QKᵀ)V per window over every window, forward and backward -- runs in the kernels below
 on the (B, C, H, W) maps, wrapped in a ``torch.autograd.Function``. The backward recomputes the
@@ -206,7 +206,7 @@ class WindowAttentionCore(torch.autograd.Function):
 def masked_window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, mask: Tensor,
                             wq: Tensor, bq: Tensor, wk: Tensor, bk: Tensor, *,
                             window_size: int) -> Tensor:
-    """Fused twin of :func:`camixer_fast.reference.window_attention.masked_window_attention`.
+    """Fused twin of :func:`camixer_fast.reference.attention_training.masked_window_attention`.
 
     x, k_in, v: (B, C, H, W); sa: (B, 1, H, W); mask: (B, N, 1) straight-through 0/1 mask.
     ``attn_out = softmax(QKᵀ)·(v·M) + (v·sa)·(1 − M)`` with Q, K projected from the masked

@@ -22,16 +22,22 @@ def deform_warp(x: Tensor, offsets: Tensor) -> Tensor:
     if offsets.shape[0] != x.shape[0] or offsets.shape[2:] != x.shape[2:]:
         raise ValueError(f"offsets {tuple(offsets.shape)} do not match x {tuple(x.shape)}")
     _, _, height, width = x.shape
-    rows = torch.arange(height, dtype=offsets.dtype, device=offsets.device).view(1, height, 1)
-    cols = torch.arange(width, dtype=offsets.dtype, device=offsets.device).view(1, 1, width)
+    # in fp32 at least, as the reference computes everywhere: the grid (a bf16 column index
+    # above 16 is off by up to 1/16 pixel) and the sampling (CPU grid_sample in fp16/bf16 is
+    # inexact, and NaN on channels-last maps in torch 2.13)
+    dtype = torch.promote_types(torch.promote_types(x.dtype, offsets.dtype), torch.float32)
+    offsets = offsets.to(dtype)
+    rows = torch.arange(height, dtype=dtype, device=offsets.device).view(1, height, 1)
+    cols = torch.arange(width, dtype=dtype, device=offsets.device).view(1, 1, width)
     px = cols + offsets[:, 0]                                          # [B, H, W] column
     py = rows + offsets[:, 1]                                          # [B, H, W] row
     # pixel -> [-1, 1] with align_corners=True: -1 is pixel 0, +1 is pixel W-1
     gx = 2.0 * px / max(width - 1, 1) - 1.0
     gy = 2.0 * py / max(height - 1, 1) - 1.0
     grid = torch.stack((gx, gy), dim=-1)                               # [B, H, W, 2]
-    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border",
-                         align_corners=True)
+    out = F.grid_sample(x.to(dtype), grid, mode="bilinear", padding_mode="border",
+                        align_corners=True)
+    return out.to(x.dtype)
 
 
 def deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,

@@ -182,3 +182,10 @@ def test_a_declared_block_path_replaces_the_block(monkeypatch: pytest.MonkeyPatc
         _, routing = model(torch.rand(1, 3, 16, 32), return_routing=True)
     assert calls == [(BlockWeights, (1, 16, 32, 8), (1, 16, 32, 4))] * 2
     assert routing.num_hard().tolist() == [[0], [0]]
+
+
+def test_a_compile_only_gate_may_choose_triton_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("CAMIXER_FAST_COMPILE_ONLY", "1")
+    assert select_backend("triton", "cpu").name == "triton"
+    assert select_backend("auto", "cpu").name == "cpu"

@@ -171,3 +171,17 @@ def test_training_mask_is_straight_through() -> None:
     (grad_mask,) = torch.autograd.grad(mask.sum(), pred)
     (grad_soft,) = torch.autograd.grad(soft.sum(), pred)
     assert_close("straight-through gradient", grad_soft, grad_mask, 1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_warp_of_half_channels_last_maps_is_computed_in_fp32(dtype: torch.dtype) -> None:
+    """CPU grid_sample gives NaN on channels-last fp16/bf16 maps (torch 2.13): the reference
+    warp samples in fp32 and returns the map's dtype."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 6, 16, 32, generator=gen).contiguous(memory_format=torch.channels_last)
+    offsets = torch.randn(1, 2, 16, 32, generator=gen) * 4
+    x, offsets = x.to(dtype), offsets.to(dtype)
+    ref = deform_warp(x.float(), offsets.float())            # the same inputs, in fp32
+    out = deform_warp(x, offsets)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert_close("half warp", ref, out.float(), 1e-2)       # the output's rounding to dtype

@@ -148,21 +148,6 @@ def compile_only(capability: int) -> Iterator[Recorder]:
         JITFunction.run = original
 
 
-def _allow_triton_on_cpu() -> None:
-    """Let ``model.backend = "triton"`` accept a CPU model in this process.
-
-    The backend choice admits the Triton backend on the CPU under the interpreter only; it
-    should also under :func:`camixer_fast.triton_env.compile_only` (set by :func:`compile_only`).
-    Until it does, the gate answers its interpreter question with yes. The kernels ask
-    :mod:`camixer_fast.triton_env` themselves and still see no interpreter: they are compiled.
-    """
-    import camixer_fast.backends as backends
-
-    for name in ("interpreting", "_interpreting"):     # the name backends.py asks by
-        if hasattr(backends, name):
-            setattr(backends, name, lambda: True)
-
-
 # --- what the gate drives ------------------------------------------------------------------
 
 def _model(channels: int, dtype, *, train: bool):
@@ -308,7 +293,6 @@ def gate_target(capability: int, dtypes: tuple[str, ...], channels: tuple[int, .
 
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
-    _allow_triton_on_cpu()
     start = time.perf_counter()
     results: dict[str, str] = {}
     with compile_only(capability) as recorder, warnings.catch_warnings():
