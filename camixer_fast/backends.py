@@ -174,11 +174,14 @@ def _cpu_ops() -> Ops:
 
 def _triton_ops() -> Ops:
     from camixer_fast import kernels
+    from camixer_fast.kernels.block import block_inference
     from camixer_fast.reference.routing import window_scores
 
-    # training differentiates the window scores: their small MLP stays in PyTorch there
+    # training differentiates the window scores: their small MLP stays in PyTorch there.
+    # At inference a whole block runs fused (kernels/block.py), the batch as one call.
     return Ops(kernels.route_windows, window_scores, kernels.deformable_key,
-               kernels.window_attention, kernels.masked_window_attention, sync_free=True)
+               kernels.window_attention, kernels.masked_window_attention,
+               block_inference=block_inference, whole_batch=True, sync_free=True)
 
 
 REGISTRY: dict[str, Backend] = {

@@ -32,21 +32,25 @@ from camixer_fast.kernels._tiles import (
     whole_windows,
     window_tokens,
 )
+from camixer_fast.kernels.tile_math import pixel_strides
 from camixer_fast.triton_env import interpreting
 
 
 @triton.jit
 def _hard_window_attention_kernel(x_ptr, k_ptr, v_ptr, sa_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr,
-                                  num_hard_ptr, order_ptr, out_ptr, C, H, W, COLS, N,
-                                  WS: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr,
-                                  BN: tl.constexpr, PRECISION: tl.constexpr):
+                                  num_hard_ptr, order_ptr, out_ptr, C, H, W, COLS, N, s_b,
+                                  s_p, s_c, WS: tl.constexpr, BC: tl.constexpr,
+                                  BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr):
+    # x, k_in, v and out: element (b, c, pixel p = y·W + x) at b·s_b + p·s_p + c·s_c
+    # (channels-first or channels-last memory alike; p·s_p < 2³¹, the wrapper sees to it:
+    # int32 there keeps the half-precision tiles within their registers); sa: (B, 1, H, W)
     i_r, i_m, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     win = tl.load(order_ptr + i_b.to(tl.int64) * N + i_r)
     o_c = tl.arange(0, BC)
     m_c = o_c < C
-    plane = i_b.to(tl.int64) * C * H * W + o_c.to(tl.int64) * H * W   # [BC]
+    plane = i_b.to(tl.int64) * s_b + o_c.to(tl.int64) * s_c           # [BC]
     pix_m = window_tokens(win, i_m, COLS, W, WS, BM)                   # [BM]
-    p_m = plane[None, :] + pix_m[:, None]                              # [BM, BC]
+    p_m = plane[None, :] + (pix_m * s_p)[:, None]                      # [BM, BC]
     if i_r < tl.load(num_hard_ptr + i_b):
         dt = x_ptr.dtype.element_ty
         # Q·Kᵀ = (Q·Wk)·k_inᵀ + (Q·bk)·1ᵀ, and softmax ignores a per-row constant: fold Wk
@@ -62,7 +66,8 @@ def _hard_window_attention_kernel(x_ptr, k_ptr, v_ptr, sa_ptr, wq_ptr, bq_ptr, w
         b_li = tl.zeros([BM], dtype=tl.float32)
         b_acc = tl.zeros([BM, BC], dtype=tl.float32)
         for i_n in range(0, WS * WS // BN):
-            p_n = plane[None, :] + window_tokens(win, i_n, COLS, W, WS, BN)[:, None]  # [BN, BC]
+            pix_n = window_tokens(win, i_n, COLS, W, WS, BN) * s_p     # int32: see below
+            p_n = plane[None, :] + pix_n[:, None]                      # [BN, BC]
             b_kin = tl.load(k_ptr + p_n, mask=m_c[None, :], other=0.0)
             b_s = tl.dot(b_q, tl.trans(b_kin), input_precision=PRECISION)  # [BM, BN] fp32
             b_mnew = tl.maximum(b_mi, tl.max(b_s, axis=1))
@@ -94,44 +99,67 @@ HALF_SMALL_WINDOWS = TileConfig(64, 64, 8, 1, proven=False)
 GPU."""
 
 
-def tile_config(dtype: torch.dtype, window_size: int) -> TileConfig:
-    """The launch configuration :func:`window_attention` uses for ``dtype`` and ``window_size``.
+HALF_CHANNELS_LAST = TileConfig(64, 64, 8, 2, proven=False)
+"""fp16 / bf16 on channels-last (NHWC) maps, the fused block's: with 4 warps the tiles spill
+registers on sm_80 (16-48 B, the JIT gate); unproven on a GPU."""
+
+
+def tile_config(dtype: torch.dtype, window_size: int, *,
+                channels_last: bool = False) -> TileConfig:
+    """The launch configuration :func:`window_attention` uses for ``dtype`` and ``window_size``
+    (on channels-last maps if ``channels_last``).
 
     ``proven`` says whether it ran correctly on a GPU: only the 16×16 windows of the published
-    models did. Under the interpreter: whole windows.
+    models on channels-first maps did. Under the interpreter: whole windows.
     """
     if interpreting():
         return whole_windows(window_size)
     if dtype in HALF:
-        return for_window(HALF_TILES if window_size >= 16 else HALF_SMALL_WINDOWS, window_size)
+        if window_size < 16:
+            return for_window(HALF_SMALL_WINDOWS, window_size)
+        return for_window(HALF_CHANNELS_LAST if channels_last else HALF_TILES, window_size)
     return for_window(FP32_TILES, window_size)
+
+
+def _one_layout(x: Tensor, k_in: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """x, k_in, v in one layout the kernel reads in place: channels-first or channels-last
+    memory as they are, channels-first copies where they differ or where pixel offsets would
+    pass int32."""
+    strides = pixel_strides(x)
+    height, width = x.shape[2:]
+    if (strides is None or not strides == pixel_strides(k_in) == pixel_strides(v)
+            or height * width * strides[1] >= 2**31):
+        return x.contiguous(), k_in.contiguous(), v.contiguous()
+    return x, k_in, v
 
 
 def hard_window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
                           bq: Tensor, wk: Tensor, bk: Tensor, num_hard: Tensor, order: Tensor,
                           window_size: int) -> Tensor:
-    """Launch the kernel on checked inputs (:func:`window_attention`): attn_out (B, C, H, W),
-    contiguous, in x's dtype."""
+    """Launch the kernel on checked inputs (:func:`window_attention`): attn_out (B, C, H, W)
+    in x's dtype, in the memory format of the maps as read (see :func:`_one_layout`)."""
     b, c, height, width = x.shape
     ws = window_size
     cols = width // ws
     n = (height // ws) * cols
-    x, k_in, v, sa, wq, bq, wk, bk, num_hard, order = (
-        t.contiguous() for t in (x, k_in, v, sa, wq, bq, wk, bk, num_hard, order))
-    out = torch.empty_like(x)
-    cfg = tile_config(x.dtype, ws)
+    x, k_in, v = _one_layout(x, k_in, v)
+    strides = pixel_strides(x)
+    sa, wq, bq, wk, bk, num_hard, order = (
+        t.contiguous() for t in (sa, wq, bq, wk, bk, num_hard, order))
+    out = torch.empty_like(x)                                          # x's memory format
+    cfg = tile_config(x.dtype, ws, channels_last=strides[2] == 1 and c > 1)
     grid = (n, ws * ws // cfg.bm, b)
     wrap_triton(_hard_window_attention_kernel)[grid](
-        x, k_in, v, sa, wq, bq, wk, bk, num_hard, order, out, c, height, width, cols, n, WS=ws,
-        BC=channel_block(c, x.dtype), BM=cfg.bm, BN=cfg.bn, PRECISION=dot_precision(x.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        x, k_in, v, sa, wq, bq, wk, bk, num_hard, order, out, c, height, width, cols, n,
+        *strides, WS=ws, BC=channel_block(c, x.dtype), BM=cfg.bm, BN=cfg.bn,
+        PRECISION=dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
 def _hard_window_attention_fake(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
                                 bq: Tensor, wk: Tensor, bk: Tensor, num_hard: Tensor,
                                 order: Tensor, window_size: int) -> Tensor:
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return torch.empty_like(_one_layout(x, k_in, v)[0])
 
 
 _hard_window_attention = kernel_op("triton_window_attention", hard_window_attention,

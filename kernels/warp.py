@@ -2,8 +2,9 @@
 
 Twin of :func:`camixer_fast.reference.warp.deformable_key`. At inference only the pixels of the
 hard windows are computed (programs per (rank, part of the window, image), idle past the
-image's K), since only they feed the attention; training runs the whole map forward and backward (gradients to x by
-atomic adds into the four taps, to the offsets per pixel).
+image's K), since only they feed the attention; training runs the whole map forward and
+backward (gradients to x by atomic adds into the four taps, to the offsets per pixel). The
+forward reads and writes channels-first or channels-last (NHWC) memory in place.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from camixer_fast.custom_ops import kernel_op
+from camixer_fast.kernels.tile_math import pixel_strides
 
 
 @triton.jit
@@ -42,11 +44,13 @@ def _pixels(i_p, i_b, num_hard_ptr, order_ptr, H, W, COLS, N, HARD_ONLY: tl.cons
 
 
 @triton.jit
-def _sample_coords(off_ptr, i_b, py, px, m_p, H, W, ACC: tl.constexpr):
-    """Clamped sampling coordinates, taps and weights of [BP] pixels (align_corners=True)."""
-    p_off = off_ptr + i_b.to(tl.int64) * 2 * H * W + py * W + px
+def _sample_coords(off_ptr, i_b, py, px, m_p, H, W, ACC: tl.constexpr, o_sb, o_sp, o_sc):
+    """Clamped sampling coordinates, taps and weights of [BP] pixels (align_corners=True).
+
+    Offset (image b, pixel p, channel c) at ``off_ptr + b·o_sb + p·o_sp + c·o_sc``."""
+    p_off = off_ptr + i_b.to(tl.int64) * o_sb + (py * W + px).to(tl.int64) * o_sp
     sx = px.to(ACC) + tl.load(p_off, mask=m_p, other=0.0).to(ACC)
-    sy = py.to(ACC) + tl.load(p_off + H * W, mask=m_p, other=0.0).to(ACC)
+    sy = py.to(ACC) + tl.load(p_off + o_sc, mask=m_p, other=0.0).to(ACC)
     # H and W may arrive as the constant 1 (a map one pixel high or wide): tl.cast, not .to
     ix = tl.minimum(tl.maximum(sx, 0.0), tl.cast(W - 1, ACC))
     iy = tl.minimum(tl.maximum(sy, 0.0), tl.cast(H - 1, ACC))
@@ -59,21 +63,27 @@ def _sample_coords(off_ptr, i_b, py, px, m_p, H, W, ACC: tl.constexpr):
 
 @triton.jit
 def _deform_key_fwd_kernel(x_ptr, off_ptr, out_ptr, num_hard_ptr, order_ptr, C, H, W, COLS, N,
-                           HARD_ONLY: tl.constexpr, WS: tl.constexpr, BC: tl.constexpr,
-                           BP: tl.constexpr, ACC: tl.constexpr):
+                           s_b, s_p, s_c, o_sb, o_sp, o_sc, HARD_ONLY: tl.constexpr,
+                           WS: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr,
+                           ACC: tl.constexpr):
+    # x and out: element (b, c, pixel p = y·W + x) at b·s_b + p·s_p + c·s_c (channels-first
+    # or channels-last memory alike); the offsets likewise with o_sb, o_sp, o_sc
     i_p, i_b = tl.program_id(0), tl.program_id(1)
     py, px, m_p = _pixels(i_p, i_b, num_hard_ptr, order_ptr, H, W, COLS, N, HARD_ONLY, WS, BP)
-    _, _, fx, fy, x0, y0, x1, y1 = _sample_coords(off_ptr, i_b, py, px, m_p, H, W, ACC)
+    _, _, fx, fy, x0, y0, x1, y1 = _sample_coords(off_ptr, i_b, py, px, m_p, H, W, ACC, o_sb,
+                                                  o_sp, o_sc)
     fx, fy = fx[None, :], fy[None, :]
     w00, w01 = (1 - fx) * (1 - fy), fx * (1 - fy)
     w10, w11 = (1 - fx) * fy, fx * fy
-    o_00, o_01 = (y0 * W + x0)[None, :], (y0 * W + x1)[None, :]
-    o_10, o_11 = (y1 * W + x0)[None, :], (y1 * W + x1)[None, :]
-    o_pix = (py * W + px)[None, :]
+    o_00 = ((y0 * W + x0).to(tl.int64) * s_p)[None, :]
+    o_01 = ((y0 * W + x1).to(tl.int64) * s_p)[None, :]
+    o_10 = ((y1 * W + x0).to(tl.int64) * s_p)[None, :]
+    o_11 = ((y1 * W + x1).to(tl.int64) * s_p)[None, :]
+    o_pix = ((py * W + px).to(tl.int64) * s_p)[None, :]
     for c0 in range(0, C, BC):                                         # channel chunks
         o_c = c0 + tl.arange(0, BC)
         m = (o_c < C)[:, None] & m_p[None, :]                          # [BC, BP]
-        plane = i_b.to(tl.int64) * C * H * W + o_c[:, None].to(tl.int64) * H * W
+        plane = i_b.to(tl.int64) * s_b + o_c[:, None].to(tl.int64) * s_c
         b_out = tl.load(x_ptr + plane + o_pix, mask=m, other=0.0).to(ACC)
         b_out += tl.load(x_ptr + plane + o_00, mask=m, other=0.0).to(ACC) * w00
         b_out += tl.load(x_ptr + plane + o_01, mask=m, other=0.0).to(ACC) * w01
@@ -87,7 +97,8 @@ def _deform_key_bwd_kernel(x_ptr, off_ptr, dout_ptr, dx_ptr, doff_ptr, C, H, W,
                            BC: tl.constexpr, BP: tl.constexpr, ACC: tl.constexpr):
     i_p, i_b = tl.program_id(0), tl.program_id(1)
     py, px, m_p = _pixels(i_p, i_b, i_b, i_b, H, W, 1, 1, False, 1, BP)
-    sx, sy, fx, fy, x0, y0, x1, y1 = _sample_coords(off_ptr, i_b, py, px, m_p, H, W, ACC)
+    sx, sy, fx, fy, x0, y0, x1, y1 = _sample_coords(off_ptr, i_b, py, px, m_p, H, W, ACC,
+                                                    2 * H * W, 1, H * W)
     gx, gy = fx[None, :], fy[None, :]
     o_00, o_01 = (y0 * W + x0)[None, :], (y0 * W + x1)[None, :]
     o_10, o_11 = (y1 * W + x0)[None, :], (y1 * W + x1)[None, :]
@@ -129,6 +140,11 @@ def _check_inputs(x: Tensor, offsets: Tensor) -> None:
                          f"{offsets.dtype}")
 
 
+def _pixel_linear(t: Tensor) -> Tensor:
+    """``t`` itself if :func:`pixel_strides` reads it in place, else a contiguous copy."""
+    return t if pixel_strides(t) is not None else t.contiguous()
+
+
 def _acc(x: Tensor) -> tl.dtype:
     return tl.float64 if x.dtype == torch.float64 else tl.float32
 
@@ -154,7 +170,7 @@ def deformable_key_forward(x: Tensor, offsets: Tensor, num_hard: Tensor | None =
     """
     _check_inputs(x, offsets)
     b, c, height, width = x.shape
-    x, offsets = x.contiguous(), offsets.contiguous()
+    x, offsets = _pixel_linear(x), _pixel_linear(offsets)
     hard_only = num_hard is not None
     if hard_only:
         if order is None:
@@ -175,10 +191,11 @@ def deformable_key_forward(x: Tensor, offsets: Tensor, num_hard: Tensor | None =
         grid = (triton.cdiv(height * width, block), b)
         n, cols, ws = 1, 1, 1
         num_hard = order = x
-    out = torch.empty_like(x)
+    out = torch.empty_like(x)                                          # x's memory format
     wrap_triton(_deform_key_fwd_kernel)[grid](x, offsets, out, num_hard, order, c, height,
-                                              width, cols, n, HARD_ONLY=hard_only, WS=ws,
-                                              BC=CHANNEL_BLOCK, BP=block, ACC=_acc(x))
+                                              width, cols, n, *pixel_strides(x),
+                                              *pixel_strides(offsets), HARD_ONLY=hard_only,
+                                              WS=ws, BC=CHANNEL_BLOCK, BP=block, ACC=_acc(x))
     return out
 
 
@@ -198,7 +215,7 @@ def deformable_key_backward(x: Tensor, offsets: Tensor, grad_out: Tensor) -> tup
 
 def _forward_fake(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
                   order: Tensor | None = None, *, window_size: int = 16) -> Tensor:
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return torch.empty_like(_pixel_linear(x))                          # the launcher's layout
 
 
 def _backward_fake(x: Tensor, offsets: Tensor, grad_out: Tensor) -> tuple[Tensor, Tensor]:
