@@ -12,6 +12,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
+
+from camixer_fast.custom_ops import kernel_op
 
 from camixer_fast.kernels.tile_math import (
     MAP_DTYPES,
@@ -51,9 +54,22 @@ def depthwise_conv3x3(src: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     if tuple(weight.shape) != (c, 1, 3, 3) or tuple(bias.shape) != (c,):
         raise ValueError(f"weight {tuple(weight.shape)} / bias {tuple(bias.shape)} do not fit "
                          f"{c} channels")
+    return _depthwise(src, weight, bias)
+
+
+def _launch(src: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Launch the kernel on checked inputs (:func:`depthwise_conv3x3`)."""
+    b, height, width, c = src.shape
     out = torch.empty(b, height, width, c, dtype=src.dtype, device=src.device)
     cfg = tile_config(height * width, c)
-    _depthwise3x3_kernel[(triton.cdiv(height * width, cfg.bp), b)](
+    wrap_triton(_depthwise3x3_kernel)[(triton.cdiv(height * width, cfg.bp), b)](
         src, weight.contiguous(), bias, out, height, width, c, *src.stride(), BP=cfg.bp,
         BC=channel_block(c), BK=cfg.bk, num_warps=cfg.num_warps)
     return out
+
+
+def _fake(src: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    return src.new_empty(src.shape)
+
+
+_depthwise = kernel_op("triton_depthwise_conv3x3", _launch, _fake)

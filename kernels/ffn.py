@@ -16,6 +16,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
+
+from camixer_fast.custom_ops import kernel_op
 
 from camixer_fast.kernels.tile_math import (
     MAP_DTYPES,
@@ -77,11 +80,26 @@ def ffn_tail(u: Tensor, x1: Tensor, ffn_dw_w: Tensor, ffn_out_w: Tensor, norm2_w
             raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
         if t.device != x1.device:
             raise ValueError(f"{name} is on {t.device}, x1 on {x1.device}")
+    return _ffn_tail(u, x1, ffn_dw_w, ffn_out_w, norm2_w, norm2_b)
+
+
+def _launch(u: Tensor, x1: Tensor, ffn_dw_w: Tensor, ffn_out_w: Tensor, norm2_w: Tensor,
+            norm2_b: Tensor) -> Tensor:
+    """Launch the kernel on checked inputs (:func:`ffn_tail`)."""
+    b, height, width, c = x1.shape
     u, x1 = u.contiguous(), x1.contiguous()
     out = torch.empty_like(x1)
     cfg = tile_config(height * width, c)
-    _ffn_tail_kernel[(triton.cdiv(height * width, cfg.bp), b)](
+    wrap_triton(_ffn_tail_kernel)[(triton.cdiv(height * width, cfg.bp), b)](
         u, x1, ffn_dw_w.contiguous(), ffn_out_w.contiguous(), norm2_w, norm2_b, out, height,
         width, c, BP=cfg.bp, BC=channel_block(c), BK=cfg.bk, DOT=dot_dtype(x1.dtype),
         num_warps=cfg.num_warps)
     return out
+
+
+def _fake(u: Tensor, x1: Tensor, ffn_dw_w: Tensor, ffn_out_w: Tensor, norm2_w: Tensor,
+          norm2_b: Tensor) -> Tensor:
+    return x1.new_empty(x1.shape)
+
+
+_ffn_tail = kernel_op("triton_ffn_tail", _launch, _fake)

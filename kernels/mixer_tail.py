@@ -21,6 +21,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
+
+from camixer_fast.custom_ops import kernel_op
 
 from camixer_fast.kernels.tile_math import (
     MAP_DTYPES,
@@ -102,12 +105,31 @@ def mixer_tail(z: Tensor, attn: Tensor, x: Tensor, ca: Tensor, dil_w: Tensor, di
             raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+    return MixerTail(*_mixer_tail(z, attn, x, ca, dil_w, dil_b, out_w, out_b, norm1_w,
+                                  norm1_b, ffn_in_w))
+
+
+def _launch(z: Tensor, attn: Tensor, x: Tensor, ca: Tensor, dil_w: Tensor, dil_b: Tensor,
+            out_w: Tensor, out_b: Tensor, norm1_w: Tensor, norm1_b: Tensor,
+            ffn_in_w: Tensor) -> tuple[Tensor, Tensor]:
+    """Launch the kernel on checked inputs (:func:`mixer_tail`): (x1, u)."""
+    b, height, width, c = x.shape
     x, z, ca = x.contiguous(), z.contiguous(), ca.float().contiguous()
     x1 = torch.empty_like(x)
     u = torch.empty(b, height, width, 2 * c, dtype=x.dtype, device=x.device)
     cfg = tile_config(height * width, c)
-    _mixer_tail_kernel[(triton.cdiv(height * width, cfg.bp), b)](
+    wrap_triton(_mixer_tail_kernel)[(triton.cdiv(height * width, cfg.bp), b)](
         z, attn, x, ca, dil_w.contiguous(), dil_b, out_w.contiguous(), out_b, norm1_w, norm1_b,
         ffn_in_w.contiguous(), x1, u, height, width, c, *attn.stride(), BP=cfg.bp,
         BC=channel_block(c), BK=cfg.bk, DOT=dot_dtype(x.dtype), num_warps=cfg.num_warps)
-    return MixerTail(x1, u)
+    return x1, u
+
+
+def _fake(z: Tensor, attn: Tensor, x: Tensor, ca: Tensor, dil_w: Tensor, dil_b: Tensor,
+          out_w: Tensor, out_b: Tensor, norm1_w: Tensor, norm1_b: Tensor,
+          ffn_in_w: Tensor) -> tuple[Tensor, Tensor]:
+    b, height, width, c = x.shape
+    return x.new_empty(x.shape), x.new_empty(b, height, width, 2 * c)
+
+
+_mixer_tail = kernel_op("triton_mixer_tail", _launch, _fake)

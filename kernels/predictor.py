@@ -24,6 +24,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
+
+from camixer_fast.custom_ops import kernel_op
 
 from camixer_fast.kernels.tile_math import (
     MAP_DTYPES,
@@ -185,6 +188,18 @@ def predictor(x: Tensor, condition: Tensor, v_w: Tensor, v_b: Tensor, route_w: T
                            ("ca_w", ca_w, (c, c4)), ("ca_b", ca_b, (c,)),
                            ("sa_w", sa_w, (1, c4, 3, 3)), ("sa_b", sa_b, (1,))):
         _check_weight(name, t, shape, x)
+    return PredictorMaps(*_predictor(x, condition, v_w, v_b, route_w, route_b, route_norm_w,
+                                     route_norm_b, off1_w, off1_b, off2_w, off2_b, ca_w, ca_b,
+                                     sa_w, sa_b))
+
+
+def _launch(x: Tensor, condition: Tensor, v_w: Tensor, v_b: Tensor, route_w: Tensor,
+            route_b: Tensor, route_norm_w: Tensor, route_norm_b: Tensor, off1_w: Tensor,
+            off1_b: Tensor, off2_w: Tensor, off2_b: Tensor, ca_w: Tensor, ca_b: Tensor,
+            sa_w: Tensor, sa_b: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Launch the two kernels on checked inputs (:func:`predictor`); the maps as a tuple."""
+    b, height, width, c = x.shape
+    c4, c8 = route_w.shape[0], off1_w.shape[0]
     x, condition = x.contiguous(), condition.contiguous()
     v_w, route_w, off1_w, off2_w, ca_w, sa_w = (
         t.contiguous() for t in (v_w, route_w, off1_w, off2_w, ca_w, sa_w))
@@ -201,12 +216,26 @@ def predictor(x: Tensor, condition: Tensor, v_w: Tensor, v_b: Tensor, route_w: T
     sa = torch.empty(b, 1, height, width, dtype=x.dtype, device=dev)
     ca = torch.empty(b, c, dtype=torch.float32, device=dev)
     bc, bc4 = channel_block(c), channel_block(c4)
-    _predictor_kernel[(tiles, b)](
+    wrap_triton(_predictor_kernel)[(tiles, b)](
         x, condition, v_w, v_b, route_w, route_b, route_norm_w, route_norm_b, off1_w, off1_b,
         off2_w, off2_b, v, hidden, mean, offsets, part, height, width, c, c4, c8, tiles,
         *v.stride(), *offsets.stride(), BP=bp, BC=bc, BK=cfg.bk, BC4=bc4,
         BC8=channel_block(c8), DOT=dot_dtype(x.dtype), num_warps=cfg.num_warps)
-    _predictor_heads_kernel[(tiles + 1, b)](
+    wrap_triton(_predictor_heads_kernel)[(tiles + 1, b)](
         hidden, part, sa_w, sa_b, ca_w, ca_b, sa, ca, height, width, c, c4, tiles, BP=bp,
         BC=bc, BC4=bc4, BT=PART_BLOCK, num_warps=cfg.num_warps)
-    return PredictorMaps(v, hidden, mean, offsets, sa, ca)
+    return v, hidden, mean, offsets, sa, ca
+
+
+def _fake(x: Tensor, condition: Tensor, v_w: Tensor, v_b: Tensor, route_w: Tensor,
+          route_b: Tensor, route_norm_w: Tensor, route_norm_b: Tensor, off1_w: Tensor,
+          off1_b: Tensor, off2_w: Tensor, off2_b: Tensor, ca_w: Tensor, ca_b: Tensor,
+          sa_w: Tensor, sa_b: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    b, height, width, c = x.shape
+    new = x.new_empty
+    return (new(b, height, width, c), new(b, height, width, route_w.shape[0]),
+            new(b, 1, height, width, dtype=torch.float32), new(b, height, width, 2),
+            new(b, 1, height, width), new(b, c, dtype=torch.float32))
+
+
+_predictor = kernel_op("triton_predictor", _launch, _fake)

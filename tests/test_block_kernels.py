@@ -119,8 +119,9 @@ def test_predictor_matches_module(shape, dtype: torch.dtype) -> None:
                         wt.ca_b, wt.sa_w, wt.sa_b)
     tol = STAGE_TOL[dtype]
     assert_close("v", v_ref, got.v, tol)
-    assert_close("hidden", route.hidden, got.hidden, tol)
-    assert_close("mean", route.hidden.mean(-1).unsqueeze(1), got.mean, tol)
+    # the module's hidden map is channels-first (B, c4, H, W), the kernel's NHWC
+    assert_close("hidden", route.hidden, nchw(got.hidden), tol)
+    assert_close("mean", route.hidden.mean(1, keepdim=True), got.mean, tol)
     assert_close("offsets", route.offsets, nchw(got.offsets), 8 * tol)   # 8·tanh
     assert_close("sa", route.sa, got.sa, tol)
     assert_close("ca", route.ca, got.ca, tol)
