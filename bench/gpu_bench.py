@@ -957,21 +957,6 @@ def section_upscale(ctx: Context) -> dict:
     return out
 
 
-def _rows_from_compile_graphs(result: dict) -> list[dict]:
-    """Rows of bench/gpu_compile_graphs.py's JSON (issue 11 part B): one per variant."""
-    rows = []
-    for name, value in result.items():
-        if not isinstance(value, dict) or "ok" not in value:
-            continue
-        kind = "cuda-graph" if "graph" in name else "compile"
-        rows.append({"variant": name, "kind": kind, "ok": bool(value["ok"]),
-                     "max_abs_vs_eager": value.get("max_diff"),
-                     "eager_ms": value.get("eager_ms"),
-                     "ms": value.get("replay_ms", value.get("compiled_ms")),
-                     "compile_s": value.get("compile_s"), "error": value.get("error")})
-    return rows
-
-
 def section_variants(ctx: Context) -> dict:
     """CUDA-graph replay and torch.compile(fullgraph=True) of the Triton S model (fp32 parity
     mode, γ = 0.5) against eager; issue 11 part B's script when it exists."""
@@ -984,8 +969,10 @@ def section_variants(ctx: Context) -> dict:
                 command.append("--quick")
             done = subprocess.run(command, check=False)
             result = json.loads(path.read_text()) if path.is_file() else {}
+        import gpu_report
+
         return {"source": COMPILE_GRAPHS.name, "exit_status": done.returncode,
-                "rows": _rows_from_compile_graphs(result)}
+                "rows": gpu_report.compile_graphs_rows(result)}
     import torch
 
     x = ctx.crop(ctx.args.size)

@@ -8,11 +8,14 @@
 #      checkout's camixer_fast/ folder never shadows the installed package;
 #   3. run the speed benchmark (bench/gpu_bench.py --quick, issue 11): the official op chain
 #      against ours, S and B at 320x180 -> 1280x720, every gamma, every precision, per-kernel
-#      roofline, batch, large image, training, upscale, CUDA graphs and torch.compile; every
-#      case checked before it is timed; sections in their own processes, within the time left;
-#   4. run compute-sanitizer memcheck on one forward per dtype (and a training step in fp16 and
+#      roofline, batch, large image, training, upscale; every case checked before it is timed;
+#      sections in their own processes, within the time left;
+#   4. check and time the compiled and CUDA-graph variants (bench/gpu_compile_graphs.py
+#      --quick, issue 11): torch.compile(fullgraph=True) of the Triton path against eager,
+#      CUDAGraphModel replays against eager forwards (the benchmark's "variants");
+#   5. run compute-sanitizer memcheck on one forward per dtype (and a training step in fp16 and
 #      bf16, whose training kernels are unproven on a GPU), where the tool exists and works;
-#   5. write gpu-<date>.json and gpu-<date>.md (bench/gpu_summary.py) into --out, the speed
+#   6. write gpu-<date>.json and gpu-<date>.md (bench/gpu_summary.py) into --out, the speed
 #      targets' verdicts included (bench/gpu_report.py); with the default --out, also the GPU
 #      section of bench/RESULTS.md.
 #
@@ -34,7 +37,7 @@ usage: bash bench/gpu_check.sh [options]
   --budget SECONDS stop starting steps when this much time has passed (default 540: the
                    whole check fits a 10-minute command); a step never outlives it
   --logs           also write the work folder's logs as gpu-logs-<date>.tar.gz into --out
-  --skip-tests | --skip-sanitizer | --skip-bench
+  --skip-tests | --skip-sanitizer | --skip-bench | --skip-compile
   --dry-run        print the plan and exit (no GPU needed)
   -h, --help       this text
 EOF
@@ -46,10 +49,13 @@ SHARED="${CAMIXER_FAST_SHARED:-}"
 PY="python3"
 WORK=""
 BENCH_MODE="--quick"
+COMPILE_MODE="--quick"
 BENCH_LIMIT=420
+# the benchmark's sections here: its "variants" come from the compile-graphs step
+BENCH_SECTIONS="ceilings,latency,kernels,batch,large,training,upscale"
 BUDGET=540
 LOGS=0
-RUN_TESTS=1 RUN_SANITIZER=1 RUN_BENCH=1 DRY_RUN=0
+RUN_TESTS=1 RUN_SANITIZER=1 RUN_BENCH=1 RUN_COMPILE=1 DRY_RUN=0
 
 need_value() {
   if [ $# -lt 2 ] || [ -z "$2" ]; then
@@ -63,12 +69,13 @@ while [ $# -gt 0 ]; do
     --shared) need_value "$@"; SHARED="$2"; shift 2 ;;
     --python) need_value "$@"; PY="$2"; shift 2 ;;
     --work) need_value "$@"; WORK="$2"; shift 2 ;;
-    --full) BENCH_MODE="--full"; BENCH_LIMIT=2400; shift ;;
+    --full) BENCH_MODE="--full"; COMPILE_MODE=""; BENCH_LIMIT=2400; shift ;;
     --budget) need_value "$@"; BUDGET="$2"; shift 2 ;;
     --logs) LOGS=1; shift ;;
     --skip-tests) RUN_TESTS=0; shift ;;
     --skip-sanitizer) RUN_SANITIZER=0; shift ;;
     --skip-bench) RUN_BENCH=0; shift ;;
+    --skip-compile) RUN_COMPILE=0; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "error: unknown option $1" >&2; usage >&2; exit 2 ;;
@@ -91,6 +98,7 @@ TEST_GROUPS=(
   "training|240|tests/test_train.py -k triton"
   "api|300|tests/test_upscale.py tests/test_model.py tests/test_loading.py"
   "precision|240|tests/test_precision.py tests/test_autocast.py"
+  "compile|300|tests/test_compile.py tests/test_graphs.py tests/test_host_sync.py"
 )
 DTYPES=(float32 float16 bfloat16)
 # a training step under the sanitizer too where its kernels have not run on a GPU yet
@@ -114,9 +122,11 @@ if [ "$DRY_RUN" = 1 ]; then
   if [ "$RUN_BENCH" = 1 ]; then
     echo "  bench ($BENCH_LIMIT s, within the time left): bench/gpu_bench.py $BENCH_MODE"
     "$PY" "$REPO/bench/gpu_bench.py" --weights "$SHARED/weights/CAMixerSR_S.pth" \
-      --image "$SHARED/data/Urban100/HR/img_001.png" $BENCH_MODE --dry-run 2>/dev/null \
-      | sed 's/^/    /'
+      --image "$SHARED/data/Urban100/HR/img_001.png" $BENCH_MODE \
+      --sections "$BENCH_SECTIONS" --dry-run 2>/dev/null | sed 's/^/    /'
   fi
+  [ "$RUN_COMPILE" = 1 ] && echo "  compile-graphs (240 s): bench/gpu_compile_graphs.py" \
+                                 "${COMPILE_MODE:-(full)}"
   if [ "$RUN_SANITIZER" = 1 ]; then
     for dtype in "${DTYPES[@]}"; do
       echo "  sanitizer-$dtype (240 s): compute-sanitizer memcheck bench/gpu_forward.py" \
@@ -221,12 +231,27 @@ if [ "$RUN_BENCH" = 1 ]; then
     step bench "$limit" "$WORK/bench.log" "$PY" "$REPO/bench/gpu_bench.py" \
       --weights "$WEIGHTS" --image "$IMAGE" --large-image "$LARGE" --json "$WORK/bench.json" \
       --results-md "$WORK/RESULTS-gpu.md" \
-      --commit "$COMMIT" --budget $(( limit > 40 ? limit - 20 : 20 )) $BENCH_MODE || true
+      --commit "$COMMIT" --budget $(( limit > 40 ? limit - 20 : 20 )) \
+      --sections "$BENCH_SECTIONS" $BENCH_MODE || true
   else
     skip bench unavailable "missing $WEIGHTS or $IMAGE"
   fi
 else
   skip bench skipped "--skip-bench"
+fi
+
+if [ "$RUN_COMPILE" = 1 ]; then
+  WEIGHTS="$SHARED/weights/CAMixerSR_S.pth"
+  IMAGE="$SHARED/data/Urban100/HR/img_001.png"
+  if [ -f "$WEIGHTS" ] && [ -f "$IMAGE" ]; then
+    step compile-graphs 240 "$WORK/compile-graphs.log" "$PY" \
+      "$REPO/bench/gpu_compile_graphs.py" --weights "$WEIGHTS" --image "$IMAGE" \
+      --json "$WORK/compile-graphs.json" $COMPILE_MODE || true
+  else
+    skip compile-graphs unavailable "missing $WEIGHTS or $IMAGE"
+  fi
+else
+  skip compile-graphs skipped "--skip-compile"
 fi
 
 if [ "$RUN_SANITIZER" = 1 ]; then
@@ -247,12 +272,12 @@ else
   skip sanitizer skipped "--skip-sanitizer"
 fi
 
-"$PY" "$REPO/bench/gpu_summary.py" summarize --work "$WORK" --out "$OUT"
+RESULTS_MD=()
+# the GPU section of RESULTS.md, when the results go to the checkout's own folder
+[ "$OUT" = "$REPO/bench/results" ] && RESULTS_MD=(--results-md "$REPO/bench/RESULTS.md")
+"$PY" "$REPO/bench/gpu_summary.py" summarize --work "$WORK" --out "$OUT" \
+  ${RESULTS_MD[@]+"${RESULTS_MD[@]}"}
 status=$?
-if [ "$OUT" = "$REPO/bench/results" ] && [ -f "$WORK/bench.json" ]; then
-  "$PY" "$REPO/bench/gpu_report.py" "$WORK/bench.json" --results-md "$REPO/bench/RESULTS.md" \
-    || status=1
-fi
 if [ "$LOGS" = 1 ]; then
   tar -czf "$OUT/gpu-logs-$(date -u +%Y-%m-%d).tar.gz" -C "$WORK" --exclude=./site \
     --exclude=./src --exclude=./triton-cache .

@@ -64,13 +64,16 @@ class Verdict:
 # --- reading the record -------------------------------------------------------------------
 
 def bench_record(record: dict) -> dict | None:
-    """The benchmark record inside ``record``: itself, or a GPU check's ``bench`` entry."""
+    """The benchmark record inside ``record``: itself, or a GPU check's ``bench`` entry (with
+    the check's compile-graphs step as its ``variants``)."""
     if record is None:
         return None
     if "sections" in record:
         return record
     inner = record.get("bench")
-    return inner if isinstance(inner, dict) and "sections" in inner else None
+    if not isinstance(inner, dict) or "sections" not in inner:
+        return None
+    return with_compile_graphs(inner, record.get("compile_graphs"))
 
 
 def section(record: dict | None, name: str) -> dict | None:
@@ -151,6 +154,32 @@ def bench_ok(record: dict) -> bool:
             if not row.get("parity_ok", row.get("ok", True)):
                 ok = False
     return ok
+
+
+def compile_graphs_rows(result: dict) -> list[dict]:
+    """The ``variants`` rows of bench/gpu_compile_graphs.py's JSON (issue 11 part B): one per
+    variant (its entries with an ``ok``)."""
+    rows = []
+    for name, value in result.items():
+        if not isinstance(value, dict) or "ok" not in value:
+            continue
+        rows.append({"variant": name, "kind": "cuda-graph" if "graph" in name else "compile",
+                     "ok": bool(value["ok"]), "max_abs_vs_eager": value.get("max_diff"),
+                     "eager_ms": value.get("eager_ms"),
+                     "ms": value.get("replay_ms", value.get("compiled_ms")),
+                     "compile_s": value.get("compile_s"), "error": value.get("error")})
+    return rows
+
+
+def with_compile_graphs(bench: dict, compiled: dict | None, status: str = "ok") -> dict:
+    """``bench`` with its ``variants`` section taken from a compile-graphs JSON (the GPU check
+    runs bench/gpu_compile_graphs.py as its own step); ``bench`` itself is not changed."""
+    if compiled is None:
+        return bench
+    out = dict(bench, sections=dict(bench.get("sections", {})))
+    out["sections"]["variants"] = {"status": status, "seconds": 0.0, "data": {
+        "source": "bench/gpu_compile_graphs.py", "rows": compile_graphs_rows(compiled)}}
+    return out
 
 
 # --- targets ------------------------------------------------------------------------------

@@ -6,11 +6,13 @@ and rendered as a readable markdown summary.
 
 ``summarize`` reads the work folder the check filled -- ``steps.tsv`` (one line per step: name,
 status, seconds, detail), ``env.json``, ``tests-<group>.xml`` (pytest's JUnit XML) with
-``tests-<group>.log``, ``sanitizer-<dtype>.log``, ``bench.json`` (bench/gpu_bench.py) -- and
-writes ``gpu-<date>.json`` and ``gpu-<date>.md`` into ``--out``; the benchmark's part of the
-markdown is bench/gpu_report.py's GPU section (the speed targets with their verdicts), which
-``python bench/gpu_report.py gpu-<date>.json --results-md bench/RESULTS.md`` puts into
-bench/RESULTS.md. Nothing here needs torch or a GPU except ``env``.
+``tests-<group>.log``, ``sanitizer-<dtype>.log``, ``bench.json`` (bench/gpu_bench.py),
+``compile-graphs.json`` (bench/gpu_compile_graphs.py) -- and writes ``gpu-<date>.json`` and
+``gpu-<date>.md`` into ``--out``. The benchmark's part of the markdown is bench/gpu_report.py's
+GPU section (the speed targets with their verdicts; the compile-graphs step gives its
+``variants``), which ``--results-md bench/RESULTS.md`` (or later ``python bench/gpu_report.py
+gpu-<date>.json --results-md bench/RESULTS.md``) writes into bench/RESULTS.md. Nothing here
+needs torch or a GPU except ``env``.
 """
 
 from __future__ import annotations
@@ -109,14 +111,41 @@ def gather(work: Path) -> dict:
                  for p in sorted(work.glob("sanitizer-*.log"))}
     bench_path = work / "bench.json"
     bench = json.loads(bench_path.read_text()) if bench_path.exists() else None
+    compiled_path = work / "compile-graphs.json"
+    compiled = json.loads(compiled_path.read_text()) if compiled_path.exists() else None
     ok = (all(s["status"] in ("ok", "skipped", "unavailable") for s in steps)
           and all(t["status"] == "passed" for t in tests.values())
           and all(s["status"] in ("clean", "unavailable") for s in sanitizer.values())
-          and (bench is None or gpu_report.bench_ok(bench)))
+          and (bench is None or gpu_report.bench_ok(bench))
+          and (compiled is None or all(r["ok"] for r in _variants(compiled).values())))
     return {"date": environment.get("date") or datetime.now(timezone.utc).isoformat(
                 timespec="seconds"),
             "ok": ok, "environment": environment, "steps": steps, "tests": tests,
-            "sanitizer": sanitizer, "bench": bench}
+            "sanitizer": sanitizer, "bench": bench, "compile_graphs": compiled}
+
+
+def _variants(compiled: dict) -> dict[str, dict]:
+    """The variant rows of a ``compile-graphs.json`` (the entries with an ``ok``)."""
+    return {name: row for name, row in compiled.items()
+            if isinstance(row, dict) and "ok" in row}
+
+
+def _compiled_rows(compiled: dict) -> list[str]:
+    rows = ["| variant | ok | max abs diff to eager | same K / order | eager ms | "
+            "compiled / replay ms |", "|---|---|---|---|---|---|"]
+    for name, r in _variants(compiled).items():
+        if "error" in r:
+            rows.append(f"| {name} | no | {r['error'][:120]} | — | — | — |")
+            continue
+        fast = r.get("compiled_ms", r.get("replay_ms"))
+        rows.append(f"| {name} | {'yes' if r['ok'] else '**no**'} | {r['max_diff']:.1e} | "
+                    f"{r['same_k']} / {r['same_order']} | {_ms(r.get('eager_ms'))} | "
+                    f"{_ms(fast)} |")
+    return rows
+
+
+def _ms(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
 
 
 def render(result: dict) -> str:
@@ -156,22 +185,35 @@ def render(result: dict) -> str:
             errors = "—" if s["errors"] is None else str(s["errors"])
             lines.append(f"| {dtype} | {s['status']} | {errors} | {s['first']} |")
         lines.append("")
-    bench = result.get("bench")
+    bench = gpu_report.bench_record(result)
     if bench:
         section = gpu_report.render_section(bench, "bench/gpu_bench.py")
         lines += [line for line in section.splitlines()
                   if line not in (gpu_report.BEGIN, gpu_report.END)]
+        lines.append("")
+    compiled = result.get("compile_graphs")
+    if compiled:
+        lines += ["## torch.compile and CUDA graphs (S, γ = 0.5, fp32)", "",
+                  "Each variant checked against eager (≤ 1e-4, the same K and window order) "
+                  "before it is timed.", ""]
+        lines += _compiled_rows(compiled)
+        lines.append("")
     return "\n".join(lines)
 
 
-def summarize(work: Path, out: Path) -> tuple[Path, Path, dict]:
-    """Gather ``work`` and write ``gpu-<date>.json`` and ``gpu-<date>.md`` into ``out``."""
+def summarize(work: Path, out: Path, results_md: Path | None = None
+              ) -> tuple[Path, Path, dict]:
+    """Gather ``work`` and write ``gpu-<date>.json`` and ``gpu-<date>.md`` into ``out``; with
+    ``results_md``, also that file's GPU section (when the check ran the benchmark)."""
     result = gather(work)
     out.mkdir(parents=True, exist_ok=True)
     stamp = result["date"][:10]
     json_path, md_path = out / f"gpu-{stamp}.json", out / f"gpu-{stamp}.md"
     json_path.write_text(json.dumps(result, indent=1) + "\n")
     md_path.write_text(render(result))
+    if results_md is not None and gpu_report.bench_record(result) is not None:
+        gpu_report.update_results_md(results_md, gpu_report.render_section(result,
+                                                                            json_path.name))
     return json_path, md_path, result
 
 
@@ -208,13 +250,15 @@ def main(argv: list[str] | None = None) -> int:
     summ = sub.add_parser("summarize", help="gather a work folder, write the JSON and markdown")
     summ.add_argument("--work", type=Path, required=True)
     summ.add_argument("--out", type=Path, required=True)
+    summ.add_argument("--results-md", type=Path, default=None,
+                      help="also rewrite this file's GPU section (bench/RESULTS.md)")
     args = parser.parse_args(argv)
     if args.command == "env":
         print(json.dumps(environment(args.commit), indent=1))
         return 0
     if not args.work.is_dir():
         parser.error(f"no work folder {args.work}")
-    json_path, md_path, result = summarize(args.work, args.out)
+    json_path, md_path, result = summarize(args.work, args.out, args.results_md)
     print(md_path.read_text())
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
     return 0 if result["ok"] else 1

@@ -11,6 +11,8 @@ one 1024×1024 input in a fresh process, onnxruntime against the CPU backend on 
 -- stores those as JSON beside the benchmark files (``breakdown.json``, ``quality.json``,
 ``memory.json``, ``onnx.json``; ``--reuse`` reads them instead of recomputing), draws PSNR
 against MAdds when matplotlib is installed, and writes the report.
+``official_code.json`` (``bench/official_speed.py``, which needs the official code) is read
+when present, never measured here.
 Every figure in the report comes from these files.
 """
 
@@ -311,6 +313,80 @@ def upscale_lines(table: dict) -> list[str]:
     return lines
 
 
+def official_lines(data: dict) -> list[str]:
+    """The section of ``bench/official_speed.py``: ``backend="auto"`` against the official code."""
+    stamp, rows = data["machine"], data["rows"]
+    timed = [r for r in rows if "speedup" in r]
+    loads = [r[k] for r in timed for k in ("loadavg_1min_start", "loadavg_1min_end")]
+    worst = min((r["speedup"] for r in timed), default=float("nan"))
+    met = bool(timed) and len(timed) == len(rows) and worst >= data["target"]
+    official = data["official"]
+    lines = [
+        "## Against the official code",
+        "",
+        (f"Written from `bench/results/official_code.json` (`bench/official_speed.py`, "
+         f"{data['date']}). The official architecture file of {official['repo']} at "
+         f"`{official['commit'][:7]}`, run as published (`bench/official_code.py`: only "
+         "basicsr's registry and `flow_warp` are stubbed), against `camixer_fast` with "
+         f"`backend=\"auto\"` (here `{data['ours']['backend']}`, {data['ours']['routing']} "
+         "routing); the same `CAMixerSR_S.pth` (`params_ema`). "
+         f"{stamp['cpu_model']}, {stamp['cpu_count']} cores, torch {stamp['torch']}, "
+         f"{data['threads']} threads"
+         + "".join(f", {k}={v}" for k, v in data.get("env", {}).items())
+         + f", {data['mode']}, {data['rounds']} rounds; 1-minute load "
+         + (f"average {min(loads):.2f}–{max(loads):.2f}." if loads else "average not recorded.")),
+        "",
+        ("Checked before timing, per input and γ: the official output for one Gumbel draw "
+         "against ours for the same draw, and the timed model against the reference backend "
+         f"(max abs, both ≤ {data['tolerance']:g}). The official code draws K at random "
+         "(`gumbel_softmax` averaged over the batch and the windows, in every block of every "
+         "call); ours takes its expectation. K/N: the mean fraction of windows attended in "
+         "the timed calls."),
+        "",
+        f"Target: ≥ {data['target']:g}× at every γ on every input: "
+        + (f"**met** (lowest {worst:.2f}×)." if met else f"**not met** (lowest {worst:.2f}×)."),
+        "",
+        "| input | γ | official | ours | speed-up | K/N official | K/N ours | "
+        "max err same draw | max err vs reference |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        check = r["check"]
+        if "speedup" not in r:
+            lines.append(f"| {r['image']} {r['size']} | {r['gamma']:g} | – | – | "
+                         f"{r['skipped']} | – | – | {check['official_vs_ours_same_draw']:.1e} | "
+                         f"{check['ours_vs_reference']:.1e} |")
+            continue
+        lines.append(f"| {r['image']} {r['size']} | {r['gamma']:g} | {ms(r['official_s'])} | "
+                     f"{ms(r['ours_s'])} | **{r['speedup']:.2f}×** | "
+                     f"{r['official_k_fraction']:.2f} | {r['ours_k_fraction']:.2f} | "
+                     f"{check['official_vs_ours_same_draw']:.1e} | "
+                     f"{check['ours_vs_reference']:.1e} |")
+    prof = data.get("profile")
+    if prof:
+        lines += ["", (f"Where a forward's time goes ({prof['input']}, torch threads: "
+                       f"{prof['threads']}, "
+                       "`torch.profiler` self CPU time per operation, mean of 3 forwards; the "
+                       "profiler's per-operation cost is included). Ours per network range: "
+                       "predictor = project_v, predictor and routing; attention = deformable "
+                       "keys and window attention; conv = the mixer's depthwise convolutions, "
+                       "GELU gate and output projection; ffn = the FFN and its LayerNorm; rest "
+                       "= head, tail, group tails, the first LayerNorm of each block."), "",
+                  "| γ | model | profiled total | largest operations (share) |",
+                  "|---|---|---|---|"]
+        for gamma, cell in prof["gammas"].items():
+            for model in ("official", "ours"):
+                ops = ", ".join(f"{name.removeprefix('aten::')} {100 * share:.0f}%"
+                                for name, _, share in cell[model]["ops"][:6])
+                lines.append(f"| {float(gamma):g} | {model} | {cell[model]['total_ms']:.0f} ms "
+                             f"| {ops} |")
+            ranges = cell["ours_ranges_ms"]
+            parts = ", ".join(f"{k} {ranges[k]:.0f} ms" for k in ranges if k != "total")
+            lines.append(f"| {float(gamma):g} | ours by range | {ranges['total']:.0f} ms | "
+                         f"{parts} |")
+    return lines
+
+
 def breakdown_lines(breakdown: dict) -> list[str]:
     lines = ["| backend | γ | " + " | ".join(PARTS) + " |", "|---|---|" + "---|" * len(PARTS)]
     for row in breakdown["rows"]:
@@ -368,7 +444,7 @@ def onnx_lines(onnx: dict) -> list[str]:
 
 def render(benches: list[dict], machine: dict, breakdown: dict | None, quality: dict | None,
            memory: dict | None, plot_md: str, sources: list[str],
-           onnx: dict | None = None) -> str:
+           official: dict | None = None, onnx: dict | None = None) -> str:
     stamp = machine.get("camixer_fast") or machine_stamp()
     backends, upscales = backend_table(benches), upscale_table(benches)
     loads = [b["extra_info"]["loadavg_1min"] for b in benches if "loadavg_1min" in b["extra_info"]]
@@ -395,6 +471,7 @@ def render(benches: list[dict], machine: dict, breakdown: dict | None, quality: 
         ("- **reference**: `camixer_fast.reference` (pure PyTorch, NCHW); **cpu**: "
         "`camixer_fast.cpu_ops`, the CPU backend (`backend=\"auto\"` on the CPU)."),
         "",
+        *(official_lines(official) + [""] if official else []),
         "## Speed targets",
         "",
         *speed_targets(backends, memory),
@@ -489,8 +566,12 @@ def main(argv: list[str] | None = None) -> int:
     sources = [p.resolve().relative_to(BENCH.parent).as_posix()
                if p.resolve().is_relative_to(BENCH.parent) else str(p) for p in args.bench_json]
     sources += [f"bench/results/{n}.json" for n, v in measured.items() if v is not None]
+    official_path = args.results / "official_code.json"
+    official = json.loads(official_path.read_text()) if official_path.is_file() else None
+    if official:
+        sources.append("bench/results/official_code.json")
     text = render(benches, machine, measured["breakdown"], measured["quality"],
-                  measured["memory"], plot_md, sources, measured["onnx"])
+                  measured["memory"], plot_md, sources, official=official, onnx=measured["onnx"])
     # the GPU section is bench/gpu_report.py's: kept as it is
     gpu = extract_section(args.out.read_text()) if args.out.is_file() else None
     args.out.write_text(text + ("\n" + gpu if gpu else ""))

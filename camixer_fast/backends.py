@@ -19,7 +19,6 @@ errors: nothing falls back silently.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import warnings
 from collections.abc import Callable
@@ -83,6 +82,9 @@ class Ops:
     given the block's weights by the network; None runs the network's own block code with
     these operations. ``whole_batch``: run an inference batch as one call (routing stays per
     image); False runs it image by image, which makes each output bit-identical to a solo run.
+    ``sync_free``: the inference forward never waits for the device to read a value on the
+    host (no ``.item()``, no boolean-mask gather), so a CUDA graph can capture it
+    (:mod:`camixer_fast.graphs`; ``tests/test_host_sync.py`` holds every backend to its word).
     """
 
     route_windows: RouteWindows
@@ -92,6 +94,7 @@ class Ops:
     masked_window_attention: MaskedWindowAttention
     block_inference: BlockInference | None = None
     whole_batch: bool = False
+    sync_free: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,9 @@ class Backend:
 
     @property
     def ops(self) -> Ops:
-        return _ops(self.name)
+        # no cache: a loader only imports (a lookup once imported) and fills the table, and
+        # torch.compile traces it without guarding on a cache that its first trace would fill
+        return self.load()
 
 
 def _triton_unsupported(device: torch.device, dtype: torch.dtype, training: bool) -> str | None:
@@ -151,13 +156,14 @@ def _reference_unsupported(device: torch.device, dtype: torch.dtype,
 
 
 def _reference_ops() -> Ops:
-    from camixer_fast.reference.attention_inference import window_attention
+    from camixer_fast.custom_ops import reference_route_windows, reference_window_attention
     from camixer_fast.reference.attention_training import masked_window_attention
-    from camixer_fast.reference.routing import route_windows, window_scores
+    from camixer_fast.reference.routing import window_scores
     from camixer_fast.reference.warp import deformable_key
 
-    return Ops(route_windows, window_scores, deformable_key, window_attention,
-               masked_window_attention)
+    # the reference functions, as custom operators where torch.compile needs them
+    return Ops(reference_route_windows, window_scores, deformable_key,
+               reference_window_attention, masked_window_attention)
 
 
 def _cpu_ops() -> Ops:
@@ -168,11 +174,14 @@ def _cpu_ops() -> Ops:
 
 def _triton_ops() -> Ops:
     from camixer_fast import kernels
+    from camixer_fast.kernels.block import block_inference
     from camixer_fast.reference.routing import window_scores
 
-    # training differentiates the window scores: their small MLP stays in PyTorch there
+    # training differentiates the window scores: their small MLP stays in PyTorch there.
+    # At inference a whole block runs fused (kernels/block.py), the batch as one call.
     return Ops(kernels.route_windows, window_scores, kernels.deformable_key,
-               kernels.window_attention, kernels.masked_window_attention)
+               kernels.window_attention, kernels.masked_window_attention,
+               block_inference=block_inference, whole_batch=True, sync_free=True)
 
 
 REGISTRY: dict[str, Backend] = {
@@ -194,11 +203,6 @@ BACKENDS = ("auto", *REGISTRY)
 """Every name :func:`select_backend` accepts."""
 
 
-@functools.cache
-def _ops(name: str) -> Ops:
-    return REGISTRY[name].load()
-
-
 def select_backend(name: str, device: torch.device | str | None = None,
                    dtype: torch.dtype = torch.float32, *, training: bool = False) -> Backend:
     """The backend that runs a model on ``device`` (default: the CPU) in ``dtype``.
@@ -211,6 +215,16 @@ def select_backend(name: str, device: torch.device | str | None = None,
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     device = torch.device("cpu" if device is None else device)
+    return REGISTRY[_chosen(name, device, dtype, training)]
+
+
+def _chosen(name: str, device: torch.device, dtype: torch.dtype, training: bool) -> str:
+    # The name of the backend select_backend returns. torch.compile calls this once per
+    # compiled graph, outside it, and keeps the name: the answers depend on the process (triton
+    # installed, the GPU's capability, TRITON_INTERPRET), and the questions (importlib's
+    # find_spec, torch.cuda.get_device_capability) would break the graph. The arguments are
+    # guarded as the graph's own (the model's backend request and mode, the input's device,
+    # the weights' dtype).
     if name == "auto":
         reasons = []
         for candidate in AUTO_ORDER:
@@ -221,7 +235,7 @@ def select_backend(name: str, device: torch.device | str | None = None,
                 backend = REGISTRY[backend.trains_as]
             reason = backend.unsupported(device, dtype, training)
             if reason is None:
-                return backend
+                return backend.name
             reasons.append(f"{backend.name}: {reason}")
         raise RuntimeError(f"no backend runs {dtype} on {device}: " + "; ".join(reasons))
     backend = REGISTRY[name]
@@ -230,7 +244,12 @@ def select_backend(name: str, device: torch.device | str | None = None,
     reason = backend.unsupported(device, dtype, training)
     if reason is not None:
         raise RuntimeError(f"backend {name!r} cannot run here: {reason}")
-    return backend
+    return backend.name
+
+
+# what torch.compiler.assume_constant_result sets, which would import Dynamo (and with it
+# triton) with this module (tests/test_compile.py checks that the choice stays out of graphs)
+_chosen._dynamo_marked_constant = True
 
 
 def can_use_triton(device: torch.device | str | None = None) -> tuple[bool, str]:

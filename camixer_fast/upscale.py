@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from camixer_fast.graphs import CUDAGraphModel
 from camixer_fast.imageio import array_to_pil, check_range, merge_array, pil_to_array, split_array
 from camixer_fast.loading import WEIGHTS_ENV, load_model
 from camixer_fast.reference.model import CAMixerSR
@@ -53,10 +54,19 @@ CACHE_SIZE = 8
 
 @dataclass
 class CachedModel:
-    """A loaded model and the lock that serializes its calls (``gamma`` is set per call)."""
+    """A loaded model and the lock that serializes its calls (``gamma`` is set per call);
+    ``graphed``: its CUDA graphs, made on first use (:meth:`graphs`)."""
 
     model: CAMixerSR
     lock: threading.Lock = field(default_factory=threading.Lock)
+    graphed: CUDAGraphModel | None = None
+
+    def graphs(self) -> CUDAGraphModel:
+        """The model's :class:`~camixer_fast.graphs.CUDAGraphModel` (RuntimeError with the
+        reason where it cannot be captured)."""
+        if self.graphed is None:
+            self.graphed = CUDAGraphModel(self.model)
+        return self.graphed
 
 
 _cache: OrderedDict[tuple, CachedModel] = OrderedDict()
@@ -215,7 +225,7 @@ def tile_origins(size: int, tile: int) -> list[int]:
     return list(range(0, size - tile, stride)) + [size - tile]
 
 
-def tiled_forward(model: CAMixerSR, x: Tensor, tile: int,
+def tiled_forward(model: CAMixerSR | CUDAGraphModel, x: Tensor, tile: int,
                   progress: ProgressCallback | None = None, *, batch: int = 1) -> Tensor:
     """The official overlapped-tile inference (spec §5): (B, 3, H, W) -> (B, 3, sH, sW) float32.
 
@@ -223,6 +233,8 @@ def tiled_forward(model: CAMixerSR, x: Tensor, tile: int,
     outputs are averaged. ``batch`` tiles (all of the same size) are given to ``model`` in one
     call, which runs them one by one at inference, so the result does not depend on ``batch``.
     Memory: one tile's working set plus the float32 output and ``batch`` tiles' outputs.
+    Every tile has the same size: a :class:`~camixer_fast.graphs.CUDAGraphModel` captures one
+    graph per number of tiles in a call.
     """
     images, _, height, width = x.shape
     scale = model.scale
@@ -284,7 +296,7 @@ def _release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_network(model: CAMixerSR, x: Tensor, tile: int | None, *, batch: int = 1,
+def run_network(model: CAMixerSR | CUDAGraphModel, x: Tensor, tile: int | None, *, batch: int = 1,
                 progress: ProgressCallback | None = None,
                 on_retry: Callable[[str], None] | None = None) -> Tensor:
     """``model`` on (B, 3, H, W) ``x`` (already on the model's device and dtype), whole or in
@@ -333,18 +345,20 @@ def _check_tile(tile: int | str | None) -> int | str | None:
 def _super_resolve(x: Tensor, gamma: float, weights: str | os.PathLike | Mapping,
                    tile: int | str | None, device: torch.device, dtype: torch.dtype,
                    backend: str, progress: ProgressCallback | None,
-                   on_retry: Callable[[str], None] | None = None) -> Tensor:
+                   on_retry: Callable[[str], None] | None = None,
+                   cuda_graph: bool = False) -> Tensor:
     """(B, 3, H, W) float in [0, 1] -> (B, 3, sH, sW) clamped to [0, 1], on ``device``."""
     entry = cached_model(weights, device, dtype, backend)
     model = entry.model
     with entry.lock:
         model.gamma = gamma
+        run = entry.graphs() if cuda_graph else model
         with torch.inference_mode():
             x = x.to(device=device, dtype=dtype)
             if tile == "auto":
                 tile = auto_tile(x.shape[2], x.shape[3], batch=x.shape[0], scale=model.scale,
                                  device=device, dtype=dtype)
-            out = run_network(model, x, tile, progress=progress, on_retry=on_retry)
+            out = run_network(run, x, tile, progress=progress, on_retry=on_retry)
     return out.clamp(0, 1)
 
 
@@ -412,7 +426,7 @@ def upscale(img: ImageLike, gamma: float = 0.5, *,
             weights: str | os.PathLike | Mapping = "CAMixerSR-S",
             tile: int | str | None = None, device: torch.device | str | None = None,
             dtype: torch.dtype | str | None = None, backend: str = "auto",
-            progress: ProgressCallback | None = None) -> ImageLike:
+            cuda_graph: bool = False, progress: ProgressCallback | None = None) -> ImageLike:
     """Super-resolve ``img`` by the model's scale (×4 for CAMixerSR-S); returns the same kind.
 
     img:
@@ -444,11 +458,16 @@ def upscale(img: ImageLike, gamma: float = 0.5, *,
     dtype: the network's dtype (torch dtype or "fp32"/"fp16"/"bf16"); None: float32.
     backend: "auto", "reference", "cpu" or "triton" (see :mod:`camixer_fast.backends`; "auto"
       is "cpu" on the CPU, "triton" on a CUDA device that runs the kernels).
+    cuda_graph: replay the network as CUDA graphs, one per input (or tile) size, captured on
+      first use (:class:`camixer_fast.graphs.CUDAGraphModel`): far fewer launches for many
+      images or tiles of one size. Needs a CUDA device and the Triton backend; RuntimeError with
+      the reason otherwise (no silent fallback). Not yet proven on a GPU.
     progress: optional ``progress(done, total)`` called after each tile.
     """
     gamma, tile, dtype = check_gamma(gamma), _check_tile(tile), resolve_dtype(dtype)
     job = prepare(img)
     device = resolve_device(device if device is not None else job.device)
     sr = _super_resolve(job.colour, gamma, weights, tile, device, dtype, backend, progress,
-                        on_retry=lambda text: warnings.warn(text, RuntimeWarning, stacklevel=3))
+                        on_retry=lambda text: warnings.warn(text, RuntimeWarning, stacklevel=3),
+                        cuda_graph=bool(cuda_graph))
     return job.finish(sr)

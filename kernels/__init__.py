@@ -5,6 +5,9 @@
 - :mod:`.warp`: the deformable key ``x + warp(x, offsets)``, forward and backward
 - :mod:`.attention_inference`: hard-window attention with ``v·sa`` on simple windows
 - :mod:`.attention_training`: the dense masked attention of training, forward and backward
+- :mod:`.block`: a whole block at inference (the backend's ``block_inference``), from
+  :mod:`.predictor`, :mod:`.depthwise`, :mod:`.mixer_tail` and :mod:`.ffn` (helpers in
+  :mod:`.tile_math`) and the kernels above
 
 The package exports the functions (``camixer_fast.kernels.window_attention`` is the function);
 the modules are named apart from them. Importing this package imports triton;

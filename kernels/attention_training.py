@@ -15,7 +15,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 
+from camixer_fast.custom_ops import kernel_op
 from camixer_fast.kernels._autocast import autocast_entry
 from camixer_fast.kernels._tiles import (
     HALF,
@@ -174,10 +176,11 @@ def window_attention_core_forward(q: Tensor, k: Tensor, v: Tensor, *,
     """Per-window softmax(QKᵀ)V on projected (B, C, H, W) maps: (out, lse (B, N, ws²) fp32)."""
     dims, meta = _launch_args(q, window_size)
     b, n = q.shape[0], dims[4]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q)
     lse = torch.empty(b, n, window_size * window_size, dtype=torch.float32, device=q.device)
     grid = (n, window_size * window_size // meta["BM"], b)
-    _attention_fwd_kernel[grid](q, k, v, out, lse, *dims, **meta)
+    wrap_triton(_attention_fwd_kernel)[grid](q, k, v, out, lse, *dims, **meta)
     return out, lse
 
 
@@ -195,11 +198,30 @@ def window_attention_core_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     delta = delta.reshape(b, n, window_size * window_size).contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     tokens = window_size * window_size
-    _attention_bwd_dkv_kernel[(n, tokens // meta["BN"], b)](q, k, v, grad_out, lse, delta, dk,
-                                                             dv, *dims, **meta)
-    _attention_bwd_dq_kernel[(n, tokens // meta["BM"], b)](q, k, v, grad_out, lse, delta, dq,
-                                                            *dims, **meta)
+    wrap_triton(_attention_bwd_dkv_kernel)[(n, tokens // meta["BN"], b)](
+        q, k, v, grad_out, lse, delta, dk, dv, *dims, **meta)
+    wrap_triton(_attention_bwd_dq_kernel)[(n, tokens // meta["BM"], b)](
+        q, k, v, grad_out, lse, delta, dq, *dims, **meta)
     return dq, dk, dv
+
+
+def _core_forward_fake(q: Tensor, k: Tensor, v: Tensor, *,
+                       window_size: int) -> tuple[Tensor, Tensor]:
+    b, _, height, width = q.shape
+    n = (height // window_size) * (width // window_size)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty(b, n, window_size * window_size, dtype=torch.float32))
+
+
+def _core_backward_fake(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                        grad_out: Tensor, *, window_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+_core_forward = kernel_op("triton_window_attention_core", window_attention_core_forward,
+                          _core_forward_fake)
+_core_backward = kernel_op("triton_window_attention_core_backward",
+                           window_attention_core_backward, _core_backward_fake)
 
 
 class WindowAttentionCore(torch.autograd.Function):
@@ -208,7 +230,7 @@ class WindowAttentionCore(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, window_size: int) -> Tensor:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out, lse = window_attention_core_forward(q, k, v, window_size=window_size)
+        out, lse = _core_forward(q, k, v, window_size=window_size)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.window_size = window_size
         return out
@@ -216,8 +238,7 @@ class WindowAttentionCore(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = window_attention_core_backward(q, k, v, out, lse, grad_out,
-                                                    window_size=ctx.window_size)
+        dq, dk, dv = _core_backward(q, k, v, out, lse, grad_out, window_size=ctx.window_size)
         return dq, dk, dv, None
 
 

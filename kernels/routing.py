@@ -14,13 +14,14 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 
+from camixer_fast.custom_ops import gumbel_noise, kernel_op, window_order
 from camixer_fast.reference.routing import (
     WindowRouting,
     check_gamma,
     check_routing_mode,
     check_tie_break,
-    gumbel_noise,
 )
 
 
@@ -101,6 +102,51 @@ def _check(name: str, t: Tensor, shape: tuple, device: torch.device) -> None:
         raise ValueError(f"{name} is on {t.device}, expected {device}")
 
 
+def score_windows(h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+                  window_size: int) -> Tensor:
+    """Launch the scoring kernel: h (B, c4, H, W) contiguous, ``out_mask`` weights -> window
+    scores pred (B, N, 2) fp32."""
+    b, c4, height, width = h.shape
+    hidden = w1.shape[0]
+    cols = width // window_size
+    n = (height // window_size) * cols
+    pred = torch.empty(b, n, 2, dtype=torch.float32, device=h.device)
+    wrap_triton(_window_scores_kernel)[(n, b)](h, w1, b1, w2, b2, pred, c4, height, width, cols,
+                                               n, hidden, WS=window_size,
+                                               BC=triton.next_power_of_2(c4),
+                                               BH=triton.next_power_of_2(hidden))
+    return pred
+
+
+def select_windows(pred: Tensor, noise: Tensor | None, gamma: float) -> tuple[Tensor, Tensor]:
+    """Launch the selection kernel: pred (B, N, 2) fp32 and the Gumbel noise of a draw (or
+    None: expected routing) -> (num_hard (B,), order (B, N)), ties by lower index."""
+    b, n, _ = pred.shape
+    num_hard = torch.empty(b, dtype=torch.int64, device=pred.device)
+    order = torch.empty(b, n, dtype=torch.int64, device=pred.device)
+    wrap_triton(_select_kernel)[(triton.cdiv(n, SELECT_BLOCK), b)](
+        pred, pred if noise is None else noise, num_hard, order, n, gamma,
+        HAS_NOISE=noise is not None, ALL_HARD=gamma == 1.0, BI=SELECT_BLOCK, BJ=SELECT_BLOCK)
+    return num_hard, order
+
+
+def _score_windows_fake(h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+                        window_size: int) -> Tensor:
+    b, _, height, width = h.shape
+    n = (height // window_size) * (width // window_size)
+    return h.new_empty(b, n, 2, dtype=torch.float32)
+
+
+def _select_windows_fake(pred: Tensor, noise: Tensor | None,
+                         gamma: float) -> tuple[Tensor, Tensor]:
+    b, n, _ = pred.shape
+    return pred.new_empty(b, dtype=torch.int64), pred.new_empty(b, n, dtype=torch.int64)
+
+
+_score_windows = kernel_op("triton_score_windows", score_windows, _score_windows_fake)
+_select_windows = kernel_op("triton_select_windows", select_windows, _select_windows_fake)
+
+
 def route_windows(h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, gamma: float, *,
                   window_size: int, routing: str = "expected",
                   generator: torch.Generator | None = None,
@@ -113,13 +159,16 @@ def route_windows(h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, gam
     ``tie_break="index"`` is computed in the kernel. ``"official"`` (the order of
     ``torch.argsort(descending=True)`` on this device, what the official code does) takes K and
     the scores from the kernels and the order from ``torch.argsort``: the only unfused step.
+    Compiled, the kernels are the operators ``camixer::triton_score_windows`` and
+    ``camixer::triton_select_windows``, and the Gumbel noise and the official order stay
+    eager operators (:mod:`camixer_fast.custom_ops`).
     """
     gamma = check_gamma(gamma)
     check_routing_mode(routing)
     check_tie_break(tie_break)
     if h.dim() != 4:
         raise ValueError(f"h: expected (B, c4, H, W), got {tuple(h.shape)}")
-    b, c4, height, width = h.shape
+    _, _, height, width = h.shape
     ws = window_size
     if height % ws or width % ws:
         raise ValueError(f"h is {height}x{width}, not a multiple of the window size {ws}")
@@ -130,20 +179,10 @@ def route_windows(h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, gam
     _check("b1", b1, (hidden,), h.device)
     _check("w2", w2, (2, hidden), h.device)
     _check("b2", b2, (2,), h.device)
-    rows, cols = height // ws, width // ws
-    n = rows * cols
     h, w1, b1, w2, b2 = (t.contiguous() for t in (h, w1, b1, w2, b2))
-    pred = torch.empty(b, n, 2, dtype=torch.float32, device=h.device)
-    _window_scores_kernel[(n, b)](h, w1, b1, w2, b2, pred, c4, height, width, cols, n, hidden,
-                                  WS=ws, BC=triton.next_power_of_2(c4),
-                                  BH=triton.next_power_of_2(hidden))
-    noise = gumbel_noise(pred, generator) if routing == "gumbel" else pred
-    num_hard = torch.empty(b, dtype=torch.int64, device=h.device)
-    order = torch.empty(b, n, dtype=torch.int64, device=h.device)
-    _select_kernel[(triton.cdiv(n, SELECT_BLOCK), b)](pred, noise, num_hard, order, n, gamma,
-                                                      HAS_NOISE=routing == "gumbel",
-                                                      ALL_HARD=gamma == 1.0, BI=SELECT_BLOCK,
-                                                      BJ=SELECT_BLOCK)
+    pred = _score_windows(h, w1, b1, w2, b2, ws)
+    noise = gumbel_noise(pred, generator) if routing == "gumbel" else None
+    num_hard, order = _select_windows(pred, noise, gamma)
     if tie_break == "official":
-        order = torch.argsort(pred[..., 0], dim=1, descending=True)
+        order = window_order(pred[..., 0], "official")
     return WindowRouting(pred, num_hard, order)

@@ -2,8 +2,9 @@
 
 Twin of :func:`camixer_fast.reference.warp.deformable_key`. At inference only the pixels of the
 hard windows are computed (programs per (rank, part of the window, image), idle past the
-image's K), since only they feed the attention; training runs the whole map forward and backward (gradients to x by
-atomic adds into the four taps, to the offsets per pixel).
+image's K), since only they feed the attention; training runs the whole map forward and
+backward (gradients to x by atomic adds into the four taps, to the offsets per pixel). The
+forward reads and writes channels-first or channels-last (NHWC) memory in place.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
+
+from camixer_fast.custom_ops import kernel_op
+from camixer_fast.kernels.tile_math import pixel_strides
 
 from camixer_fast.kernels._autocast import autocast_entry
 
@@ -41,11 +46,13 @@ def _pixels(i_p, i_b, num_hard_ptr, order_ptr, H, W, COLS, N, HARD_ONLY: tl.cons
 
 
 @triton.jit
-def _sample_coords(off_ptr, i_b, py, px, m_p, H, W, ACC: tl.constexpr):
-    """Clamped sampling coordinates, taps and weights of [BP] pixels (align_corners=True)."""
-    p_off = off_ptr + i_b.to(tl.int64) * 2 * H * W + py * W + px
+def _sample_coords(off_ptr, i_b, py, px, m_p, H, W, ACC: tl.constexpr, o_sb, o_sp, o_sc):
+    """Clamped sampling coordinates, taps and weights of [BP] pixels (align_corners=True).
+
+    Offset (image b, pixel p, channel c) at ``off_ptr + b·o_sb + p·o_sp + c·o_sc``."""
+    p_off = off_ptr + i_b.to(tl.int64) * o_sb + (py * W + px).to(tl.int64) * o_sp
     sx = px.to(ACC) + tl.load(p_off, mask=m_p, other=0.0).to(ACC)
-    sy = py.to(ACC) + tl.load(p_off + H * W, mask=m_p, other=0.0).to(ACC)
+    sy = py.to(ACC) + tl.load(p_off + o_sc, mask=m_p, other=0.0).to(ACC)
     # H and W may arrive as the constant 1 (a map one pixel high or wide): tl.cast, not .to
     ix = tl.minimum(tl.maximum(sx, 0.0), tl.cast(W - 1, ACC))
     iy = tl.minimum(tl.maximum(sy, 0.0), tl.cast(H - 1, ACC))
@@ -58,21 +65,27 @@ def _sample_coords(off_ptr, i_b, py, px, m_p, H, W, ACC: tl.constexpr):
 
 @triton.jit
 def _deform_key_fwd_kernel(x_ptr, off_ptr, out_ptr, num_hard_ptr, order_ptr, C, H, W, COLS, N,
-                           HARD_ONLY: tl.constexpr, WS: tl.constexpr, BC: tl.constexpr,
-                           BP: tl.constexpr, ACC: tl.constexpr):
+                           s_b, s_p, s_c, o_sb, o_sp, o_sc, HARD_ONLY: tl.constexpr,
+                           WS: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr,
+                           ACC: tl.constexpr):
+    # x and out: element (b, c, pixel p = y·W + x) at b·s_b + p·s_p + c·s_c (channels-first
+    # or channels-last memory alike); the offsets likewise with o_sb, o_sp, o_sc
     i_p, i_b = tl.program_id(0), tl.program_id(1)
     py, px, m_p = _pixels(i_p, i_b, num_hard_ptr, order_ptr, H, W, COLS, N, HARD_ONLY, WS, BP)
-    _, _, fx, fy, x0, y0, x1, y1 = _sample_coords(off_ptr, i_b, py, px, m_p, H, W, ACC)
+    _, _, fx, fy, x0, y0, x1, y1 = _sample_coords(off_ptr, i_b, py, px, m_p, H, W, ACC, o_sb,
+                                                  o_sp, o_sc)
     fx, fy = fx[None, :], fy[None, :]
     w00, w01 = (1 - fx) * (1 - fy), fx * (1 - fy)
     w10, w11 = (1 - fx) * fy, fx * fy
-    o_00, o_01 = (y0 * W + x0)[None, :], (y0 * W + x1)[None, :]
-    o_10, o_11 = (y1 * W + x0)[None, :], (y1 * W + x1)[None, :]
-    o_pix = (py * W + px)[None, :]
+    o_00 = ((y0 * W + x0).to(tl.int64) * s_p)[None, :]
+    o_01 = ((y0 * W + x1).to(tl.int64) * s_p)[None, :]
+    o_10 = ((y1 * W + x0).to(tl.int64) * s_p)[None, :]
+    o_11 = ((y1 * W + x1).to(tl.int64) * s_p)[None, :]
+    o_pix = ((py * W + px).to(tl.int64) * s_p)[None, :]
     for c0 in range(0, C, BC):                                         # channel chunks
         o_c = c0 + tl.arange(0, BC)
         m = (o_c < C)[:, None] & m_p[None, :]                          # [BC, BP]
-        plane = i_b.to(tl.int64) * C * H * W + o_c[:, None].to(tl.int64) * H * W
+        plane = i_b.to(tl.int64) * s_b + o_c[:, None].to(tl.int64) * s_c
         b_out = tl.load(x_ptr + plane + o_pix, mask=m, other=0.0).to(ACC)
         b_out += tl.load(x_ptr + plane + o_00, mask=m, other=0.0).to(ACC) * w00
         b_out += tl.load(x_ptr + plane + o_01, mask=m, other=0.0).to(ACC) * w01
@@ -86,7 +99,8 @@ def _deform_key_bwd_kernel(x_ptr, off_ptr, dout_ptr, dx_ptr, doff_ptr, C, H, W,
                            BC: tl.constexpr, BP: tl.constexpr, ACC: tl.constexpr):
     i_p, i_b = tl.program_id(0), tl.program_id(1)
     py, px, m_p = _pixels(i_p, i_b, i_b, i_b, H, W, 1, 1, False, 1, BP)
-    sx, sy, fx, fy, x0, y0, x1, y1 = _sample_coords(off_ptr, i_b, py, px, m_p, H, W, ACC)
+    sx, sy, fx, fy, x0, y0, x1, y1 = _sample_coords(off_ptr, i_b, py, px, m_p, H, W, ACC,
+                                                    2 * H * W, 1, H * W)
     gx, gy = fx[None, :], fy[None, :]
     o_00, o_01 = (y0 * W + x0)[None, :], (y0 * W + x1)[None, :]
     o_10, o_11 = (y1 * W + x0)[None, :], (y1 * W + x1)[None, :]
@@ -128,6 +142,11 @@ def _check_inputs(x: Tensor, offsets: Tensor) -> None:
                          f"{offsets.dtype}")
 
 
+def _pixel_linear(t: Tensor) -> Tensor:
+    """``t`` itself if :func:`pixel_strides` reads it in place, else a contiguous copy."""
+    return t if pixel_strides(t) is not None else t.contiguous()
+
+
 def _acc(x: Tensor) -> tl.dtype:
     return tl.float64 if x.dtype == torch.float64 else tl.float32
 
@@ -153,7 +172,7 @@ def deformable_key_forward(x: Tensor, offsets: Tensor, num_hard: Tensor | None =
     """
     _check_inputs(x, offsets)
     b, c, height, width = x.shape
-    x, offsets = x.contiguous(), offsets.contiguous()
+    x, offsets = _pixel_linear(x), _pixel_linear(offsets)
     hard_only = num_hard is not None
     if hard_only:
         if order is None:
@@ -174,25 +193,40 @@ def deformable_key_forward(x: Tensor, offsets: Tensor, num_hard: Tensor | None =
         grid = (triton.cdiv(height * width, block), b)
         n, cols, ws = 1, 1, 1
         num_hard = order = x
-    out = torch.empty_like(x)
-    _deform_key_fwd_kernel[grid](x, offsets, out, num_hard, order, c, height, width, cols, n,
-                                 HARD_ONLY=hard_only, WS=ws, BC=CHANNEL_BLOCK, BP=block,
-                                 ACC=_acc(x))
+    out = torch.empty_like(x)                                          # x's memory format
+    wrap_triton(_deform_key_fwd_kernel)[grid](x, offsets, out, num_hard, order, c, height,
+                                              width, cols, n, *pixel_strides(x),
+                                              *pixel_strides(offsets), HARD_ONLY=hard_only,
+                                              WS=ws, BC=CHANNEL_BLOCK, BP=block, ACC=_acc(x))
     return out
 
 
 def deformable_key_backward(x: Tensor, offsets: Tensor, grad_out: Tensor) -> tuple[Tensor, Tensor]:
     """Gradients of ``x + warp(x, offsets)``: (dx (B, C, H, W), doffsets (B, 2, H, W))."""
     b, c, height, width = x.shape
-    x = x.contiguous()
+    x, grad_out = x.contiguous(), grad_out.contiguous()
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     dx = torch.zeros(x.shape, dtype=acc_dtype, device=x.device)
     doff = torch.empty(offsets.shape, dtype=acc_dtype, device=x.device)
     grid = (triton.cdiv(height * width, PIXEL_BLOCK), b)
-    _deform_key_bwd_kernel[grid](x, offsets.contiguous(), grad_out.contiguous(), dx, doff, c,
-                                 height, width, BC=BACKWARD_CHANNEL_BLOCK,
-                                 BP=PIXEL_BLOCK, ACC=_acc(x))
+    wrap_triton(_deform_key_bwd_kernel)[grid](x, offsets.contiguous(), grad_out, dx, doff, c,
+                                              height, width, BC=BACKWARD_CHANNEL_BLOCK,
+                                              BP=PIXEL_BLOCK, ACC=_acc(x))
     return (grad_out + dx).to(x.dtype), doff.to(offsets.dtype)
+
+
+def _forward_fake(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
+                  order: Tensor | None = None, *, window_size: int = 16) -> Tensor:
+    return torch.empty_like(_pixel_linear(x))                          # the launcher's layout
+
+
+def _backward_fake(x: Tensor, offsets: Tensor, grad_out: Tensor) -> tuple[Tensor, Tensor]:
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(offsets, memory_format=torch.contiguous_format))
+
+
+_forward = kernel_op("triton_deformable_key", deformable_key_forward, _forward_fake)
+_backward = kernel_op("triton_deformable_key_backward", deformable_key_backward, _backward_fake)
 
 
 class DeformableKey(torch.autograd.Function):
@@ -201,12 +235,12 @@ class DeformableKey(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, offsets: Tensor) -> Tensor:
         ctx.save_for_backward(x, offsets)
-        return deformable_key_forward(x, offsets)
+        return _forward(x, offsets)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor]:
         x, offsets = ctx.saved_tensors
-        return deformable_key_backward(x, offsets, grad_out)
+        return _backward(x, offsets, grad_out)
 
 
 @autocast_entry("widest")
@@ -222,5 +256,5 @@ def deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
     """
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or offsets.requires_grad)
     if num_hard is not None and not needs_grad:
-        return deformable_key_forward(x, offsets, num_hard, order, window_size=window_size)
+        return _forward(x, offsets, num_hard, order, window_size=window_size)
     return DeformableKey.apply(x, offsets)

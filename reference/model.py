@@ -57,10 +57,25 @@ def nhwc(t: Tensor) -> Tensor:
     return t.permute(0, 2, 3, 1).contiguous()
 
 
-def pointwise(t: Tensor, conv: nn.Conv2d) -> Tensor:
-    """A 1×1 convolution as the linear map it is, on the last dimension: (..., C_in) -> (..., C_out)."""
-    weight = conv.weight
-    return F.linear(t, weight.view(weight.shape[0], weight.shape[1]), conv.bias)
+def pointwise(t: Tensor, conv: nn.Conv2d, residual: Tensor | None = None) -> Tensor:
+    """A 1×1 convolution as the linear map it is, on the last dimension: (..., C_in) -> (..., C_out).
+
+    With ``residual`` (..., C_out): ``residual +`` that map, the sum accumulated by the matrix
+    product itself (no separate pass over the map).
+    """
+    weight = conv.weight.view(conv.weight.shape[0], conv.weight.shape[1])
+    if residual is None:
+        return F.linear(t, weight, conv.bias)
+    out = torch.addmm(residual.reshape(-1, weight.shape[0]), t.reshape(-1, weight.shape[1]),
+                      weight.t())
+    if conv.bias is not None:
+        out += conv.bias
+    return out.view(residual.shape)
+
+
+def _matrix(conv: nn.Conv2d) -> Tensor:
+    """A 1×1 convolution's weight as its (C_out, C_in) matrix (a view)."""
+    return conv.weight.view(conv.weight.shape[0], conv.weight.shape[1])
 
 
 def spatial(t: Tensor, conv: nn.Module) -> Tensor:
@@ -94,19 +109,44 @@ class GatedFFN(nn.Module):
                                 bias=False)
         self.project_out = nn.Conv2d(channels, channels, 1, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x (B, H, W, C) -> (B, H, W, C)."""
-        t = spatial(pointwise(x, self.project_in), self.dwconv)          # [B, H, W, 2C]
-        a, b = t.chunk(2, dim=-1)
-        # gelu of a contiguous copy of the first half: on the strided half it is slower
-        return pointwise(F.gelu(a.contiguous()) * b, self.project_out)
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """x (B, H, W, C) -> (B, H, W, C); with ``residual`` (B, H, W, C), residual + ffn(x)."""
+        c = x.shape[-1]
+        # the two halves a, b of project_in and of the depthwise conv, each on its own: no
+        # (B, H, W, 2C) maps and no copy of the strided half a
+        w_in, w_dw = _matrix(self.project_in), self.dwconv.weight
+        a, b = (nhwc(F.conv2d(nchw(F.linear(x, w_in[half])), w_dw[half], padding=1, groups=c))
+                for half in (slice(0, c), slice(c, 2 * c)))
+        if torch.is_grad_enabled():
+            gated = F.gelu(a) * b
+        else:   # autograd is off: a is this call's own, overwrite it
+            gated = torch.ops.aten.gelu_(a).mul_(b)
+        return pointwise(gated, self.project_out, residual)
 
 
 class PredictorOutput(NamedTuple):
-    hidden: Tensor    # (B, H, W, c4) in_conv output, the input of the window scores
-    offsets: Tensor   # (B, 2, H, W) view, in pixels, 8·tanh applied
+    hidden: Tensor    # (B, c4, H, W) in_conv output, contiguous: the input of the window scores
+    offsets: Tensor   # (B, 2, H, W) contiguous, in pixels, 8·tanh applied
     ca: Tensor        # (B, C) channel attention
     sa: Tensor        # (B, 1, H, W) spatial attention
+
+
+def layer_norm_channels_first(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """LayerNorm over dim 1 of (B, C, ...), biased variance: the official channels-first form.
+
+    Half-precision maps are normalised in fp32, as ``F.layer_norm`` is under ``torch.autocast``:
+    in fp16 the variance's backward overflows (rsqrt of ~1e-6) and bf16 statistics keep 8 bits.
+    The result has x's dtype."""
+    shape = (-1,) + (1,) * (x.dim() - 2)
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    centred = xf - xf.mean(dim=1, keepdim=True)
+    var = (centred * centred).mean(dim=1, keepdim=True)
+    return (centred * torch.rsqrt(var + eps) * weight.view(shape) + bias.view(shape)).to(x.dtype)
+
+
+def pointwise_channels_first(t: Tensor, conv: nn.Conv2d) -> Tensor:
+    """A 1×1 convolution of a channels-first map flattened to (B, C_in, P) -> (B, C_out, P)."""
+    return torch.matmul(_matrix(conv), t) + conv.bias.view(1, -1, 1)
 
 
 class Predictor(nn.Module):
@@ -114,6 +154,10 @@ class Predictor(nn.Module):
 
     ``out_mask`` is held here (its weights are part of the checkpoint) but applied by the
     routing operation, which needs the window layout.
+
+    Its maps have c4 = (C + 4) // 4 channels or fewer, so it works channels-first, (B, c, H·W):
+    the matrix products then run along the H·W pixels, and the LayerNorm and the window
+    scores' channel mean reduce over a short outer dimension.
     """
 
     def __init__(self, channels: int, window_size: int) -> None:
@@ -133,20 +177,26 @@ class Predictor(nn.Module):
     def forward(self, v: Tensor, condition: Tensor) -> PredictorOutput:
         """v (B, H, W, C) and the conditions [Cg, Cw] (B, H, W, 4), NHWC.
 
-        ``in_conv`` of the official ``cat([v, Cg, Cw])`` as v·W_vᵀ + [Cg, Cw]·W_gᵀ + bias: no
-        (C+4)-channel concatenation per block.
+        ``in_conv`` of the official ``cat([v, Cg, Cw])`` is W_v·vᵀ + W_g·[Cg, Cw]ᵀ + bias, two
+        batched products whose result is channels-first (B, c4, H·W).
         """
         b, height, width, c = v.shape
-        conv = self.in_conv[0]
+        conv, norm = self.in_conv[0], self.in_conv[1]
         weight = conv.weight.view(conv.out_channels, c + 4)
-        h = F.linear(condition, weight[:, c:], conv.bias)
-        h = torch.addmm(h.view(-1, conv.out_channels), v.reshape(-1, c), weight[:, :c].t())
-        h = self.in_conv[2](self.in_conv[1](h.view(b, height, width, -1)))   # [B, H, W, c4]
-        off = self.out_offsets[1](pointwise(h, self.out_offsets[0]))
-        offsets = torch.tanh(pointwise(off, self.out_offsets[2])) * 8.0
-        ca = self.out_CA[2](pointwise(h.mean(dim=(1, 2)), self.out_CA[1]))     # [B, C]
-        sa = self.out_SA(nchw(h))                                             # [B, 1, H, W]
-        return PredictorOutput(h, nchw(offsets), ca, sa)
+        # v and the conditions apart (no (C+4)-channel concatenation per block); baddbmm, not
+        # matmul: matmul folds these products into one (P, c4) mm and a transpose
+        h = torch.baddbmm(conv.bias.view(1, -1, 1), weight[:, :c].expand(b, -1, -1),
+                          v.view(b, -1, c).transpose(1, 2))
+        h = torch.baddbmm(h, weight[:, c:].expand(b, -1, -1),
+                          condition.view(b, -1, 4).transpose(1, 2))
+        h = self.in_conv[2](layer_norm_channels_first(h, norm.weight, norm.bias, norm.eps))
+        off = self.out_offsets[1](pointwise_channels_first(h, self.out_offsets[0]))
+        offsets = torch.tanh(pointwise_channels_first(off, self.out_offsets[2])) * 8.0
+        ca = self.out_CA[2](F.linear(h.mean(dim=2), _matrix(self.out_CA[1]),
+                                     self.out_CA[1].bias))                      # [B, C]
+        h = h.view(b, -1, height, width)
+        sa = self.out_SA(h)                                                     # [B, 1, H, W]
+        return PredictorOutput(h, offsets.view(b, 2, height, width), ca, sa)
 
 
 class MixerSettings(NamedTuple):
@@ -192,7 +242,7 @@ class CAMixer(nn.Module):
         with span("camixer.predictor"):
             v = pointwise(x, self.project_v)                                  # [B, H, W, C]
             route = self.route(v, condition)
-            hidden = nchw(route.hidden)
+            hidden = route.hidden
             if self.training:
                 pred = ops.window_scores(hidden, mlp[0].weight, mlp[0].bias, mlp[2].weight,
                                          mlp[2].bias, ws)
@@ -220,8 +270,12 @@ class CAMixer(nn.Module):
             attn = nhwc(attn)
         with span("camixer.conv"):
             y = spatial(attn, self.conv_sptial)
-            out = pointwise(torch.addcmul(attn, F.gelu(y), route.ca.view(b, 1, 1, c)),
-                            self.project_out)
+            ca = route.ca.view(b, 1, 1, c)
+            if torch.is_grad_enabled():
+                gated = F.gelu(y) * ca + attn
+            else:   # autograd is off: y is this call's own, overwrite it
+                gated = torch.ops.aten.gelu_(y).mul_(ca).add_(attn)
+            out = pointwise(gated, self.project_out)
         if self.capture is not None:
             self.capture.update(x=x_map, condition_global=nchw(condition[..., :2]),
                                 pred_score=record.scores, offsets=route.offsets,
@@ -293,10 +347,6 @@ class BlockWeights(NamedTuple):
     ffn_out_w: Tensor    # (C, C)      ffn.project_out (no bias)
     norm2_w: Tensor      # (C,)
     norm2_b: Tensor      # (C,)
-
-
-def _matrix(conv: nn.Conv2d) -> Tensor:
-    return conv.weight.view(conv.weight.shape[0], conv.weight.shape[1])
 
 
 class Block(nn.Module):

@@ -69,6 +69,36 @@ def test_breakdown_and_quality_tables(report) -> None:
             in report.quality_lines(quality))
 
 
+def test_official_code_section(report, tmp_path: Path) -> None:
+    """The section of bench/official_speed.py, from its JSON: table, verdict, provenance."""
+    rows = [{"image": "Urban100/img_004", "size": "128x128", "gamma": g,
+             "check": {"official_vs_ours_same_draw": 1e-6, "ours_vs_reference": 2e-6},
+             "official_s": 0.8 * g + 0.2, "ours_s": 0.3 * g + 0.05, "speedup": s,
+             "official_k_fraction": g, "ours_k_fraction": g, "loadavg_1min_start": 0.2,
+             "loadavg_1min_end": 0.4} for g, s in ((1.0, 2.86), (0.5, 2.6))]
+    rows.append({"image": "Set14/barbara", "size": "128x128", "gamma": 0.25,
+                 "check": {"official_vs_ours_same_draw": 3e-3, "ours_vs_reference": 1e-6},
+                 "skipped": "official_vs_ours_same_draw above 0.0001: not timed"})
+    data = {"official": {"repo": "https://github.com/icandle/CAMixerSR", "commit": "d690b12bb",
+                         "file": "CAMixerSR_arch.py"},
+            "ours": {"backend": "cpu", "routing": "expected"}, "threads": 2, "rounds": 5,
+            "tolerance": 1e-4, "target": 2.5, "mode": "no_grad", "date": "2026-12-01",
+            "machine": {"cpu_model": "Test CPU", "cpu_count": 2, "torch": "2.x"}, "rows": rows}
+    text = "\n".join(report.official_lines(data))
+    assert "| Urban100/img_004 128x128 | 1 | 1000 ms | 350 ms | **2.86×** |" in text
+    assert "not timed" in text and "**not met** (lowest 2.60×)" in text
+    assert "icandle/CAMixerSR at `d690b12`" in text and "2 threads" in text
+    data["rows"] = rows[:2]
+    data["profile"] = {"input": "Urban100/img_004 128x128", "threads": 2, "gammas": {"0.5": {
+        "official": {"total_ms": 800.0, "ops": [["aten::bmm", 240.0, 0.3]]},
+        "ours": {"total_ms": 300.0, "ops": [["aten::addmm", 90.0, 0.3]]},
+        "ours_ranges_ms": {"predictor": 50.0, "attention": 100.0, "total": 300.0}}}}
+    text = "\n".join(report.official_lines(data))
+    assert "**met** (lowest 2.60×)" in text
+    assert "| 0.5 | official | 800 ms | bmm 30% |" in text
+    assert "| 0.5 | ours by range | 300 ms | predictor 50 ms, attention 100 ms |" in text
+
+
 def test_onnx_table(report) -> None:
     onnx = {"rows": [{"gamma": 0.5, "cpu_s": 0.2, "onnxruntime_s": 0.3,
                       "errors": {"onnxruntime": 2.5e-5, "cpu": 1e-6}}]}

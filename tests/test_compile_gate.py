@@ -53,7 +53,7 @@ def test_half_precision_products_use_tensor_cores(gate) -> None:
     assert half
     for key, u in half.items():
         assert u["tensor_core_dots"] == u["dots"] > 0 and u["mma"], key
-    ieee = {k: u for k, u in usage.items() if "attention" in k and "[fp32,ieee]" in k}
+    ieee = {k: u for k, u in usage.items() if "attention" in k and "[fp32,ieee" in k}
     assert ieee and all(u["tensor_core_dots"] == 0 for u in ieee.values()), \
         "fp32 parity by IEEE products must stay on the FMA units"
 
@@ -63,7 +63,8 @@ def test_fp32_tensor_core_precisions_use_tensor_cores(gate, precision: str) -> N
     """fp32 under PyTorch's TF32 switch (tf32) and the tensor-core parity mode (tf32x3): every
     attention kernel compiled in it, all its products as HMMA / HGMMA."""
     _, usage = gate
-    variants = {k: u for k, u in usage.items() if f"[fp32,{precision}]" in k}
+    variants = {k: u for k, u in usage.items()
+                if f"[fp32,{precision}]" in k or f"[fp32,{precision},nhwc]" in k}
     kernels = {k.split("[")[0] for k in variants}
     assert kernels == {"hard_window_attention", "attention_fwd", "attention_bwd_dkv",
                        "attention_bwd_dq"}

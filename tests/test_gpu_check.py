@@ -1,7 +1,7 @@
 """The CPU-side parts of the one-command GPU check: bench/gpu_check.sh's argument handling and
-plan, bench/gpu_summary.py's gathering and rendering (from a canned work folder and JSON).
-bench/gpu_bench.py's own parts: tests/test_gpu_bench.py. The GPU parts run on a GPU (README,
-"Running on a GPU")."""
+plan, bench/gpu_summary.py's gathering and rendering (from a canned work folder and JSON),
+bench/gpu_compile_graphs.py's refusal without a GPU. bench/gpu_bench.py's own parts:
+tests/test_gpu_bench.py. The GPU parts run on a GPU (README, "Running on a GPU")."""
 
 from __future__ import annotations
 
@@ -49,14 +49,17 @@ def test_dry_run_plans_every_step_without_a_gpu(tmp_path) -> None:
     plan = done.stdout
     for step in ("install", "tests-kernels", "tests-golden", "tests-training", "tests-api",
                  "tests-precision (240 s): pytest tests/test_precision.py tests/test_autocast.py",
-                 "sanitizer-float32", "sanitizer-float16", "sanitizer-bfloat16",
-                 "gpu_bench.py --quick", "gpu-<date>.json",
+                 "tests-compile", "sanitizer-float32", "sanitizer-float16", "sanitizer-bfloat16",
+                 "gpu_bench.py --quick", "gpu_compile_graphs.py --quick", "gpu-<date>.json",
                  # the benchmark's own plan, one line per section
-                 "    mode quick:", "latency (at most 240 s)", "variants (at most"):
+                 "    mode quick:", "latency (at most 240 s)", "upscale (at most"):
         assert step in plan, step
+    # the benchmark's variants are the compile-graphs step's
+    assert "variants (at most" not in plan
     # the benchmark runs before the sanitizer: the speed issue's figures come first
     assert plan.index("bench (") < plan.index("sanitizer-float32")
     assert not (tmp_path / "results").exists(), "a dry run wrote something"
+    assert "compile-graphs" not in check("--dry-run", "--skip-compile").stdout
     lean = check("--dry-run", "--skip-tests", "--skip-sanitizer", "--full", "--budget", "300")
     assert "tests-" not in lean.stdout and "sanitizer-" not in lean.stdout
     assert "gpu_bench.py --full" in lean.stdout and "budget:   300 s" in lean.stdout
@@ -206,3 +209,60 @@ def test_steps_file_with_an_unknown_status_is_an_error(tmp_path) -> None:
     (tmp_path / "steps.tsv").write_text("install\tmaybe\t1\t\n")
     with pytest.raises(ValueError, match="unknown status"):
         summary.read_steps(tmp_path / "steps.tsv")
+
+
+COMPILE_GRAPHS = {
+    "machine": {"gpu": "NVIDIA H200"}, "input": [1, 3, 180, 320], "gamma": 0.5, "runs": 3,
+    "compiled-triton-official": {"compile_s": 55.0, "max_diff": 2e-6, "same_k": True,
+                                 "same_order": True, "ok": True, "eager_ms": 28.3,
+                                 "compiled_ms": 14.3},
+    "cuda-graphs-triton": {"ok": False, "error": "RuntimeError: capturing the forward failed"},
+}
+
+
+def test_compiled_and_graph_variants_are_gathered_and_rendered(tmp_path) -> None:
+    summary = bench_module("gpu_summary")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "steps.tsv").write_text("install\tok\t3\t\ncompile-graphs\tok\t90\t\n")
+    (work / "compile-graphs.json").write_text(json.dumps(COMPILE_GRAPHS))
+    result = summary.gather(work)
+    assert result["ok"] is False                      # a variant failed its check
+    text = summary.render(result)
+    assert "| compiled-triton-official | yes | 2.0e-06 | True / True | 28.30 | 14.30 |" in text
+    assert "| cuda-graphs-triton | no | RuntimeError: capturing the forward failed |" in text
+    passing = dict(COMPILE_GRAPHS)
+    del passing["cuda-graphs-triton"]
+    (work / "compile-graphs.json").write_text(json.dumps(passing))
+    assert summary.gather(work)["ok"] is True
+
+
+def test_compile_graphs_step_gives_the_benchmark_its_variants(tmp_path) -> None:
+    """The check runs bench/gpu_compile_graphs.py as its own step: its rows are the speed
+    targets' CUDA-graph and torch.compile verdicts, in the summary and in RESULTS.md."""
+    summary = bench_module("gpu_summary")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "steps.tsv").write_text("install\tok\t3\t\nbench\tok\t300\t\n"
+                                    "compile-graphs\tok\t90\t\n")
+    record = gpu_records.record()
+    del record["sections"]["variants"]
+    record["settings"]["sections"].remove("variants")
+    (work / "bench.json").write_text(json.dumps(record))
+    (work / "compile-graphs.json").write_text(json.dumps(COMPILE_GRAPHS))
+    results = tmp_path / "RESULTS.md"
+    _, md_path, result = summary.summarize(work, tmp_path / "out", results)
+    text = md_path.read_text()
+    assert "| capturable as a CUDA graph: replay matches eager within 1e-4 | " \
+           "cuda-graphs-triton: RuntimeError: capturing the forward failed | **FAIL** |" in text
+    assert "| torch.compile(model, fullgraph=True) matches eager within 1e-4 | " \
+           "compiled-triton-official: 2.0e-06, 14.30 ms vs eager 28.30 ms | **PASS** |" in text
+    assert "**FAIL** |" in results.read_text() and "from `gpu-20" in results.read_text()
+    assert result["bench"] == record                    # the record itself is left as it was
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_compile_graphs_check_says_there_is_no_gpu() -> None:
+    done = subprocess.run([sys.executable, str(BENCH / "gpu_compile_graphs.py"), "--quick"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 3 and "no CUDA device" in done.stderr

@@ -98,11 +98,12 @@ def test_tile_configs_follow_the_precision(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(kattn, "interpreting", lambda: False)
     monkeypatch.setattr(ktrain, "interpreting", lambda: False)
     f32 = torch.float32
-    assert kattn.tile_config(f32, 16, "ieee") == kattn.FP32_TILES
-    assert kattn.tile_config(f32, 16, "tf32") == kattn.TF32_TILES and kattn.TF32_TILES.proven
-    assert kattn.tile_config(f32, 16, "tf32x3") == kattn.TF32X3_TILES
+    assert kattn.tile_config(f32, 16, precision="ieee") == kattn.FP32_TILES
+    assert kattn.tile_config(f32, 16, precision="tf32") == kattn.TF32_TILES
+    assert kattn.TF32_TILES.proven
+    assert kattn.tile_config(f32, 16, precision="tf32x3") == kattn.TF32X3_TILES
     assert not kattn.TF32X3_TILES.proven
-    assert kattn.tile_config(torch.float16, 16, "ieee") == kattn.HALF_TILES
+    assert kattn.tile_config(torch.float16, 16, precision="ieee") == kattn.HALF_TILES
     for precision, (forward, backward) in ktrain.FP32_TILES_BY_PRECISION.items():
         assert ktrain.tile_config(f32, 16, precision=precision) == forward
         assert ktrain.tile_config(f32, 16, backward=True, precision=precision) == backward

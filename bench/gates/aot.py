@@ -114,7 +114,8 @@ def variants() -> list[Variant]:
         p = _PTR[dtype]
         tag = p[1:] if precision is None else f"{p[1:]},{precision}"
         precision = precision or dot_precision(dtype)
-        configs = {"inference": attention_inference.tile_config(dtype, WINDOW, precision),
+        configs = {"inference": attention_inference.tile_config(dtype, WINDOW,
+                                                                precision=precision),
                    "forward": attention_training.tile_config(dtype, WINDOW,
                                                              precision=precision),
                    "backward": attention_training.tile_config(dtype, WINDOW, backward=True,
@@ -125,11 +126,23 @@ def variants() -> list[Variant]:
             meta[role] = dict(WS=WINDOW, BM=cfg.bm, BN=cfg.bn, PRECISION=precision)
         for bc in sorted({channel_block(c, dtype) for c in PUBLISHED_CHANNELS}):
             k = attention_inference._hard_window_attention_kernel
-            out.append(Variant(f"hard_window_attention[{tag}]", k, _signature(k, {
+            sig = _signature(k, {
                 **{n: p for n in ("x_ptr", "k_ptr", "v_ptr", "sa_ptr", "wq_ptr", "bq_ptr",
                                   "wk_ptr", "bk_ptr", "out_ptr")},
-                "num_hard_ptr": "*i64", "order_ptr": "*i64"}), dict(meta["inference"], BC=bc),
-                opts["inference"], _WINDOWED))
+                "num_hard_ptr": "*i64", "order_ptr": "*i64"})
+            # channels-first maps (pixel stride 1, the JIT makes it a constant) and the fused
+            # block's channels-last ones (channel stride 1), each with its configuration
+            nhwc = attention_inference.tile_config(dtype, WINDOW, channels_last=True,
+                                                   precision=precision)
+            # (image and channel strides C·H·W and H·W, or H·W·C: multiples of 16 too)
+            for layout, unit, cfg_meta, cfg_opts, aligned in (
+                    ("", "s_p", meta["inference"], opts["inference"], ("s_b", "s_c")),
+                    (",nhwc", "s_c", dict(meta["inference"], BM=nhwc.bm, BN=nhwc.bn),
+                     dict(num_warps=nhwc.num_warps, num_stages=nhwc.num_stages), ("s_b",))):
+                out.append(Variant(f"hard_window_attention[{tag}{layout}]", k,
+                                   dict(sig, **{unit: "constexpr"}),
+                                   dict(cfg_meta, BC=bc, **{unit: 1}), cfg_opts,
+                                   _WINDOWED + aligned))
             k = attention_training._attention_fwd_kernel
             out.append(Variant(f"attention_fwd[{tag}]", k, _signature(k, {
                 "q_ptr": p, "k_ptr": p, "v_ptr": p, "out_ptr": p, "lse_ptr": "*fp32"}),

@@ -228,6 +228,27 @@ def op_cases(dtype_name: str) -> Iterator[tuple[str, Callable]]:
                     kernels.window_attention(x, k_in, v, sa, *proj, routing.num_hard,
                                              routing.order, window_size=ws)
         yield f"op-attention-{dtype_name}-ws{ws}-{rows}x{cols}win-C{c}", routed
+    for b, h, w, c in ((1, 4, 8, 36), (3, 8, 12, 17), (2, 16, 48, 60)):
+        def block_stages(b=b, h=h, w=w, c=c):
+            # the fused block's per-pixel kernels on maps of one tile (tile counts of 1
+            # specialise), an odd C, and the B model's C
+            from camixer_fast.kernels.depthwise import depthwise_conv3x3
+            from camixer_fast.kernels.ffn import ffn_tail
+            from camixer_fast.kernels.mixer_tail import mixer_tail
+            from camixer_fast.kernels.predictor import predictor
+            from camixer_fast.reference.model import Block
+
+            wt = Block(c, 4).to(dtype).weights()
+            x, cond = torch.rand(b, h, w, c, dtype=dtype), torch.rand(b, h, w, 4, dtype=dtype)
+            with torch.no_grad():
+                maps = predictor(x, cond, wt.v_w, wt.v_b, wt.route_w, wt.route_b,
+                                 wt.route_norm_w, wt.route_norm_b, wt.off1_w, wt.off1_b,
+                                 wt.off2_w, wt.off2_b, wt.ca_w, wt.ca_b, wt.sa_w, wt.sa_b)
+                z = depthwise_conv3x3(maps.v, wt.dw_w, wt.dw_b)
+                tail = mixer_tail(z, maps.v, x, maps.ca, wt.dil_w, wt.dil_b, wt.out_w, wt.out_b,
+                                  wt.norm1_w, wt.norm1_b, wt.ffn_in_w)
+                ffn_tail(tail.u, tail.x1, wt.ffn_dw_w, wt.ffn_out_w, wt.norm2_w, wt.norm2_b)
+        yield f"op-block-stages-{dtype_name}-{b}x{h}x{w}-C{c}", block_stages
 
 
 @contextmanager

@@ -1,0 +1,238 @@
+"""CPU latency of ``camixer_fast`` (``backend="auto"``) against the official CAMixerSR code.
+
+    CAMIXER_OFFICIAL_ARCH=.../CAMixerSR_arch.py python bench/official_speed.py
+
+The official code is the authors' architecture file, run as published (see
+``bench/official_code.py`` for how to obtain it and what is stubbed); both models load the same
+checkpoint (``CAMixerSR_S.pth``, ``params_ema``). Inputs are crops of real photos that the CPU
+work was not tuned on (Urban100 img_004, Set14 barbara; centre crops, 128×128 and 256×256).
+
+Before anything is timed, on every input and γ:
+
+- the official output for one Gumbel draw is compared with ``camixer_fast``'s for the same draw
+  (``routing="gumbel"``, same generator stream; :func:`official_code.official_gumbel_run`);
+- the timed ``camixer_fast`` model (``backend="auto"``, the default expected routing) is
+  compared with the reference backend.
+
+Both must agree to 1e-4 (max abs) or the cell is not timed. Then the two models run
+alternately, one warm-up call each and ``--rounds`` timed calls each, under
+``torch.no_grad()`` (the official test loop's mode), in one process with ``--threads`` torch
+threads; the result is the median per model and their ratio. The official K is drawn at random
+in every block of every call (its Gumbel rule, the global generator seeded once); ours is the
+expected K. Both are recorded as the mean fraction of windows attended.
+
+Writes ``bench/results/official_code.json`` and re-renders ``bench/RESULTS.md`` through
+``bench/report.py --reuse`` (its section "Against the official code"). ``--profile`` adds
+(to an existing JSON, without timing again) where each model spends a forward on the first
+128×128 input: ``torch.profiler``'s operations by self CPU time, and ours per network range
+(:func:`camixer_fast.profiling.profile_ranges`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+from benchlib import SHARED, machine_stamp, read_rgb, to_tensor
+from official_code import (OFFICIAL_COMMIT, OFFICIAL_REPO, arch_path, load_official,
+                           official_gumbel_run, run_official, set_ratio)
+
+import camixer_fast
+
+TOL = 1e-4
+GAMMAS = (1.0, 0.5, 0.25)
+SIZES = (128, 256)
+IMAGES = {"Urban100/img_004": SHARED / "data" / "Urban100" / "HR" / "img_004.png",
+          "Set14/barbara": SHARED / "data" / "Set14" / "HR" / "barbara.png"}
+WEIGHTS = SHARED / "weights" / "CAMixerSR_S.pth"
+TARGET = 2.5
+RESULT = BENCH / "results" / "official_code.json"
+
+
+def centre_crop(rgb: np.ndarray, size: int) -> torch.Tensor:
+    """(H, W, 3) uint8 -> the centre size×size crop as (1, 3, size, size) float32 in [0, 1]."""
+    height, width = rgb.shape[:2]
+    top, left = (height - size) // 2, (width - size) // 2
+    return to_tensor(np.ascontiguousarray(rgb[top:top + size, left:left + size]))
+
+
+class OfficialK:
+    """Records the K the official predictor drew in each block (forward hooks on its
+    ``PredictorLG`` modules; they read the returned index lists and change nothing)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.fractions: list[float] = []
+        self.handles = [m.register_forward_hook(self._hook) for m in model.modules()
+                        if type(m).__name__ == "PredictorLG"]
+
+    def _hook(self, module, args, output) -> None:
+        idx1, idx2 = output[0]
+        self.fractions.append(idx1.shape[1] / (idx1.shape[1] + idx2.shape[1]))
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def check(official, ours, reference, x: torch.Tensor, gamma: float) -> dict:
+    """The two correctness checks of the module docstring; max abs errors."""
+    set_ratio(official, gamma)
+    ours.gamma = reference.gamma = gamma
+    expected, got, ks = official_gumbel_run(official, ours, x, seed=int(gamma * 1000) + 1)
+    with torch.no_grad():
+        ours_out = ours(x)
+        ref_out = reference(x)
+    return {"official_vs_ours_same_draw": float((expected - got).abs().max()),
+            "gumbel_k_fraction": float(ks.float().mean()) / ((x.shape[-2] // 16) *
+                                                             (x.shape[-1] // 16)),
+            "ours_vs_reference": float((ours_out - ref_out).abs().max())}
+
+
+def time_pair(official, ours, x: torch.Tensor, gamma: float, rounds: int) -> dict:
+    """Alternate official and ours: one warm-up each, then ``rounds`` timed calls each."""
+    set_ratio(official, gamma)
+    ours.gamma = gamma
+    with torch.no_grad():
+        _, routing = ours(x, return_routing=True)
+    ours_k = float(routing.k_fraction().mean())
+    run_official(official, x)
+    with torch.no_grad():
+        ours(x)
+    counter = OfficialK(official)
+    times: dict[str, list[float]] = {"official": [], "ours": []}
+    load = os.getloadavg()[0]
+    try:
+        for _ in range(rounds):
+            start = time.perf_counter()
+            run_official(official, x)
+            times["official"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            with torch.no_grad():
+                ours(x)
+            times["ours"].append(time.perf_counter() - start)
+    finally:
+        counter.close()
+    official_s, ours_s = (statistics.median(times[k]) for k in ("official", "ours"))
+    return {"official_s": official_s, "ours_s": ours_s, "speedup": official_s / ours_s,
+            "times": times, "official_k_fraction": statistics.fmean(counter.fractions),
+            "ours_k_fraction": ours_k, "loadavg_1min_start": load,
+            "loadavg_1min_end": os.getloadavg()[0]}
+
+
+def top_operations(run, runs: int = 3, top: int = 8) -> dict:
+    """The operations of ``run()`` by self CPU time: {"total_ms", "ops": [[name, ms, share]]}
+    per call, mean of ``runs`` profiled calls after one warm-up."""
+    run()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(runs):
+            run()
+    ops = [(e.key, e.self_cpu_time_total / runs / 1e3) for e in prof.key_averages()
+           if not e.key.startswith("camixer.")]
+    total = sum(t for _, t in ops)
+    ops.sort(key=lambda item: -item[1])
+    return {"total_ms": total, "ops": [[name, t, t / total] for name, t in ops[:top]]}
+
+
+def profile(threads: int, arch: str | None) -> dict:
+    """Operations of both models and ours per range, per γ, on the first 128×128 input."""
+    from camixer_fast.profiling import profile_ranges
+
+    torch.set_num_threads(threads)
+    official = load_official(WEIGHTS, path=arch)
+    ours = camixer_fast.load_model(WEIGHTS, backend="auto")
+    name, path = next(iter(IMAGES.items()))
+    x = centre_crop(read_rgb(path), 128)
+    out = {"input": f"{name} 128x128", "threads": threads, "gammas": {}}
+    for gamma in GAMMAS:
+        set_ratio(official, gamma)
+        ours.gamma = gamma
+
+        def run_ours() -> None:
+            with torch.no_grad():
+                ours(x)
+
+        out["gammas"][str(gamma)] = {
+            "official": top_operations(lambda: run_official(official, x)),
+            "ours": top_operations(run_ours),
+            "ours_ranges_ms": {k: v * 1e3 for k, v in profile_ranges(ours, x).items()}}
+    return out
+
+
+def measure(threads: int, rounds: int, sizes: tuple[int, ...], arch: str | None) -> dict:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    official = load_official(WEIGHTS, path=arch)
+    ours = camixer_fast.load_model(WEIGHTS, backend="auto")
+    reference = camixer_fast.load_model(WEIGHTS, backend="reference")
+    rows = []
+    for size in sizes:
+        for name, path in IMAGES.items():
+            x = centre_crop(read_rgb(path), size)
+            for gamma in GAMMAS:
+                row = {"image": name, "size": f"{size}x{size}", "gamma": gamma,
+                       "check": check(official, ours, reference, x, gamma)}
+                bad = [k for k in ("official_vs_ours_same_draw", "ours_vs_reference")
+                       if not row["check"][k] <= TOL]
+                if bad:
+                    row["skipped"] = f"{', '.join(bad)} above {TOL:g}: not timed"
+                else:
+                    row.update(time_pair(official, ours, x, gamma, rounds))
+                rows.append(row)
+                print(f"{name} {size}x{size} gamma={gamma:g}: " + (
+                    row.get("skipped") or f"official {row['official_s'] * 1e3:.0f} ms, ours "
+                    f"{row['ours_s'] * 1e3:.0f} ms, {row['speedup']:.2f}x"), file=sys.stderr)
+    return {"official": {"repo": OFFICIAL_REPO, "commit": OFFICIAL_COMMIT,
+                         "file": arch_path(arch).name},
+            "ours": {"backend": ours.backend, "routing": ours.routing},
+            "threads": threads, "rounds": rounds, "tolerance": TOL, "target": TARGET,
+            "mode": "torch.no_grad(), batch 1, medians of alternating rounds",
+            "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY",
+                                               "MKL_NUM_THREADS") if k in os.environ},
+            "machine": machine_stamp(), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", help="the official CAMixerSR_arch.py (or the checkout); "
+                        "default $CAMIXER_OFFICIAL_ARCH")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads (with --profile too: 1 gives the cleanest shares)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    parser.add_argument("--out", type=Path, default=RESULT)
+    parser.add_argument("--no-report", action="store_true",
+                        help="do not re-render bench/RESULTS.md")
+    parser.add_argument("--profile", action="store_true",
+                        help="add the operation profiles to the existing --out JSON instead "
+                        "of timing")
+    args = parser.parse_args(argv)
+    if args.profile:
+        result = json.loads(args.out.read_text())
+        result["profile"] = profile(args.threads, args.arch)
+    else:
+        result = measure(args.threads, args.rounds, tuple(args.sizes), args.arch)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
+    if not args.no_report:
+        import report
+
+        results = BENCH / "results"
+        report.main([str(results / "backends.json"), str(results / "upscale.json"), "--reuse"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
