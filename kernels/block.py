@@ -13,8 +13,10 @@ Launches per block (and per batch: every launch covers all images, routing stays
 9. the FFN's dw3x3, gelu gate, project_out, + x1, LN2 (:mod:`.ffn`)
 
 All maps NHWC, read in place by every kernel (the warp and the attention take (B, C, H, W)
-views of them). No host synchronisation: K stays on the device. fp32 maps use IEEE fp32 products (parity with the reference); fp16 / bf16 maps
-use tensor-core products with fp32 accumulation. Proven in Triton's interpreter and by
+views of them). No host synchronisation: K stays on the device. fp32 maps multiply as
+:func:`~camixer_fast.kernels._tiles.dot_precision` says (IEEE products for parity with the
+reference, tf32x3, or TF32 under PyTorch's switch); fp16 / bf16 maps use tensor-core products
+with fp32 accumulation. Proven in Triton's interpreter and by
 compiling; speed not yet measured on a GPU.
 """
 

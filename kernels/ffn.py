@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from camixer_fast.custom_ops import kernel_op
+from camixer_fast.kernels._tiles import dot_precision
 
 from camixer_fast.kernels.tile_math import (
     MAP_DTYPES,
@@ -35,7 +36,8 @@ from camixer_fast.kernels.tile_math import (
 
 @triton.jit
 def _ffn_tail_kernel(u_ptr, x1_ptr, dw_ptr, wo_ptr, n2w_ptr, n2b_ptr, out_ptr, H, W, C,
-                     BP: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr):
+                     BP: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr,
+                     PRECISION: tl.constexpr):
     dt = x1_ptr.dtype.element_ty
     i_b = tl.program_id(1)
     o_p, py, px, m_p = pixel_tile(tl.program_id(0), i_b, H * W, W, BP)
@@ -54,7 +56,7 @@ def _ffn_tail_kernel(u_ptr, x1_ptr, dw_ptr, wo_ptr, n2w_ptr, n2b_ptr, out_ptr, H
                             2 * C, 1, H, W, 1)
         b_g = (gelu(b_ta) * b_tb).to(dt)
         b_f += tl.dot(b_g.to(DOT), load_transposed(wo_ptr, 0, C, C, o_k, o_c, DOT),
-                      input_precision="ieee")
+                      input_precision=PRECISION)
     p_pc = o_p[:, None] * C + o_c[None, :]
     b_f += tl.load(x1_ptr + p_pc, mask=m_pc, other=0.0).to(tl.float32)
     b_out = layer_norm(b_f, m_c, C, n2w_ptr, n2b_ptr, o_c)
@@ -93,6 +95,7 @@ def _launch(u: Tensor, x1: Tensor, ffn_dw_w: Tensor, ffn_out_w: Tensor, norm2_w:
     wrap_triton(_ffn_tail_kernel)[(triton.cdiv(height * width, cfg.bp), b)](
         u, x1, ffn_dw_w.contiguous(), ffn_out_w.contiguous(), norm2_w, norm2_b, out, height,
         width, c, BP=cfg.bp, BC=channel_block(c), BK=cfg.bk, DOT=dot_dtype(x1.dtype),
+        PRECISION=dot_precision(x1.dtype),
         num_warps=cfg.num_warps)
     return out
 

@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from camixer_fast.custom_ops import kernel_op
+from camixer_fast.kernels._tiles import dot_precision
 
 from camixer_fast.kernels.tile_math import (
     MAP_DTYPES,
@@ -42,7 +43,7 @@ from camixer_fast.kernels.tile_math import (
 def _mixer_tail_kernel(z_ptr, a_ptr, x_ptr, ca_ptr, dil_w_ptr, dil_b_ptr, wo_ptr, bo_ptr,
                        n1w_ptr, n1b_ptr, wi_ptr, x1_ptr, u_ptr, H, W, C, a_sb, a_sy, a_sx,
                        a_sc, BP: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                       DOT: tl.constexpr):
+                       DOT: tl.constexpr, PRECISION: tl.constexpr):
     dt = x_ptr.dtype.element_ty
     i_b = tl.program_id(1)
     o_p, py, px, m_p = pixel_tile(tl.program_id(0), i_b, H * W, W, BP)
@@ -63,7 +64,7 @@ def _mixer_tail_kernel(z_ptr, a_ptr, x_ptr, ca_ptr, dil_w_ptr, dil_b_ptr, wo_ptr
         b_ca = tl.load(ca_ptr + i_b.to(tl.int64) * C + o_k, mask=m_k, other=0.0)
         b_m = (b_a.to(tl.float32) + gelu(b_y) * b_ca[None, :]).to(dt)
         b_o += tl.dot(b_m.to(DOT), load_transposed(wo_ptr, 0, C, C, o_k, o_c, DOT),
-                      input_precision="ieee")
+                      input_precision=PRECISION)
     b_o += tl.load(bo_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
     b_o += tl.load(x_ptr + p_pc, mask=m_pc, other=0.0).to(tl.float32)
     b_x1 = layer_norm(b_o, m_c, C, n1w_ptr, n1b_ptr, o_c).to(dt)
@@ -74,7 +75,7 @@ def _mixer_tail_kernel(z_ptr, a_ptr, x_ptr, ca_ptr, dil_w_ptr, dil_b_ptr, wo_ptr
         for n0 in range(0, BC, BK):                                    # output channel steps
             o_n = n0 + tl.arange(0, BK)
             b_u = tl.dot(b_x1.to(DOT), load_transposed(wi_ptr, half * C, C, C, o_c, o_n, DOT),
-                         input_precision="ieee")
+                         input_precision=PRECISION)
             tl.store(p_u + half * C + o_n[None, :], b_u.to(dt),
                      mask=m_p[:, None] & (o_n < C)[None, :])
 
@@ -121,7 +122,8 @@ def _launch(z: Tensor, attn: Tensor, x: Tensor, ca: Tensor, dil_w: Tensor, dil_b
     wrap_triton(_mixer_tail_kernel)[(triton.cdiv(height * width, cfg.bp), b)](
         z, attn, x, ca, dil_w.contiguous(), dil_b, out_w.contiguous(), out_b, norm1_w, norm1_b,
         ffn_in_w.contiguous(), x1, u, height, width, c, *attn.stride(), BP=cfg.bp,
-        BC=channel_block(c), BK=cfg.bk, DOT=dot_dtype(x.dtype), num_warps=cfg.num_warps)
+        BC=channel_block(c), BK=cfg.bk, DOT=dot_dtype(x.dtype),
+        PRECISION=dot_precision(x.dtype), num_warps=cfg.num_warps)
     return x1, u
 
 

@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from camixer_fast.custom_ops import kernel_op
+from camixer_fast.kernels._tiles import dot_precision
 
 from camixer_fast.kernels.tile_math import (
     MAP_DTYPES,
@@ -46,7 +47,8 @@ def _predictor_kernel(x_ptr, cond_ptr, wv_ptr, bv_ptr, wr_ptr, br_ptr, nw_ptr, n
                       b1_ptr, w2_ptr, b2_ptr, v_ptr, h_ptr, mean_ptr, off_ptr, part_ptr,
                       H, W, C, C4, C8, T, v_sb, v_sy, v_sx, v_sc, o_sb, o_sy, o_sx, o_sc,
                       BP: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                      BC4: tl.constexpr, BC8: tl.constexpr, DOT: tl.constexpr):
+                      BC4: tl.constexpr, BC8: tl.constexpr, DOT: tl.constexpr,
+                      PRECISION: tl.constexpr):
     i_t, i_b = tl.program_id(0), tl.program_id(1)
     dt = x_ptr.dtype.element_ty
     pix, py, px, m_p = pixel_tile(i_t, i_b, H * W, W, BP)
@@ -65,13 +67,14 @@ def _predictor_kernel(x_ptr, cond_ptr, wv_ptr, bv_ptr, wr_ptr, br_ptr, nw_ptr, n
         # columns act on v (the last 4 on the conditions, below)
         o_n = n0 + tl.arange(0, BK)
         m_n = o_n < C
-        b_v = tl.dot(b_x, load_transposed(wv_ptr, 0, C, C, o_c, o_n, DOT), input_precision="ieee")
+        b_v = tl.dot(b_x, load_transposed(wv_ptr, 0, C, C, o_c, o_n, DOT),
+                     input_precision=PRECISION)
         b_v += tl.load(bv_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
         b_v = b_v.to(dt)                                               # [BP, BK] as stored
         tl.store(p_v + o_n[None, :] * v_sc, b_v, mask=m_p[:, None] & m_n[None, :])
         b_wr = tl.load(wr_ptr + o_k[None, :] * (C + 4) + o_n[:, None],
                        mask=m_n[:, None] & m_k[None, :], other=0.0).to(DOT)  # [BK, BC4]
-        b_h += tl.dot(b_v.to(DOT), b_wr, input_precision="ieee")       # [BP, BC4]
+        b_h += tl.dot(b_v.to(DOT), b_wr, input_precision=PRECISION)   # [BP, BC4]
     for j in tl.static_range(4):
         b_cond = tl.load(cond_ptr + pix * 4 + j, mask=m_p, other=0.0).to(tl.float32)
         b_wc = tl.load(wr_ptr + o_k * (C + 4) + C + j, mask=m_k, other=0.0).to(tl.float32)
@@ -86,7 +89,7 @@ def _predictor_kernel(x_ptr, cond_ptr, wv_ptr, bv_ptr, wr_ptr, br_ptr, nw_ptr, n
     tl.store(part_ptr + (i_b.to(tl.int64) * T + i_t) * C4 + o_k, tl.sum(b_hf, axis=0), mask=m_k)
 
     b_o = tl.dot(b_h.to(DOT), load_transposed(w1_ptr, 0, C8, C4, o_k, o_j, DOT),
-                 input_precision="ieee")                               # [BP, BC8]
+                 input_precision=PRECISION)                            # [BP, BC8]
     b_o = leaky_relu(b_o + tl.load(b1_ptr + o_j, mask=o_j < C8, other=0.0).to(tl.float32)[None, :])
     p_o = off_ptr + i_b.to(tl.int64) * o_sb + py * o_sy + px * o_sx
     for j in tl.static_range(2):                                       # 0: along x, 1: along y
@@ -220,7 +223,8 @@ def _launch(x: Tensor, condition: Tensor, v_w: Tensor, v_b: Tensor, route_w: Ten
         x, condition, v_w, v_b, route_w, route_b, route_norm_w, route_norm_b, off1_w, off1_b,
         off2_w, off2_b, v, hidden, mean, offsets, part, height, width, c, c4, c8, tiles,
         *v.stride(), *offsets.stride(), BP=bp, BC=bc, BK=cfg.bk, BC4=bc4,
-        BC8=channel_block(c8), DOT=dot_dtype(x.dtype), num_warps=cfg.num_warps)
+        BC8=channel_block(c8), DOT=dot_dtype(x.dtype),
+        PRECISION=dot_precision(x.dtype), num_warps=cfg.num_warps)
     wrap_triton(_predictor_heads_kernel)[(tiles + 1, b)](
         hidden, part, sa_w, sa_b, ca_w, ca_b, sa, ca, height, width, c, c4, tiles, BP=bp,
         BC=bc, BC4=bc4, BT=PART_BLOCK, num_warps=cfg.num_warps)

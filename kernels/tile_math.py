@@ -148,7 +148,8 @@ def tile_config(pixels: int, channels: int) -> TileConfig:
 
 def dot_dtype(dtype: torch.dtype) -> tl.dtype:
     """The operand dtype of the kernels' tile products for maps of ``dtype``: the map's own
-    (fp32 with IEEE products; fp16 and bf16 on tensor cores, fp32 accumulation), except bf16
+    (fp32 in the precision :func:`~camixer_fast.kernels._tiles.dot_precision` gives; fp16 and
+    bf16 on tensor cores, fp32 accumulation), except bf16
     under the interpreter, which cannot multiply bf16 (numpy has no bf16): there the operands,
     already rounded to bf16, are multiplied in fp32 -- the same exact products."""
     if dtype == torch.bfloat16:

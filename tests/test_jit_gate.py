@@ -94,17 +94,18 @@ def test_the_gate_drives_every_kernel_and_dtype(jit_gate) -> None:
 
 
 def test_fp32_precisions_compile_on_tensor_cores(jit_gate) -> None:
-    """Every attention kernel launched in tf32 or tf32x3 (the model's launches, forward and
-    backward, and small windows) runs its products on tensor cores."""
+    """Every kernel with matrix products launched in tf32 or tf32x3 -- the attention (forward,
+    backward, small windows) and the fused block's predictor, mixer tail and FFN tail -- runs
+    its products on tensor cores."""
     _, results = jit_gate
     for result in results:
         for precision in ("tf32", "tf32x3"):
             variants = {label: k for label, k in result["kernels"].items()
-                        if f"PRECISION={precision}," in label and label.startswith(
-                            ("_hard_window", "_attention")) and "[float32," in label}
-            assert {label.split("[")[0] for label in variants} == {
+                        if f"PRECISION={precision}," in label and "[float32," in label}
+            assert {label.split("[")[0] for label in variants} >= {
                 "_hard_window_attention_kernel", "_attention_fwd_kernel",
-                "_attention_bwd_dkv_kernel", "_attention_bwd_dq_kernel"}, precision
+                "_attention_bwd_dkv_kernel", "_attention_bwd_dq_kernel", "_predictor_kernel",
+                "_mixer_tail_kernel", "_ffn_tail_kernel"}, precision
             for label, k in variants.items():
                 assert k["tensor_core_dots"] == k["dots"] > 0 and k["mma"], label
 

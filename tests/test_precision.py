@@ -164,3 +164,21 @@ def test_masked_window_attention_tf32x3_forward_and_backward(
             results.append([out] + [t.grad for t in leaves[:4]])
     for name, got, ref in zip(["out", "dx", "dk_in", "dv", "dsa"], *results):
         assert_close(name, ref, got, 2e-5, relative=True)
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32"])
+def test_model_in_each_precision(monkeypatch: pytest.MonkeyPatch, precision: str) -> None:
+    """A whole forward on the Triton backend (the fused block: predictor, attention, mixer
+    and FFN tails all take the precision) against the reference backend."""
+    import camixer_fast
+
+    torch.manual_seed(0)
+    model = camixer_fast.CAMixerSR(n_feats=12, blocks_per_group=(1, 1)).to(DEVICE).eval()
+    x = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    with tf32_off(), torch.no_grad():
+        ref = model(x)
+        model.backend = "triton"
+        monkeypatch.setenv(_tiles.FP32_PARITY_VAR, "ieee" if precision == "tf32" else precision)
+        with matmul_tf32(precision == "tf32"):
+            got = model(x)
+    assert_close(f"sr ({precision})", ref, got, TF32_TOL if precision == "tf32" else PARITY_TOL)
