@@ -269,7 +269,8 @@ def kernel_tables(record: dict | None) -> dict[str, list[dict]]:
             continue
         h, w = entry["padded_hw"]
         shape = roofline.Shape(1, entry["channels"], h, w, itemsize=entry["itemsize"])
-        costs = roofline.inference_costs(shape, entry["hard_per_block"])
+        costs = roofline.inference_costs(shape, entry["hard_per_block"],
+                                         fused_block="_predictor_kernel" in entry["kernels"])
         tables[f"inference {precision}"] = roofline.roofline_rows(
             _ours(entry["kernels"], costs), costs, peaks, entry["dot_precision"])
     for mode, entry in data.get("training", {}).items():

@@ -103,11 +103,14 @@ class Shape:
         return self.pixels // self.tokens
 
 
-def window_scores(s: Shape) -> Cost:
-    """Channel mean of the predictor's c4 map per window, the ws² → ws → 2 MLP, softmax."""
-    c4, hid = (s.channels + 4) // 4, s.window
-    return Cost(c4 * s.pixels * s.itemsize + s.windows * 2 * 4,
-                vector_flops=c4 * s.pixels + s.windows * (2 * s.tokens * hid + 4 * hid + 8))
+def window_scores(s: Shape, in_channels: int | None = None) -> Cost:
+    """Channel mean of the predictor's map per window (``in_channels``: c4 from the network's
+    own predictor, 1 from the fused block's, which hands over the channel mean in fp32), the
+    ws² → ws → 2 MLP, softmax."""
+    c_in, hid = in_channels or (s.channels + 4) // 4, s.window
+    size = 4 if in_channels == 1 else s.itemsize
+    return Cost(c_in * s.pixels * size + s.windows * 2 * 4,
+                vector_flops=c_in * s.pixels + s.windows * (2 * s.tokens * hid + 4 * hid + 8))
 
 
 def select(s: Shape) -> Cost:
@@ -170,20 +173,71 @@ def attention_backward_dq(s: Shape) -> Cost:
                 matrix_flops=s.windows * 6 * t * t * c, vector_flops=s.windows * 8 * t * t)
 
 
-def inference_costs(s: Shape, hard_per_block: list[int]) -> dict[str, Cost]:
+def predictor(s: Shape) -> Cost:
+    """The fused block's predictor per pixel (kernels/predictor.py): v = project_v(x), h =
+    in_conv([v | Cg | Cw]), LayerNorm, LeakyReLU, the offsets' two 1×1 convolutions, h's
+    channel mean and partial sums. Reads x and the conditions; writes v, h, the offsets, the
+    mean (fp32). The conventions of bench/block_cost.py (issue 11 part A)."""
+    c, c4, c8, px, b = s.channels, (s.channels + 4) // 4, (s.channels + 4) // 8, s.pixels, \
+        s.itemsize
+    return Cost(px * ((c + 4) * b + (c + c4 + 2) * b + 4),
+                matrix_flops=px * 2 * (c * c + c * c4 + c4 * c8),
+                vector_flops=px * (2 * 4 * c4 + 10 * c4 + 4 * c8 + 40))
+
+
+def predictor_heads(s: Shape) -> Cost:
+    """sa (3×3 convolution of h, sigmoid) and ca (from the partial sums)."""
+    c4 = (s.channels + 4) // 4
+    return Cost(s.pixels * (c4 * s.itemsize + s.itemsize),
+                vector_flops=s.pixels * (2 * 9 * c4 + 10))
+
+
+def depthwise3x3(s: Shape) -> Cost:
+    """The mixer's depthwise 3×3 on the attention output (NHWC in, NHWC out)."""
+    c = s.channels
+    return Cost(2 * s.pixels * c * s.itemsize, vector_flops=s.pixels * 2 * 9 * c)
+
+
+def mixer_tail(s: Shape) -> Cost:
+    """Dilated 3×3, gelu·ca + attn, project_out, + x, LN1, the FFN's project_in (C → 2C):
+    reads the dw output, attn and x, writes x1 and u (2C)."""
+    c = s.channels
+    return Cost(s.pixels * 6 * c * s.itemsize, matrix_flops=s.pixels * 2 * 3 * c * c,
+                vector_flops=s.pixels * (2 * 9 * c + 30 * c))
+
+
+def ffn_tail(s: Shape) -> Cost:
+    """The FFN's depthwise 3×3 on u (2C), gelu gate, project_out, + x1, LN2."""
+    c = s.channels
+    return Cost(s.pixels * 4 * c * s.itemsize, matrix_flops=s.pixels * 2 * c * c,
+                vector_flops=s.pixels * (2 * 2 * 9 * c + 30 * c))
+
+
+def _times(cost: Cost, n: int) -> Cost:
+    return Cost(cost.bytes * n, cost.matrix_flops * n, cost.vector_flops * n)
+
+
+def inference_costs(s: Shape, hard_per_block: list[int], *,
+                    fused_block: bool = True) -> dict[str, Cost]:
     """Costs per forward of the inference kernels, by profiler kernel name, summed over the
-    blocks; ``hard_per_block``: K summed over the batch, one entry per block."""
+    blocks; ``hard_per_block``: K summed over the batch, one entry per block. ``fused_block``:
+    the Triton backend's block path (kernels/block.py), one launch of each of its kernels a
+    block; else only the hot operations run as kernels."""
     blocks = len(hard_per_block)
     zero = Cost(0.0)
-    out = {"_window_scores_kernel": zero, "_select_kernel": zero,
-           "_deform_key_fwd_kernel": zero, "_hard_window_attention_kernel": zero}
+    out = {"_deform_key_fwd_kernel": zero, "_hard_window_attention_kernel": zero}
     for k in hard_per_block:
         out["_deform_key_fwd_kernel"] += deform_key_hard(s, k)
         out["_hard_window_attention_kernel"] += hard_window_attention(s, k)
-    for name, cost in ((("_window_scores_kernel", window_scores(s)),
-                        ("_select_kernel", select(s)))):
-        out[name] = Cost(cost.bytes * blocks, cost.matrix_flops * blocks,
-                         cost.vector_flops * blocks)
+    out["_window_scores_kernel"] = _times(window_scores(s, 1 if fused_block else None), blocks)
+    out["_select_kernel"] = _times(select(s), blocks)
+    if fused_block:
+        for name, cost in (("_predictor_kernel", predictor(s)),
+                           ("_predictor_heads_kernel", predictor_heads(s)),
+                           ("_depthwise3x3_kernel", depthwise3x3(s)),
+                           ("_mixer_tail_kernel", mixer_tail(s)),
+                           ("_ffn_tail_kernel", ffn_tail(s))):
+            out[name] = _times(cost, blocks)
     return out
 
 

@@ -67,6 +67,31 @@ def test_cost_model_agrees_with_the_aot_gates_frame(monkeypatch) -> None:
     assert ours.matrix_flops + 60 * 120 * 256 == reference.flops
 
 
+def test_block_kernel_costs_agree_with_part_as_model(monkeypatch) -> None:
+    """The fused block's kernels: the bytes and FLOPs of bench/block_cost.py (issue 11 part A)
+    at 720p, per block; the block feeds the window scores its channel mean only."""
+    roofline = bench_module("roofline")
+    block_cost = bench_module("block_cost")
+    for channels, itemsize in ((36, 4), (60, 2)):
+        s = roofline.Shape(1, channels, 192, 320, itemsize=itemsize)
+        theirs = {c.name: c for c in block_cost.block_costs(channels, itemsize)}
+        for name, ours in (("predictor", roofline.predictor(s)),
+                           ("predictor_heads (sa, ca)", roofline.predictor_heads(s)),
+                           ("depthwise3x3", roofline.depthwise3x3(s)),
+                           ("mixer_tail", roofline.mixer_tail(s)),
+                           ("ffn_tail", roofline.ffn_tail(s))):
+            ref = theirs[name]
+            assert (ours.bytes, ours.matrix_flops, ours.vector_flops) == (
+                ref.bytes, ref.matrix_flops, ref.vector_flops), name
+    s = roofline.Shape(1, 36, 192, 320)
+    fused = roofline.inference_costs(s, [120] * 20)
+    assert fused["_mixer_tail_kernel"].matrix_flops == 20 * 61440 * 2 * 3 * 36 * 36
+    assert fused["_window_scores_kernel"].bytes == 20 * (61440 * 4 + 240 * 8)
+    plain = roofline.inference_costs(s, [120] * 20, fused_block=False)
+    assert "_predictor_kernel" not in plain
+    assert plain["_window_scores_kernel"].bytes == 20 * (10 * 61440 * 4 + 240 * 8)
+
+
 def test_roofline_floor_share_and_bound() -> None:
     roofline = bench_module("roofline")
     peaks = roofline.Ceilings(bandwidth=1e12, fp32=1e12, tf32=6e12, fp16=8e12, bf16=8e12)
