@@ -92,6 +92,13 @@ TOLERANCE = {"fp32": 1e-4, "fp32-tf32x3": 1e-4, "tf32": 2e-2, "fp16": 2e-2, "bf1
 """Max |output - official fp32 output| for a case to be timed. fp32: the parity promise (the
 H200 run of issue 9 measured 1.3e-5); TF32 and fp16 keep 10 mantissa bits, bf16 8: the test
 suite's bounds for half-precision outputs."""
+MEAN_TOLERANCE = {"tf32": 1e-3, "fp16": 1e-3, "bf16": 5e-3}
+"""Routing is discrete: in TF32 or half precision a window whose score sits at the threshold
+(or ties another, common with the seeded random weights of B) may be routed the other way,
+moving that window's output by ~0.1-1 while the rest stays at rounding level. Outside the fp32
+parity modes a case also passes its check when the mean |output - official fp32| is within
+this bound (the test suite's bound for an fp16 model against the fp32 golden output, 1e-3;
+bf16, with 3 bits fewer, 5e-3); the max and the mean are both recorded."""
 IMPLEMENTATIONS = ("official", "reference", "triton")
 ROOFLINE_PRECISION = {"fp32": "ieee", "fp32-tf32x3": "tf32x3", "tf32": "tf32", "fp16": "fp16",
                       "bf16": "bf16"}
@@ -481,6 +488,24 @@ def max_abs(a, b) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
+def _errors(out, expected) -> dict:
+    err = (out.float() - expected.float()).abs()
+    return {"max_abs_vs_official_fp32": float(err.max()),
+            "mean_abs_vs_official_fp32": float(err.mean())}
+
+
+def _passes(case: dict, precision: str) -> bool:
+    """The check of a case against the official fp32 output: max within :data:`TOLERANCE`,
+    or outside the fp32 parity modes the mean within :data:`MEAN_TOLERANCE`."""
+    if case["max_abs_vs_official_fp32"] <= TOLERANCE[precision]:
+        return True
+    mean = MEAN_TOLERANCE.get(precision)
+    if mean is not None and case["mean_abs_vs_official_fp32"] <= mean:
+        case["passed_on"] = "mean (a routing flip)"
+        return True
+    return False
+
+
 def environment() -> dict:
     """The card, its driver, CUDA, cuDNN, torch, triton and Python versions."""
     import platform
@@ -610,10 +635,9 @@ def _latency_case(ctx: Context, net, x, expected, model: str, precision: str, im
             out, routing = _forward(net, x, routing=True)
             case["k_fraction"] = float(routing.k_fraction().float().mean())
         case["finite"] = bool(torch.isfinite(out).all())
-        case["max_abs_vs_official_fp32"] = max_abs(out, expected)
+        case.update(_errors(out, expected))
         # the official chain is the baseline: timed whenever its output is finite
-        case["parity_ok"] = case["finite"] and (
-            impl == "official" or case["max_abs_vs_official_fp32"] <= TOLERANCE[precision])
+        case["parity_ok"] = case["finite"] and (impl == "official" or _passes(case, precision))
         if case["parity_ok"]:
             case.update(ctx.time_ms(lambda: _forward(net, x)))
     except Exception as err:        # one case must not hide the others
@@ -678,9 +702,9 @@ def section_kernels(ctx: Context) -> dict:
                      "itemsize": torch.finfo(dtype).bits // 8}
             try:
                 sr, routing = _forward(net, x, routing=True)
-                entry["max_abs_vs_official_fp32"] = max_abs(sr, expected)
-                entry["parity_ok"] = bool(torch.isfinite(sr).all()) and (
-                    entry["max_abs_vs_official_fp32"] <= TOLERANCE[precision])
+                entry.update(_errors(sr, expected))
+                entry["parity_ok"] = bool(torch.isfinite(sr).all()) and _passes(entry,
+                                                                                  precision)
                 entry["padded_hw"] = [-(-s // 16) * 16 for s in x.shape[-2:]]
                 entry["channels"] = net.n_feats
                 entry["hard_per_block"] = [int(b.num_hard.sum()) for b in routing.blocks]

@@ -243,6 +243,21 @@ def test_arguments(tmp_path: Path) -> None:
     assert set(bench.TOLERANCE) == set(bench.PRECISIONS) == set(bench.ROOFLINE_PRECISION)
 
 
+@pytest.mark.parametrize("precision, max_err, mean_err, ok", [
+    ("fp32", 9e-5, 1e-7, True), ("fp32", 2e-4, 1e-7, False),
+    ("fp32-tf32x3", 0.3, 1e-6, False),                  # parity modes: the max, always
+    ("fp16", 1e-2, 1e-4, True), ("fp16", 0.4, 5e-4, True), ("fp16", 0.4, 2e-3, False),
+    ("bf16", 0.9, 4e-3, True), ("tf32", 0.5, 2e-3, False),
+], ids=lambda v: str(v))
+def test_case_checks(precision: str, max_err: float, mean_err: float, ok: bool) -> None:
+    """A routing flip at the threshold moves the max, not the mean: outside the fp32 parity
+    modes a case passes on its mean; the fp32 parity modes keep their 1e-4 on the max."""
+    bench = bench_module("gpu_bench")
+    case = {"max_abs_vs_official_fp32": max_err, "mean_abs_vs_official_fp32": mean_err}
+    assert bench._passes(case, precision) is ok
+    assert ("passed_on" in case) is (ok and max_err > bench.TOLERANCE[precision])
+
+
 def test_dry_run_prints_the_plan(capsys: pytest.CaptureFixture) -> None:
     bench = bench_module("gpu_bench")
     assert bench.main(["--weights", "w", "--image", "i", "--dry-run"]) == 0
