@@ -218,25 +218,13 @@ def summarize(work: Path, out: Path, results_md: Path | None = None
 
 
 def environment(commit: str | None = None) -> dict:
-    """This machine: GPU, driver-side versions, tools (needs torch)."""
+    """This machine: GPU, driver-side versions (``gpu_bench.environment``), tools, commit."""
     import shutil
 
-    import torch
+    import gpu_bench
 
-    env = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "torch": torch.__version__, "cuda": torch.version.cuda,
-           "python": sys.version.split()[0],
-           "compute_sanitizer": shutil.which("compute-sanitizer") or ""}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = "not installed"
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        env.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
-                   memory_gib=round(props.total_memory / 2**30, 1))
+    env = gpu_bench.environment()
+    env["compute_sanitizer"] = shutil.which("compute-sanitizer") or ""
     if commit:
         env["commit"] = commit
     return env
