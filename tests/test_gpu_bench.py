@@ -398,3 +398,22 @@ def test_says_it_needs_a_gpu(capsys: pytest.CaptureFixture) -> None:
     bench = bench_module("gpu_bench")
     assert bench.main(["--weights", "w", "--image", "i"]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_pytest_benchmark_table_smoke(tmp_path: Path) -> None:
+    """bench/test_bench_gpu.py (the latency table as pytest-benchmark) runs its checked, timed
+    cases on the CPU in smoke mode and records each case's error in extra_info."""
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, TRITON_INTERPRET="1", CAMIXER_BENCH_GPU_SMOKE="1")
+    done = subprocess.run([sys.executable, "-m", "pytest", str(BENCH / "test_bench_gpu.py"),
+                           "-q", "-p", "no:cacheprovider", f"--benchmark-json={out}"],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
+                          check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    benchmarks = json.loads(out.read_text())["benchmarks"]
+    assert len(benchmarks) == 8
+    for case in benchmarks:
+        info = case["extra_info"]
+        assert info["finite"] and info["precision"] == "fp32"
+        if info["impl"] == "triton":
+            assert info["max_abs_vs_official_fp32"] <= 1e-4
