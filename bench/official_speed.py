@@ -16,8 +16,14 @@ Before anything is timed, on every input and γ:
 
 Both must agree to 1e-4 (max abs) or the cell is not timed. Then the two models run
 alternately, one warm-up call each and ``--rounds`` timed calls each, under
-``torch.no_grad()`` (the official test loop's mode), in one process with ``--threads`` torch
-threads; the result is the median per model and their ratio. The official K is drawn at random
+``torch.no_grad()`` (the official test loop's mode), each in a worker process of its own
+(:class:`Worker`) with ``--threads`` torch threads; the result is the median per model and their
+ratio, with each forward's minor page faults. Own processes, because a user's process holds one
+model: alternating two models in one process lets each one's allocations decide how many fresh
+pages the other's forward touches (measured at 128×128: the official forward took 666 ms
+alternating in one process and 794 ms alone, ours 240 and 277 ms; glibc returns freed memory to
+the system and faults it in again), and alternating the two workers still cancels a drift in
+the machine's load. The official K is drawn at random
 in every block of every call (its Gumbel rule, the global generator seeded once); ours is the
 expected K. Both are recorded as the mean fraction of windows attended.
 
@@ -33,7 +39,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -99,35 +107,102 @@ def check(official, ours, reference, x: torch.Tensor, gamma: float) -> dict:
             "ours_vs_reference": float((ours_out - ref_out).abs().max())}
 
 
-def time_pair(official, ours, x: torch.Tensor, gamma: float, rounds: int) -> dict:
-    """Alternate official and ours: one warm-up each, then ``rounds`` timed calls each."""
-    set_ratio(official, gamma)
-    ours.gamma = gamma
-    with torch.no_grad():
-        _, routing = ours(x, return_routing=True)
-    ours_k = float(routing.k_fraction().mean())
-    run_official(official, x)
-    with torch.no_grad():
-        ours(x)
-    counter = OfficialK(official)
+class Worker:
+    """One model in a process of its own (``official_speed.py --worker official|ours``), timing
+    one forward per request: a user's process holds one model, and its allocator's state (how
+    many fresh pages a forward touches) is its own, not left by the other model. Requests and
+    answers are JSON lines on the worker's stdin and stdout; while the other model runs, the
+    worker waits on its pipe and uses no CPU."""
+
+    def __init__(self, who: str, threads: int, arch: str | None) -> None:
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", who,
+                   "--threads", str(threads)] + (["--arch", arch] if arch else [])
+        self.who = who
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        text=True, bufsize=1)
+        self.ask({"cmd": "ping"})
+
+    def ask(self, request: dict) -> dict:
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.who} worker exited (status {self.process.wait()})")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"the {self.who} worker: {answer['error']}")
+        return answer
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            self.process.wait(timeout=60)
+
+
+def serve(who: str, threads: int, arch: str | None) -> int:
+    """The worker's loop: ``{"cmd": "run", "image", "size", "gamma"}`` -> one forward's seconds,
+    minor page faults and (official) the fraction of windows its blocks drew."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = (load_official(WEIGHTS, path=arch) if who == "official"
+             else camixer_fast.load_model(WEIGHTS, backend="auto"))
+    counter = OfficialK(model) if who == "official" else None
+    inputs: dict[tuple[str, int], torch.Tensor] = {}
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            if request["cmd"] == "ping":
+                answer = {"backend": getattr(model, "backend", "official")}
+            else:
+                key = (request["image"], request["size"])
+                if key not in inputs:
+                    inputs[key] = centre_crop(read_rgb(IMAGES[key[0]]), key[1])
+                x = inputs[key]
+                if who == "official":
+                    set_ratio(model, request["gamma"])
+                    counter.fractions.clear()
+                else:
+                    model.gamma = request["gamma"]
+                faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                start = time.perf_counter()
+                if who == "official":
+                    run_official(model, x)
+                else:
+                    with torch.no_grad():
+                        model(x)
+                answer = {"s": time.perf_counter() - start,
+                          "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults}
+                if counter is not None:
+                    answer["k_fraction"] = statistics.fmean(counter.fractions)
+        except Exception as err:            # reported to the parent, which stops
+            answer = {"error": f"{type(err).__name__}: {err}"}
+        print(json.dumps(answer), flush=True)
+    return 0
+
+
+def time_pair(workers: dict[str, Worker], ours_k: float, image: str, size: int, gamma: float,
+              rounds: int) -> dict:
+    """Alternate the official and our worker: one warm-up call each, then ``rounds`` timed
+    calls each."""
+    request = {"cmd": "run", "image": image, "size": size, "gamma": gamma}
+    for worker in workers.values():
+        worker.ask(request)
     times: dict[str, list[float]] = {"official": [], "ours": []}
+    faults: dict[str, list[int]] = {"official": [], "ours": []}
+    fractions = []
     load = os.getloadavg()[0]
-    try:
-        for _ in range(rounds):
-            start = time.perf_counter()
-            run_official(official, x)
-            times["official"].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            with torch.no_grad():
-                ours(x)
-            times["ours"].append(time.perf_counter() - start)
-    finally:
-        counter.close()
+    for _ in range(rounds):
+        for who, worker in workers.items():
+            answer = worker.ask(request)
+            times[who].append(answer["s"])
+            faults[who].append(answer["faults"])
+            if who == "official":
+                fractions.append(answer["k_fraction"])
     official_s, ours_s = (statistics.median(times[k]) for k in ("official", "ours"))
     return {"official_s": official_s, "ours_s": ours_s, "speedup": official_s / ours_s,
-            "times": times, "official_k_fraction": statistics.fmean(counter.fractions),
-            "ours_k_fraction": ours_k, "loadavg_1min_start": load,
-            "loadavg_1min_end": os.getloadavg()[0]}
+            "times": times, "page_faults": {k: statistics.median(v) for k, v in faults.items()},
+            "official_k_fraction": statistics.fmean(fractions), "ours_k_fraction": ours_k,
+            "loadavg_1min_start": load, "loadavg_1min_end": os.getloadavg()[0]}
 
 
 def top_operations(run, runs: int = 3, top: int = 8) -> dict:
@@ -175,30 +250,42 @@ def measure(threads: int, rounds: int, sizes: tuple[int, ...], arch: str | None)
     official = load_official(WEIGHTS, path=arch)
     ours = camixer_fast.load_model(WEIGHTS, backend="auto")
     reference = camixer_fast.load_model(WEIGHTS, backend="reference")
+    workers = {who: Worker(who, threads, arch) for who in ("official", "ours")}
     rows = []
-    for size in sizes:
-        for name, path in IMAGES.items():
-            x = centre_crop(read_rgb(path), size)
-            for gamma in GAMMAS:
-                row = {"image": name, "size": f"{size}x{size}", "gamma": gamma,
-                       "check": check(official, ours, reference, x, gamma)}
-                bad = [k for k in ("official_vs_ours_same_draw", "ours_vs_reference")
-                       if not row["check"][k] <= TOL]
-                if bad:
-                    row["skipped"] = f"{', '.join(bad)} above {TOL:g}: not timed"
-                else:
-                    row.update(time_pair(official, ours, x, gamma, rounds))
-                rows.append(row)
-                print(f"{name} {size}x{size} gamma={gamma:g}: " + (
-                    row.get("skipped") or f"official {row['official_s'] * 1e3:.0f} ms, ours "
-                    f"{row['ours_s'] * 1e3:.0f} ms, {row['speedup']:.2f}x"), file=sys.stderr)
+    try:
+        for size in sizes:
+            for name, path in IMAGES.items():
+                x = centre_crop(read_rgb(path), size)
+                for gamma in GAMMAS:
+                    row = {"image": name, "size": f"{size}x{size}", "gamma": gamma,
+                           "check": check(official, ours, reference, x, gamma)}
+                    bad = [k for k in ("official_vs_ours_same_draw", "ours_vs_reference")
+                           if not row["check"][k] <= TOL]
+                    if bad:
+                        row["skipped"] = f"{', '.join(bad)} above {TOL:g}: not timed"
+                    else:
+                        with torch.no_grad():
+                            _, routing = ours(x, return_routing=True)
+                        row.update(time_pair(workers, float(routing.k_fraction().mean()), name,
+                                             size, gamma, rounds))
+                    rows.append(row)
+                    print(f"{name} {size}x{size} gamma={gamma:g}: " + (
+                        row.get("skipped") or f"official {row['official_s'] * 1e3:.0f} ms, "
+                        f"ours {row['ours_s'] * 1e3:.0f} ms, {row['speedup']:.2f}x"),
+                        file=sys.stderr)
+    finally:
+        for worker in workers.values():
+            worker.close()
     return {"official": {"repo": OFFICIAL_REPO, "commit": OFFICIAL_COMMIT,
                          "file": arch_path(arch).name},
             "ours": {"backend": ours.backend, "routing": ours.routing},
             "threads": threads, "rounds": rounds, "tolerance": TOL, "target": TARGET,
-            "mode": "torch.no_grad(), batch 1, medians of alternating rounds",
+            "mode": "torch.no_grad(), batch 1, each model in its own process, medians of "
+                    "alternating rounds",
             "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY",
-                                               "MKL_NUM_THREADS") if k in os.environ},
+                                               "MKL_NUM_THREADS", "MALLOC_MMAP_THRESHOLD_",
+                                               "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")
+                    if k in os.environ},
             "machine": machine_stamp(), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "rows": rows}
 
@@ -217,7 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true",
                         help="add the operation profiles to the existing --out JSON instead "
                         "of timing")
+    parser.add_argument("--worker", choices=("official", "ours"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker:
+        return serve(args.worker, args.threads, args.arch)
     if args.profile:
         result = json.loads(args.out.read_text())
         result["profile"] = profile(args.threads, args.arch)
