@@ -57,6 +57,8 @@ from official_code import (OFFICIAL_COMMIT, OFFICIAL_REPO, arch_path, load_offic
                            official_gumbel_run, run_official, set_ratio)
 
 import camixer_fast
+from camixer_fast import cpu_memory
+from camixer_fast.cpu_memory import keep_freed_memory
 
 TOL = 1e-4
 GAMMAS = (1.0, 0.5, 0.25)
@@ -66,6 +68,8 @@ IMAGES = {"Urban100/img_004": SHARED / "data" / "Urban100" / "HR" / "img_004.png
 WEIGHTS = SHARED / "weights" / "CAMixerSR_S.pth"
 TARGET = 2.5
 RESULT = BENCH / "results" / "official_code.json"
+RESULT_KEPT = BENCH / "results" / "official_code_kept.json"
+"""Where ``--keep-freed-memory`` writes by default."""
 
 
 def centre_crop(rgb: np.ndarray, size: int) -> torch.Tensor:
@@ -114,9 +118,10 @@ class Worker:
     answers are JSON lines on the worker's stdin and stdout; while the other model runs, the
     worker waits on its pipe and uses no CPU."""
 
-    def __init__(self, who: str, threads: int, arch: str | None) -> None:
+    def __init__(self, who: str, threads: int, arch: str | None, keep_memory: bool) -> None:
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", who,
-                   "--threads", str(threads)] + (["--arch", arch] if arch else [])
+                   "--threads", str(threads)] + (["--arch", arch] if arch else []) + \
+            (["--keep-freed-memory"] if keep_memory else [])
         self.who = who
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         text=True, bufsize=1)
@@ -139,9 +144,11 @@ class Worker:
             self.process.wait(timeout=60)
 
 
-def serve(who: str, threads: int, arch: str | None) -> int:
+def serve(who: str, threads: int, arch: str | None, keep_memory: bool) -> int:
     """The worker's loop: ``{"cmd": "run", "image", "size", "gamma"}`` -> one forward's seconds,
     minor page faults and (official) the fraction of windows its blocks drew."""
+    if keep_memory and not keep_freed_memory():
+        raise SystemExit(f"--keep-freed-memory: not here ({cpu_memory.unsupported()})")
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = (load_official(WEIGHTS, path=arch) if who == "official"
@@ -244,13 +251,14 @@ def profile(threads: int, arch: str | None) -> dict:
     return out
 
 
-def measure(threads: int, rounds: int, sizes: tuple[int, ...], arch: str | None) -> dict:
+def measure(threads: int, rounds: int, sizes: tuple[int, ...], arch: str | None,
+            keep_memory: bool = False) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     official = load_official(WEIGHTS, path=arch)
     ours = camixer_fast.load_model(WEIGHTS, backend="auto")
     reference = camixer_fast.load_model(WEIGHTS, backend="reference")
-    workers = {who: Worker(who, threads, arch) for who in ("official", "ours")}
+    workers = {who: Worker(who, threads, arch, keep_memory) for who in ("official", "ours")}
     rows = []
     try:
         for size in sizes:
@@ -286,6 +294,9 @@ def measure(threads: int, rounds: int, sizes: tuple[int, ...], arch: str | None)
                                                "MKL_NUM_THREADS", "MALLOC_MMAP_THRESHOLD_",
                                                "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")
                     if k in os.environ},
+            "allocator": ("freed memory kept in both processes "
+                          "(camixer_fast.cpu_memory.keep_freed_memory)" if keep_memory
+                          else "the system's default"),
             "machine": machine_stamp(), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "rows": rows}
 
@@ -298,21 +309,30 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads (with --profile too: 1 gives the cleanest shares)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
-    parser.add_argument("--out", type=Path, default=RESULT)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default bench/results/official_code.json, with "
+                        "--keep-freed-memory official_code_kept.json")
     parser.add_argument("--no-report", action="store_true",
                         help="do not re-render bench/RESULTS.md")
     parser.add_argument("--profile", action="store_true",
                         help="add the operation profiles to the existing --out JSON instead "
                         "of timing")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="both processes keep freed memory "
+                        "(camixer_fast.cpu_memory.keep_freed_memory, what the camixer-fast "
+                        "command does); default: the system's allocator as it is")
     parser.add_argument("--worker", choices=("official", "ours"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = RESULT_KEPT if args.keep_freed_memory else RESULT
     if args.worker:
-        return serve(args.worker, args.threads, args.arch)
+        return serve(args.worker, args.threads, args.arch, args.keep_freed_memory)
     if args.profile:
         result = json.loads(args.out.read_text())
         result["profile"] = profile(args.threads, args.arch)
     else:
-        result = measure(args.threads, args.rounds, tuple(args.sizes), args.arch)
+        result = measure(args.threads, args.rounds, tuple(args.sizes), args.arch,
+                         args.keep_freed_memory)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)

@@ -313,7 +313,8 @@ def upscale_lines(table: dict) -> list[str]:
     return lines
 
 
-def official_lines(data: dict) -> list[str]:
+def official_lines(data: dict, heading: str = "## Against the official code",
+                   source: str = "bench/results/official_code.json") -> list[str]:
     """The section of ``bench/official_speed.py``: ``backend="auto"`` against the official code."""
     stamp, rows = data["machine"], data["rows"]
     timed = [r for r in rows if "speedup" in r]
@@ -322,9 +323,9 @@ def official_lines(data: dict) -> list[str]:
     met = bool(timed) and len(timed) == len(rows) and worst >= data["target"]
     official = data["official"]
     lines = [
-        "## Against the official code",
+        heading,
         "",
-        (f"Written from `bench/results/official_code.json` (`bench/official_speed.py`, "
+        (f"Written from `{source}` (`bench/official_speed.py`, "
          f"{data['date']}). The official architecture file of {official['repo']} at "
          f"`{official['commit'][:7]}`, run as published (`bench/official_code.py`: only "
          "basicsr's registry and `flow_warp` are stubbed), against `camixer_fast` with "
@@ -333,7 +334,8 @@ def official_lines(data: dict) -> list[str]:
          f"{stamp['cpu_model']}, {stamp['cpu_count']} cores, torch {stamp['torch']}, "
          f"{data['threads']} threads"
          + "".join(f", {k}={v}" for k, v in data.get("env", {}).items())
-         + f", {data['mode']}, {data['rounds']} rounds; 1-minute load "
+         + f", {data['mode']}, {data['rounds']} rounds, allocator: "
+         + data.get("allocator", "the system's default") + "; 1-minute load "
          + (f"average {min(loads):.2f}–{max(loads):.2f}." if loads else "average not recorded.")),
         "",
         ("Checked before timing, per input and γ: the official output for one Gumbel draw "
@@ -347,20 +349,21 @@ def official_lines(data: dict) -> list[str]:
         + (f"**met** (lowest {worst:.2f}×)." if met else f"**not met** (lowest {worst:.2f}×)."),
         "",
         "| input | γ | official | ours | speed-up | K/N official | K/N ours | "
-        "max err same draw | max err vs reference |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "page faults official / ours | max err same draw | max err vs reference |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         check = r["check"]
         if "speedup" not in r:
             lines.append(f"| {r['image']} {r['size']} | {r['gamma']:g} | – | – | "
-                         f"{r['skipped']} | – | – | {check['official_vs_ours_same_draw']:.1e} | "
+                         f"{r['skipped']} | – | – | – | "
+                         f"{check['official_vs_ours_same_draw']:.1e} | "
                          f"{check['ours_vs_reference']:.1e} |")
             continue
         lines.append(f"| {r['image']} {r['size']} | {r['gamma']:g} | {ms(r['official_s'])} | "
                      f"{ms(r['ours_s'])} | **{r['speedup']:.2f}×** | "
                      f"{r['official_k_fraction']:.2f} | {r['ours_k_fraction']:.2f} | "
-                     f"{check['official_vs_ours_same_draw']:.1e} | "
+                     f"{_faults(r)} | {check['official_vs_ours_same_draw']:.1e} | "
                      f"{check['ours_vs_reference']:.1e} |")
     prof = data.get("profile")
     if prof:
@@ -385,6 +388,15 @@ def official_lines(data: dict) -> list[str]:
             lines.append(f"| {float(gamma):g} | ours by range | {ranges['total']:.0f} ms | "
                          f"{parts} |")
     return lines
+
+
+def _faults(row: dict) -> str:
+    """Median minor page faults per forward, official / ours (not recorded before the
+    worker processes)."""
+    faults = row.get("page_faults")
+    if not faults:
+        return "–"
+    return f"{faults['official']:,.0f} / {faults['ours']:,.0f}"
 
 
 def breakdown_lines(breakdown: dict) -> list[str]:
@@ -444,7 +456,8 @@ def onnx_lines(onnx: dict) -> list[str]:
 
 def render(benches: list[dict], machine: dict, breakdown: dict | None, quality: dict | None,
            memory: dict | None, plot_md: str, sources: list[str],
-           official: dict | None = None, onnx: dict | None = None) -> str:
+           official: dict | None = None, onnx: dict | None = None,
+           official_kept: dict | None = None) -> str:
     stamp = machine.get("camixer_fast") or machine_stamp()
     backends, upscales = backend_table(benches), upscale_table(benches)
     loads = [b["extra_info"]["loadavg_1min"] for b in benches if "loadavg_1min" in b["extra_info"]]
@@ -472,6 +485,9 @@ def render(benches: list[dict], machine: dict, breakdown: dict | None, quality: 
         "`camixer_fast.cpu_ops`, the CPU backend (`backend=\"auto\"` on the CPU)."),
         "",
         *(official_lines(official) + [""] if official else []),
+        *(official_lines(official_kept, "### Both processes keeping freed memory",
+                         "bench/results/official_code_kept.json") + [""]
+          if official_kept else []),
         "## Speed targets",
         "",
         *speed_targets(backends, memory),
@@ -570,8 +586,13 @@ def main(argv: list[str] | None = None) -> int:
     official = json.loads(official_path.read_text()) if official_path.is_file() else None
     if official:
         sources.append("bench/results/official_code.json")
+    kept_path = args.results / "official_code_kept.json"
+    official_kept = json.loads(kept_path.read_text()) if kept_path.is_file() else None
+    if official_kept:
+        sources.append("bench/results/official_code_kept.json")
     text = render(benches, machine, measured["breakdown"], measured["quality"],
-                  measured["memory"], plot_md, sources, official=official, onnx=measured["onnx"])
+                  measured["memory"], plot_md, sources, official=official, onnx=measured["onnx"],
+                  official_kept=official_kept)
     # the GPU section is bench/gpu_report.py's: kept as it is
     gpu = extract_section(args.out.read_text()) if args.out.is_file() else None
     args.out.write_text(text + ("\n" + gpu if gpu else ""))
