@@ -13,7 +13,9 @@ One run of this script measures everything it reports, on the machine as it is:
   with decoding and encoding), and the current command with one worker per thread at one
   thread each, alternated ``--rounds`` times (median wall time of each, load averages);
 - the outputs, byte for byte (and pixel by pixel where they differ): the current command's
-  against the baseline's, the workers' run against the baseline at one thread (the CPU kernels
+  against this commit's ``camixer_fast.upscale`` run one image after another (at the same
+  thread count: the runner must change nothing) and against the baseline's (whose network
+  code may round differently), the workers' run against the baseline at one thread (the CPU kernels
   round differently with the thread count) and against the current command's, and the
   current command at other batch sizes and worker counts against its default.
 """
@@ -86,6 +88,33 @@ def run_command(tree: Path | None, inputs: Path, out: Path, *extra: str,
     if proc.returncode != 0:
         raise SystemExit(f"command failed ({proc.returncode}): {proc.stderr[-2000:]}")
     return seconds
+
+
+SEQUENTIAL = """
+import sys, torch
+from pathlib import Path
+from camixer_fast.imageio import read_image, write_image
+from camixer_fast.upscale import upscale
+src, dest = Path(sys.argv[1]), Path(sys.argv[2])
+dest.mkdir(parents=True)
+for path in sorted(src.glob("*.png")):
+    image = read_image(path)
+    image.pixels = upscale(image.pixels, 0.5)
+    with open(dest / path.name, "wb") as f:
+        write_image(image, f, "PNG")
+"""
+"""This commit's library, one image after another (``camixer_fast.upscale`` per file)."""
+
+
+def run_sequential(inputs: Path, out: Path, threads: int | None = None) -> None:
+    """This commit's sequential path into ``out``, at ``OMP_NUM_THREADS=threads`` if given."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    proc = subprocess.run([sys.executable, "-c", SEQUENTIAL, str(inputs), str(out)], env=env,
+                          capture_output=True, text=True, cwd=tempfile.gettempdir())
+    if proc.returncode != 0:
+        raise SystemExit(f"sequential run failed ({proc.returncode}): {proc.stderr[-2000:]}")
 
 
 def compare(a: Path, b: Path) -> dict:
@@ -185,7 +214,13 @@ def main() -> None:
     result["loadavg_1min"] = loads
 
     run_command(tree, inputs, work / "baseline_1thread", threads=1)
+    run_sequential(inputs, work / "sequential")
+    run_sequential(inputs, work / "sequential_1thread", threads=1)
     outputs = {
+        "pipelined vs this commit's upscale() one image after another (default threads)":
+            compare(work / "pipelined_0", work / "sequential"),
+        f"{workers_name} vs this commit's upscale() one image after another at 1 thread":
+            compare(work / "workers_0", work / "sequential_1thread"),
         "pipelined vs baseline (both at torch's default threads)":
             compare(work / "pipelined_0", work / "baseline_0"),
         f"{workers_name} vs baseline at 1 thread (OMP_NUM_THREADS=1)":

@@ -241,3 +241,32 @@ def test_workers_share_the_memory_budget(share, together):
     for t in threads:
         t.join()
     assert (max(most) == 2) == together
+
+
+def test_a_threads_count_survives_another_thread_setting_one() -> None:
+    """A model worker sets its count before its first parallel operation; a finisher then sets
+    1 (PyTorch's global last value). The worker must keep its own count: PyTorch's lazy
+    per-thread initialisation would otherwise reset it to the global (and round differently)."""
+    from camixer_fast.runner import set_thread_count
+
+    before = torch.get_num_threads()
+    counts: dict[str, int] = {}
+    finisher_done = threading.Event()
+
+    def worker() -> None:
+        set_thread_count(2)
+        finisher_done.wait(timeout=30)
+        (torch.rand(1_000_000) * 2).sum()          # the first parallel operation
+        counts["worker"] = torch.get_num_threads()
+
+    def finisher() -> None:
+        set_thread_count(1)
+        finisher_done.set()
+
+    threads = [threading.Thread(target=worker), threading.Thread(target=finisher)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    set_thread_count(before)
+    assert counts["worker"] == 2
