@@ -149,6 +149,7 @@ def serve(who: str, threads: int, arch: str | None, keep_memory: bool) -> int:
     minor page faults and (official) the fraction of windows its blocks drew."""
     if keep_memory and not keep_freed_memory():
         raise SystemExit(f"--keep-freed-memory: not here ({cpu_memory.unsupported()})")
+    answers, sys.stdout = sys.stdout, sys.stderr      # anything else printed goes to stderr
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = (load_official(WEIGHTS, path=arch) if who == "official"
@@ -183,7 +184,7 @@ def serve(who: str, threads: int, arch: str | None, keep_memory: bool) -> int:
                     answer["k_fraction"] = statistics.fmean(counter.fractions)
         except Exception as err:            # reported to the parent, which stops
             answer = {"error": f"{type(err).__name__}: {err}"}
-        print(json.dumps(answer), flush=True)
+        print(json.dumps(answer), file=answers, flush=True)
     return 0
 
 
