@@ -47,6 +47,29 @@ def unsupported() -> str | None:
     return None
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def retained_bytes() -> int:
+    """Freed heap this process keeps for its own reuse (glibc's ``mallinfo2().fordblks``) while
+    :func:`keep_freed_memory` is in force, else 0.
+
+    The system counts it as used (MemAvailable, a cgroup's usage), yet the next allocations of
+    this process are served from it: :func:`camixer_fast.upscale.available_memory` adds it back,
+    so that ``tile="auto"`` sizes tiles the same after a large image as before it."""
+    if not _applied:
+        return 0
+    try:
+        mallinfo2 = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+    except (OSError, AttributeError):        # glibc before 2.33
+        return 0
+    mallinfo2.restype = _MallInfo2
+    return int(mallinfo2().fordblks)
+
+
 def keep_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse (process-wide; see the module docstring).
 

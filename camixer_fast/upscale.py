@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from camixer_fast.cpu_memory import retained_bytes
 from camixer_fast.graphs import CUDAGraphModel
 from camixer_fast.imageio import array_to_pil, check_range, merge_array, pil_to_array, split_array
 from camixer_fast.loading import WEIGHTS_ENV, load_model
@@ -141,7 +142,8 @@ def clear_model_cache() -> None:
 def available_memory(device: torch.device) -> int:
     """Bytes free for a new allocation on ``device``: CUDA's free memory, else the smallest of
     MemAvailable of /proc/meminfo (os.sysconf as a fallback), the room under a cgroup memory
-    limit and the room under the process's address-space limit (``ulimit -v``)."""
+    limit and the room under the process's address-space limit (``ulimit -v``), plus the freed
+    heap the process keeps for reuse (:func:`camixer_fast.cpu_memory.retained_bytes`)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
@@ -171,7 +173,8 @@ def available_memory(device: torch.device) -> int:
     address_room = _address_space_room()
     if address_room is not None:
         amounts.append(address_room)
-    return min(amounts)
+    # freed memory this process keeps (camixer_fast.cpu_memory) is counted as used above
+    return min(amounts) + retained_bytes()
 
 
 def _address_space_room() -> int | None:

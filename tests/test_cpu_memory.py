@@ -43,9 +43,10 @@ def _probe(mode: str, **env: str) -> tuple[bool, int]:
 def test_freed_maps_are_reused_without_page_faults() -> None:
     applied, kept = _probe("keep")
     assert applied
-    # 120 maps of 2.4 MB touched: by default glibc may fault them in again (up to ~70,000
-    # faults); kept, the freed blocks are reused
-    assert kept < 200, f"{kept} minor page faults with the freed memory kept"
+    # 120 maps of 2.4 MB (576 pages each) touched: by default glibc may fault them all in again
+    # (measured ~68,000 faults); kept, the freed blocks are reused (measured 0, at times one
+    # map's pages when the heap grows once more)
+    assert kept < 5 * 576, f"{kept} minor page faults with the freed memory kept"
 
 
 def test_respects_the_users_own_settings(monkeypatch) -> None:
@@ -60,3 +61,37 @@ def test_the_command_can_be_told_not_to(monkeypatch) -> None:
     monkeypatch.setenv(cpu_memory.ENV_SWITCH, "0")
     monkeypatch.setattr(cpu_memory, "keep_freed_memory", lambda: pytest.fail("called"))
     assert cpu_memory.keep_freed_memory_for_command() is False
+
+
+RETAINED = """
+import torch
+from camixer_fast.cpu_memory import keep_freed_memory, retained_bytes
+assert retained_bytes() == 0                       # nothing kept before the setting
+assert keep_freed_memory()
+maps = [torch.ones(1, 128, 128, 36) for _ in range(8)]   # 8 x 2.4 MB from the heap
+del maps
+print(retained_bytes())
+"""
+
+
+@pytest.mark.skipif(cpu_memory.unsupported() is not None,
+                    reason=str(cpu_memory.unsupported()))
+def test_kept_memory_counts_as_available() -> None:
+    """Freed heap the process keeps is reported, and available_memory adds it back (the system
+    counts it as used, but this process's next maps come from it)."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    done = subprocess.run([sys.executable, "-c", RETAINED], capture_output=True, text=True,
+                          env=environ, timeout=120, check=True)
+    assert int(done.stdout) >= 8 * 128 * 128 * 36 * 4
+
+
+def test_available_memory_adds_the_kept_heap(monkeypatch) -> None:
+    import importlib
+
+    import torch
+
+    up = importlib.import_module("camixer_fast.upscale")
+
+    base = up.available_memory(torch.device("cpu"))
+    monkeypatch.setattr(up, "retained_bytes", lambda: 1 << 30)
+    assert abs(up.available_memory(torch.device("cpu")) - base - (1 << 30)) < 256 << 20
