@@ -24,6 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import roofline  # noqa: E402
 
 BANDWIDTH = 4.3e12
 """Bytes/s: device-to-device copy measured on an H200 here (/work/.library/device/KINDS.md,
@@ -58,34 +61,25 @@ class Cost:
 
 
 def block_costs(channels: int, itemsize: int, hard_fraction: float = 0.5) -> list[Cost]:
-    """Per-launch costs of one block's kernels (and its two PyTorch ops) at 720p."""
-    ws = WINDOW
-    height = -(-LR[0] // ws) * ws
-    width = -(-LR[1] // ws) * ws
-    px, tokens = height * width, ws * ws
-    n = px // tokens
+    """Per-launch costs of one block's kernels (and its two PyTorch ops) at 720p, from
+    bench/roofline.py's cost model (the GPU benchmark's roofline uses the same functions)."""
+    s = roofline.Shape(1, channels, -(-LR[0] // WINDOW) * WINDOW, -(-LR[1] // WINDOW) * WINDOW,
+                       WINDOW, itemsize)
+    n = s.windows
     k = int(n * hard_fraction)
-    hard, simple = k * tokens, px - k * tokens
-    c, c4, c8, b = channels, (channels + 4) // 4, (channels + 4) // 8, itemsize
-    return [
-        Cost("predictor", f"{px} pixels", px * ((c + 4) * b + (c + c4 + 2) * b + 4),
-             px * 2 * (c * c + c * c4 + c4 * c8), px * (2 * 4 * c4 + 10 * c4 + 4 * c8 + 40)),
-        Cost("predictor_heads (sa, ca)", f"{px} pixels", px * (c4 * b + b),
-             0, px * (2 * 9 * c4 + 10)),
-        Cost("window_scores", f"{n} windows", px * 4 + n * 8, 0, n * (2 * tokens * ws + 80)),
-        Cost("select (+ argsort for official ties)", f"{n} windows", n * 32, 0, 4 * n * n),
-        Cost("deform_key (hard windows)", f"{k} windows", hard * (2 * c * b + 2 * b), 0,
-             hard * (8 * c + 20)),
-        Cost("hard_window_attention", f"{k} hard + {n - k} simple windows",
-             hard * 4 * c * b + simple * (2 * c * b + b),
-             k * (4 * tokens * c * c + 4 * tokens * tokens * c),
-             k * tokens * tokens * 6 + simple * c),
-        Cost("depthwise3x3", f"{px} pixels", 2 * px * c * b, 0, px * 2 * 9 * c),
-        Cost("mixer_tail", f"{px} pixels", px * 6 * c * b, px * 2 * 3 * c * c,
-             px * (2 * 9 * c + 30 * c)),
-        Cost("ffn_tail", f"{px} pixels", px * 4 * c * b, px * 2 * c * c,
-             px * (2 * 2 * 9 * c + 30 * c)),
-    ]
+    px = f"{s.pixels} pixels"
+    rows = [("predictor", px, roofline.predictor(s)),
+            ("predictor_heads (sa, ca)", px, roofline.predictor_heads(s)),
+            ("window_scores", f"{n} windows", roofline.window_scores(s, 1)),
+            ("select (+ argsort for official ties)", f"{n} windows", roofline.select(s)),
+            ("deform_key (hard windows)", f"{k} windows", roofline.deform_key_hard(s, k)),
+            ("hard_window_attention", f"{k} hard + {n - k} simple windows",
+             roofline.hard_window_attention(s, k)),
+            ("depthwise3x3", px, roofline.depthwise3x3(s)),
+            ("mixer_tail", px, roofline.mixer_tail(s)),
+            ("ffn_tail", px, roofline.ffn_tail(s))]
+    return [Cost(name, covers, c.bytes, c.matrix_flops, c.vector_flops)
+            for name, covers, c in rows]
 
 
 def count_launches(n_feats: int) -> tuple[int, int]:

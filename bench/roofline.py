@@ -177,7 +177,7 @@ def predictor(s: Shape) -> Cost:
     """The fused block's predictor per pixel (kernels/predictor.py): v = project_v(x), h =
     in_conv([v | Cg | Cw]), LayerNorm, LeakyReLU, the offsets' two 1×1 convolutions, h's
     channel mean and partial sums. Reads x and the conditions; writes v, h, the offsets, the
-    mean (fp32). The conventions of bench/block_cost.py (issue 11 part A)."""
+    mean (fp32). bench/block_cost.py's per-block table uses these functions too."""
     c, c4, c8, px, b = s.channels, (s.channels + 4) // 4, (s.channels + 4) // 8, s.pixels, \
         s.itemsize
     return Cost(px * ((c + 4) * b + (c + c4 + 2) * b + 4),
