@@ -12,7 +12,9 @@ TF32 by default); comparisons across devices pin the device or name their tolera
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +28,7 @@ from camixer_fast.imageio import read_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CAMIXER_FAST_SHARED", REPO.parent / "shared")).resolve()
+BENCH = REPO / "bench"
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -64,6 +67,27 @@ def no_tf32() -> Iterator[None]:
     before the module's fixtures run their forwards, restored after its last test."""
     with tf32_off():
         yield
+
+
+def bench_module(name: str, folder: Path = BENCH):
+    """A script module of ``bench/`` (or of ``folder``, e.g. ``bench/gates``), imported the way
+    the scripts import each other (their folder on ``sys.path``)."""
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    return importlib.import_module(name)
+
+
+@pytest.fixture()
+def poisoned_allocations(monkeypatch):
+    """Fill every tensor torch.empty / torch.empty_like returns with garbage (NaN, or -7 for
+    integers), so that an element a kernel should write and does not fails the comparison."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t: torch.Tensor) -> torch.Tensor:
+        return t.fill_(float("nan") if t.is_floating_point() else -7)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
 
 
 @pytest.fixture()

@@ -46,18 +46,6 @@ HARD_WINDOWS_IN_BF16 = pytest.mark.skipif(
                         "(numpy has no bf16); bf16 is checked here with no hard windows")
 
 
-@pytest.fixture()
-def poisoned_allocations(monkeypatch):
-    """Fill every tensor torch.empty / torch.empty_like returns with garbage."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t: torch.Tensor) -> torch.Tensor:
-        return t.fill_(float("nan") if t.is_floating_point() else -7)
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
-
-
 def make_block(channels: int, window_size: int, seed: int) -> Block:
     """A block with its default init, every parameter moved by noise (norms included), and
     its window-score MLP sharpened (x2 per layer): at init it scores every window alike."""

@@ -17,18 +17,11 @@ import pytest
 import torch
 
 import gpu_records
-from conftest import REPO, SHARED
+from conftest import BENCH, REPO, SHARED, bench_module
 
-BENCH = REPO / "bench"
 SCRIPT = BENCH / "gpu_bench.py"
 WEIGHTS = SHARED / "weights" / "CAMixerSR_S.pth"
 IMAGE = SHARED / "data" / "Urban100" / "HR" / "img_001.png"
-
-
-def bench_module(name: str):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    return importlib.import_module(name)
 
 
 # --- bench/roofline.py ------------------------------------------------------------------------

@@ -5,7 +5,6 @@ tests/test_gpu_bench.py. The GPU parts run on a GPU (README, "Running on a GPU")
 
 from __future__ import annotations
 
-import importlib
 import json
 import subprocess
 import sys
@@ -15,16 +14,9 @@ import pytest
 import torch
 
 import gpu_records
+from conftest import BENCH, bench_module
 
-REPO = Path(__file__).resolve().parents[1]
-BENCH = REPO / "bench"
 CHECK = BENCH / "gpu_check.sh"
-
-
-def bench_module(name: str):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    return importlib.import_module(name)
 
 
 def check(*args: str) -> subprocess.CompletedProcess:

@@ -18,14 +18,13 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-GATES = REPO / "bench" / "gates"
+from conftest import BENCH, bench_module
+
+GATES = BENCH / "gates"
 
 
 def gate_module(name: str):
-    if str(GATES) not in sys.path:
-        sys.path.insert(0, str(GATES))
-    return importlib.import_module(name)
+    return bench_module(name, GATES)
 
 
 def kernel_names() -> set[str]:

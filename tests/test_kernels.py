@@ -20,24 +20,12 @@ from camixer_fast.kernels import warp as kwarp
 from camixer_fast.reference.windows import to_windows
 from conftest import DEVICE, INTERPRETED, assert_close
 
-pytestmark = pytest.mark.usefixtures("no_tf32")
+pytestmark = pytest.mark.usefixtures("no_tf32", "poisoned_allocations")
 DTYPES = [torch.float32, torch.float16,
           pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
               INTERPRETED, reason="bf16 tl.dot is broken in the interpreter; proven by the "
                                   "compile gate and on a GPU"))]
 ATTN_TOL = {torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 1e-1}
-
-
-@pytest.fixture(autouse=True)
-def poisoned_allocations(monkeypatch):
-    """Fill every tensor torch.empty / torch.empty_like returns with garbage."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t: torch.Tensor) -> torch.Tensor:
-        return t.fill_(float("nan") if t.is_floating_point() else -7)
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
 
 
 def gen(seed: int = 0) -> torch.Generator:

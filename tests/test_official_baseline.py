@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
 
-from conftest import REPO, assert_close
+from conftest import assert_close, bench_module
 
 
 def load_baseline_module():
-    spec = importlib.util.spec_from_file_location("official_baseline",
-                                                  REPO / "bench" / "official_baseline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("official_baseline")
 
 
 @pytest.fixture(scope="module")

@@ -17,16 +17,12 @@ import pytest
 import torch
 
 from camixer_fast.reference.warp import deform_warp
-from conftest import REPO, assert_close
+from conftest import assert_close, bench_module
 
 
 @pytest.fixture(scope="module")
 def official_code():
-    spec = importlib.util.spec_from_file_location("official_code",
-                                                  REPO / "bench" / "official_code.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("official_code")
 
 
 STAND_IN = textwrap.dedent("""
