@@ -4,8 +4,9 @@ A CPU forward allocates and frees maps of a few MB many times (2.4 MB per map fo
 128×128). glibc's malloc gives freed memory back to the system once the free space at the top
 of its heap exceeds a threshold (and serves large requests with fresh ``mmap`` regions), so the
 next forward touches new pages and the kernel faults and zeroes each of them. Measured on the
-2-core CI machine, S at 128×128, γ = 0.5, ``torch.no_grad()``: 15,000–47,000 minor page faults
-and 226–275 ms per forward by default, 0 faults and 198 ms after :func:`keep_freed_memory`.
+2-core CI machine (``bench/cpu_host.py``), S at 128×128, γ = 0.5, ``torch.no_grad()``:
+38,500–63,900 minor page faults and 262–294 ms per forward by default, 0 faults and 200–207 ms
+after :func:`keep_freed_memory`.
 
 This changes the whole process's allocator (glibc's ``mallopt``), so the library never does it
 on its own: the ``camixer-fast`` command, which owns its process, calls it at start
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 
@@ -32,6 +34,11 @@ ENV_SWITCH = "CAMIXER_FAST_KEEP_MEMORY"
 _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
                   "GLIBC_TUNABLES")
 _applied = False
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 
 
 def unsupported() -> str | None:
@@ -63,8 +70,8 @@ def retained_bytes() -> int:
     if not _applied:
         return 0
     try:
-        mallinfo2 = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
-    except (OSError, AttributeError):        # glibc before 2.33
+        mallinfo2 = _libc().mallinfo2
+    except AttributeError:                   # glibc before 2.33
         return 0
     mallinfo2.restype = _MallInfo2
     return int(mallinfo2().fordblks)
@@ -82,7 +89,7 @@ def keep_freed_memory() -> bool:
         return True
     if unsupported() is not None:
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = _libc()
     ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
     ok = ok and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     _applied = ok
