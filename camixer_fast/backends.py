@@ -67,6 +67,18 @@ class MaskedWindowAttention(Protocol):
         """Training token mixing, dense over all windows with a 0/1 mask (B, N, 1)."""
 
 
+class Linear(Protocol):
+    def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None = ..., *,
+                 residual: Tensor | None = ...) -> Tensor:
+        """x (..., C_in) -> x·weightᵀ + bias [+ residual] (..., C_out): a 1×1 convolution."""
+
+
+class Depthwise(Protocol):
+    def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None = ..., *,
+                 dilation: int = ..., gelu: bool = ..., multiply: Tensor | None = ...) -> Tensor:
+        """x (B, H, W, C) -> 3×3 depthwise convolution [-> GELU] [× multiply] (B, H, W, C)."""
+
+
 class BlockInference(Protocol):
     def __call__(self, weights: BlockWeights, x: Tensor, condition: Tensor,
                  settings: MixerSettings) -> tuple[Tensor, BlockRouting]:
@@ -78,7 +90,10 @@ class BlockInference(Protocol):
 class Ops:
     """The operations a backend supplies to the network (signatures of the reference twins).
 
-    ``block_inference``: an optional path for a whole block at inference (fused kernels),
+    ``linear`` and ``depthwise``: the dense operations (1×1 projections, 3×3 depthwise
+    convolutions with their fused epilogues); the reference's (:mod:`camixer_fast.reference.dense`)
+    unless the backend has faster ones (a backend names them; no defaults, which would make
+    this module import the network's package). ``block_inference``: an optional path for a whole block at inference (fused kernels),
     given the block's weights by the network; None runs the network's own block code with
     these operations. ``whole_batch``: run an inference batch as one call (routing stays per
     image); False runs it image by image, which makes each output bit-identical to a solo run.
@@ -92,6 +107,8 @@ class Ops:
     deformable_key: DeformableKey
     window_attention: WindowAttention
     masked_window_attention: MaskedWindowAttention
+    linear: Linear
+    depthwise: Depthwise
     block_inference: BlockInference | None = None
     whole_batch: bool = False
     sync_free: bool = False
@@ -157,31 +174,37 @@ def _reference_unsupported(device: torch.device, dtype: torch.dtype,
 
 def _reference_ops() -> Ops:
     from camixer_fast.custom_ops import reference_route_windows, reference_window_attention
+    from camixer_fast.reference import dense
     from camixer_fast.reference.attention_training import masked_window_attention
     from camixer_fast.reference.routing import window_scores
     from camixer_fast.reference.warp import deformable_key
 
     # the reference functions, as custom operators where torch.compile needs them
     return Ops(reference_route_windows, window_scores, deformable_key,
-               reference_window_attention, masked_window_attention)
+               reference_window_attention, masked_window_attention, dense.linear,
+               dense.depthwise)
 
 
 def _cpu_ops() -> Ops:
+    from camixer_fast.cpu_memory import raise_mmap_threshold
     from camixer_fast.cpu_ops import CPU_OPS
 
+    if not torch.compiler.is_compiling():
+        raise_mmap_threshold()             # once per process: fewer page faults per forward
     return CPU_OPS
 
 
 def _triton_ops() -> Ops:
     from camixer_fast import kernels
     from camixer_fast.kernels.block import block_inference
+    from camixer_fast.reference import dense
     from camixer_fast.reference.routing import window_scores
 
     # training differentiates the window scores: their small MLP stays in PyTorch there.
     # At inference a whole block runs fused (kernels/block.py), the batch as one call.
     return Ops(kernels.route_windows, window_scores, kernels.deformable_key,
-               kernels.window_attention, kernels.masked_window_attention,
-               block_inference=block_inference, whole_batch=True, sync_free=True)
+               kernels.window_attention, kernels.masked_window_attention, dense.linear,
+               dense.depthwise, block_inference=block_inference, whole_batch=True, sync_free=True)
 
 
 REGISTRY: dict[str, Backend] = {

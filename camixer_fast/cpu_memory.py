@@ -8,11 +8,21 @@ next forward touches new pages and the kernel faults and zeroes each of them. Me
 38,500–63,900 minor page faults and 262–294 ms per forward by default, 0 faults and 200–207 ms
 after :func:`keep_freed_memory`.
 
-This changes the whole process's allocator (glibc's ``mallopt``), so the library never does it
-on its own: the ``camixer-fast`` command, which owns its process, calls it at start
-(``CAMIXER_FAST_KEEP_MEMORY=0`` turns that off), and a Python program may call it once. The
-same effect without code: ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824``
-in the environment, or another allocator (jemalloc, tcmalloc) through ``LD_PRELOAD``.
+Two remedies, one automatic and one chosen:
+
+- :func:`raise_mmap_threshold` (the CPU backend's first forward calls it): glibc adapts its
+  thresholds as it sees large blocks freed, but only up to the largest it has seen. At 256×256
+  a map is 9.4 MB, the threshold stays near that, and the heap is trimmed between blocks. This
+  frees one 32 MiB block, which moves glibc's own adaptive thresholds to their documented
+  maximum (requests up to 32 MiB from the heap, up to 64 MiB of free heap kept): the state any
+  program that frees a tensor of that size is in. Measured (``bench/cpu_host.py``, S at
+  256×256, γ = 0.25): 183,808 faults and 807 ms per forward before, 0 and 532 ms after.
+- :func:`keep_freed_memory` sets the thresholds outright (glibc's ``mallopt``; up to 1 GiB kept,
+  so no faults at any γ). It changes the whole process's allocator, so the library never does
+  it on its own: the ``camixer-fast`` command, which owns its process, calls it at start
+  (``CAMIXER_FAST_KEEP_MEMORY=0`` turns that off), and a Python program may call it once. The
+  same effect without code: ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824``
+  in the environment, or another allocator (jemalloc, tcmalloc) through ``LD_PRELOAD``.
 """
 
 from __future__ import annotations
@@ -31,9 +41,13 @@ accepted value on 64-bit Linux); larger ones keep their own ``mmap`` region."""
 TRIM_THRESHOLD = 2**30
 """Up to 1 GiB of free heap is kept for reuse instead of being returned to the system."""
 ENV_SWITCH = "CAMIXER_FAST_KEEP_MEMORY"
+PRIMER_BYTES = 32 * 2**20 - 2**16
+"""The block :func:`raise_mmap_threshold` frees: just under glibc's largest adaptive threshold
+(``DEFAULT_MMAP_THRESHOLD_MAX``, 32 MiB on 64-bit), with room for malloc's own header."""
 _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
                   "GLIBC_TUNABLES")
 _applied = False
+_raised = False
 
 
 @functools.cache
@@ -75,6 +89,32 @@ def retained_bytes() -> int:
         return 0
     mallinfo2.restype = _MallInfo2
     return int(mallinfo2().fordblks)
+
+
+def raise_mmap_threshold() -> bool:
+    """Move glibc's adaptive mmap and trim thresholds to their maximum, once per process.
+
+    glibc (mallopt(3), M_MMAP_THRESHOLD): "when blocks larger than the current threshold and
+    less than or equal to DEFAULT_MMAP_THRESHOLD_MAX are freed, the threshold is adjusted upward
+    to the size of the freed block", and the trim threshold to twice that. This allocates and
+    frees one :data:`PRIMER_BYTES` block (never touched: no memory is used), which does exactly
+    that. The adaptation stays glibc's (no ``mallopt``); where the environment or an earlier
+    ``mallopt`` fixed the thresholds, or another allocator is loaded, it changes nothing.
+    Returns whether the block was freed here (False on later calls, and where
+    :func:`unsupported` gives a reason other than the user's own settings).
+    """
+    global _raised
+    if _raised or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    _raised = True
+    libc = _libc()
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    block = libc.malloc(PRIMER_BYTES)
+    if not block:
+        return False
+    libc.free(block)
+    return True
 
 
 def keep_freed_memory() -> bool:

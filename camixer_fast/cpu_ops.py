@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from camixer_fast import cpu_dense
 from camixer_fast.backends import Ops
 from camixer_fast.custom_ops import NAMESPACE, needs_grad, reference_route_windows, tracing
 from camixer_fast.reference.attention_inference import DEFAULT_CHUNK
@@ -167,7 +168,7 @@ def hard_window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Te
         for start in range(0, pixels.numel(), chunk * tokens):
             sel = pixels[start:start + chunk * tokens]
             n = sel.numel() // tokens
-            q = F.linear(xf.index_select(0, sel), wqk, bqk).view(n, 1, tokens, c)
+            q = cpu_dense.linear(xf.index_select(0, sel), wqk, bqk).view(n, 1, tokens, c)
             k = kf.index_select(0, sel).view(n, 1, tokens, c)
             # (windows, 1 head, tokens, C): the shape the fused CPU attention kernel takes
             v_tok = vf.index_select(0, sel).view(n, 1, tokens, c)
@@ -204,6 +205,6 @@ def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
 
 
 CPU_OPS = Ops(reference_route_windows, window_scores, deformable_key, window_attention,
-              masked_window_attention)
+              masked_window_attention, cpu_dense.linear, cpu_dense.depthwise)
 """The CPU backend's operations; training runs the reference's (the backend ``trains_as``
 "reference")."""

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from camixer_fast.backends import Ops, select_backend
+from camixer_fast.reference import dense
 from camixer_fast.reference.routing import (
     BlockRouting,
     Routing,
@@ -109,19 +110,20 @@ class GatedFFN(nn.Module):
                                 bias=False)
         self.project_out = nn.Conv2d(channels, channels, 1, bias=False)
 
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        """x (B, H, W, C) -> (B, H, W, C); with ``residual`` (B, H, W, C), residual + ffn(x)."""
+    def forward(self, x: Tensor, residual: Tensor | None = None, *,
+                ops: Ops | None = None) -> Tensor:
+        """x (B, H, W, C) -> (B, H, W, C); with ``residual`` (B, H, W, C), residual + ffn(x).
+
+        ``ops``: the backend's dense operations (default: the reference's)."""
+        linear, depthwise = (dense.linear, dense.depthwise) if ops is None else \
+            (ops.linear, ops.depthwise)
         c = x.shape[-1]
         # the two halves a, b of project_in and of the depthwise conv, each on its own: no
-        # (B, H, W, 2C) maps and no copy of the strided half a
+        # (B, H, W, 2C) maps and no copy of the strided half a; the gate is b·gelu(a)
         w_in, w_dw = _matrix(self.project_in), self.dwconv.weight
-        a, b = (nhwc(F.conv2d(nchw(F.linear(x, w_in[half])), w_dw[half], padding=1, groups=c))
-                for half in (slice(0, c), slice(c, 2 * c)))
-        if torch.is_grad_enabled():
-            gated = F.gelu(a) * b
-        else:   # autograd is off: a is this call's own, overwrite it
-            gated = torch.ops.aten.gelu_(a).mul_(b)
-        return pointwise(gated, self.project_out, residual)
+        a = depthwise(linear(x, w_in[:c]), w_dw[:c], gelu=True)
+        gated = depthwise(linear(x, w_in[c:]), w_dw[c:], multiply=a)
+        return linear(gated, _matrix(self.project_out), residual=residual)
 
 
 class PredictorOutput(NamedTuple):
@@ -230,17 +232,18 @@ class CAMixer(nn.Module):
         maps as (B, C, H, W))."""
         self._last: BlockRouting | None = None
 
-    def forward(self, x: Tensor, condition: Tensor,
-                settings: MixerSettings) -> tuple[Tensor, BlockRouting]:
+    def forward(self, x: Tensor, condition: Tensor, settings: MixerSettings, *,
+                residual: Tensor | None = None) -> tuple[Tensor, BlockRouting]:
         """x (B, H, W, C), condition [Cg, Cw] (B, H, W, 4) -> (mixer output (B, H, W, C),
-        the routing this block used)."""
+        the routing this block used); with ``residual`` (B, H, W, C), residual + the mixer
+        output (added in the output projection)."""
         b, _, _, c = x.shape
         ws, ops = self.window_size, settings.ops
         mlp = self.route.out_mask
         projections = (self.project_q.weight, self.project_q.bias,
                        self.project_k.weight, self.project_k.bias)
         with span("camixer.predictor"):
-            v = pointwise(x, self.project_v)                                  # [B, H, W, C]
+            v = ops.linear(x, _matrix(self.project_v), self.project_v.bias)    # [B, H, W, C]
             route = self.route(v, condition)
             hidden = route.hidden
             if self.training:
@@ -269,13 +272,18 @@ class CAMixer(nn.Module):
                                             record.num_hard, record.order, window_size=ws)
             attn = nhwc(attn)
         with span("camixer.conv"):
-            y = spatial(attn, self.conv_sptial)
+            dw, dil = self.conv_sptial
+            y = ops.depthwise(ops.depthwise(attn, dw.weight, dw.bias), dil.weight, dil.bias,
+                              dilation=2, gelu=True)
             ca = route.ca.view(b, 1, 1, c)
             if torch.is_grad_enabled():
-                gated = F.gelu(y) * ca + attn
+                gated = y * ca + attn
             else:   # autograd is off: y is this call's own, overwrite it
-                gated = torch.ops.aten.gelu_(y).mul_(ca).add_(attn)
-            out = pointwise(gated, self.project_out)
+                gated = y.mul_(ca).add_(attn)
+            if self.capture is not None:
+                residual = None                    # the capture holds the mixer's own output
+            out = ops.linear(gated, _matrix(self.project_out), self.project_out.bias,
+                             residual=residual)
         if self.capture is not None:
             self.capture.update(x=x_map, condition_global=nchw(condition[..., :2]),
                                 pred_score=record.scores, offsets=route.offsets,
@@ -380,10 +388,14 @@ class Block(nn.Module):
         path = settings.ops.block_inference
         if path is not None and not self.training and self.mixer.capture is None:
             return path(self.weights(), x, condition, settings)
-        mixed, record = self.mixer(x, condition, settings)
-        x = self.norm1(mixed + x)
+        if self.mixer.capture is None:
+            mixed, record = self.mixer(x, condition, settings, residual=x)
+        else:                                  # the capture holds the mixer's own output
+            mixed, record = self.mixer(x, condition, settings)
+            mixed = mixed + x
+        x = self.norm1(mixed)
         with span("camixer.ffn"):
-            x = self.norm2(self.ffn(x) + x)
+            x = self.norm2(self.ffn(x, x, ops=settings.ops))
         return x, record
 
 
@@ -401,7 +413,8 @@ class Group(nn.Module):
         for block in self.body:
             x, record = block(x, condition, settings)
             records.append(record)
-        return pointwise(x, self.body_tail) + shortcut
+        return settings.ops.linear(x, _matrix(self.body_tail), self.body_tail.bias,
+                                   residual=shortcut)
 
 
 def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
