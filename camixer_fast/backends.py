@@ -91,9 +91,10 @@ class Ops:
     """The operations a backend supplies to the network (signatures of the reference twins).
 
     ``linear`` and ``depthwise``: the dense operations (1×1 projections, 3×3 depthwise
-    convolutions with their fused epilogues); the reference's (:mod:`camixer_fast.reference.dense`)
-    unless the backend has faster ones (a backend names them; no defaults, which would make
-    this module import the network's package). ``block_inference``: an optional path for a whole block at inference (fused kernels),
+    convolutions with their fused epilogues): the reference's
+    (:mod:`camixer_fast.reference.dense`) unless the backend has faster ones (each backend
+    names them: defaults would make this module import the network's package).
+    ``block_inference``: an optional path for a whole block at inference (fused kernels),
     given the block's weights by the network; None runs the network's own block code with
     these operations. ``whole_batch``: run an inference batch as one call (routing stays per
     image); False runs it image by image, which makes each output bit-identical to a solo run.

@@ -127,39 +127,29 @@ class GatedFFN(nn.Module):
 
 
 class PredictorOutput(NamedTuple):
-    hidden: Tensor    # (B, c4, H, W) in_conv output, contiguous: the input of the window scores
+    hidden: Tensor    # (B, c4, H, W) in_conv output, channels-last: the input of the window scores
     offsets: Tensor   # (B, 2, H, W) contiguous, in pixels, 8·tanh applied
     ca: Tensor        # (B, C) channel attention
     sa: Tensor        # (B, 1, H, W) spatial attention
 
 
-def layer_norm_channels_first(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-    """LayerNorm over dim 1 of (B, C, ...), biased variance: the official channels-first form.
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """LayerNorm over the last dimension of (..., C), biased variance.
 
     Half-precision maps are normalised in fp32, as ``F.layer_norm`` is under ``torch.autocast``:
     in fp16 the variance's backward overflows (rsqrt of ~1e-6) and bf16 statistics keep 8 bits.
     The result has x's dtype."""
-    shape = (-1,) + (1,) * (x.dim() - 2)
-    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    centred = xf - xf.mean(dim=1, keepdim=True)
-    var = (centred * centred).mean(dim=1, keepdim=True)
-    return (centred * torch.rsqrt(var + eps) * weight.view(shape) + bias.view(shape)).to(x.dtype)
-
-
-def pointwise_channels_first(t: Tensor, conv: nn.Conv2d) -> Tensor:
-    """A 1×1 convolution of a channels-first map flattened to (B, C_in, P) -> (B, C_out, P)."""
-    return torch.matmul(_matrix(conv), t) + conv.bias.view(1, -1, 1)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return F.layer_norm(x.float(), weight.shape, weight.float(), bias.float(), eps).to(x.dtype)
+    return F.layer_norm(x, weight.shape, weight, bias, eps)
 
 
 class Predictor(nn.Module):
     """``route``: the content-aware predictor (spec §3.4) up to, not including, window scoring.
 
     ``out_mask`` is held here (its weights are part of the checkpoint) but applied by the
-    routing operation, which needs the window layout.
-
-    Its maps have c4 = (C + 4) // 4 channels or fewer, so it works channels-first, (B, c, H·W):
-    the matrix products then run along the H·W pixels, and the LayerNorm and the window
-    scores' channel mean reduce over a short outer dimension.
+    routing operation, which needs the window layout. Its maps (c4 = (C + 4) // 4 channels) are
+    NHWC like the rest of the block: the 1×1 convolutions are the backend's linear maps.
     """
 
     def __init__(self, channels: int, window_size: int) -> None:
@@ -176,29 +166,29 @@ class Predictor(nn.Module):
                                     nn.Sigmoid())
         self.out_SA = nn.Sequential(nn.Conv2d(c4, 1, 3, padding=1), nn.Sigmoid())
 
-    def forward(self, v: Tensor, condition: Tensor) -> PredictorOutput:
+    def forward(self, v: Tensor, condition: Tensor, *, ops: Ops | None = None) -> PredictorOutput:
         """v (B, H, W, C) and the conditions [Cg, Cw] (B, H, W, 4), NHWC.
 
-        ``in_conv`` of the official ``cat([v, Cg, Cw])`` is W_v·vᵀ + W_g·[Cg, Cw]ᵀ + bias, two
-        batched products whose result is channels-first (B, c4, H·W).
+        ``in_conv`` of the official ``cat([v, Cg, Cw])`` is W_v·vᵀ + W_g·[Cg, Cw]ᵀ + bias: two
+        products, the second accumulating onto the first (no (C+4)-channel concatenation per
+        block). Its maps stay NHWC; ``hidden`` is returned as the channels-last (B, c4, H, W)
+        view. ``ops``: the backend's dense operations (default: the reference's).
         """
+        linear = dense.linear if ops is None else ops.linear
         b, height, width, c = v.shape
         conv, norm = self.in_conv[0], self.in_conv[1]
         weight = conv.weight.view(conv.out_channels, c + 4)
-        # v and the conditions apart (no (C+4)-channel concatenation per block); baddbmm, not
-        # matmul: matmul folds these products into one (P, c4) mm and a transpose
-        h = torch.baddbmm(conv.bias.view(1, -1, 1), weight[:, :c].expand(b, -1, -1),
-                          v.view(b, -1, c).transpose(1, 2))
-        h = torch.baddbmm(h, weight[:, c:].expand(b, -1, -1),
-                          condition.view(b, -1, 4).transpose(1, 2))
-        h = self.in_conv[2](layer_norm_channels_first(h, norm.weight, norm.bias, norm.eps))
-        off = self.out_offsets[1](pointwise_channels_first(h, self.out_offsets[0]))
-        offsets = torch.tanh(pointwise_channels_first(off, self.out_offsets[2])) * 8.0
-        ca = self.out_CA[2](F.linear(h.mean(dim=2), _matrix(self.out_CA[1]),
+        h = linear(condition, weight[:, c:].contiguous(), conv.bias)
+        h = linear(v, weight[:, :c].contiguous(), residual=h)                   # [B, H, W, c4]
+        h = self.in_conv[2](layer_norm(h, norm.weight, norm.bias, norm.eps))
+        off = self.out_offsets[1](linear(h, _matrix(self.out_offsets[0]), self.out_offsets[0].bias))
+        off = linear(off, _matrix(self.out_offsets[2]), self.out_offsets[2].bias)
+        offsets = (torch.tanh(off) * 8.0).permute(0, 3, 1, 2).contiguous()     # [B, 2, H, W]
+        ca = self.out_CA[2](F.linear(h.mean(dim=(1, 2)), _matrix(self.out_CA[1]),
                                      self.out_CA[1].bias))                      # [B, C]
-        h = h.view(b, -1, height, width)
-        sa = self.out_SA(h)                                                     # [B, 1, H, W]
-        return PredictorOutput(h, offsets.view(b, 2, height, width), ca, sa)
+        hidden = nchw(h)
+        sa = self.out_SA(hidden)                                                # [B, 1, H, W]
+        return PredictorOutput(hidden, offsets, ca, sa)
 
 
 class MixerSettings(NamedTuple):
@@ -244,7 +234,7 @@ class CAMixer(nn.Module):
                        self.project_k.weight, self.project_k.bias)
         with span("camixer.predictor"):
             v = ops.linear(x, _matrix(self.project_v), self.project_v.bias)    # [B, H, W, C]
-            route = self.route(v, condition)
+            route = self.route(v, condition, ops=ops)
             hidden = route.hidden
             if self.training:
                 pred = ops.window_scores(hidden, mlp[0].weight, mlp[0].bias, mlp[2].weight,

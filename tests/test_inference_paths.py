@@ -12,17 +12,20 @@ import torch
 import torch.nn.functional as F
 
 import camixer_fast
-from camixer_fast.reference.model import GatedFFN, layer_norm_channels_first
+from camixer_fast.reference.model import GatedFFN, layer_norm
 from conftest import assert_close
 
 
-@pytest.mark.parametrize("size", [(1, 1), (17, 33)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_channels_first_layer_norm(size: tuple[int, int]) -> None:
-    gen = torch.Generator().manual_seed(size[0] + size[1])
-    x = torch.randn(2, 10, *size, generator=gen) * 3 + 1
-    weight, bias = torch.randn(10, generator=gen), torch.randn(10, generator=gen)
-    expected = F.layer_norm(x.permute(0, 2, 3, 1), (10,), weight, bias, 1e-6).permute(0, 3, 1, 2)
-    assert_close("layer norm", expected, layer_norm_channels_first(x, weight, bias, 1e-6), 1e-5)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=lambda d: str(d).removeprefix("torch."))
+def test_half_precision_layer_norm_computes_in_fp32(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 17, 33, 10, generator=gen) * 3 + 1).to(dtype)
+    weight, bias = (torch.randn(10, generator=gen).to(dtype) for _ in range(2))
+    expected = F.layer_norm(x.float(), (10,), weight.float(), bias.float(), 1e-6).to(dtype)
+    got = layer_norm(x, weight, bias, 1e-6)
+    assert got.dtype == dtype
+    assert torch.equal(expected, got)
 
 
 def test_ffn_residual_is_added() -> None:
