@@ -5,8 +5,8 @@ and results up to fp32 rounding; the network (its own code, NHWC, see
 :mod:`camixer_fast.reference.model`) calls them. What makes them fast (measured in
 ``bench/RESULTS.md``): they work on the hard windows only.
 
-- :func:`deformable_key` samples the keys of the hard windows' pixels alone (one
-  ``grid_sample`` over that list per image, no full-size warp).
+- :func:`deformable_key` samples the keys of the hard windows' pixels alone (their four
+  neighbours gathered as NHWC rows and blended, per image; no full-size warp).
 - :func:`window_attention` gathers just those windows' tokens, projects the queries with the
   key projection folded in (:func:`folded_query`; the keys are the raw ``k_in``), runs one batched
   :func:`torch.nn.functional.scaled_dot_product_attention` per chunk of windows (4-D, so the
@@ -62,25 +62,49 @@ def hard_window_pixels(num_hard: Tensor, order: Tensor, height: int, width: int,
     return (corner.view(-1, 1, 1) + inside).reshape(-1)
 
 
-def _sampling_grid(offsets: Tensor, pixels: Tensor, width: int, height: int) -> Tensor:
-    """The reference warp's ``grid_sample`` grid at the given pixels of one image, (1, P, 1, 2).
+KEY_PIXELS = 4096
+"""Pixels sampled per step of :func:`hard_deformable_key`: their four neighbours' rows
+(4096·4·C floats, 2.4 MB for C = 36) stay in cache and below glibc's mmap threshold."""
 
-    offsets (1, 2, H, W); pixels (P,) flat indices ``row·W + column``. The same arithmetic as
-    :func:`~camixer_fast.reference.warp.deform_warp`, so the grid values are the same bits.
+
+def _keys_at(x_flat: Tensor, offsets: Tensor, pixels: Tensor, width: int,
+             height: int) -> Tensor:
+    """``x + warp(x, offsets)`` at the given pixels of one image, (P, C) float32.
+
+    x_flat (H·W, C) the image's NHWC map; offsets (2, H·W) in pixels; pixels (P,) flat indices
+    ``row·W + column``. The reference warp's bilinear sampling with border padding
+    (``grid_sample``, align_corners) taken at the sampling point ``(column + dx, row + dy)``
+    clamped to the image: its four neighbours are gathered as whole NHWC rows (contiguous C
+    values each) and blended by linear interpolations. ``grid_sample`` reads a channels-last
+    map one channel at a time and took 1.7–2× as long here (``bench/cpu_dense.py``).
     """
-    dtype = offsets.dtype
     rows = torch.div(pixels, width, rounding_mode="floor")
     cols = pixels - rows * width
-    off = offsets.reshape(2, -1)[:, pixels]                                   # [2, P]
-    gx = 2.0 * (cols.to(dtype) + off[0]) / max(width - 1, 1) - 1.0
-    gy = 2.0 * (rows.to(dtype) + off[1]) / max(height - 1, 1) - 1.0
-    return torch.stack((gx, gy), dim=-1).view(1, -1, 1, 2)
+    off = offsets[:, pixels].float()                                          # [2, P]
+    # the reference's grid value (deform_warp) and grid_sample's way back to pixels, the same
+    # fp32 operations: the same sampling point to the bit
+    gx = 2.0 * (cols + off[0]) / max(width - 1, 1) - 1.0
+    gy = 2.0 * (rows + off[1]) / max(height - 1, 1) - 1.0
+    sx = ((gx + 1.0) * ((width - 1) / 2)).clamp_(0, width - 1)
+    sy = ((gy + 1.0) * ((height - 1) / 2)).clamp_(0, height - 1)
+    x0, y0 = sx.floor(), sy.floor()
+    wx, wy = (sx - x0).unsqueeze(1), (sy - y0).unsqueeze(1)                   # [P, 1]
+    x0, y0 = x0.long(), y0.long()
+    # the right / lower neighbour, or the pixel itself on the last column / row (weight 0)
+    step_x = (x0 < width - 1).long()
+    step_y = (y0 < height - 1).long() * width
+    corner = y0 * width + x0
+    index = torch.stack((corner, corner + step_x, corner + step_y, corner + step_y + step_x), 1)
+    near = x_flat.index_select(0, index.view(-1)).view(-1, 4, x_flat.shape[1]).float()
+    top = torch.lerp(near[:, 0], near[:, 1], wx)
+    bottom = torch.lerp(near[:, 2], near[:, 3], wx)
+    return torch.lerp(top, bottom, wy).add_(x_flat.index_select(0, pixels).float())
 
 
 def hard_deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor, order: Tensor,
                         window_size: int) -> Tensor:
     """The routed case of :func:`deformable_key` (the operator ``camixer::cpu_deformable_key``)."""
-    _, c, height, width = x.shape
+    b, c, height, width = x.shape
     check_window_grid(height, width, window_size)
     xh = to_nhwc(x)
     pixels = hard_window_pixels(num_hard, order, height, width, window_size)
@@ -88,25 +112,22 @@ def hard_deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor, order: Ten
     counts = [k * tokens for k in num_hard.tolist()]
     # where every window is hard, every pixel is written below: no copy of x first
     out = torch.empty_like(xh) if min(counts) == area else xh.clone()
-    out_flat, x_flat = out.view(-1, c), xh.view(-1, c)
+    out_flat, x_flat = out.view(b, area, c), xh.view(b, area, c)
     start = 0
     for i, count in enumerate(counts):
         if count == 0:
             continue
-        image = slice(i * area, (i + 1) * area)
-        # every window hard: the pixels in raster order, so the sum can be written in place
-        sel = torch.arange(image.start, image.stop, device=x.device) if count == area else \
-            pixels[start:start + count]
+        # every window hard: the pixels in raster order, written as they come
+        sel = torch.arange(area, device=x.device) if count == area else \
+            pixels[start:start + count] - i * area
         start += count
-        grid = _sampling_grid(offsets[i:i + 1].float(), sel - i * area, width, height)
-        warped = F.grid_sample(x[i:i + 1].float(), grid, mode="bilinear",
-                               padding_mode="border", align_corners=True)      # [1, C, P, 1]
-        warped = warped.view(c, count).t().to(x.dtype)
-        if count == area and not torch.is_grad_enabled():
-            torch.add(x_flat[image], warped, out=out_flat[image])
-        else:
-            # gather, add, index_copy_: index_add_ would run as a serial scatter
-            out_flat.index_copy_(0, sel, torch.add(x_flat.index_select(0, sel), warped))
+        for first in range(0, count, KEY_PIXELS):
+            part = sel[first:first + KEY_PIXELS]
+            keys = _keys_at(x_flat[i], offsets[i].reshape(2, area), part, width, height)
+            if count == area:
+                out_flat[i, first:first + part.numel()].copy_(keys)
+            else:
+                out_flat[i].index_copy_(0, part, keys.to(x.dtype))
     return out.permute(0, 3, 1, 2)
 
 
@@ -120,12 +141,11 @@ def deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
     """``k_in = x + warp(x, offsets)`` on the pixels of the hard windows, (B, C, H, W).
 
     x (B, C, H, W), offsets (B, 2, H, W) in pixels; ``num_hard`` (B,) and ``order`` (B, N) name
-    the hard windows. Only their pixels are sampled: one ``grid_sample`` per image over the
-    list of hard pixels (the reference's grid values, bilinear, border, align_corners; in fp32
-    whatever x's dtype), added in place to a copy of ``x``. Elsewhere the result is ``x`` (no
-    warp), which the attention never reads. Returned channels-last. Without a routing
-    (training) the whole map is computed by the reference warp. One operator while traced
-    (:mod:`camixer_fast.custom_ops`).
+    the hard windows. Only their pixels are sampled (:func:`_keys_at`: the reference's bilinear
+    sampling with border padding, in fp32 whatever x's dtype), written over a copy of ``x``.
+    Elsewhere the result is ``x`` (no warp), which the attention never reads. Returned
+    channels-last. Without a routing (training) the whole map is computed by the reference
+    warp. One operator while traced (:mod:`camixer_fast.custom_ops`).
     """
     if num_hard is None or order is None:
         return x + deform_warp(x, offsets)
