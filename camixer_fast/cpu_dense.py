@@ -23,30 +23,43 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from camixer_fast.custom_ops import NAMESPACE, needs_grad, tracing
 from camixer_fast.reference import dense
 
 
-def unsupported() -> str | None:
-    """Why the oneDNN forms cannot run in this process (then the reference twins run), or
-    None."""
+def _build_unsupported() -> str | None:
     if not torch.backends.mkldnn.is_available():
         return "this PyTorch build has no oneDNN (mkldnn)"
-    if not torch.backends.mkldnn.enabled:
-        return "oneDNN is switched off (torch.backends.mkldnn.enabled = False)"
     ops = torch.ops.mkldnn
     if not (hasattr(ops, "_linear_pointwise") and hasattr(ops, "_convolution_pointwise")):
         return "this PyTorch has no oneDNN pointwise-fusion operators"
     return None
 
 
-def _fused(*tensors: Tensor | None) -> bool:
-    """Whether the oneDNN forms take these operands: float32 CPU tensors, oneDNN usable."""
-    return all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu")
-               for t in tensors) and unsupported() is None
+_BUILD_REASON = _build_unsupported()
+"""What the PyTorch build lacks, asked once at import (``torch.compile`` cannot trace the
+question)."""
 
 
-def _needs_grad(*tensors: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def unsupported() -> str | None:
+    """Why the oneDNN forms cannot run in this process (then the reference twins run), or
+    None."""
+    if _BUILD_REASON is not None:
+        return _BUILD_REASON
+    if not torch.backends.mkldnn.enabled:
+        return "oneDNN is switched off (torch.backends.mkldnn.enabled = False)"
+    return None
+
+
+# torch.compile asks once per graph, outside it, and keeps the answer: what
+# torch.compiler.assume_constant_result sets (which would import Dynamo with this module)
+unsupported._dynamo_marked_constant = True
+
+
+def _fused(x: Tensor) -> bool:
+    """Whether the oneDNN forms take an operation on x: float32 on the CPU, oneDNN usable (the
+    other operands share x's dtype and device, as in the network)."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and unsupported() is None
 
 
 def _linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None,
@@ -76,6 +89,25 @@ def _depthwise_forward(x: Tensor, weight: Tensor, bias: Tensor | None, dilation:
                                                     unary, [], algorithm)
         return y.permute(0, 2, 3, 1).contiguous().mul_(multiply)
     return y.permute(0, 2, 3, 1).contiguous()
+
+
+def _linear_like(x: Tensor, weight: Tensor, bias: Tensor | None,
+                 residual: Tensor | None) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _depthwise_like(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int, gelu: bool,
+                    multiply: Tensor | None) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+# one operator each while traced (torch.compile has no fake kernels for oneDNN's own ones)
+_linear_op = torch.library.custom_op(f"{NAMESPACE}::cpu_linear", _linear_forward,
+                                     mutates_args=())
+_linear_op.register_fake(_linear_like)
+_depthwise_op = torch.library.custom_op(f"{NAMESPACE}::cpu_depthwise", _depthwise_forward,
+                                        mutates_args=())
+_depthwise_op.register_fake(_depthwise_like)
 
 
 class _ReferenceGradient(torch.autograd.Function):
@@ -115,13 +147,15 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
     """:func:`camixer_fast.reference.dense.linear` as one oneDNN product (bias and residual in
     its epilogue). x (..., C_in), weight (C_out, C_in), bias (C_out,), residual (..., C_out)
     -> (..., C_out)."""
-    if not _fused(x, weight, bias, residual):
+    if not _fused(x):
         return dense.linear(x, weight, bias, residual=residual)
     x = x.contiguous()
-    if _needs_grad(x, weight, bias, residual):
+    if needs_grad(x, weight, bias, residual):
+        if tracing():
+            return dense.linear(x, weight, bias, residual=residual)
         return _ReferenceGradient.apply(_linear_forward, _reference_linear, {}, x, weight, bias,
                                         residual)
-    return _linear_forward(x, weight, bias, residual)
+    return (_linear_op if tracing() else _linear_forward)(x, weight, bias, residual)
 
 
 def depthwise(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, dilation: int = 1,
@@ -129,13 +163,17 @@ def depthwise(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, dilation
     """:func:`camixer_fast.reference.dense.depthwise` as one oneDNN convolution (GELU and the
     product in its epilogue). x (B, H, W, C), weight (C, 1, 3, 3), bias (C,), multiply
     (B, H, W, C) -> (B, H, W, C), contiguous."""
-    if not _fused(x, weight, bias, multiply):
+    if not _fused(x):
         return dense.depthwise(x, weight, bias, dilation=dilation, gelu=gelu, multiply=multiply)
     x = x.contiguous()
     multiply = None if multiply is None else multiply.contiguous()
-    if _needs_grad(x, weight, bias, multiply):
+    if needs_grad(x, weight, bias, multiply):
+        if tracing():
+            return dense.depthwise(x, weight, bias, dilation=dilation, gelu=gelu,
+                                   multiply=multiply)
         return _ReferenceGradient.apply(
             lambda *t, **k: _depthwise_forward(*t[:3], k["dilation"], k["gelu"], t[3]),
             _reference_depthwise, {"dilation": dilation, "gelu": gelu}, x, weight, bias,
             multiply)
-    return _depthwise_forward(x, weight, bias, dilation, gelu, multiply)
+    return (_depthwise_op if tracing() else _depthwise_forward)(x, weight, bias, dilation, gelu,
+                                                                multiply)

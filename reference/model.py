@@ -515,7 +515,7 @@ class CAMixerSR(nn.Module):
 
     def mixers(self) -> list[CAMixer]:
         """The CAMixer of every block, in network order."""
-        return [m for m in self.modules() if isinstance(m, CAMixer)]
+        return [block.mixer for group in self.body for block in group.body]
 
     def extra_repr(self) -> str:
         return (f"n_feats={self.n_feats}, scale={self.scale}, blocks={self.blocks_per_group}, "
