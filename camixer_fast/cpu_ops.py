@@ -29,7 +29,7 @@ from camixer_fast.backends import Ops
 from camixer_fast.custom_ops import NAMESPACE, needs_grad, reference_route_windows, tracing
 from camixer_fast.reference.attention_inference import DEFAULT_CHUNK
 from camixer_fast.reference.attention_training import masked_window_attention
-from camixer_fast.reference.routing import flat_hard_windows, window_scores
+from camixer_fast.reference.routing import window_scores
 from camixer_fast.reference.warp import deform_warp
 from camixer_fast.reference.windows import check_window_grid
 
@@ -52,13 +52,17 @@ def hard_window_pixels(num_hard: Tensor, order: Tensor, height: int, width: int,
     as in :func:`~camixer_fast.reference.routing.flat_hard_windows` (images in order, windows by
     descending score), each as its ws² tokens row-major.
     """
-    image, window = flat_hard_windows(num_hard, order)
+    # the host reads K anyway (the CPU works image by image): no boolean-mask gather
+    counts = num_hard.tolist()
+    parts = [(i, order[i, :k]) for i, k in enumerate(counts) if k]
+    if not parts:
+        return torch.empty(0, dtype=torch.long, device=order.device)
     cols = width // window_size
-    top = torch.div(window, cols, rounding_mode="floor") * window_size
-    left = (window % cols) * window_size
     ramp = torch.arange(window_size, device=order.device)
-    corner = image * (height * width) + top * width + left                   # [n]
     inside = ramp.view(-1, 1) * width + ramp.view(1, -1)                      # [ws, ws]
+    corners = [i * (height * width) + torch.div(w, cols, rounding_mode="floor")
+               * (window_size * width) + (w % cols) * window_size for i, w in parts]
+    corner = corners[0] if len(corners) == 1 else torch.cat(corners)         # [ΣK]
     return (corner.view(-1, 1, 1) + inside).reshape(-1)
 
 
