@@ -2,12 +2,16 @@
 forward on a thread other than the one that first ran torch work with several threads.
 
     python bench/cpu_host.py [--size 128] [--gamma 0.5] [--runs 5] [--json bench/results/cpu_host.json]
+    python bench/cpu_host.py --memory-only ...     # the three allocator states only
 
 Each case runs in a fresh process (the allocator's settings and OpenMP's thread teams are
 per-process state), S on a centre crop of Set14 barbara, 2 torch threads, ``torch.no_grad()``,
 two warm-up forwards, then the median wall time and minor page faults per forward:
 
-- ``default`` / ``kept``: glibc as it is, or after :func:`camixer_fast.cpu_memory.keep_freed_memory`;
+- ``untouched`` / ``default`` / ``kept``: glibc as it is (``CAMIXER_FAST_KEEP_MEMORY=0``); as the
+  library leaves it (the CPU backend's first forward raises glibc's adaptive thresholds,
+  :func:`camixer_fast.cpu_memory.raise_mmap_threshold`); after
+  :func:`camixer_fast.cpu_memory.keep_freed_memory` (what the command does);
 - ``main thread`` / ``worker after main`` / ``worker, main at 1 thread``: the forwards on the main
   thread; on a new thread after the main thread ran forwards with 2 threads; on a new thread
   after the main thread ran its one forward at 1 thread (what the runner does when it loads).
@@ -69,14 +73,17 @@ else:
 print(json.dumps(out))
 """
 
-CASES = [("default", "main thread"), ("kept", "main thread"), ("kept", "worker after main"),
-         ("kept", "worker, main at 1 thread")]
+CASES = [("untouched", "main thread"), ("default", "main thread"), ("kept", "main thread"),
+         ("kept", "worker after main"), ("kept", "worker, main at 1 thread")]
 
 
 def run_case(size: int, gamma: float, runs: int, memory: str, where: str) -> dict:
     code = CASE.format(bench=str(BENCH), size=size, gamma=gamma, runs=runs, memory=memory,
                        where=where)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    own = ("GLIBC_TUNABLES", "CAMIXER_FAST_KEEP_MEMORY")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in own}
+    if memory == "untouched":
+        env["CAMIXER_FAST_KEEP_MEMORY"] = "0"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           check=False, timeout=1200)
     if done.returncode != 0:
@@ -91,10 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2, help="each case this many times")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--memory-only", action="store_true",
+                        help="the allocator states on the main thread only")
     args = parser.parse_args(argv)
+    cases = [c for c in CASES if c[1] == "main thread"] if args.memory_only else CASES
     rows = []
     for round_ in range(args.rounds):
-        for memory, where in CASES:
+        for memory, where in cases:
             row = run_case(args.size, args.gamma, args.runs, memory, where)
             rows.append({"round": round_, **row})
             print(f"{args.size}x{args.size} gamma={args.gamma:g} {memory:7} {where:26} "

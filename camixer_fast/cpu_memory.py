@@ -10,7 +10,8 @@ after :func:`keep_freed_memory`.
 
 Two remedies, one automatic and one chosen:
 
-- :func:`raise_mmap_threshold` (the CPU backend's first forward calls it): glibc adapts its
+- :func:`raise_mmap_threshold` (the CPU backend's first forward calls it, unless
+  ``CAMIXER_FAST_KEEP_MEMORY=0``): glibc adapts its
   thresholds as it sees large blocks freed, but only up to the largest it has seen. At 256×256
   a map is 9.4 MB, the threshold stays near that, and the heap is trimmed between blocks. This
   frees one 32 MiB block, which moves glibc's own adaptive thresholds to their documented
@@ -100,11 +101,12 @@ def raise_mmap_threshold() -> bool:
     frees one :data:`PRIMER_BYTES` block (never touched: no memory is used), which does exactly
     that. The adaptation stays glibc's (no ``mallopt``); where the environment or an earlier
     ``mallopt`` fixed the thresholds, or another allocator is loaded, it changes nothing.
-    Returns whether the block was freed here (False on later calls, and where
-    :func:`unsupported` gives a reason other than the user's own settings).
+    ``CAMIXER_FAST_KEEP_MEMORY=0`` in the environment turns it off. Returns whether the block
+    was freed here (False on later calls, when turned off, and off glibc).
     """
     global _raised
-    if _raised or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if _raised or os.environ.get(ENV_SWITCH) == "0" or platform.system() != "Linux" \
+            or platform.libc_ver()[0] != "glibc":
         return False
     _raised = True
     libc = _libc()
