@@ -73,12 +73,6 @@ class Linear(Protocol):
         """x (..., C_in) -> x·weightᵀ + bias [+ residual] (..., C_out): a 1×1 convolution."""
 
 
-class Depthwise(Protocol):
-    def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None = ..., *,
-                 dilation: int = ..., gelu: bool = ..., multiply: Tensor | None = ...) -> Tensor:
-        """x (B, H, W, C) -> 3×3 depthwise convolution [-> GELU] [× multiply] (B, H, W, C)."""
-
-
 class BlockInference(Protocol):
     def __call__(self, weights: BlockWeights, x: Tensor, condition: Tensor,
                  settings: MixerSettings) -> tuple[Tensor, BlockRouting]:
@@ -90,10 +84,10 @@ class BlockInference(Protocol):
 class Ops:
     """The operations a backend supplies to the network (signatures of the reference twins).
 
-    ``linear`` and ``depthwise``: the dense operations (1×1 projections, 3×3 depthwise
-    convolutions with their fused epilogues): the reference's
-    (:mod:`camixer_fast.reference.dense`) unless the backend has faster ones (each backend
-    names them: defaults would make this module import the network's package).
+    ``linear``: the 1×1 projections (bias and residual in the product's epilogue): the
+    reference's (:func:`camixer_fast.reference.dense.linear`) unless the backend has faster
+    ones (each backend names it: a default would make this module import the network's
+    package).
     ``block_inference``: an optional path for a whole block at inference (fused kernels),
     given the block's weights by the network; None runs the network's own block code with
     these operations. ``whole_batch``: run an inference batch as one call (routing stays per
@@ -109,7 +103,6 @@ class Ops:
     window_attention: WindowAttention
     masked_window_attention: MaskedWindowAttention
     linear: Linear
-    depthwise: Depthwise
     block_inference: BlockInference | None = None
     whole_batch: bool = False
     sync_free: bool = False
@@ -182,8 +175,7 @@ def _reference_ops() -> Ops:
 
     # the reference functions, as custom operators where torch.compile needs them
     return Ops(reference_route_windows, window_scores, deformable_key,
-               reference_window_attention, masked_window_attention, dense.linear,
-               dense.depthwise)
+               reference_window_attention, masked_window_attention, dense.linear)
 
 
 def _cpu_ops() -> Ops:
@@ -205,7 +197,7 @@ def _triton_ops() -> Ops:
     # At inference a whole block runs fused (kernels/block.py), the batch as one call.
     return Ops(kernels.route_windows, window_scores, kernels.deformable_key,
                kernels.window_attention, kernels.masked_window_attention, dense.linear,
-               dense.depthwise, block_inference=block_inference, whole_batch=True, sync_free=True)
+               block_inference=block_inference, whole_batch=True, sync_free=True)
 
 
 REGISTRY: dict[str, Backend] = {

@@ -229,6 +229,6 @@ def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
 
 
 CPU_OPS = Ops(reference_route_windows, window_scores, deformable_key, window_attention,
-              masked_window_attention, cpu_dense.linear, cpu_dense.depthwise)
+              masked_window_attention, cpu_dense.linear)
 """The CPU backend's operations; training runs the reference's (the backend ``trains_as``
 "reference")."""

@@ -164,7 +164,7 @@ def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
 
 
 ONNX_OPS = Ops(route_windows, window_scores, deformable_key, window_attention,
-               masked_window_attention, dense.linear, dense.depthwise, whole_batch=True)
+               masked_window_attention, dense.linear, whole_batch=True)
 """The operations of the "onnx" backend. They run eagerly too (plain PyTorch); a batch runs
 as one call, as in the exported graph. Training runs the reference (``trains_as``)."""
 

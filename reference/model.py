@@ -114,9 +114,8 @@ class GatedFFN(nn.Module):
                 ops: Ops | None = None) -> Tensor:
         """x (B, H, W, C) -> (B, H, W, C); with ``residual`` (B, H, W, C), residual + ffn(x).
 
-        ``ops``: the backend's dense operations (default: the reference's)."""
-        linear, depthwise = (dense.linear, dense.depthwise) if ops is None else \
-            (ops.linear, ops.depthwise)
+        ``ops``: the backend's operations (default: the reference's linear maps)."""
+        linear, depthwise = dense.linear if ops is None else ops.linear, dense.depthwise
         c = x.shape[-1]
         # the two halves a, b of project_in and of the depthwise conv, each on its own: no
         # (B, H, W, 2C) maps and no copy of the strided half a; the gate is b·gelu(a)
@@ -263,8 +262,8 @@ class CAMixer(nn.Module):
             attn = nhwc(attn)
         with span("camixer.conv"):
             dw, dil = self.conv_sptial
-            y = ops.depthwise(ops.depthwise(attn, dw.weight, dw.bias), dil.weight, dil.bias,
-                              dilation=2, gelu=True)
+            y = dense.depthwise(dense.depthwise(attn, dw.weight, dw.bias), dil.weight, dil.bias,
+                                dilation=2, gelu=True)
             ca = route.ca.view(b, 1, 1, c)
             if torch.is_grad_enabled():
                 gated = y * ca + attn

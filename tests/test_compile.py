@@ -135,15 +135,12 @@ def operator_cases() -> list[tuple[str, object, tuple]]:
              (x, offsets, r.num_hard, r.order, ws)),
         ]
     cases.append(("window_order-index", ops.window_order.default, (h[:, 0, 0], "index")))
-    if cpu_dense.unsupported() is None:             # the CPU backend's oneDNN operators
+    if cpu_dense.unsupported() is None:             # the CPU backend's oneDNN product
         xh, bias = x.permute(0, 2, 3, 1).contiguous(), torch.randn(c, generator=g)
-        w1, w3 = torch.randn(c, c, generator=g), torch.randn(c, 1, 3, 3, generator=g)
+        w1 = torch.randn(c, c, generator=g)
         cases += [
             ("cpu_linear", ops.cpu_linear.default, (xh, w1, bias, None)),
             ("cpu_linear-residual", ops.cpu_linear.default, (xh, w1, None, xh.clone())),
-            ("cpu_depthwise-gelu", ops.cpu_depthwise.default, (xh, w3, bias, 1, True, None)),
-            ("cpu_depthwise-dilated-product", ops.cpu_depthwise.default,
-             (xh, w3, None, 2, False, xh.clone())),
         ]
     return cases
 
