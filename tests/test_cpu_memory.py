@@ -97,3 +97,47 @@ def test_available_memory_adds_the_kept_heap(monkeypatch) -> None:
     base = up.available_memory(torch.device("cpu"))
     monkeypatch.setattr(up, "retained_bytes", lambda: 1 << 30)
     assert abs(up.available_memory(torch.device("cpu")) - base - (1 << 30)) < 256 << 20
+
+
+RAISED = """
+import resource, sys, torch
+from camixer_fast.cpu_memory import raise_mmap_threshold
+first = raise_mmap_threshold()
+second = raise_mmap_threshold()
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+x = torch.ones(1, 256, 256, 36)
+for _ in range(3):                 # warm up: the heap reaches its working size
+    y = [x * 2 for _ in range(6)]
+    del y
+before = faults()
+for _ in range(10):
+    y = [x * 2 for _ in range(6)]  # six 9.4 MB maps (56 MB), then freed
+    del y
+print(first, second, faults() - before)
+"""
+
+
+def _raised(**env: str) -> tuple[bool, bool, int]:
+    environ = {k: v for k, v in os.environ.items()
+               if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD",
+                                                            cpu_memory.ENV_SWITCH)}
+    environ.update(env)
+    done = subprocess.run([sys.executable, "-c", RAISED], capture_output=True, text=True,
+                          env=environ, timeout=120, check=True)
+    first, second, faults = done.stdout.split()
+    return first == "True", second == "True", int(faults)
+
+
+@pytest.mark.skipif(cpu_memory.unsupported() is not None,
+                    reason=str(cpu_memory.unsupported()))
+def test_raised_threshold_reuses_freed_maps_once_per_process() -> None:
+    first, second, raised = _raised()
+    assert first and not second
+    # 60 maps of 9.4 MB (2304 pages each): glibc's own thresholds, once at their maximum, keep
+    # the 56 MB of each round in the heap (measured 0 faults); left alone, its threshold stays
+    # at the first freed map's size and the heap is trimmed every round
+    assert raised < 2 * 2304, f"{raised} minor page faults after raising the threshold"
+    off_first, _, untouched = _raised(**{cpu_memory.ENV_SWITCH: "0"})
+    assert not off_first
+    assert untouched > raised
