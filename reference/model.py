@@ -260,6 +260,10 @@ class CAMixer(nn.Module):
                 attn = ops.window_attention(x_map, k_in, v_map, route.sa, *projections,
                                             record.num_hard, record.order, window_size=ws)
             attn = nhwc(attn)
+        if self.capture is None:
+            # v and the keys are spent: their memory goes back before the convolutions allocate
+            # (a smaller peak, which glibc's heap then keeps instead of trimming and refaulting)
+            del v, v_map, k_in
         with span("camixer.conv"):
             dw, dil = self.conv_sptial
             y = dense.depthwise(dense.depthwise(attn, dw.weight, dw.bias), dil.weight, dil.bias,
@@ -383,6 +387,7 @@ class Block(nn.Module):
             mixed, record = self.mixer(x, condition, settings)
             mixed = mixed + x
         x = self.norm1(mixed)
+        del mixed                                  # not held through the FFN
         with span("camixer.ffn"):
             x = self.norm2(self.ffn(x, x, ops=settings.ops))
         return x, record
