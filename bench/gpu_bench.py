@@ -871,10 +871,14 @@ def _grads(net) -> dict:
 
 
 def _relative_l2(ref: dict, got: dict) -> float:
-    num = sum(float(((got[k] - g) ** 2).sum()) for k, g in ref.items() if k in got)
+    """||got - ref|| / ||ref|| over all parameters; a parameter autograd left without a gradient
+    in ``got`` counts as a zero gradient (what None means), and one missing from ``ref`` as
+    well."""
+    names = set(ref) | set(got)
+    zero = next(iter(ref.values())).new_zeros(())
+    num = sum(float(((got.get(k, zero) - ref.get(k, zero)) ** 2).sum()) for k in names)
     den = sum(float((g ** 2).sum()) for g in ref.values())
-    missing = set(ref) - set(got)
-    return math.inf if missing else math.sqrt(num / den)
+    return math.sqrt(num / den)
 
 
 def section_training(ctx: Context) -> dict:
@@ -916,6 +920,7 @@ def section_training(ctx: Context) -> dict:
                 else:
                     row["loss_rel_vs_reference"] = abs(row["loss"] - ref[0]) / abs(ref[0])
                     row["grad_rel_l2_vs_reference"] = _relative_l2(ref[1], grads)
+                    row["no_gradient"] = sorted(set(ref[1]) ^ set(grads))
                     fp32 = mode == "fp32"
                     row["parity_ok"] = row["finite"] and (
                         row["loss_rel_vs_reference"]
