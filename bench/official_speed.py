@@ -293,11 +293,14 @@ def measure(threads: int, rounds: int, sizes: tuple[int, ...], arch: str | None,
                     "alternating rounds",
             "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY",
                                                "MKL_NUM_THREADS", "MALLOC_MMAP_THRESHOLD_",
-                                               "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")
+                                               "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES",
+                                               "LD_PRELOAD", "CAMIXER_FAST_KEEP_MEMORY")
                     if k in os.environ},
             "allocator": ("freed memory kept in both processes "
                           "(camixer_fast.cpu_memory.keep_freed_memory)" if keep_memory
-                          else "the system's default"),
+                          else "the system's default (in our process glibc's adaptive "
+                          "thresholds raised by the CPU backend's first forward, as the "
+                          "library does: camixer_fast.cpu_memory.raise_mmap_threshold)"),
             "machine": machine_stamp(), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "rows": rows}
 
