@@ -1,12 +1,10 @@
 """Keep freed host memory in the process: fewer page faults on the CPU path.
 
 A CPU forward allocates and frees maps of a few MB many times (2.4 MB per map for S at
-128×128). glibc's malloc gives freed memory back to the system once the free space at the top
-of its heap exceeds a threshold (and serves large requests with fresh ``mmap`` regions), so the
-next forward touches new pages and the kernel faults and zeroes each of them. Measured on the
-2-core CI machine (``bench/cpu_host.py``), S at 128×128, γ = 0.5, ``torch.no_grad()``:
-38,500–63,900 minor page faults and 262–294 ms per forward by default, 0 faults and 200–207 ms
-after :func:`keep_freed_memory`.
+128×128, 9.4 MB at 256×256). glibc's malloc gives freed memory back to the system once the
+free space at the top of its heap exceeds a threshold (and serves large requests with fresh
+``mmap`` regions), so the next block or forward touches new pages and the kernel faults and
+zeroes each of them.
 
 Two remedies, one automatic and one chosen:
 
@@ -16,8 +14,11 @@ Two remedies, one automatic and one chosen:
   a map is 9.4 MB, the threshold stays near that, and the heap is trimmed between blocks. This
   frees one 32 MiB block, which moves glibc's own adaptive thresholds to their documented
   maximum (requests up to 32 MiB from the heap, up to 64 MiB of free heap kept): the state any
-  program that frees a tensor of that size is in. Measured (``bench/cpu_host.py``, S at
-  256×256, γ = 0.25): 183,808 faults and 807 ms per forward before, 0 and 532 ms after.
+  program that frees a tensor of that size is in. Measured on the 2-core CI machine
+  (``bench/cpu_host.py``, ``bench/results/cpu_host_128.json`` and ``_256.json``; S, γ = 0.5,
+  2 threads, ``torch.no_grad()``), glibc left alone against raised: at 128×128 49,376–53,152
+  minor page faults and 223–231 ms per forward against 0 and 154–159 ms; at 256×256 13,760
+  faults and 692–695 ms against 0–1,152 and 648–660 ms.
 - :func:`keep_freed_memory` sets the thresholds outright (glibc's ``mallopt``; up to 1 GiB kept,
   so no faults at any γ). It changes the whole process's allocator, so the library never does
   it on its own: the ``camixer-fast`` command, which owns its process, calls it at start

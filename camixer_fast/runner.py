@@ -200,8 +200,8 @@ def _one_thread() -> Iterator[None]:
 
     Loading the network on the caller's thread with several threads would give that thread an
     OpenMP team of its own, and while such a team exists the model workers' forwards (on other
-    threads) ran slower (S at 128×128 on 2 cores, ``bench/cpu_host.py``: 227–287 against
-    178–184 ms per forward)."""
+    threads) ran slower (S at 128×128 on 2 cores, ``bench/cpu_host.py``: 216–221 against
+    152–156 ms per forward)."""
     threads = torch.get_num_threads()
     set_thread_count(1)
     try:
