@@ -13,36 +13,42 @@ from camixer_fast import cpu_memory
 
 PROBE = """
 import resource, sys, torch
-from camixer_fast.cpu_memory import keep_freed_memory
-applied = keep_freed_memory() if sys.argv[1] == "keep" else False
+from camixer_fast.cpu_memory import keep_freed_memory, raise_mmap_threshold
+mode, side, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+applied = {"keep": lambda: [keep_freed_memory()],
+           "raise": lambda: [raise_mmap_threshold(), raise_mmap_threshold()]}.get(
+               mode, lambda: [])()
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-x = torch.ones(1, 128, 128, 36)
+x = torch.ones(1, side, side, 36)
 for _ in range(3):                 # warm up: the heap reaches its working size
     y = [x * 2 for _ in range(6)]
     del y
 before = faults()
-for _ in range(20):
-    y = [x * 2 for _ in range(6)]  # six 2.4 MB maps, then freed
+for _ in range(rounds):
+    y = [x * 2 for _ in range(6)]  # six maps (2.4 MB at 128², 9.4 MB at 256²), then freed
     del y
-print(applied, faults() - before)
+print(*applied, faults() - before)
 """
 
 
-def _probe(mode: str, **env: str) -> tuple[bool, int]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+def _probe(mode: str, side: int, rounds: int, **env: str) -> tuple[list[bool], int]:
+    """(what the setting calls returned, minor page faults of the measured rounds), in a fresh
+    process with the allocator settings of the environment cleared."""
+    own = ("GLIBC_TUNABLES", "LD_PRELOAD", cpu_memory.ENV_SWITCH)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in own}
     environ.update(env)
-    done = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True,
-                          env=environ, timeout=120, check=True)
-    applied, faults = done.stdout.split()
-    return applied == "True", int(faults)
+    done = subprocess.run([sys.executable, "-c", PROBE, mode, str(side), str(rounds)],
+                          capture_output=True, text=True, env=environ, timeout=120, check=True)
+    *applied, faults = done.stdout.split()
+    return [a == "True" for a in applied], int(faults)
 
 
 @pytest.mark.skipif(cpu_memory.unsupported() is not None,
                     reason=str(cpu_memory.unsupported()))
 def test_freed_maps_are_reused_without_page_faults() -> None:
-    applied, kept = _probe("keep")
-    assert applied
+    applied, kept = _probe("keep", 128, 20)
+    assert applied == [True]
     # 120 maps of 2.4 MB (576 pages each) touched: by default glibc may fault them all in again
     # (measured ~68,000 faults); kept, the freed blocks are reused (measured 0, at times one
     # map's pages when the heap grows once more)
@@ -99,45 +105,15 @@ def test_available_memory_adds_the_kept_heap(monkeypatch) -> None:
     assert abs(up.available_memory(torch.device("cpu")) - base - (1 << 30)) < 256 << 20
 
 
-RAISED = """
-import resource, sys, torch
-from camixer_fast.cpu_memory import raise_mmap_threshold
-first = raise_mmap_threshold()
-second = raise_mmap_threshold()
-def faults():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-x = torch.ones(1, 256, 256, 36)
-for _ in range(3):                 # warm up: the heap reaches its working size
-    y = [x * 2 for _ in range(6)]
-    del y
-before = faults()
-for _ in range(10):
-    y = [x * 2 for _ in range(6)]  # six 9.4 MB maps (56 MB), then freed
-    del y
-print(first, second, faults() - before)
-"""
-
-
-def _raised(**env: str) -> tuple[bool, bool, int]:
-    environ = {k: v for k, v in os.environ.items()
-               if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD",
-                                                            cpu_memory.ENV_SWITCH)}
-    environ.update(env)
-    done = subprocess.run([sys.executable, "-c", RAISED], capture_output=True, text=True,
-                          env=environ, timeout=120, check=True)
-    first, second, faults = done.stdout.split()
-    return first == "True", second == "True", int(faults)
-
-
 @pytest.mark.skipif(cpu_memory.unsupported() is not None,
                     reason=str(cpu_memory.unsupported()))
 def test_raised_threshold_reuses_freed_maps_once_per_process() -> None:
-    first, second, raised = _raised()
+    (first, second), raised = _probe("raise", 256, 10)
     assert first and not second
     # 60 maps of 9.4 MB (2304 pages each): glibc's own thresholds, once at their maximum, keep
     # the 56 MB of each round in the heap (measured 0 faults); left alone, its threshold stays
     # at the first freed map's size and the heap is trimmed every round
     assert raised < 2 * 2304, f"{raised} minor page faults after raising the threshold"
-    off_first, _, untouched = _raised(**{cpu_memory.ENV_SWITCH: "0"})
+    (off_first, _), untouched = _probe("raise", 256, 10, **{cpu_memory.ENV_SWITCH: "0"})
     assert not off_first
     assert untouched > raised
