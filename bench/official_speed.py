@@ -20,9 +20,10 @@ alternately, one warm-up call each and ``--rounds`` timed calls each, under
 (:class:`Worker`) with ``--threads`` torch threads; the result is the median per model and their
 ratio, with each forward's minor page faults. Own processes, because a user's process holds one
 model: alternating two models in one process lets each one's allocations decide how many fresh
-pages the other's forward touches (measured at 128×128: the official forward took 666 ms
-alternating in one process and 794 ms alone, ours 240 and 277 ms; glibc returns freed memory to
-the system and faults it in again), and alternating the two workers still cancels a drift in
+pages the other's forward touches (a one-off measurement at 128×128, before the library
+raised glibc's thresholds: the official forward took 666 ms alternating in one process and
+794 ms alone, ours 240 and 277 ms; glibc returns freed memory to the system and faults it in
+again), and alternating the two workers still cancels a drift in
 the machine's load. The official K is drawn at random
 in every block of every call (its Gumbel rule, the global generator seeded once); ours is the
 expected K. Both are recorded as the mean fraction of windows attended.

@@ -179,11 +179,8 @@ def _reference_ops() -> Ops:
 
 
 def _cpu_ops() -> Ops:
-    from camixer_fast.cpu_memory import raise_mmap_threshold
     from camixer_fast.cpu_ops import CPU_OPS
 
-    if not torch.compiler.is_compiling():
-        raise_mmap_threshold()             # once per process: fewer page faults per forward
     return CPU_OPS
 
 

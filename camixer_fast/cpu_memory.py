@@ -8,8 +8,8 @@ zeroes each of them.
 
 Two remedies, one automatic and one chosen:
 
-- :func:`raise_mmap_threshold` (the CPU backend's first forward calls it, unless
-  ``CAMIXER_FAST_KEEP_MEMORY=0``): glibc adapts its
+- :func:`raise_mmap_threshold` (called once when the CPU backend's operations are first
+  loaded, at its first forward, unless ``CAMIXER_FAST_KEEP_MEMORY=0``): glibc adapts its
   thresholds as it sees large blocks freed, but only up to the largest it has seen. At 256×256
   a map is 9.4 MB, the threshold stays near that, and the heap is trimmed between blocks. This
   frees one 32 MiB block, which moves glibc's own adaptive thresholds to their documented
@@ -57,9 +57,19 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 
 
+@functools.cache
+def _on_glibc() -> bool:
+    # platform.libc_ver reads the interpreter's binary: asked once
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+def _switched_off() -> bool:
+    return os.environ.get(ENV_SWITCH) == "0"
+
+
 def unsupported() -> str | None:
     """Why :func:`keep_freed_memory` would do nothing here, or None."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not _on_glibc():
         return "not Linux with glibc"
     preload = os.environ.get("LD_PRELOAD", "")
     if any(name in preload for name in ("jemalloc", "tcmalloc", "mimalloc")):
@@ -106,8 +116,7 @@ def raise_mmap_threshold() -> bool:
     was freed here (False on later calls, when turned off, and off glibc).
     """
     global _raised
-    if _raised or os.environ.get(ENV_SWITCH) == "0" or platform.system() != "Linux" \
-            or platform.libc_ver()[0] != "glibc":
+    if _raised or _switched_off() or not _on_glibc():
         return False
     _raised = True
     libc = _libc()
@@ -142,6 +151,4 @@ def keep_freed_memory() -> bool:
 def keep_freed_memory_for_command() -> bool:
     """The ``camixer-fast`` command's call: :func:`keep_freed_memory` unless
     ``CAMIXER_FAST_KEEP_MEMORY=0``."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        return False
-    return keep_freed_memory()
+    return not _switched_off() and keep_freed_memory()

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from camixer_fast import cpu_dense
 from camixer_fast.backends import Ops
+from camixer_fast.cpu_memory import raise_mmap_threshold
 from camixer_fast.custom_ops import NAMESPACE, needs_grad, reference_route_windows, tracing
 from camixer_fast.reference.attention_inference import DEFAULT_CHUNK
 from camixer_fast.reference.attention_training import masked_window_attention
@@ -80,7 +81,8 @@ def _keys_at(x_flat: Tensor, offsets: Tensor, pixels: Tensor, width: int,
     (``grid_sample``, align_corners) taken at the sampling point ``(column + dx, row + dy)``
     clamped to the image: its four neighbours are gathered as whole NHWC rows (contiguous C
     values each) and blended by linear interpolations. ``grid_sample`` reads a channels-last
-    map one channel at a time and took 1.7–2× as long here (``bench/cpu_dense.py``).
+    map one channel at a time and took 1.4–1.7× as long here (``bench/cpu_dense.py``,
+    ``bench/results/cpu_dense.json``).
     """
     rows = torch.div(pixels, width, rounding_mode="floor")
     cols = pixels - rows * width
@@ -125,9 +127,10 @@ def hard_deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor, order: Ten
         sel = torch.arange(area, device=x.device) if count == area else \
             pixels[start:start + count] - i * area
         start += count
+        image_offsets = offsets[i].reshape(2, area)
         for first in range(0, count, KEY_PIXELS):
             part = sel[first:first + KEY_PIXELS]
-            keys = _keys_at(x_flat[i], offsets[i].reshape(2, area), part, width, height)
+            keys = _keys_at(x_flat[i], image_offsets, part, width, height)
             if count == area:
                 out_flat[i, first:first + part.numel()].copy_(keys)
             else:
@@ -232,3 +235,7 @@ CPU_OPS = Ops(reference_route_windows, window_scores, deformable_key, window_att
               masked_window_attention, cpu_dense.linear)
 """The CPU backend's operations; training runs the reference's (the backend ``trains_as``
 "reference")."""
+
+# loaded at the CPU backend's first forward: from then on glibc keeps the freed maps of a
+# forward for the next block instead of trimming and refaulting them (camixer_fast.cpu_memory)
+raise_mmap_threshold()

@@ -58,20 +58,10 @@ def nhwc(t: Tensor) -> Tensor:
     return t.permute(0, 2, 3, 1).contiguous()
 
 
-def pointwise(t: Tensor, conv: nn.Conv2d, residual: Tensor | None = None) -> Tensor:
-    """A 1×1 convolution as the linear map it is, on the last dimension: (..., C_in) -> (..., C_out).
-
-    With ``residual`` (..., C_out): ``residual +`` that map, the sum accumulated by the matrix
-    product itself (no separate pass over the map).
-    """
-    weight = conv.weight.view(conv.weight.shape[0], conv.weight.shape[1])
-    if residual is None:
-        return F.linear(t, weight, conv.bias)
-    out = torch.addmm(residual.reshape(-1, weight.shape[0]), t.reshape(-1, weight.shape[1]),
-                      weight.t())
-    if conv.bias is not None:
-        out += conv.bias
-    return out.view(residual.shape)
+def pointwise(t: Tensor, conv: nn.Conv2d) -> Tensor:
+    """A 1×1 convolution as the linear map it is, on the last dimension:
+    (..., C_in) -> (..., C_out) (:func:`camixer_fast.reference.dense.linear`)."""
+    return dense.linear(t, _matrix(conv), conv.bias)
 
 
 def _matrix(conv: nn.Conv2d) -> Tensor:
@@ -126,7 +116,7 @@ class GatedFFN(nn.Module):
 
 
 class PredictorOutput(NamedTuple):
-    hidden: Tensor    # (B, c4, H, W) in_conv output, channels-last: the input of the window scores
+    hidden: Tensor    # (B, c4, H, W) in_conv output, channels-last: the window scores' input
     offsets: Tensor   # (B, 2, H, W) contiguous, in pixels, 8·tanh applied
     ca: Tensor        # (B, C) channel attention
     sa: Tensor        # (B, 1, H, W) spatial attention
@@ -180,8 +170,9 @@ class Predictor(nn.Module):
         h = linear(condition, weight[:, c:].contiguous(), conv.bias)
         h = linear(v, weight[:, :c].contiguous(), residual=h)                   # [B, H, W, c4]
         h = self.in_conv[2](layer_norm(h, norm.weight, norm.bias, norm.eps))
-        off = self.out_offsets[1](linear(h, _matrix(self.out_offsets[0]), self.out_offsets[0].bias))
-        off = linear(off, _matrix(self.out_offsets[2]), self.out_offsets[2].bias)
+        first, second = self.out_offsets[0], self.out_offsets[2]
+        off = self.out_offsets[1](linear(h, _matrix(first), first.bias))
+        off = linear(off, _matrix(second), second.bias)
         offsets = (torch.tanh(off) * 8.0).permute(0, 3, 1, 2).contiguous()     # [B, 2, H, W]
         ca = self.out_CA[2](F.linear(h.mean(dim=(1, 2)), _matrix(self.out_CA[1]),
                                      self.out_CA[1].bias))                      # [B, C]
@@ -273,11 +264,10 @@ class CAMixer(nn.Module):
                 gated = y * ca + attn
             else:   # autograd is off: y is this call's own, overwrite it
                 gated = y.mul_(ca).add_(attn)
-            if self.capture is not None:
-                residual = None                    # the capture holds the mixer's own output
+            capturing = self.capture is not None
             out = ops.linear(gated, _matrix(self.project_out), self.project_out.bias,
-                             residual=residual)
-        if self.capture is not None:
+                             residual=None if capturing else residual)
+        if capturing:                              # the capture holds the mixer's own output
             self.capture.update(x=x_map, condition_global=nchw(condition[..., :2]),
                                 pred_score=record.scores, offsets=route.offsets,
                                 ca=route.ca.view(b, c, 1, 1), sa=route.sa, k_in=k_in,
@@ -285,6 +275,8 @@ class CAMixer(nn.Module):
                                 mixer_out=nchw(out))
             if not self.training:
                 self.capture.update(num_hard=record.num_hard, order=record.order)
+            if residual is not None:
+                out = out + residual
         return out, record
 
     @property
@@ -381,11 +373,7 @@ class Block(nn.Module):
         path = settings.ops.block_inference
         if path is not None and not self.training and self.mixer.capture is None:
             return path(self.weights(), x, condition, settings)
-        if self.mixer.capture is None:
-            mixed, record = self.mixer(x, condition, settings, residual=x)
-        else:                                  # the capture holds the mixer's own output
-            mixed, record = self.mixer(x, condition, settings)
-            mixed = mixed + x
+        mixed, record = self.mixer(x, condition, settings, residual=x)
         x = self.norm1(mixed)
         del mixed                                  # not held through the FFN
         with span("camixer.ffn"):
