@@ -1,5 +1,5 @@
 """Folder throughput: the pipelined ``camixer-fast upscale`` against the sequential command it
-replaced, on the 14 Set14 images (LR ×4 made by :func:`camixer_fast.imresize.make_lr`).
+replaced, on the 14 Set14 images (LR ×4 made by :func:`camixer_fast.evaluation.imresize.make_lr`).
 
     python bench/bench_folder.py [--baseline-rev REV] [--rounds 3] [--json PATH]
 
@@ -48,8 +48,8 @@ BASELINE_REV = "0a65789"
 
 
 def make_inputs(folder: Path) -> list[Path]:
-    from camixer_fast.imageio import read_rgb
-    from camixer_fast.imresize import make_lr
+    from camixer_fast.io.image import read_rgb
+    from camixer_fast.evaluation.imresize import make_lr
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -93,8 +93,8 @@ def run_command(tree: Path | None, inputs: Path, out: Path, *extra: str,
 SEQUENTIAL = """
 import sys, torch
 from pathlib import Path
-from camixer_fast.imageio import read_image, write_image
-from camixer_fast.upscale import upscale
+from camixer_fast.io.image import read_image, write_image
+from camixer_fast.inference.api import upscale
 src, dest = Path(sys.argv[1]), Path(sys.argv[2])
 dest.mkdir(parents=True)
 for path in sorted(src.glob("*.png")):
@@ -140,8 +140,8 @@ def profile(paths: list[Path], threads: int) -> dict:
     """Seconds of each stage of the sequential loop, in this process, at ``threads``."""
     import torch
 
-    from camixer_fast.imageio import read_image, write_image
-    from camixer_fast.upscale import cached_model, upscale
+    from camixer_fast.io.image import read_image, write_image
+    from camixer_fast.inference.api import cached_model, upscale
 
     torch.set_num_threads(threads)
     start = time.perf_counter()

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from camixer_fast.imageio import read_rgb  # noqa: F401 - the one RGB reader, for the suites
-from camixer_fast.imresize import make_lr
+from camixer_fast.io.image import read_rgb  # noqa: F401 - the one RGB reader, for the suites
+from camixer_fast.evaluation.imresize import make_lr
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent

@@ -8,15 +8,15 @@ warm-up call each, then ``--rounds`` calls each, medians. ``first`` is the plain
 the alternative; ``used`` says which the CPU backend runs:
 
 - ``linear``: a 1×1 projection with bias, ``F.linear`` (PyTorch's BLAS) against
-  :func:`camixer_fast.cpu_dense.linear` (oneDNN); and the same with the residual added.
+  :func:`camixer_fast.backends.dense.linear` (oneDNN); and the same with the residual added.
 - ``depthwise + gelu``: ``F.conv2d`` then an in-place GELU (the reference's
   :func:`camixer_fast.reference.dense.depthwise`, which every backend runs) against oneDNN's
   convolution with the GELU in its epilogue; and the gate's product.
 - ``keys``: the deformable keys of a quarter of the pixels (the hard windows at γ = 0.25),
   ``grid_sample`` at those pixels of the channels-last map (the CPU backend's former way)
-  against :func:`camixer_fast.cpu_ops._keys_at` (neighbours gathered as NHWC rows).
+  against :func:`camixer_fast.backends.cpu._keys_at` (neighbours gathered as NHWC rows).
 
-glibc's adaptive thresholds are raised first (:func:`camixer_fast.cpu_memory.raise_mmap_threshold`,
+glibc's adaptive thresholds are raised first (:func:`camixer_fast.backends.memory.raise_mmap_threshold`,
 as the CPU backend does), so fresh pages do not weigh on either side.
 """
 
@@ -38,10 +38,10 @@ sys.path.insert(0, str(BENCH))
 
 from benchlib import machine_stamp
 
-from camixer_fast import cpu_dense
-from camixer_fast.cpu_memory import raise_mmap_threshold
-from camixer_fast.cpu_ops import _keys_at, hard_window_pixels
+from camixer_fast.backends.memory import raise_mmap_threshold
+from camixer_fast.backends.cpu import _keys_at, hard_window_pixels
 from camixer_fast.reference import dense
+from camixer_fast.backends import dense as cpu_dense
 
 CHANNELS = 36
 TOL = 1e-4

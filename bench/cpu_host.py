@@ -10,8 +10,8 @@ two warm-up forwards, then the median wall time and minor page faults per forwar
 
 - ``untouched`` / ``default`` / ``kept``: glibc as it is (``CAMIXER_FAST_KEEP_MEMORY=0``); as the
   library leaves it (the CPU backend's first forward raises glibc's adaptive thresholds,
-  :func:`camixer_fast.cpu_memory.raise_mmap_threshold`); after
-  :func:`camixer_fast.cpu_memory.keep_freed_memory` (what the command does);
+  :func:`camixer_fast.backends.memory.raise_mmap_threshold`); after
+  :func:`camixer_fast.backends.memory.keep_freed_memory` (what the command does);
 - ``main thread`` / ``worker after main`` / ``worker, main at 1 thread``: the forwards on the main
   thread; on a new thread after the main thread ran forwards with 2 threads; on a new thread
   after the main thread ran its one forward at 1 thread (what the runner does when it loads).
@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, {bench!r})
 from benchlib import SHARED, read_rgb, to_tensor
 import camixer_fast
-from camixer_fast.cpu_memory import keep_freed_memory
+from camixer_fast.backends.memory import keep_freed_memory
 size, gamma, runs, memory, where = {size}, {gamma}, {runs}, {memory!r}, {where!r}
 if memory == "kept":
     assert keep_freed_memory()

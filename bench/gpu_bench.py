@@ -27,7 +27,7 @@ cannot hide the others; a section that outlives its limit is killed and recorded
   with an empty Triton cache, then the second call.
 - ``variants``: CUDA-graph replay and ``torch.compile(fullgraph=True)`` of the Triton model,
   against eager. When ``bench/gpu_compile_graphs.py`` exists (issue 11 part B: the project's
-  own ``camixer_fast.graphs``), that script runs instead and its rows are taken.
+  own ``camixer_fast.inference.graphs``), that script runs instead and its rows are taken.
 
 The record (JSON, ``--json``, default ``bench/results/gpu-<date>.json``) holds the machine,
 the settings, each section's status and data; the GPU section of ``--results-md`` (default
@@ -1032,12 +1032,12 @@ def section_variants(ctx: Context) -> dict:
 
 
 def _graph_replay(ctx: Context, net, x):
-    """The model captured as a CUDA graph on a static input: ``camixer_fast.graphs`` when the
+    """The model captured as a CUDA graph on a static input: ``camixer_fast.inference.graphs`` when the
     project has it, else a plain ``torch.cuda.CUDAGraph`` capture of one forward."""
     import torch
 
     try:
-        from camixer_fast.graphs import CUDAGraphModel
+        from camixer_fast.inference.graphs import CUDAGraphModel
     except ImportError:
         CUDAGraphModel = None
     if CUDAGraphModel is not None:

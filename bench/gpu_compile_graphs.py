@@ -8,7 +8,7 @@ On one CUDA device, for the S model on a 320×180 crop of an Urban100 photo (128
   both tie rules: the compiled output against eager (max |diff|, routing K and order equal),
   then eager and compiled latency and the compile time. The first GPU run measured 0.27 here
   with ``tie_break="official"`` (inductor's own sort of the window scores).
-- :class:`camixer_fast.graphs.CUDAGraphModel` (triton): each replay against an eager forward of
+- :class:`camixer_fast.inference.graphs.CUDAGraphModel` (triton): each replay against an eager forward of
   the same input, over two input sizes interleaved (the graphs share a memory pool), then the
   replay latency.
 - ``torch.compile(mode="reduce-overhead")`` (inductor's own CUDA graphs) of the triton path.
@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 import camixer_fast
-from camixer_fast.graphs import CUDAGraphModel
+from camixer_fast.inference.graphs import CUDAGraphModel
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CAMIXER_FAST_SHARED", REPO.parent / "shared"))

@@ -20,7 +20,7 @@ project, of the official code's operation chain as ``spec/camixersr.md`` §3 des
 - every feature map NCHW, LayerNorm written out channels-first, convolutions as modules.
 
 It marks the same ``torch.profiler`` ranges as the network (predictor, attention, conv, ffn), so
-:func:`camixer_fast.profiling.runtime_breakdown` applies to it.
+:func:`camixer_fast.evaluation.profiling.runtime_breakdown` applies to it.
 
 In training mode (``model.train()``) it runs the official training chain (spec §4): the
 predictor's straight-through ``gumbel_softmax(pred, hard=True)`` mask M (``noise=False``: no

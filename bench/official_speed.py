@@ -32,7 +32,7 @@ Writes ``bench/results/official_code.json`` and re-renders ``bench/RESULTS.md`` 
 ``bench/report.py --reuse`` (its section "Against the official code"). ``--profile`` adds
 (to an existing JSON, without timing again) where each model spends a forward on the first
 128×128 input: ``torch.profiler``'s operations by self CPU time, and ours per network range
-(:func:`camixer_fast.profiling.profile_ranges`).
+(:func:`camixer_fast.evaluation.profiling.profile_ranges`).
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ from official_code import (OFFICIAL_COMMIT, OFFICIAL_REPO, arch_path, load_offic
                            official_gumbel_run, run_official, set_ratio)
 
 import camixer_fast
-from camixer_fast import cpu_memory
-from camixer_fast.cpu_memory import keep_freed_memory
+from camixer_fast.backends.memory import keep_freed_memory
+from camixer_fast.backends import memory as cpu_memory
 
 TOL = 1e-4
 GAMMAS = (1.0, 0.5, 0.25)
@@ -230,7 +230,7 @@ def top_operations(run, runs: int = 3, top: int = 8) -> dict:
 
 def profile(threads: int, arch: str | None) -> dict:
     """Operations of both models and ours per range, per γ, on the first 128×128 input."""
-    from camixer_fast.profiling import profile_ranges
+    from camixer_fast.evaluation.profiling import profile_ranges
 
     torch.set_num_threads(threads)
     official = load_official(WEIGHTS, path=arch)
@@ -298,10 +298,10 @@ def measure(threads: int, rounds: int, sizes: tuple[int, ...], arch: str | None,
                                                "LD_PRELOAD", "CAMIXER_FAST_KEEP_MEMORY")
                     if k in os.environ},
             "allocator": ("freed memory kept in both processes "
-                          "(camixer_fast.cpu_memory.keep_freed_memory)" if keep_memory
+                          "(camixer_fast.backends.memory.keep_freed_memory)" if keep_memory
                           else "the system's default (in our process glibc's adaptive "
                           "thresholds raised by the CPU backend's first forward, as the "
-                          "library does: camixer_fast.cpu_memory.raise_mmap_threshold)"),
+                          "library does: camixer_fast.backends.memory.raise_mmap_threshold)"),
             "machine": machine_stamp(), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "rows": rows}
 
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                         "of timing")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="both processes keep freed memory "
-                        "(camixer_fast.cpu_memory.keep_freed_memory, what the camixer-fast "
+                        "(camixer_fast.backends.memory.keep_freed_memory, what the camixer-fast "
                         "command does); default: the system's allocator as it is")
     parser.add_argument("--worker", choices=("official", "ours"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

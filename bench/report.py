@@ -5,8 +5,8 @@
 
 Reads the pytest-benchmark JSON files given (``bench/test_bench_backends.py``,
 ``bench/test_bench_upscale.py``), computes what the benchmarks do not time -- the runtime
-breakdown per backend (:func:`camixer_fast.profiling.runtime_breakdown`), PSNR/SSIM and
-measured MAdds per γ on Set5 and Set14 (:func:`camixer_fast.evaluate.evaluate`), the peak RSS of
+breakdown per backend (:func:`camixer_fast.evaluation.profiling.runtime_breakdown`), PSNR/SSIM and
+measured MAdds per γ on Set5 and Set14 (:func:`camixer_fast.evaluation.evaluate.evaluate`), the peak RSS of
 one 1024×1024 input in a fresh process, onnxruntime against the CPU backend on the ONNX export
 -- stores those as JSON beside the benchmark files (``breakdown.json``, ``quality.json``,
 ``memory.json``, ``onnx.json``; ``--reuse`` reads them instead of recomputing), draws PSNR
@@ -38,9 +38,9 @@ from gpu_report import extract_section
 from official_baseline import load_official_baseline
 
 import camixer_fast
-from camixer_fast.cost import count_madds
-from camixer_fast.evaluate import evaluate
-from camixer_fast.profiling import PARTS, runtime_breakdown
+from camixer_fast.evaluation.cost import count_madds
+from camixer_fast.evaluation.evaluate import evaluate
+from camixer_fast.evaluation.profiling import PARTS, runtime_breakdown
 
 GAMMAS = (1.0, 0.5, 0.25, 0.0)
 BACKENDS = ("official", "reference", "cpu")
@@ -139,7 +139,7 @@ def measure_onnx(threads: int, rounds: int = 7) -> dict:
     import onnx
     import onnxruntime as ort
 
-    from camixer_fast.onnx_export import export_onnx
+    from camixer_fast.backends.onnx import export_onnx
 
     x = to_tensor(read_rgb(SHARED / "data" / "Set5" / "LR_bicubic" / "X4" / "babyx4.png"))
     reference = camixer_fast.load_model(WEIGHTS, backend="reference")
@@ -487,7 +487,7 @@ def render(benches: list[dict], machine: dict, breakdown: dict | None, quality: 
         "stands in for the official implementation; each timed forward of every backend was "
         "first checked against the reference model on the same input (≤ 1e-4)."),
         ("- **reference**: `camixer_fast.reference` (pure PyTorch, NCHW); **cpu**: "
-        "`camixer_fast.cpu_ops`, the CPU backend (`backend=\"auto\"` on the CPU)."),
+        "`camixer_fast.backends.cpu`, the CPU backend (`backend=\"auto\"` on the CPU)."),
         "",
         *(official_lines(official) + [""] if official else []),
         *(official_lines(official_kept, "### Both processes keeping freed memory",
@@ -501,7 +501,7 @@ def render(benches: list[dict], machine: dict, breakdown: dict | None, quality: 
         "",
         ("One forward of the S model (×4), batch 1, per backend; ratio to the same backend at "
         "γ = 1; MAdds measured on that input with the routing it took "
-        "(`camixer_fast.cost.count_madds`); K/N the mean fraction of windows attended."),
+        "(`camixer_fast.evaluation.cost.count_madds`); K/N the mean fraction of windows attended."),
         "",
         *table1(backends),
         "### Speed-ups",
@@ -514,12 +514,12 @@ def render(benches: list[dict], machine: dict, breakdown: dict | None, quality: 
                 ("uint8 arrays in and out, default backend "
                 f"(`{next(iter(next(iter(upscales.values())).values()))['backend']}`), whole "
                 "images (no tiling). Set5 LR files; Set14 LR made with "
-                "`camixer_fast.imresize.make_lr`; Urban100 HR images used as large LR inputs."),
+                "`camixer_fast.evaluation.imresize.make_lr`; Urban100 HR images used as large LR inputs."),
                 "", *upscale_lines(upscales), ""]
     if breakdown:
         out += ["## Runtime breakdown (paper Fig. 6 analogue)", "",
                 (f"Share of a forward's time per part, from `torch.profiler` with the model's "
-                f"ranges (`camixer_fast.profiling.runtime_breakdown`, {breakdown['runs']} "
+                f"ranges (`camixer_fast.evaluation.profiling.runtime_breakdown`, {breakdown['runs']} "
                 f"profiled runs, {breakdown['machine']['threads']} threads) on "
                 f"{breakdown['input']}. predictor = predictor and routing; attention = "
                 "deformable keys and window attention; conv = the mixer's depthwise "
@@ -544,7 +544,7 @@ def render(benches: list[dict], machine: dict, breakdown: dict | None, quality: 
     if quality:
         out += ["## Quality per γ", "",
                 (f"PSNR / SSIM on Y, border 4, SR clamped and rounded to uint8 "
-                f"(`camixer_fast.evaluate.evaluate`, `{quality['backend']}` backend); Set5 "
+                f"(`camixer_fast.evaluation.evaluate.evaluate`, `{quality['backend']}` backend); Set5 "
                 "from its LR files, Set14 LR by MATLAB-bicubic `make_lr`. MAdds: mean over the "
                 "set's images of the measured multiply-adds."), "",
                 *quality_lines(quality), "", plot_md, ""]

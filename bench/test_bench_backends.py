@@ -5,7 +5,7 @@ for the official implementation), "reference" and "cpu". Inputs are real images:
 butterfly LR crop (64×64), baby LR (128×128) and a 256×256 crop of Urban100 img_001. Before a
 backend is timed on an input, its output there is checked against the reference model's
 (max abs difference <= 1e-4): a wrong fast path never gets a time. ``extra_info`` records the
-measured multiply-adds of that forward (``camixer_fast.cost.count_madds``) and the K of every
+measured multiply-adds of that forward (``camixer_fast.evaluation.cost.count_madds``) and the K of every
 block.
 """
 
@@ -17,7 +17,7 @@ from benchlib import SHARED, read_rgb, record, to_tensor
 from official_baseline import load_official_baseline
 
 import camixer_fast
-from camixer_fast.cost import count_madds
+from camixer_fast.evaluation.cost import count_madds
 
 TOL = 1e-4
 GAMMAS = (1.0, 0.5, 0.25, 0.0)

@@ -9,10 +9,10 @@ CUDA) fused Triton kernels.
 """
 
 from camixer_fast.backends import can_use_triton, resolve_backend
-from camixer_fast.loading import CheckpointError, infer_config, load_model
+from camixer_fast.models.loading import CheckpointError, infer_config, load_model
 from camixer_fast.reference.model import CAMixerSR
-from camixer_fast.runner import upscale_batch, upscale_iter
-from camixer_fast.upscale import upscale
+from camixer_fast.inference.pipeline import upscale_batch, upscale_iter
+from camixer_fast.inference.api import upscale
 
 __version__ = "0.1.0"
 
@@ -32,10 +32,10 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # camixer_fast.export_onnx (camixer_fast.onnx_export.export_onnx) is imported on first use:
+    # camixer_fast.export_onnx (camixer_fast.backends.onnx.export_onnx) is imported on first use:
     # it brings in torch.onnx and registers the "onnx" backend
     if name == "export_onnx":
-        from camixer_fast.onnx_export import export_onnx
+        from camixer_fast.backends.onnx import export_onnx
 
         return export_onnx
     raise AttributeError(f"module 'camixer_fast' has no attribute {name!r}")

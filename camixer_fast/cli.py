@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
-    from camixer_fast.cpu_memory import keep_freed_memory_for_command
+    from camixer_fast.backends.memory import keep_freed_memory_for_command
 
     keep_freed_memory_for_command()     # this process is ours: fewer page faults per forward
     return int(args.func(args))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from torch import Tensor
 
 try:
     from spandrel import (
@@ -36,8 +35,8 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
     raise ImportError("camixer_fast.spandrel_arch needs spandrel: "
                       "pip install 'camixer_fast[spandrel]'") from err
 
-from camixer_fast.cost import MODEL_SIZES
-from camixer_fast.loading import CheckpointError, build_model, infer_config
+from camixer_fast.evaluation.cost import MODEL_SIZES
+from camixer_fast.models.loading import CheckpointError, build_model, infer_config
 from camixer_fast.reference.model import CAMixerSR
 
 ARCH_ID = "CAMixerSR"

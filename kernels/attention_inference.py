@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from camixer_fast.custom_ops import kernel_op
+from camixer_fast.backends.ops import kernel_op
 from camixer_fast.kernels._autocast import autocast_entry
 from camixer_fast.kernels._tiles import (
     HALF,
@@ -34,7 +34,7 @@ from camixer_fast.kernels._tiles import (
     window_tokens,
 )
 from camixer_fast.kernels.tile_math import pixel_strides
-from camixer_fast.triton_env import interpreting
+from camixer_fast.backends.triton_env import interpreting
 
 
 @triton.jit

@@ -17,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from camixer_fast.custom_ops import kernel_op
+from camixer_fast.backends.ops import kernel_op
 from camixer_fast.kernels._autocast import autocast_entry
 from camixer_fast.kernels._tiles import (
     HALF,
@@ -29,7 +29,7 @@ from camixer_fast.kernels._tiles import (
     whole_windows,
     window_tokens,
 )
-from camixer_fast.triton_env import interpreting
+from camixer_fast.backends.triton_env import interpreting
 
 
 @triton.jit

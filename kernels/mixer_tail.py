@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from camixer_fast.custom_ops import kernel_op
+from camixer_fast.backends.ops import kernel_op
 from camixer_fast.kernels._tiles import dot_precision
 
 from camixer_fast.kernels.tile_math import (

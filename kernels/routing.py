@@ -16,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from camixer_fast.custom_ops import gumbel_noise, kernel_op, window_order
+from camixer_fast.backends.ops import gumbel_noise, kernel_op, window_order
 from camixer_fast.reference.routing import (
     WindowRouting,
     check_gamma,
@@ -161,7 +161,7 @@ def route_windows(h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, gam
     the scores from the kernels and the order from ``torch.argsort``: the only unfused step.
     Compiled, the kernels are the operators ``camixer::triton_score_windows`` and
     ``camixer::triton_select_windows``, and the Gumbel noise and the official order stay
-    eager operators (:mod:`camixer_fast.custom_ops`).
+    eager operators (:mod:`camixer_fast.backends.ops`).
     """
     gamma = check_gamma(gamma)
     check_routing_mode(routing)

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from camixer_fast.triton_env import interpreting
+from camixer_fast.backends.triton_env import interpreting
 
 
 @triton.jit

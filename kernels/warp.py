@@ -15,7 +15,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from camixer_fast.custom_ops import kernel_op
+from camixer_fast.backends.ops import kernel_op
 from camixer_fast.kernels.tile_math import pixel_strides
 
 from camixer_fast.kernels._autocast import autocast_entry

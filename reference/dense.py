@@ -1,6 +1,6 @@
 """The network's dense operations: 1×1 projections and 3×3 depthwise convolutions of NHWC maps.
 
-The reference twins of the CPU backend's fused forms (:mod:`camixer_fast.cpu_dense`), in plain
+The reference twins of the CPU backend's fused forms (:mod:`camixer_fast.backends.dense`), in plain
 PyTorch: what every backend's :class:`~camixer_fast.backends.Ops` supplies unless it has faster
 ones. Maps are (B, H, W, C), contiguous; the spatial convolutions run on their channels-last
 (B, C, H, W) views. With autograd off, the optional steps overwrite the convolution's own result

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import camixer_fast
-from camixer_fast.imageio import read_rgb
+from camixer_fast.io.image import read_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CAMIXER_FAST_SHARED", REPO.parent / "shared")).resolve()

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import camixer_fast
-from camixer_fast import loading
+from camixer_fast.models import loading
 from camixer_fast.cli import main
-from camixer_fast.convert import convert_checkpoint
-from camixer_fast.loading import REGISTRY, CheckpointError, RegisteredWeights, git_blob_id
+from camixer_fast.models.convert import convert_checkpoint
+from camixer_fast.models.loading import REGISTRY, CheckpointError, RegisteredWeights, git_blob_id
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,10 @@ import pytest
 from PIL import Image
 
 import camixer_fast
-from camixer_fast import png16
+from camixer_fast.io import png16
 from camixer_fast.cli import main
-from camixer_fast.imageio import LoadedImage, fit_to_format, write_image
-from camixer_fast.progress import Progress
+from camixer_fast.io.image import LoadedImage, fit_to_format, write_image
+from camixer_fast.io.progress import Progress
 
 cmd = importlib.import_module("camixer_fast.commands.upscale")
 
@@ -271,7 +271,7 @@ def test_no_weights_and_no_network_is_one_line_and_exit_2(inputs, tmp_path, monk
                                                           capsys):
     import urllib.error
 
-    from camixer_fast import loading
+    from camixer_fast.models import loading
 
     def offline(url, timeout):
         raise urllib.error.URLError(OSError(-3, "Temporary failure in name resolution"))
@@ -498,7 +498,7 @@ def test_python_m_camixer_fast_upscale(inputs, tmp_path):
 
 SLOW_WRITES = """
 import time
-import camixer_fast.imageio as imageio
+import camixer_fast.io.image as imageio
 
 _write = imageio.write_image
 
@@ -573,7 +573,7 @@ def _filtered(raw: np.ndarray, bpp: int, filters: list[int]) -> bytes:
 
 def _encode(pixels: np.ndarray, filters: list[int], interlace: bool = False,
             extra: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
-    """A 16-bit PNG written independently of camixer_fast.png16 (any filters, Adam7)."""
+    """A 16-bit PNG written independently of camixer_fast.io.png16 (any filters, Adam7)."""
     if pixels.ndim == 2:
         pixels = pixels[..., None]
     height, width, channels = pixels.shape

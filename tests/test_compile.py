@@ -1,6 +1,6 @@
 """torch.compile(model, fullgraph=True): one graph per backend, the same outputs as eager.
 
-The operators of :mod:`camixer_fast.custom_ops` (and the CPU backend's) are checked with
+The operators of :mod:`camixer_fast.backends.ops` (and the CPU backend's) are checked with
 ``torch.library.opcheck`` (schema, fake kernel against the real output's shape, dtype and
 strides, AOT dispatch); the network is compiled with ``fullgraph=True`` on a small random
 model, through AOT autograd for every backend and once through inductor.
@@ -15,7 +15,10 @@ import torch
 from conftest import DEVICE, assert_close
 from torch._dynamo.backends.registry import lookup_backend
 
-from camixer_fast import backends, cpu_dense, cpu_ops, custom_ops
+from camixer_fast import backends
+from camixer_fast.backends import cpu as cpu_ops
+from camixer_fast.backends import dense as cpu_dense
+from camixer_fast.backends import ops as custom_ops
 from camixer_fast.reference.model import CAMixerSR
 from camixer_fast.reference.routing import route_windows
 
@@ -51,7 +54,7 @@ def fresh_dynamo():
 
 
 def _triton_add_one():
-    """A one-kernel operator registered through :func:`camixer_fast.custom_ops.kernel_op`."""
+    """A one-kernel operator registered through :func:`camixer_fast.backends.ops.kernel_op`."""
     import triton
     import triton.language as tl
     from torch.library import wrap_triton

@@ -11,7 +11,7 @@ import torch
 
 import camixer_fast
 from camixer_fast.cli import main
-from camixer_fast.cost import (
+from camixer_fast.evaluation.cost import (
     count_madds,
     madds_breakdown,
     measure_madds,

@@ -1,4 +1,4 @@
-"""The CPU backend (camixer_fast.cpu_ops): parity with the reference and the official outputs."""
+"""The CPU backend (camixer_fast.backends.cpu): parity with the reference and the official outputs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from camixer_fast.reference.windows import to_windows
 from conftest import assert_close
 
 import camixer_fast
-from camixer_fast import cpu_ops
 from camixer_fast.backends import (
     BACKENDS,
     REGISTRY,
@@ -18,6 +17,7 @@ from camixer_fast.backends import (
     resolve_backend,
     select_backend,
 )
+from camixer_fast.backends import cpu as cpu_ops
 
 OUTPUT_TOL = 1e-4
 GAMMAS = (1.0, 0.5, 0.25, 0.0)
@@ -258,7 +258,7 @@ def test_training_runs_the_reference_path(weights_path, golden: dict) -> None:
 
 def test_count_madds_is_backend_independent(model_s: camixer_fast.CAMixerSR,
                                             model_cpu: camixer_fast.CAMixerSR) -> None:
-    from camixer_fast.cost import count_madds
+    from camixer_fast.evaluation.cost import count_madds
 
     x = torch.rand(1, 3, 40, 56, generator=torch.Generator().manual_seed(4))
     model_s.gamma = model_cpu.gamma = 0.5

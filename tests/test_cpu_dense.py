@@ -1,6 +1,6 @@
 """The CPU backend's oneDNN 1×1 projections against their reference twin.
 
-``camixer_fast.cpu_dense.linear`` runs them through oneDNN with the bias and the residual in
+``camixer_fast.backends.dense.linear`` runs them through oneDNN with the bias and the residual in
 the product's epilogue; ``camixer_fast.reference.dense.linear`` is plain PyTorch. Same numbers
 up to fp32 rounding, the same forward with autograd on or off, the reference's gradients, and
 the twin itself where oneDNN cannot run.
@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from camixer_fast import cpu_dense
 from camixer_fast.reference import dense
+from camixer_fast.backends import dense as cpu_dense
 from conftest import assert_close
 
 pytestmark = pytest.mark.skipif(cpu_dense.unsupported() is not None,

@@ -1,4 +1,4 @@
-"""camixer_fast.cpu_memory: glibc's allocator kept from returning freed memory (the CLI's
+"""camixer_fast.backends.memory: glibc's allocator kept from returning freed memory (the CLI's
 start-up setting), checked in fresh processes since it changes the whole process."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from camixer_fast import cpu_memory
+from camixer_fast.backends import memory as cpu_memory
 
 PROBE = """
 import ctypes, resource, sys, torch
-from camixer_fast.cpu_memory import keep_freed_memory, raise_mmap_threshold
+from camixer_fast.backends.memory import keep_freed_memory, raise_mmap_threshold
 mode, side, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 applied = {"keep": lambda: [keep_freed_memory()],
            "raise": lambda: [raise_mmap_threshold(), raise_mmap_threshold()]}.get(
@@ -21,7 +21,7 @@ applied = {"keep": lambda: [keep_freed_memory()],
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 # is a fresh 20 MiB request served by its own mmap region (below the threshold: from the heap)?
-from camixer_fast.cpu_memory import _libc, _MallInfo2
+from camixer_fast.backends.memory import _libc, _MallInfo2
 libc = _libc()
 libc.mallinfo2.restype, libc.malloc.restype = _MallInfo2, ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
@@ -81,7 +81,7 @@ def test_the_command_can_be_told_not_to(monkeypatch) -> None:
 
 RETAINED = """
 import torch
-from camixer_fast.cpu_memory import keep_freed_memory, retained_bytes
+from camixer_fast.backends.memory import keep_freed_memory, retained_bytes
 assert retained_bytes() == 0                       # nothing kept before the setting
 assert keep_freed_memory()
 maps = [torch.ones(1, 128, 128, 36) for _ in range(8)]   # 8 x 2.4 MB from the heap
@@ -102,17 +102,16 @@ def test_kept_memory_counts_as_available() -> None:
 
 
 def test_available_memory_adds_the_kept_heap(monkeypatch) -> None:
-    import importlib
 
     import torch
 
-    up = importlib.import_module("camixer_fast.upscale")
+    from camixer_fast.inference import tiling
 
     # a command run earlier in this process may have kept heap already: start from none
-    monkeypatch.setattr(up, "retained_bytes", lambda: 0)
-    base = up.available_memory(torch.device("cpu"))
-    monkeypatch.setattr(up, "retained_bytes", lambda: 1 << 30)
-    assert abs(up.available_memory(torch.device("cpu")) - base - (1 << 30)) < 256 << 20
+    monkeypatch.setattr(tiling, "retained_bytes", lambda: 0)
+    base = tiling.available_memory(torch.device("cpu"))
+    monkeypatch.setattr(tiling, "retained_bytes", lambda: 1 << 30)
+    assert abs(tiling.available_memory(torch.device("cpu")) - base - (1 << 30)) < 256 << 20
 
 
 @pytest.mark.skipif(cpu_memory.unsupported() is not None,

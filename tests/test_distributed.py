@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from camixer_fast import distributed
 from camixer_fast.cli import main
+from camixer_fast.train import ranks as distributed
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""``camixer_fast.evaluate`` and ``camixer-fast eval``: the official Set5 figures from HR alone
+"""``camixer_fast.evaluation.evaluate`` and ``camixer-fast eval``: the official Set5 figures from HR alone
 (LR made by our MATLAB bicubic), the --lr-dir path, JSON output and errors."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 import camixer_fast
 from camixer_fast.cli import main
-from camixer_fast.evaluate import evaluate, find_lr_file
+from camixer_fast.evaluation.evaluate import evaluate, find_lr_file
 
 OFFICIAL_GAMMA1 = {"baby": 33.831, "bird": 34.915, "butterfly": 29.021, "head": 32.981,
                    "woman": 30.901}
@@ -99,7 +99,7 @@ def test_cli_bad_gamma() -> None:
 
 def test_table_mean_row_is_the_mean_time(capsys: pytest.CaptureFixture[str]) -> None:
     from camixer_fast.commands.eval import _print_table
-    from camixer_fast.evaluate import GammaScore, ImageScore
+    from camixer_fast.evaluation.evaluate import GammaScore, ImageScore
 
     result = GammaScore(0.5, [ImageScore("a", (4, 4), 30.0, 0.9, 0.5, 1.0),
                               ImageScore("b", (4, 4), 32.0, 0.8, 0.5, 3.0)])

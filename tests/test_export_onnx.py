@@ -15,7 +15,7 @@ import torch
 import camixer_fast
 from camixer_fast.cli import main
 from camixer_fast.backends import REGISTRY
-from camixer_fast.onnx_export import MAX_OPSET, MIN_OPSET, export_onnx, onnx_backend
+from camixer_fast.backends.onnx import MAX_OPSET, MIN_OPSET, export_onnx, onnx_backend
 from conftest import assert_close, load_rgb
 
 TOL = 1e-4

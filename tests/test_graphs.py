@@ -1,4 +1,4 @@
-"""camixer_fast.graphs.CUDAGraphModel: keys, static buffers, refusals.
+"""camixer_fast.inference.graphs.CUDAGraphModel: keys, static buffers, refusals.
 
 Everything but the capture itself is checked on the CPU with a stand-in whose "capture" runs
 the forward once and whose "replay" runs it again on the static input, writing into the same
@@ -9,13 +9,12 @@ last test captures real graphs.
 
 from __future__ import annotations
 
-import importlib
 
 import pytest
 import torch
 from conftest import DEVICE, assert_close
 
-from camixer_fast.graphs import CUDAGraphModel, GraphKey
+from camixer_fast.inference.graphs import CUDAGraphModel, GraphKey
 from camixer_fast.reference.model import CAMixerSR
 from camixer_fast.reference.routing import Routing
 
@@ -226,7 +225,7 @@ def test_reset_finds_replaced_submodules(model: CAMixerSR) -> None:
 
 
 def test_upscale_refuses_cuda_graphs_off_cuda() -> None:
-    upscale = importlib.import_module("camixer_fast.upscale")
+    from camixer_fast.inference import api as upscale
     image = torch.rand(3, 8, 8)
     with pytest.raises(RuntimeError, match="CUDA device"):
         upscale.upscale(image, device="cpu", cuda_graph=True)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from camixer_fast.imresize import imresize_down, make_lr, mod_crop, resize_matrix
+from camixer_fast.evaluation.imresize import imresize_down, make_lr, mod_crop, resize_matrix
 
 SET5 = ("baby", "bird", "butterfly", "head", "woman")
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import camixer_fast
-from camixer_fast import loading
-from camixer_fast.loading import CheckpointError, RegisteredWeights, infer_config
+from camixer_fast.models import loading
+from camixer_fast.models.loading import CheckpointError, RegisteredWeights, infer_config
 
 
 @pytest.fixture(scope="module")

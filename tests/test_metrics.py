@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from camixer_fast.metrics import erp_row_weights, psnr, rgb_to_y, ssim, ws_psnr
+from camixer_fast.evaluation.metrics import erp_row_weights, psnr, rgb_to_y, ssim, ws_psnr
 
 
 def random_image(shape: tuple[int, ...], seed: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""camixer_fast.profiling: the runtime breakdown of paper Fig. 6."""
+"""camixer_fast.evaluation.profiling: the runtime breakdown of paper Fig. 6."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import camixer_fast
-from camixer_fast.profiling import PARTS, profile_ranges, runtime_breakdown
+from camixer_fast.evaluation.profiling import PARTS, profile_ranges, runtime_breakdown
 from camixer_fast.reference.model import span
 
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import camixer_fast
-from camixer_fast.metrics import psnr
+from camixer_fast.evaluation.metrics import psnr
 from conftest import load_rgb, to_uint8
 
 SET5 = ("baby", "bird", "butterfly", "head", "woman")

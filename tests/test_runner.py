@@ -1,10 +1,9 @@
-"""The pipelined runner (:mod:`camixer_fast.runner`): results equal to solo runs whatever the
+"""The pipelined runner (:mod:`camixer_fast.inference.pipeline`): results equal to solo runs whatever the
 batching and the workers, bad items failing alone, out-of-memory recovery, the memory budget
 under ``ulimit -v``; and the commands' one RGB reader."""
 
 from __future__ import annotations
 
-import importlib
 import resource
 import threading
 import warnings
@@ -16,10 +15,10 @@ from PIL import Image
 
 import camixer_fast
 from camixer_fast.cli import main
-from camixer_fast.imageio import read_rgb
-from camixer_fast.runner import Engine, upscale_batch, upscale_iter
+from camixer_fast.io.image import read_rgb
+from camixer_fast.inference.pipeline import Engine, upscale_batch, upscale_iter
 
-up = importlib.import_module("camixer_fast.upscale")
+from camixer_fast.inference import tiling
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,8 +69,8 @@ def test_tiles_batched_per_call_equal_one_by_one():
     model = camixer_fast.load_model("CAMixerSR-S")
     x = torch.rand(1, 3, 40, 33, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
-        one = up.tiled_forward(model, x, 16, batch=1)
-        many = up.tiled_forward(model, x, 16, batch=5)
+        one = tiling.tiled_forward(model, x, 16, batch=1)
+        many = tiling.tiled_forward(model, x, 16, batch=5)
     assert torch.equal(one, many)
 
 
@@ -114,7 +113,7 @@ ALLOCATION_ERROR = ("DefaultCPUAllocator: can't allocate memory: you tried to al
     (ValueError("out of memory"), False),
 ], ids=["MemoryError", "cpu-allocator", "cuda-oom", "other-runtime-error", "not-runtime"])
 def test_allocation_failures_are_recognised(error, expected):
-    assert up.is_allocation_failure(error) == expected
+    assert tiling.is_allocation_failure(error) == expected
 
 
 @pytest.mark.parametrize("tile,size,expected", [
@@ -123,7 +122,7 @@ def test_allocation_failures_are_recognised(error, expected):
     ids=["whole-64x48", "whole-40x200", "tile64-on-48", "tile96", "tile32", "floor",
          "small-image"])
 def test_tile_is_halved_to_a_multiple_of_16_down_to_the_floor(tile, size, expected):
-    assert up.halved_tile(tile, *size) == expected
+    assert tiling.halved_tile(tile, *size) == expected
 
 
 @pytest.fixture()
@@ -191,18 +190,18 @@ def test_failure_below_the_floor_fails_that_image_only(monkeypatch, tmp_path, ca
 
 def test_memory_budget_takes_the_address_space_limit(monkeypatch):
     room = 200 << 20
-    used = up._address_space_room()
+    used = tiling._address_space_room()
     assert used is None or used >= 0
     with open("/proc/self/status") as f:
         size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
     monkeypatch.setattr(resource, "getrlimit", lambda which: (size + room, resource.RLIM_INFINITY)
                         if which == resource.RLIMIT_AS else (-1, -1))
-    # a command run in this process may have kept freed heap (camixer_fast.cpu_memory), which
+    # a command run in this process may have kept freed heap (camixer_fast.backends.memory), which
     # available_memory adds to the room: this checks the limit alone
-    monkeypatch.setattr(up, "retained_bytes", lambda: 0)
-    available = up.available_memory(torch.device("cpu"))
+    monkeypatch.setattr(tiling, "retained_bytes", lambda: 0)
+    available = tiling.available_memory(torch.device("cpu"))
     assert 0.5 * room < available <= room + (64 << 20)
-    assert up.auto_tile(1024, 1024) is not None  # 6 GB would not fit in 200 MB
+    assert tiling.auto_tile(1024, 1024) is not None  # 6 GB would not fit in 200 MB
 
 
 # --- the one RGB reader ----------------------------------------------------------------------
@@ -220,7 +219,7 @@ def test_read_rgb_gives_8_bit_rgb_for_every_kind(tmp_path):
 @pytest.mark.parametrize("share,together", [(0.3, True), (0.6, False)],
                          ids=["small-side-by-side", "large-one-at-a-time"])
 def test_workers_share_the_memory_budget(share, together):
-    from camixer_fast.runner import _Room
+    from camixer_fast.inference.pipeline import _Room
 
     room, inside, most = _Room(1000), [], []
     lock = threading.Lock()
@@ -250,7 +249,7 @@ def test_a_threads_count_survives_another_thread_setting_one() -> None:
     """A model worker sets its count before its first parallel operation; a finisher then sets
     1 (PyTorch's global last value). The worker must keep its own count: PyTorch's lazy
     per-thread initialisation would otherwise reset it to the global (and round differently)."""
-    from camixer_fast.runner import set_thread_count
+    from camixer_fast.inference.pipeline import set_thread_count
 
     before = torch.get_num_threads()
     counts: dict[str, int] = {}

@@ -73,7 +73,7 @@ def test_model_loader_gives_our_model(spandrel, weights_path: Path, one_thread) 
 
 
 def test_safetensors_through_spandrel(spandrel, weights_path: Path, tmp_path: Path) -> None:
-    from camixer_fast.convert import convert_checkpoint
+    from camixer_fast.models.convert import convert_checkpoint
 
     path = tmp_path / "s.safetensors"
     convert_checkpoint(weights_path, path)

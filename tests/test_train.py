@@ -19,8 +19,8 @@ from torch import nn
 
 import camixer_fast
 from camixer_fast import cli
-from camixer_fast.imresize import make_lr
-from camixer_fast.metrics import erp_row_weights
+from camixer_fast.evaluation.imresize import make_lr
+from camixer_fast.evaluation.metrics import erp_row_weights
 from camixer_fast.train import (
     ConfigError,
     DataError,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 
 import numpy as np
 import pytest
@@ -12,9 +11,10 @@ from PIL import Image
 from torch import nn
 
 import camixer_fast
-from camixer_fast.imageio import LUMA, _palette_rgba, _quantize
+from camixer_fast.io.image import LUMA, _palette_rgba, _quantize
 
-up = importlib.import_module("camixer_fast.upscale")
+from camixer_fast.inference import api as up
+from camixer_fast.inference import tiling
 
 H, W = 12, 17
 
@@ -319,7 +319,7 @@ def test_gamma_is_set_per_call(rgb8):
     (20, 8, [0, 8, 12]),
 ], ids=lambda v: str(v))
 def test_tile_origins_follow_spec(size, tile, origins):
-    assert up.tile_origins(size, tile) == origins
+    assert tiling.tile_origins(size, tile) == origins
 
 
 class NearestX4(nn.Module):
@@ -335,10 +335,10 @@ class NearestX4(nn.Module):
 def test_tiles_are_averaged_back_to_the_whole(tile):
     x = torch.rand(2, 3, 23, 37, generator=torch.Generator().manual_seed(7))
     seen = []
-    out = up.tiled_forward(NearestX4(), x, tile, lambda done, total: seen.append((done, total)))
+    out = tiling.tiled_forward(NearestX4(), x, tile, lambda done, total: seen.append((done, total)))
     torch.testing.assert_close(out, NearestX4()(x), rtol=0, atol=1e-6)
     t = min(tile, 23, 37)
-    total = len(up.tile_origins(23, t)) * len(up.tile_origins(37, t))
+    total = len(tiling.tile_origins(23, t)) * len(tiling.tile_origins(37, t))
     assert seen == [(i + 1, total) for i in range(total)]
 
 
@@ -366,15 +366,15 @@ def test_tiled_output_is_seamless(shared):
 
 
 def test_auto_tile_rule():
-    assert up.auto_tile(100, 100, budget=1 << 40) is None
-    per_pixel = up.BYTES_PER_PIXEL + 3 * 16 * 4
-    assert up.auto_tile(100, 100, budget=100 * 100 * per_pixel) is None
-    tile = up.auto_tile(1000, 1000, budget=1000 * 1000 * 3 * 16 * 4 + 200 * 200 * 6000)
+    assert tiling.auto_tile(100, 100, budget=1 << 40) is None
+    per_pixel = tiling.BYTES_PER_PIXEL + 3 * 16 * 4
+    assert tiling.auto_tile(100, 100, budget=100 * 100 * per_pixel) is None
+    tile = tiling.auto_tile(1000, 1000, budget=1000 * 1000 * 3 * 16 * 4 + 200 * 200 * 6000)
     assert tile == 192
-    assert up.auto_tile(1000, 1000, budget=0) == 16
-    assert up.auto_tile(1000, 1000, dtype=torch.float16,
+    assert tiling.auto_tile(1000, 1000, budget=0) == 16
+    assert tiling.auto_tile(1000, 1000, dtype=torch.float16,
                         budget=1000 * 1000 * 3 * 16 * 4 + 200 * 200 * 3000) == 192
-    assert up.available_memory(torch.device("cpu")) > 0
+    assert tiling.available_memory(torch.device("cpu")) > 0
 
 
 def test_auto_tile_on_a_small_image_is_untiled(rgb8):

@@ -17,7 +17,7 @@ from camixer_fast.cli import main
 
 av = pytest.importorskip("av")
 cmd = importlib.import_module("camixer_fast.commands.upscale")
-video = importlib.import_module("camixer_fast.video")
+video = importlib.import_module("camixer_fast.io.video")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 
-    from camixer_fast.triton_env import interpreting
+    from camixer_fast.backends.triton_env import interpreting
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write {variant@sm_cc: report} here")

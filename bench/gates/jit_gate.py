@@ -137,7 +137,7 @@ def compile_only(capability: int) -> Iterator[Recorder]:
                                         _describe(self, ordered, options), compiled))
         return compiled
 
-    from camixer_fast.triton_env import COMPILE_ONLY_VAR
+    from camixer_fast.backends.triton_env import COMPILE_ONLY_VAR
 
     os.environ[COMPILE_ONLY_VAR] = "1"
     driver.set_active(StandInDriver(capability))
@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-k", dest="only", help="run only the cases whose name contains this")
     parser.add_argument("--json", type=Path, help="write the full results here")
     args = parser.parse_args(argv)
-    from camixer_fast.triton_env import interpreting
+    from camixer_fast.backends.triton_env import interpreting
 
     if interpreting():
         parser.error("unset TRITON_INTERPRET: the interpreter does not compile for a GPU")

@@ -10,8 +10,8 @@ import argparse
 import json
 import sys
 
-from camixer_fast.convert import DTYPES, KEYS, convert_checkpoint
-from camixer_fast.loading import CheckpointError
+from camixer_fast.models.convert import DTYPES, KEYS, convert_checkpoint
+from camixer_fast.models.loading import CheckpointError
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -12,8 +12,8 @@ import sys
 
 from camixer_fast.backends import BACKENDS
 from camixer_fast.cli import gamma_type
-from camixer_fast.evaluate import GammaScore, ImageScore, evaluate
-from camixer_fast.loading import CheckpointError, load_model
+from camixer_fast.evaluation.evaluate import GammaScore, ImageScore, evaluate
+from camixer_fast.models.loading import CheckpointError, load_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -11,12 +11,12 @@ import sys
 from pathlib import Path
 
 from camixer_fast.cli import gamma_type
-from camixer_fast.loading import CheckpointError, load_model
+from camixer_fast.models.loading import CheckpointError, load_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``export`` subcommand to ``subparsers``; its ``func`` is :func:`run`."""
-    from camixer_fast.onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+    from camixer_fast.backends.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
     parser = subparsers.add_parser(
         "export", help="export the model to ONNX (routing inside the graph)",
@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Export; print what was written."""
-    from camixer_fast.onnx_export import export_onnx
+    from camixer_fast.backends.onnx import export_onnx
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:

@@ -13,8 +13,8 @@ import sys
 import torch
 
 from camixer_fast.cli import gamma_type
-from camixer_fast.cost import MODEL_SIZES, measure_madds, paper_flops, parameter_count
-from camixer_fast.loading import CheckpointError, load_model
+from camixer_fast.evaluation.cost import MODEL_SIZES, measure_madds, paper_flops, parameter_count
+from camixer_fast.models.loading import CheckpointError, load_model
 from camixer_fast.reference.model import CAMixerSR
 
 

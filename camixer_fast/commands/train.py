@@ -15,7 +15,7 @@ import sys
 import torch
 
 from camixer_fast.cli import gamma_type
-from camixer_fast.loading import CheckpointError
+from camixer_fast.models.loading import CheckpointError
 from camixer_fast.train import (
     AMP_MODES,
     AUGMENTS,

@@ -1,9 +1,9 @@
 """``camixer-fast upscale INPUT... -o OUT``: super-resolve image files, folders and videos.
 
-Images go through the pipelined runner (:mod:`camixer_fast.runner`): decoded ahead of the
+Images go through the pipelined runner (:mod:`camixer_fast.inference.pipeline`): decoded ahead of the
 model, batched by size, encoded and written behind it. Videos go through
-:mod:`camixer_fast.video`. Under ``torchrun`` each process takes its share of the sorted inputs
-(:mod:`camixer_fast.distributed`) and rank 0 prints the summary.
+:mod:`camixer_fast.io.video`. Under ``torchrun`` each process takes its share of the sorted inputs
+(:mod:`camixer_fast.train.ranks`) and rank 0 prints the summary.
 
 Exit status: 0 when every input was written (or skipped because its output exists), 1 when
 some input could not be read, upscaled or written (each reported on stderr by name; the others
@@ -24,14 +24,14 @@ from pathlib import Path
 
 import torch
 
-from camixer_fast import distributed
 from camixer_fast.cli import gamma_type
-from camixer_fast.imageio import EXTENSIONS, LoadedImage, read_image, write_image
-from camixer_fast.loading import CheckpointError
-from camixer_fast.progress import Progress
-from camixer_fast.runner import Engine, Pipeline
-from camixer_fast.upscale import Prepared, prepare, resolve_device
-from camixer_fast.video import VIDEO_EXTENSIONS, VideoError, check_codec, is_video, probe
+from camixer_fast.io.image import EXTENSIONS, LoadedImage, read_image, write_image
+from camixer_fast.models.loading import CheckpointError
+from camixer_fast.io.progress import Progress
+from camixer_fast.inference.pipeline import Engine, Pipeline
+from camixer_fast.inference.api import Prepared, prepare, resolve_device
+from camixer_fast.io.video import VIDEO_EXTENSIONS, VideoError, check_codec, is_video, probe
+from camixer_fast.train import ranks as distributed
 
 PROG = "camixer-fast upscale"
 
@@ -329,7 +329,7 @@ def _run_images(pairs: list[tuple[Path, Path]], engine: Engine, tally: Tally,
 
 def _run_video(src: Path, dst: Path, engine: Engine, args: argparse.Namespace, tally: Tally,
                prefix: str, bar: Progress) -> None:
-    from camixer_fast.video import upscale_video
+    from camixer_fast.io.video import upscale_video
 
     frames = Progress(probe(src).frames, unit="frame", stream=bar.stream, enabled=bar.enabled)
     frames.label = src.name

@@ -3,7 +3,7 @@
 One code path from a laptop CPU to many GPUs:
 
 - **data** (:mod:`.data`, :class:`PairedPatches`): HR images from a folder, LR made on the fly
-  with the MATLAB-compatible bicubic of :mod:`camixer_fast.imresize` (from a neighbourhood of
+  with the MATLAB-compatible bicubic of :mod:`camixer_fast.evaluation.imresize` (from a neighbourhood of
   the crop only, bit-identical to cropping the LR of the whole image) or read from an LR folder;
   random LR crops (64×64 by default) with the HR crop under them, flips and 90° rotations. Every
   crop and augmentation is a pure function of (seed, epoch, sample index), so a sample is the
@@ -41,7 +41,7 @@ import warnings
 
 import numpy as np
 
-from camixer_fast import metrics
+from camixer_fast.evaluation import metrics
 from camixer_fast.train.checkpoints import CHECKPOINT_FORMAT, EMA, read_checkpoint, save_checkpoint
 from camixer_fast.train.data import (
     AUGMENTS,
@@ -68,13 +68,13 @@ from camixer_fast.train.trainer import (
 
 
 def erp_row_weights(rows: np.ndarray, height: int) -> np.ndarray:
-    """Deprecated: ``camixer_fast.metrics.erp_row_weights(height, rows)`` in float32.
+    """Deprecated: ``camixer_fast.evaluation.metrics.erp_row_weights(height, rows)`` in float32.
 
     The WS weights cos((p + 0.5 − H/2)·π/H) of rows ``rows`` of an equirectangular image of
     height ``height``; same shape as ``rows``, float32 (the values the WS-L1 training loss uses).
     """
     warnings.warn("camixer_fast.train.erp_row_weights(rows, height) is deprecated; use "
-                  "camixer_fast.metrics.erp_row_weights(height, rows)", DeprecationWarning,
+                  "camixer_fast.evaluation.metrics.erp_row_weights(height, rows)", DeprecationWarning,
                   stacklevel=2)
     return metrics.erp_row_weights(height, rows).astype(np.float32)
 

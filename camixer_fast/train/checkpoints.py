@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from camixer_fast.loading import CheckpointError
+from camixer_fast.models.loading import CheckpointError
 
 CHECKPOINT_FORMAT = "camixer_fast.train/1"
 

@@ -1,7 +1,7 @@
 """Training data: random (LR, HR) crop pairs keyed on (seed, epoch, index), the sampler that
 shares each global batch among the ranks, and the validation pairs.
 
-LR comes from the MATLAB-compatible bicubic of :mod:`camixer_fast.imresize` (from a
+LR comes from the MATLAB-compatible bicubic of :mod:`camixer_fast.evaluation.imresize` (from a
 neighbourhood of the crop only, bit-identical to cropping the LR of the whole image) or from an
 LR folder; crops are flipped and rotated by 90° on request. Every crop and augmentation is a
 pure function of (seed, epoch, sample index), so a sample is the same whichever process draws
@@ -22,9 +22,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-from camixer_fast.evaluate import find_lr_file, list_images, read_rgb
-from camixer_fast.imresize import imresize_down, make_lr
-from camixer_fast.metrics import erp_row_weights
+from camixer_fast.evaluation.evaluate import find_lr_file, list_images, read_rgb
+from camixer_fast.evaluation.imresize import imresize_down, make_lr
+from camixer_fast.evaluation.metrics import erp_row_weights
 
 AUGMENTS = ("flip-rot", "hflip", "none")
 

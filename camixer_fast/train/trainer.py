@@ -23,10 +23,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from camixer_fast.backends import select_backend
-from camixer_fast.evaluate import super_resolve
-from camixer_fast.loading import load_model
-from camixer_fast.metrics import psnr
-from camixer_fast.progress import Progress
+from camixer_fast.evaluation.evaluate import super_resolve
+from camixer_fast.models.loading import load_model
+from camixer_fast.evaluation.metrics import psnr
+from camixer_fast.io.progress import Progress
 from camixer_fast.reference.model import CAMixerSR
 from camixer_fast.train.checkpoints import CHECKPOINT_FORMAT, EMA, read_checkpoint, save_checkpoint
 from camixer_fast.train.data import (

@@ -91,7 +91,7 @@ def retained_bytes() -> int:
     :func:`keep_freed_memory` is in force, else 0.
 
     The system counts it as used (MemAvailable, a cgroup's usage), yet the next allocations of
-    this process are served from it: :func:`camixer_fast.upscale.available_memory` adds it back,
+    this process are served from it: :func:`camixer_fast.inference.tiling.available_memory` adds it back,
     so that ``tile="auto"`` sizes tiles the same after a large image as before it."""
     if not _applied:
         return 0

@@ -5,7 +5,7 @@ Stages, each on its own threads::
 
     items --prepare (pool)--> size buckets --batches--> model workers --finish (pool)--> outcomes
 
-- *prepare* turns an item into a :class:`~camixer_fast.upscale.Prepared` (read and decode a
+- *prepare* turns an item into a :class:`~camixer_fast.inference.api.Prepared` (read and decode a
   file, check an array) on a small thread pool, ahead of the model;
 - images of the same size are grouped into batches of up to ``batch_size`` (images that are
   tiled go alone, their same-size tiles grouped instead);
@@ -17,7 +17,7 @@ Stages, each on its own threads::
   runs on another pool, behind the model.
 
 An allocation failure on a batch reruns its images one by one, and on an image halves the tile
-and retries it (:func:`camixer_fast.upscale.run_network`); the outcome's ``notes`` say so.
+and retries it (:func:`camixer_fast.inference.tiling.run_network`); the outcome's ``notes`` say so.
 
 CPU threads: every image is computed with ``threads`` intra-op threads (``torch.set_num_threads``
 for the length of the run) and ``workers`` images are in flight at once. The CPU kernels round
@@ -40,11 +40,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from camixer_fast.inference.api import ImageLike, Prepared, cached_model, check_tile, prepare, resolve_device, resolve_dtype
+from camixer_fast.inference.tiling import (BYTES_PER_PIXEL, MEMORY_FRACTION, auto_tile, available_memory,
+                                          is_allocation_failure, run_network)
 from camixer_fast.reference.routing import check_gamma
-from camixer_fast.upscale import (BYTES_PER_PIXEL, MEMORY_FRACTION, ImageLike, Prepared,
-                                  _check_tile, auto_tile, available_memory, cached_model,
-                                  is_allocation_failure, prepare, resolve_device, resolve_dtype,
-                                  run_network)
 
 MAX_AUTO_BATCH = 8
 """Largest batch that ``batch_size=None`` picks."""
@@ -71,7 +70,7 @@ class Engine:
     Arguments as :func:`camixer_fast.upscale` takes them, plus:
 
     batch_size: images (or tiles) per model call; None sizes it from memory (as many as
-      fit in the budget of :func:`camixer_fast.upscale.auto_tile` if run at once, at most
+      fit in the budget of :func:`camixer_fast.inference.tiling.auto_tile` if run at once, at most
       :data:`MAX_AUTO_BATCH`).
     workers: model workers (each with its own copy of the network); None:
       :func:`default_workers`.
@@ -88,7 +87,7 @@ class Engine:
                  batch_size: int | None = None, workers: int | None = None,
                  threads: int | None = None) -> None:
         self.gamma = check_gamma(gamma)
-        self.tile = _check_tile(tile)
+        self.tile = check_tile(tile)
         self.dtype = resolve_dtype(dtype)
         self.device = resolve_device(device)
         for name, value in (("batch_size", batch_size), ("workers", workers),

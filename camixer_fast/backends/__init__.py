@@ -7,7 +7,7 @@ forms of window attention, plus optional block-level paths, declared as fields, 
 - ``"triton"``: the fused kernels of :mod:`camixer_fast.kernels` (CUDA devices of compute
   capability 8.0 or newer; on the CPU only in Triton's interpreter, ``TRITON_INTERPRET=1``, or
   under a compile-only JIT gate, and only when asked for by name).
-- ``"cpu"``: :mod:`camixer_fast.cpu_ops`, the fast CPU inference operations (keys and attention
+- ``"cpu"``: :mod:`camixer_fast.backends.cpu`, the fast CPU inference operations (keys and attention
   on the hard windows only). In training mode it declares that the reference runs instead.
 - ``"reference"``: the pure-PyTorch operations of :mod:`camixer_fast.reference` (any device).
 - ``"auto"``: the first of :data:`AUTO_ORDER` that lists the device type and supports the case.
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import Tensor
 
-from camixer_fast.triton_env import compile_only, interpreting
+from camixer_fast.backends.triton_env import compile_only, interpreting
 
 if TYPE_CHECKING:
     from camixer_fast.reference.model import BlockWeights, MixerSettings
@@ -94,7 +94,7 @@ class Ops:
     image); False runs it image by image, which makes each output bit-identical to a solo run.
     ``sync_free``: the inference forward never waits for the device to read a value on the
     host (no ``.item()``, no boolean-mask gather), so a CUDA graph can capture it
-    (:mod:`camixer_fast.graphs`; ``tests/test_host_sync.py`` holds every backend to its word).
+    (:mod:`camixer_fast.inference.graphs`; ``tests/test_host_sync.py`` holds every backend to its word).
     """
 
     route_windows: RouteWindows
@@ -167,7 +167,7 @@ def _reference_unsupported(device: torch.device, dtype: torch.dtype,
 
 
 def _reference_ops() -> Ops:
-    from camixer_fast.custom_ops import reference_route_windows, reference_window_attention
+    from camixer_fast.backends.ops import reference_route_windows, reference_window_attention
     from camixer_fast.reference import dense
     from camixer_fast.reference.attention_training import masked_window_attention
     from camixer_fast.reference.routing import window_scores
@@ -179,7 +179,7 @@ def _reference_ops() -> Ops:
 
 
 def _cpu_ops() -> Ops:
-    from camixer_fast.cpu_ops import CPU_OPS
+    from camixer_fast.backends.cpu import CPU_OPS
 
     return CPU_OPS
 

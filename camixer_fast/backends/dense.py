@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from camixer_fast.custom_ops import NAMESPACE, needs_grad, tracing
+from camixer_fast.backends.ops import NAMESPACE, needs_grad, tracing
 from camixer_fast.reference import dense
 
 

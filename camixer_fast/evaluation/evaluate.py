@@ -1,7 +1,7 @@
 """Benchmark evaluation: PSNR / SSIM of a model's SR output against HR images.
 
 The standard SR protocol: LR = MATLAB bicubic of the HR image cropped to a multiple of the
-scale (:func:`camixer_fast.imresize.make_lr`), or a given LR file with the HR cropped to
+scale (:func:`camixer_fast.evaluation.imresize.make_lr`), or a given LR file with the HR cropped to
 scale × its size; SR clamped to [0, 1] and rounded to uint8; PSNR and SSIM on the BT.601 Y
 channel with a border of ``scale`` pixels cropped.
 """
@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from camixer_fast.imageio import read_rgb
-from camixer_fast.imresize import make_lr
-from camixer_fast.metrics import psnr, ssim
+from camixer_fast.io.image import read_rgb
+from camixer_fast.evaluation.imresize import make_lr
+from camixer_fast.evaluation.metrics import psnr, ssim
 from camixer_fast.reference.model import CAMixerSR
 
 IMAGE_EXTENSIONS = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".ppm")

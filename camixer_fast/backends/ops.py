@@ -25,7 +25,7 @@ are traced, and the graph breaks at their gathers).
 
 Registered here: the reference backend's routing (the CPU backend's too) and window attention,
 and the Gumbel noise of the routing draw. The CPU backend registers its operators in
-:mod:`camixer_fast.cpu_ops`; the Triton kernels theirs in their kernel files, through
+:mod:`camixer_fast.backends.cpu`; the Triton kernels theirs in their kernel files, through
 :func:`kernel_op`.
 """
 
@@ -46,7 +46,7 @@ from camixer_fast.reference.routing import (
     check_tie_break,
 )
 from camixer_fast.reference.windows import check_window_grid
-from camixer_fast.triton_env import interpreting
+from camixer_fast.backends.triton_env import interpreting
 
 NAMESPACE = "camixer"
 """The ``torch.ops`` namespace of every operator of this package: ``torch.ops.camixer.*``."""

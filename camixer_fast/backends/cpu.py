@@ -24,15 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from camixer_fast import cpu_dense
 from camixer_fast.backends import Ops
-from camixer_fast.cpu_memory import raise_mmap_threshold
-from camixer_fast.custom_ops import NAMESPACE, needs_grad, reference_route_windows, tracing
+from camixer_fast.backends.memory import raise_mmap_threshold
+from camixer_fast.backends.ops import NAMESPACE, needs_grad, reference_route_windows, tracing
 from camixer_fast.reference.attention_inference import DEFAULT_CHUNK
 from camixer_fast.reference.attention_training import masked_window_attention
 from camixer_fast.reference.routing import window_scores
 from camixer_fast.reference.warp import deform_warp
 from camixer_fast.reference.windows import check_window_grid
+from camixer_fast.backends import dense as cpu_dense
 
 
 def to_nhwc(x: Tensor) -> Tensor:
@@ -152,7 +152,7 @@ def deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
     sampling with border padding, in fp32 whatever x's dtype), written over a copy of ``x``.
     Elsewhere the result is ``x`` (no warp), which the attention never reads. Returned
     channels-last. Without a routing (training) the whole map is computed by the reference
-    warp. One operator while traced (:mod:`camixer_fast.custom_ops`).
+    warp. One operator while traced (:mod:`camixer_fast.backends.ops`).
     """
     if num_hard is None or order is None:
         return x + deform_warp(x, offsets)
@@ -219,7 +219,7 @@ def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
     (B, C, H, W), channels-last, in x's dtype (computed in fp32): ``v·sa`` on the simple
     windows, the hard windows' attention written in place, ``chunk`` windows per batched call.
     The key projection is folded into the query's (:func:`folded_query`), so ``bk`` drops out.
-    One operator while traced (:mod:`camixer_fast.custom_ops`).
+    One operator while traced (:mod:`camixer_fast.backends.ops`).
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
@@ -237,5 +237,5 @@ CPU_OPS = Ops(reference_route_windows, window_scores, deformable_key, window_att
 "reference")."""
 
 # loaded at the CPU backend's first forward: from then on glibc keeps the freed maps of a
-# forward for the next block instead of trimming and refaulting them (camixer_fast.cpu_memory)
+# forward for the next block instead of trimming and refaulting them (camixer_fast.backends.memory)
 raise_mmap_threshold()

@@ -1,7 +1,7 @@
 """Checkpoint conversion: official ``.pth`` files <-> safetensors.
 
 A safetensors file holds one state dict (``params_ema`` by default) and metadata strings:
-the model's config (:data:`~camixer_fast.loading.METADATA_CONFIG`, checked against the tensor
+the model's config (:data:`~camixer_fast.models.loading.METADATA_CONFIG`, checked against the tensor
 shapes whenever the file is read), the parameter count and where the weights came from -- the
 facts that do not depend on γ. A ``.pth`` file is written in the official BasicSR layout,
 ``{"params": sd, "params_ema": sd}`` (one copy on disk: both keys share the tensors), which the
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from camixer_fast.loading import (
+from camixer_fast.models.loading import (
     METADATA_CONFIG,
     REGISTRY,
     CheckpointError,

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from camixer_fast import png16
+from camixer_fast.io import png16
 
 PIL_MODES = ("RGB", "L", "RGBA", "LA", "P", "I;16")
 """PIL modes :func:`camixer_fast.upscale` takes (and gives back)."""
@@ -222,7 +222,7 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
     """Read and fully decode an image file; raise (OSError, ValueError, ...) if it is corrupt,
     truncated or not an image.
 
-    16-bit PNGs are decoded by :mod:`camixer_fast.png16` into uint16 arrays (Pillow would drop
+    16-bit PNGs are decoded by :mod:`camixer_fast.io.png16` into uint16 arrays (Pillow would drop
     colour ones to 8 bits). Other files go through Pillow and are brought to a :data:`PIL_MODES`
     mode: 1 -> L, PA -> RGBA, CMYK/YCbCr/LAB/HSV -> RGB, I;16B/I;16L/I (values in 0..65535)
     -> I;16; other modes (e.g. F) raise ValueError.

@@ -2,7 +2,7 @@
 ``pip install 'camixer_fast[video]'``).
 
 :func:`upscale_video` decodes the first video stream, runs its frames through a
-:class:`~camixer_fast.runner.Pipeline` (batched, several in flight) and encodes them, in order,
+:class:`~camixer_fast.inference.pipeline.Pipeline` (batched, several in flight) and encodes them, in order,
 at the input's frame timestamps (so the frame rate is kept), copying the audio and subtitle
 streams packet for packet. The output is written to a temporary file beside it and moved into
 place at the end, so an interrupted or failed run leaves no half-written file. With
@@ -22,8 +22,8 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
-from camixer_fast.runner import Engine, Pipeline
-from camixer_fast.upscale import Prepared, prepare
+from camixer_fast.inference.pipeline import Engine, Pipeline
+from camixer_fast.inference.api import Prepared, prepare
 
 VIDEO_EXTENSIONS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska",
                     ".webm": "webm", ".avi": "avi"}
