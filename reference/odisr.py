@@ -1,9 +1,5 @@
-"""CAMixerOSR, CAMixerSR for equirectangular (360°) panoramas: the reference twin (fp32, NCHW).
-
-Op by op the official ``codes/odisr/archs/CAMixerOSR_arch.py`` (module names = its state-dict
-keys), with deterministic per-image routing, any input size and a default latitude condition.
-Why a second network: ODI-SR adds a latitude condition, shifted windows and DCNv2 group tails.
-"""
+"""CAMixerOSR (ODI-SR, 360° panoramas), reference twin (fp32, NCHW) of the official
+``codes/odisr/archs/CAMixerOSR_arch.py``, its module names; routing deterministic per image."""
 
 from __future__ import annotations
 
@@ -35,12 +31,8 @@ RGB_MEAN = (0.4488, 0.4371, 0.4040)
 
 def latitude_condition(height: int, width: int, *, rows: tuple[int, int] | None = None,
                        device: torch.device | None = None) -> Tensor:
-    """The cos-latitude condition (1, 1, height, width) float32 of OSRT's ``get_condition``.
-
-    Row i of a panorama of H rows is cos(π/2 · y), y = (2i + 1)/H − 1 the row centre in (−1, 1).
-    ``rows=(top, full_height)``: the rows top … top + height − 1 of a panorama of full_height
-    rows (a crop or tile); None: the image is the whole panorama.
-    """
+    """Cos-latitude condition (1, 1, height, width) float32 (OSRT): row i of an H-row panorama
+    is cos(π/2 · ((2i + 1)/H − 1)); ``rows=(top, H)`` for a crop, None: the whole panorama."""
     top, full = (0, height) if rows is None else rows
     if height < 1 or width < 1 or top < 0 or top + height > full:
         raise ValueError(f"rows {top}..{top + height} of {width} columns do not lie in a "
@@ -70,15 +62,11 @@ def bilinear_zeros(x: Tensor, py: Tensor, px: Tensor) -> Tensor:
 def modulated_deform_conv2d(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor,
                             bias: Tensor | None = None, *, padding: int = 1,
                             dilation: int = 1) -> Tensor:
-    """Modulated deformable convolution (DCNv2), stride 1, one offset group.
-
-    out[b, o, i, j] = bias[o] + Σ_{c, k} weight[o, c, k] · mask[b, k, i, j] ·
-    x[b, c](i − padding + kh·dilation + Δy_k, j − padding + kw·dilation + Δx_k), x sampled
-    bilinearly and zero outside; taps k = kh·kw_size + kw row-major. x (B, C, H, W),
-    weight (O, C, kh, kw), offset (B, 2K, h, w) as (Δy_k, Δx_k) pairs (torchvision's layout),
-    mask (B, K, h, w). Returns (B, O, h, w).
-    """
-    b, _, height, width = x.shape
+    """DCNv2, stride 1: out[b,o,i,j] = bias[o] + Σ_{c,k} weight[o,c,k]·mask[b,k,i,j]·
+    x[b,c](i − p + kh·d + Δy_k, j − p + kw·d + Δx_k), bilinear, zero outside; x (B, C, H, W),
+    weight (O, C, kh, kw), offset (B, 2K, h, w) in (Δy, Δx) pairs per tap (torchvision's),
+    mask (B, K, h, w) -> (B, O, h, w)."""
+    b, c, height, width = x.shape
     out_c, _, kh_size, kw_size = weight.shape
     taps = kh_size * kw_size
     h_out = height + 2 * padding - dilation * (kh_size - 1)
@@ -86,23 +74,19 @@ def modulated_deform_conv2d(x: Tensor, offset: Tensor, mask: Tensor, weight: Ten
     if offset.shape != (b, 2 * taps, h_out, w_out) or mask.shape != (b, taps, h_out, w_out):
         raise ValueError(f"offset {tuple(offset.shape)} / mask {tuple(mask.shape)} do not fit a "
                          f"{kh_size}x{kw_size} kernel on a {h_out}x{w_out} output")
-    rows = torch.arange(h_out, dtype=x.dtype, device=x.device).view(1, h_out, 1) - padding
-    cols = torch.arange(w_out, dtype=x.dtype, device=x.device).view(1, 1, w_out) - padding
-    out = x.new_zeros(b, out_c, h_out, w_out)
-    for k in range(taps):
-        kh, kw = divmod(k, kw_size)
-        sampled = bilinear_zeros(x, rows + kh * dilation + offset[:, 2 * k],
-                                 cols + kw * dilation + offset[:, 2 * k + 1])
-        out = out + F.conv2d(sampled * mask[:, k:k + 1], weight[:, :, kh:kh + 1, kw:kw + 1])
+    tap = torch.arange(taps, device=x.device)
+    rows = torch.arange(h_out, device=x.device).view(1, 1, h_out, 1) - padding
+    cols = torch.arange(w_out, device=x.device).view(1, 1, 1, w_out) - padding
+    py = rows + (tap // kw_size * dilation).view(1, taps, 1, 1) + offset[:, 0::2]
+    px = cols + (tap % kw_size * dilation).view(1, taps, 1, 1) + offset[:, 1::2]
+    sampled = bilinear_zeros(x, py, px) * mask.unsqueeze(1)           # [B, C, K, h, w]
+    out = weight.reshape(out_c, c * taps) @ sampled.reshape(b, c * taps, h_out * w_out)
+    out = out.view(b, out_c, h_out, w_out)
     return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 
 class DCNv2Pack(nn.Module):
-    """BasicSR's ``DCNv2Pack`` (3×3): offsets and masks from ``conv_offset`` of a guide map.
-
-    ``conv_offset`` (3×3, 27 channels) gives 18 offsets (9 (Δy, Δx) pairs) and 9 masks
-    (sigmoid). forward(x (B, C, H, W), feat (B, C, H, W)) -> (B, C, H, W).
-    """
+    """BasicSR's ``DCNv2Pack`` (3×3): ``conv_offset`` of the guide gives 18 offsets, 9 masks."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -120,7 +104,7 @@ class DCNv2Pack(nn.Module):
 
 
 def condition_mlp(channels: int) -> nn.Sequential:
-    """``offset_conv``: the 1×1 MLP 1 → C → C (LeakyReLU 0.2) that lifts the condition."""
+    """``offset_conv``: 1×1 MLP 1 → C → C, LeakyReLU 0.2."""
     return nn.Sequential(nn.Conv2d(1, channels, 1), nn.LeakyReLU(0.2),
                          nn.Conv2d(channels, channels, 1), nn.LeakyReLU(0.2))
 
@@ -161,12 +145,8 @@ class Predictor(nn.Module):
 
 
 class CAMixer(nn.Module):
-    """``mixer``: q = k = warped x, v·sa on simple windows; shifted windows when shift > 0.
-
-    The shift rolls x by (−shift, −shift) before v and the window condition, not the global
-    condition; the warp samples the unrolled x with the offsets of the rolled frame (as the
-    official code does), then the warped map is rolled and attention's output rolled back.
-    """
+    """``mixer``: q = k = warped x. A shift rolls x (not the global condition) by −shift; the
+    warp samples the unrolled x with the rolled frame's offsets (official), output rolled back."""
 
     def __init__(self, channels: int, window_size: int, shift: int) -> None:
         super().__init__()
@@ -259,16 +239,13 @@ class Group(nn.Module):
 
 
 class CAMixerOSR(nn.Module):
-    """CAMixerOSR (ODI-SR). Keyword-only hyperparameters; official state dicts load strictly.
-
-    ``model(lr, condition=None)``: lr (B, 3, H, W) RGB in [0, 1], any H, W >= 1 -> (B, 3, sH, sW)
-    unclamped; in training mode (sr, ratio_loss), ratio_loss = (m − 0.5)², m the mean training
-    mask. condition: (B or 1, 1, H, W), the cos-latitude of every pixel (see
-    :func:`latitude_condition` for crops), None = lr is a whole panorama. Image and condition
-    are padded to the window grid with one index map (reflection, :func:`pad_to_multiple`), so
-    every padded pixel keeps the latitude of the pixel it copies; the output is cropped back.
-    Routing per image, K = N if γ = 1 else min(int(N·r·2γ), N), r = mean(softmax(pred)[..., 0])
-    (the expectation of the official Gumbel draw, whose rule is int(N·r): γ = 0.5).
+    """CAMixerOSR; ``model(lr, condition=None)``: lr (B, 3, H, W) in [0, 1], any H, W >= 1 ->
+    (B, 3, sH, sW); training: (sr, (m − 0.5)²), m the mean mask. condition (B or 1, 1, H, W)
+    cos-latitude, None: lr is a whole panorama. Image and condition are padded by one index map
+    (:func:`pad_to_multiple`): a padded pixel keeps the latitude of the pixel it copies.
+    K = N if γ = 1 else min(int(N·r·2γ), N), r = mean(softmax(pred)[..., 0]) per image: the
+    official int(N·r) with r its Gumbel draw's expectation is γ = 0.5. ``return_routing``
+    appends the :class:`Routing` record.
     """
 
     def __init__(self, *, n_feats: int = 60, scale: int = 4,
@@ -301,7 +278,6 @@ class CAMixerOSR(nn.Module):
 
     def forward(self, lr: Tensor, condition: Tensor | None = None, *,
                 generator: torch.Generator | None = None, return_routing: bool = False):
-        """See the class. ``return_routing`` appends the :class:`Routing` record of the call."""
         if not torch.is_tensor(lr) or lr.dim() != 4 or lr.shape[1] != 3 or min(lr.shape) == 0:
             shape = tuple(lr.shape) if torch.is_tensor(lr) else type(lr).__name__
             raise ValueError(f"expected a non-empty (B, 3, H, W) tensor, got {shape}")
