@@ -2,8 +2,9 @@
 
 Images are uint8 arrays H×W×3 (RGB) or H×W (grey); ``border`` pixels are cropped from every side
 before measuring (the upscale factor, by convention). :func:`psnr` and :func:`ssim` work on the
-BT.601 Y channel by default (``y_channel=False``: all channels); :func:`ws_psnr` is the
-latitude-weighted PSNR of equirectangular (360°) images.
+BT.601 Y channel by default (``y_channel=False``: all channels); :func:`ws_psnr` and
+:func:`ws_ssim` are the latitude-weighted metrics of equirectangular (360°) images, by default
+as the official ODI-SR code (``codes/odisr/metrics/odi_metric.py``) measures them.
 """
 
 from __future__ import annotations
@@ -65,17 +66,29 @@ def _filter_valid(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     return sum(kernel[i] * vertical[:, i:i + cols] for i in range(taps))        # [rows, cols]
 
 
-def _ssim_channel(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean SSIM of two (H, W) float64 planes on the [0, 255] scale (BasicSR's ``_ssim``)."""
+def _ssim_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """SSIM map (H − 10, W − 10) of two (H, W) float64 planes on the [0, 255] scale."""
     c1, c2 = (0.01 * 255.0) ** 2, (0.03 * 255.0) ** 2
     kernel = _gaussian_kernel()
     mu_a, mu_b = _filter_valid(a, kernel), _filter_valid(b, kernel)
     var_a = _filter_valid(a * a, kernel) - mu_a**2
     var_b = _filter_valid(b * b, kernel) - mu_b**2
     cov = _filter_valid(a * b, kernel) - mu_a * mu_b
-    ssim_map = ((2.0 * mu_a * mu_b + c1) * (2.0 * cov + c2)) / (
+    return ((2.0 * mu_a * mu_b + c1) * (2.0 * cov + c2)) / (
         (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return float(ssim_map.mean())
+
+
+def _planes(a: np.ndarray) -> list[np.ndarray]:
+    return [a] if a.ndim == 2 else [a[..., c] for c in range(a.shape[2])]
+
+
+def _ssim_ready(img: np.ndarray, ref: np.ndarray, border: int,
+                y_channel: bool) -> tuple[np.ndarray, np.ndarray]:
+    a, b = _prepare(img, ref, border, y_channel)
+    if min(a.shape[0], a.shape[1]) < 11:
+        raise ValueError(f"SSIM needs at least 11x11 pixels after the border crop, got "
+                         f"{a.shape[0]}x{a.shape[1]}")
+    return a, b
 
 
 def ssim(img: np.ndarray, ref: np.ndarray, *, border: int = 0, y_channel: bool = True) -> float:
@@ -88,13 +101,8 @@ def ssim(img: np.ndarray, ref: np.ndarray, *, border: int = 0, y_channel: bool =
     ``y_channel=False``, the mean over the three channels of each channel's mean SSIM).
     The cropped image must be at least 11×11. Identical images give 1.0.
     """
-    a, b = _prepare(img, ref, border, y_channel)
-    if min(a.shape[0], a.shape[1]) < 11:
-        raise ValueError(f"SSIM needs at least 11x11 pixels after the border crop, got "
-                         f"{a.shape[0]}x{a.shape[1]}")
-    if a.ndim == 2:
-        return _ssim_channel(a, b)
-    return float(np.mean([_ssim_channel(a[..., c], b[..., c]) for c in range(a.shape[2])]))
+    a, b = _ssim_ready(img, ref, border, y_channel)
+    return float(np.mean([_ssim_map(p, q).mean() for p, q in zip(_planes(a), _planes(b))]))
 
 
 def erp_row_weights(height: int, rows: np.ndarray | None = None) -> np.ndarray:
@@ -109,16 +117,32 @@ def erp_row_weights(height: int, rows: np.ndarray | None = None) -> np.ndarray:
     return np.cos((rows + 0.5 - height / 2.0) * np.pi / height)
 
 
-def ws_psnr(img: np.ndarray, ref: np.ndarray, *, y_channel: bool = False) -> float:
+def ws_psnr(img: np.ndarray, ref: np.ndarray, *, border: int = 0,
+            y_channel: bool = False) -> float:
     """WS-PSNR in dB of two equirectangular (ERP) uint8 images (peak 255).
 
-    img, ref: (H, W, 3) RGB or (H, W) grey uint8 holding the full ERP image (H is its height).
-    The squared error of row p is weighted by :func:`erp_row_weights` and the weighted sum
-    normalised by the sum of the weights over the same pixels. Every channel counts by default;
-    ``y_channel=True`` measures the BT.601 Y channel instead. Identical images give ``inf``.
+    img, ref: (H, W, 3) RGB or (H, W) grey uint8 holding the full ERP image. After cropping
+    ``border`` pixels from every side, the squared error of row p is weighted by
+    :func:`erp_row_weights` of the cropped height and the weighted sum normalised by the sum of
+    the weights over the same pixels. Every channel counts by default; ``y_channel=True``
+    measures the BT.601 Y channel instead. Identical images give ``inf``.
     """
-    a, b = _prepare(img, ref, 0, y_channel)
+    a, b = _prepare(img, ref, border, y_channel)
     weights = erp_row_weights(a.shape[0]).reshape((-1,) + (1,) * (a.ndim - 1))
     weights = np.broadcast_to(weights, a.shape)
     wmse = float(np.sum(weights * (a - b) ** 2) / np.sum(weights))
     return float("inf") if wmse == 0 else float(10.0 * np.log10(255.0**2 / wmse))
+
+
+def ws_ssim(img: np.ndarray, ref: np.ndarray, *, border: int = 0,
+            y_channel: bool = False) -> float:
+    """WS-SSIM of two equirectangular (ERP) uint8 images, as the official ODI-SR code has it.
+
+    The SSIM map of :func:`ssim` ('valid' part, (H − 10) × (W − 10) after the ``border`` crop),
+    its rows weighted by :func:`erp_row_weights` of the map's own height H − 10; the weighted
+    mean per channel, channels averaged (RGB by default). Identical images give 1.0.
+    """
+    a, b = _ssim_ready(img, ref, border, y_channel)
+    weights = erp_row_weights(a.shape[0] - 10)[:, None]
+    return float(np.mean([(_ssim_map(p, q) * weights).mean() / weights.mean()
+                          for p, q in zip(_planes(a), _planes(b))]))
