@@ -138,6 +138,14 @@ def test_matches_official(case: str, gamma: float, official: dict, models: dict,
                  out, 1e-4)
 
 
+def test_seeded_weights_move_the_dcn_taps(models: dict) -> None:
+    model = models[("published", 4)]
+    for dcn, mlp in [(g.body_tail, g.offset_conv) for g in model.body] + [(model.dcn,
+                                                                           model.offset_conv)]:
+        offsets = dcn.conv_offset(mlp(latitude_condition(16, 32)))[:, :18]
+        assert offsets.abs().mean() > 0.3                 # pixels: the taps leave the grid
+
+
 @pytest.mark.skipif(not os.environ.get(fx.ENV_VAR), reason=f"{fx.ENV_VAR} is not set")
 def test_matches_official_live(models: dict, shared: Path) -> None:
     module = fx.load_official()
