@@ -27,6 +27,8 @@ from camixer_fast.reference.warp import deform_warp
 from camixer_fast.reference.windows import to_windows, window_condition
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
+DCN_CHUNK = 1 << 14
+"""Output pixels a DCN step samples: bounds its (B, C, 9, pixels) map (35 MiB at C = 60)."""
 
 
 def latitude_condition(height: int, width: int, *, rows: tuple[int, int] | None = None,
@@ -75,13 +77,19 @@ def modulated_deform_conv2d(x: Tensor, offset: Tensor, mask: Tensor, weight: Ten
         raise ValueError(f"offset {tuple(offset.shape)} / mask {tuple(mask.shape)} do not fit a "
                          f"{kh_size}x{kw_size} kernel on a {h_out}x{w_out} output")
     tap = torch.arange(taps, device=x.device)
-    rows = torch.arange(h_out, device=x.device).view(1, 1, h_out, 1) - padding
+    tap_y = (tap // kw_size * dilation).view(1, taps, 1, 1)
+    tap_x = (tap % kw_size * dilation).view(1, taps, 1, 1)
     cols = torch.arange(w_out, device=x.device).view(1, 1, 1, w_out) - padding
-    py = rows + (tap // kw_size * dilation).view(1, taps, 1, 1) + offset[:, 0::2]
-    px = cols + (tap % kw_size * dilation).view(1, taps, 1, 1) + offset[:, 1::2]
-    sampled = bilinear_zeros(x, py, px) * mask.unsqueeze(1)           # [B, C, K, h, w]
-    out = weight.reshape(out_c, c * taps) @ sampled.reshape(b, c * taps, h_out * w_out)
-    out = out.view(b, out_c, h_out, w_out)
+    out = x.new_empty(b, out_c, h_out, w_out)
+    step = max(1, DCN_CHUNK // w_out)                 # output rows per step: bounded memory
+    for top in range(0, h_out, step):
+        part = slice(top, min(top + step, h_out))
+        rows = torch.arange(part.start, part.stop, device=x.device).view(1, 1, -1, 1) - padding
+        py = rows + tap_y + offset[:, 0::2, part]
+        px = cols + tap_x + offset[:, 1::2, part]
+        sampled = bilinear_zeros(x, py, px) * mask[:, None, :, part]   # [B, C, K, rows, w]
+        cols_mat = sampled.reshape(b, c * taps, -1)
+        out[:, :, part] = (weight.reshape(out_c, c * taps) @ cols_mat).view(b, out_c, -1, w_out)
     return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 

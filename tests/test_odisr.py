@@ -18,6 +18,7 @@ import torch
 
 from camixer_fast.models.loading import CheckpointError, build_model
 from camixer_fast.models.odisr import build_osr_model, infer_osr_config, is_osr_state_dict
+from camixer_fast.reference import odisr
 from camixer_fast.reference.model import CAMixerSR
 from camixer_fast.reference.odisr import CAMixerOSR, latitude_condition, modulated_deform_conv2d
 from conftest import BENCH, REPO, assert_close, bench_module
@@ -74,7 +75,9 @@ def dcn_inputs(seed: int = 0):
     return x, offset, mask, torch.randn(3, 2, 3, 3, generator=g), torch.randn(3, generator=g)
 
 
-def test_dcn_matches_direct_formula() -> None:
+@pytest.mark.parametrize("chunk", [1 << 14, 7], ids=["one-step", "row-by-row"])
+def test_dcn_matches_direct_formula(chunk: int, monkeypatch) -> None:
+    monkeypatch.setattr(odisr, "DCN_CHUNK", chunk)
     x, offset, mask, weight, bias = dcn_inputs()
     got = modulated_deform_conv2d(x, offset, mask, weight, bias, padding=1)
     assert_close("dcn vs direct loop", direct_dcn(x, offset, mask, weight, bias, 1), got, 1e-5)
