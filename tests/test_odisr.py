@@ -213,6 +213,18 @@ def test_gamma_sets_k() -> None:
     assert ks[0.0].sum() == 0 and torch.all(ks[0.25] <= ks[0.5])
 
 
+def test_gumbel_routing_follows_the_generator() -> None:
+    model = small_model()
+    model.routing = "gumbel"
+    lr = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        runs = [model(lr, generator=torch.Generator().manual_seed(s), return_routing=True)
+                for s in (0, 0, 1)]
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert torch.equal(runs[0][1].num_hard(), runs[1][1].num_hard())
+    assert all(0 <= k <= 6 for k in runs[2][1].num_hard().flatten().tolist())
+
+
 def test_training_mode_ratio_loss() -> None:
     model = small_model().train()
     sr, loss, routing = model(torch.rand(2, 3, 16, 16), return_routing=True)
