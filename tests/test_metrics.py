@@ -1,4 +1,5 @@
-"""Metrics against hand-computed values: PSNR (Y and RGB), SSIM (BasicSR), WS-PSNR."""
+"""Metrics against hand-computed values: PSNR (Y and RGB), SSIM (BasicSR), WS-PSNR; WS-PSNR and
+WS-SSIM against the official ODI-SR functions (values pinned in tests/data/odisr_official.pt)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,17 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
-from camixer_fast.evaluation.metrics import erp_row_weights, psnr, rgb_to_y, ssim, ws_psnr
+from camixer_fast.evaluation.metrics import (
+    erp_row_weights,
+    psnr,
+    rgb_to_y,
+    ssim,
+    ws_psnr,
+    ws_ssim,
+)
+from conftest import BENCH, REPO, bench_module
 
 
 def random_image(shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -142,3 +152,25 @@ def test_ws_psnr_uniform_error_equals_psnr() -> None:
     img = ref + 3                                     # same error on every row: weights cancel
     assert ws_psnr(img, ref) == pytest.approx(psnr(img, ref, y_channel=False), abs=1e-12)
     assert ws_psnr(ref, ref) == math.inf
+
+
+@pytest.mark.parametrize("name", ["rgb_21x17", "rgb_32x48", "rgb_64x128"])
+def test_ws_metrics_equal_the_official_functions(name: str) -> None:
+    official = torch.load(REPO / "tests" / "data" / "odisr_official.pt",
+                          weights_only=True)["metrics"][name]
+    img, ref = bench_module("odisr_fixture", BENCH / "official").metric_images(name)
+    got = {"ws_psnr": ws_psnr(img, ref), "ws_ssim": ws_ssim(img, ref)}
+    print(f"{name}: {got} (official {official})")
+    assert got["ws_psnr"] == pytest.approx(official["ws_psnr"], abs=1e-6)
+    assert got["ws_ssim"] == pytest.approx(official["ws_ssim"], abs=1e-6)
+
+
+def test_ws_ssim_weights_the_valid_map_rows() -> None:
+    ref = random_image((15, 12), 7)
+    img = ref.copy()
+    img[-1, :] = 255 - img[-1, :]                     # only the last valid row's windows change
+    ws, plain = ws_ssim(img, ref), ssim(img, ref)
+    w = erp_row_weights(5)                            # the valid map has 15 - 10 = 5 rows
+    row_mean = 1 - (1 - plain) * 5                    # the changed row's SSIM mean
+    assert ws == pytest.approx((w[:4].sum() + w[4] * row_mean) / w.sum(), abs=1e-12)
+    assert ws_ssim(ref, ref) == pytest.approx(1.0, abs=1e-12)
