@@ -109,8 +109,8 @@ def test_graph_is_checked_small_and_not_unrolled(s_export) -> None:
     onnx.checker.check_model(proto, full_check=True)
     ops = collections.Counter(node.op_type for node in proto.graph.node)
     blocks = 20
-    # one routing, one warp and one gather/scatter per block, whatever H, W, B and K are
-    assert ops["TopK"] == ops["GridSample"] == ops["ScatterND"] == blocks
+    # one routing (two TopKs), one warp and one gather/scatter per block, whatever H, W, B, K are
+    assert ops["TopK"] == 2 * blocks and ops["GridSample"] == ops["ScatterND"] == blocks
     assert not {"Loop", "If", "Scan"} & set(ops)
     assert result.nodes == len(proto.graph.node) < 6000
     inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]

@@ -6,7 +6,7 @@ signatures, that every backend supplies:
 
 - :func:`route_windows`: window scores, then K per image from the expected routing *in the
   graph*, ``K = N`` if γ = 1 else ``min(floor(N·r·2γ), N)`` in float32 in the reference's
-  order, and the window order by ONNX ``TopK``, whose ties go to the lower window index: the
+  order, and the window order by :func:`window_order`, ties to the lower window index: the
   ``"index"`` tie rule (:func:`camixer_fast.reference.routing.window_order`). The official
   ``argsort`` order of equal scores is no documented rule and cannot be exported.
 - :func:`deformable_key`: one ``GridSample`` (bilinear, border, align_corners) over the map.
@@ -89,7 +89,7 @@ def route_windows(h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
                   generator: torch.Generator | None = None,
                   tie_break: str = "official") -> WindowRouting:
     """The routing step, (B, c4, H, W) -> :class:`WindowRouting`, for export: expected routing,
-    K in the graph, the order by TopK (ties: lower window index first, whatever
+    K in the graph, the order by :func:`window_order` (ties: lower window index first, whatever
     ``tie_break`` says). ``gamma`` may be a 0-dim tensor; during an export with γ as a graph
     input, that input replaces it."""
     gamma_input = _GAMMA_INPUT.get()
@@ -101,14 +101,23 @@ def route_windows(h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     num_windows = pred.shape[1]
     r = torch.softmax(pred.float(), dim=-1)[..., 0].mean(dim=-1)      # [B]
     num_hard = hard_window_count(r, num_windows, gamma)
-    score = pred[..., 0]
-    if torch.jit.is_tracing():
-        # ONNX TopK orders equal values by index
-        order = torch.topk(score, num_windows, dim=1, largest=True, sorted=True).indices
-    else:
-        # the same rule eagerly (torch.topk leaves ties in no set order)
-        order = torch.sort(score, dim=1, descending=True, stable=True).indices
-    return WindowRouting(pred, num_hard, order)
+    return WindowRouting(pred, num_hard, window_order(pred[..., 0]))
+
+
+def window_order(score: Tensor) -> Tensor:
+    """Windows by descending score, equal scores by lower index: (B, N) -> (B, N) int64, as
+    :func:`camixer_fast.reference.routing.window_order` with ``"index"``.
+
+    ONNX promises this tie rule for TopK, but OpenVINO's CPU plugin (2026.4) orders ties its own
+    way, so the first TopK only groups equal scores and a second one sorts (group, index) keys,
+    which are distinct (< 2**31, as OpenVINO computes them in int32, for N <= 46,340).
+    """
+    n = score.shape[1]
+    values, index = torch.topk(score, n, dim=1)
+    starts = torch.cat([torch.ones_like(index[:, :1]),
+                        (values[:, 1:] != values[:, :-1]).to(index.dtype)], dim=1)
+    key = starts.cumsum(dim=1) * n + index
+    return torch.topk(key, n, dim=1, largest=False).values % n
 
 
 def deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
