@@ -114,9 +114,8 @@ def window_order(score: Tensor) -> Tensor:
     """
     n = score.shape[1]
     values, index = torch.topk(score, n, dim=1)
-    starts = torch.cat([torch.ones_like(index[:, :1]),
-                        (values[:, 1:] != values[:, :-1]).to(index.dtype)], dim=1)
-    key = starts.cumsum(dim=1) * n + index
+    previous = torch.cat([values[:, :1], values[:, :-1]], dim=1)
+    key = (values < previous).to(index.dtype).cumsum(dim=1) * n + index
     return torch.topk(key, n, dim=1, largest=False).values % n
 
 
