@@ -4,6 +4,7 @@ against the reference backend on real images, the graph's shape, the refusals, t
 from __future__ import annotations
 
 import collections
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,8 @@ def _outputs(runtime: str, model: Path | bytes, feeds: dict[str, np.ndarray]
     return [result[i] for i in range(len(result))]
 
 
-def _run_openvino(compiled: "openvino.CompiledModel", x: torch.Tensor, gamma: float) -> torch.Tensor:
+def _run_openvino(compiled: "openvino.CompiledModel", x: torch.Tensor, gamma: float
+                  ) -> torch.Tensor:
     feeds = {"lr": x.numpy(), "gamma": np.array(gamma, dtype=np.float32)}
     return torch.from_numpy(compiled(feeds)[0].copy())
 
@@ -145,7 +147,7 @@ def test_openvino_matches_reference_on_real_images(s_openvino, real_references, 
 def _topk_ties_graph() -> bytes:
     """One ONNX TopK (largest, sorted, K = 4) over a (1, N) float input, N dynamic as in the
     exported graph: the spec orders equal values by lower index."""
-    from onnx import TensorProto, helper
+    helper, TensorProto = onnx.helper, onnx.TensorProto
     node = helper.make_node("TopK", ["x", "k"], ["values", "indices"], axis=1, largest=1,
                             sorted=1)
     graph = helper.make_graph(
@@ -180,7 +182,8 @@ class _WindowOrder(torch.nn.Module):
 def window_order_graph(tmp_path_factory) -> Path:
     """:func:`window_order` alone as a graph, score (B, N) -> order (B, N), B and N dynamic."""
     path = tmp_path_factory.mktemp("order") / "order.onnx"
-    with torch.no_grad(), pytest.warns(DeprecationWarning):         # the exporter's notices
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)        # the exporter's notices
         torch.onnx.export(_WindowOrder(), (torch.rand(2, 5),), path, dynamo=False,
                           opset_version=MIN_OPSET, input_names=["score"], output_names=["order"],
                           dynamic_axes={"score": {0: "b", 1: "n"}})
