@@ -1,35 +1,9 @@
-"""ONNX export with the routing inside the graph.
+"""ONNX export with the routing in the graph, and the "onnx" backend that the export traces.
 
-:func:`export_onnx` traces the network's own code with an operation table of export-friendly
-versions of the mixers' hot operations -- the same five functions, with the reference
-signatures, that every backend supplies:
-
-- :func:`route_windows`: window scores, then K per image from the expected routing *in the
-  graph*, ``K = N`` if γ = 1 else ``min(floor(N·r·2γ), N)`` in float32 in the reference's
-  order, and the window order by ONNX ``TopK``, whose ties go to the lower window index: the
-  ``"index"`` tie rule (:func:`camixer_fast.reference.routing.window_order`). The official
-  ``argsort`` order of equal scores is no documented rule and cannot be exported.
-- :func:`deformable_key`: one ``GridSample`` (bilinear, border, align_corners) over the map.
-- :func:`window_attention`: the hard windows of the whole batch are gathered (``Gather``) as
-  the K_max = max_b K_b best windows of every image, attended as one batched matmul, and
-  written back (``ScatterND``) where the rank is below the image's own K_b; the others keep
-  ``v·sa``. Nothing is unrolled per window or per image, so the graph's node count does not
-  depend on the input size, the batch or K.
-
-The exported graph takes ``lr`` (B, 3, H, W) float32 in [0, 1] with B, H, W dynamic (H, W >= 1)
-and, when γ is not baked in, ``gamma`` (a float32 scalar, clipped to [0, 1]); it returns ``sr``
-(B, 3, sH, sW), unclamped, like ``model(lr)``. Inputs are padded to the window grid in the
-graph by the model's own rule (reflect, continued periodically for tiny inputs).
-
-The operations are also a backend, "onnx" (:data:`ONNX_BACKEND`; a name
-:func:`~camixer_fast.backends.select_backend` accepts inside :func:`onnx_backend` only): there
-``model.backend = "onnx"`` runs them eagerly, a batch as one call.
-
-The export uses PyTorch's TorchScript-based exporter (``torch.onnx.export(dynamo=False)``):
-it records the sizes and K as values in the graph, where ``torch.export`` would have to
-specialise on them (the network's per-image inference loop and its padding branch depend on
-sizes). fp16 export is not provided: export fp32 (the graph computes attention in fp32 anyway).
-"""
+``lr`` (B, 3, H, W) float32 and ``gamma`` (float32 scalar clipped to [0, 1], absent if baked in)
+-> ``sr`` (B, 3, sH, sW), B/H/W dynamic. K and the window order (ties by lower index) are in the
+graph, whose node count depends on no size, batch or K. The TorchScript-based exporter keeps
+sizes and K as graph values (``torch.export`` would specialise on them). fp32 only."""
 
 from __future__ import annotations
 
@@ -57,20 +31,14 @@ from camixer_fast.reference.routing import WindowRouting, check_gamma, window_sc
 from camixer_fast.reference.windows import to_windows
 
 MIN_OPSET = 17
-"""GridSample entered ONNX in opset 16, LayerNormalization in 17."""
 MAX_OPSET = 20
-"""The newest opset PyTorch's TorchScript-based exporter writes."""
 DEFAULT_OPSET = 17
 
 _GAMMA_INPUT: ContextVar[Tensor | None] = ContextVar("camixer_fast_onnx_gamma", default=None)
-"""γ as a graph input: while set (by :class:`ExportGraph`), it replaces the model's γ in
-:func:`route_windows`."""
 
 
 def hard_window_count(r: Tensor, num_windows: Tensor | int, gamma: float | Tensor) -> Tensor:
-    """K per image (B,) int64 from the hard fraction r (B,), as
-    :func:`camixer_fast.reference.routing.num_hard_windows`, with γ a float or a 0-dim tensor
-    (a graph input: clipped to [0, 1])."""
+    """K (B,) int64 from r (B,) as the reference's ``num_hard_windows``; γ may be a tensor."""
     r = r.float()
     if not torch.is_tensor(gamma):
         gamma = check_gamma(gamma)
@@ -88,10 +56,8 @@ def route_windows(h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
                   gamma: float | Tensor, *, window_size: int, routing: str = "expected",
                   generator: torch.Generator | None = None,
                   tie_break: str = "official") -> WindowRouting:
-    """The routing step, (B, c4, H, W) -> :class:`WindowRouting`, for export: expected routing,
-    K in the graph, the order by TopK (ties: lower window index first, whatever
-    ``tie_break`` says). ``gamma`` may be a 0-dim tensor; during an export with γ as a graph
-    input, that input replaces it."""
+    """(B, c4, H, W) -> :class:`WindowRouting`, expected routing only, ties by index whatever
+    ``tie_break`` says; while exporting with a γ input, that input replaces ``gamma``."""
     gamma_input = _GAMMA_INPUT.get()
     if gamma_input is not None:
         gamma = gamma_input
@@ -101,27 +67,29 @@ def route_windows(h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     num_windows = pred.shape[1]
     r = torch.softmax(pred.float(), dim=-1)[..., 0].mean(dim=-1)      # [B]
     num_hard = hard_window_count(r, num_windows, gamma)
-    score = pred[..., 0]
-    if torch.jit.is_tracing():
-        # ONNX TopK orders equal values by index
-        order = torch.topk(score, num_windows, dim=1, largest=True, sorted=True).indices
-    else:
-        # the same rule eagerly (torch.topk leaves ties in no set order)
-        order = torch.sort(score, dim=1, descending=True, stable=True).indices
-    return WindowRouting(pred, num_hard, order)
+    return WindowRouting(pred, num_hard, window_order(pred[..., 0]))
+
+
+def window_order(score: Tensor) -> Tensor:
+    """score (B, N) -> order (B, N) int64, descending, ties by lower index (reference "index").
+    One TopK would do by the ONNX spec, but OpenVINO (2026.4, CPU) orders ties its own way: the
+    keys (group of equal scores, index) of the second TopK are distinct, < 2**31 for N <= 46,340."""
+    n = score.shape[1]
+    values, index = torch.topk(score, n, dim=1)
+    previous = torch.cat([values[:, :1], values[:, :-1]], dim=1)
+    key = (values < previous).to(index.dtype).cumsum(dim=1) * n + index
+    return torch.topk(key, n, dim=1, largest=False).values % n
 
 
 def deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
                    order: Tensor | None = None, *, window_size: int = 16) -> Tensor:
-    """``k_in = x + warp(x, offsets)`` over the whole map with one GridSample, as
-    :func:`camixer_fast.reference.warp.deformable_key` (H, W >= 2: the model pads to its window
-    grid first)."""
+    """``x + warp(x, offsets)`` with one GridSample, as the reference's (H, W >= 2)."""
     _, _, height, width = x.shape
     rows = torch.arange(height, dtype=offsets.dtype, device=offsets.device).unsqueeze(1)
     cols = torch.arange(width, dtype=offsets.dtype, device=offsets.device)
     gx = 2.0 * (cols + offsets[:, 0]) / (width - 1) - 1.0
     gy = 2.0 * (rows + offsets[:, 1]) / (height - 1) - 1.0
-    grid = torch.stack((gx, gy), dim=-1).to(x.dtype)                   # [B, H, W, 2]
+    grid = torch.stack((gx, gy), dim=-1).to(x.dtype)
     return x + F.grid_sample(x, grid, mode="bilinear", padding_mode="border",
                              align_corners=True)
 
@@ -135,22 +103,17 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, wq: Tensor, bq: Tensor, wk: Tensor,
 def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor, bq: Tensor,
                      wk: Tensor, bk: Tensor, num_hard: Tensor, order: Tensor, *,
                      window_size: int) -> Tensor:
-    """Inference token mixing with per-image top-K routing, for export (see the module doc).
-
-    Shapes as :func:`camixer_fast.reference.attention_inference.window_attention`; all K_max
-    windows of the batch are attended at once.
-    """
+    """Top-K window attention as the reference's, the K_max windows of the batch at once."""
     dtype = x.dtype
     b, c, height, width = x.shape
     wq, bq, wk, bk = wq.float(), bq.float(), wk.float(), bk.float()
     tokens = window_size * window_size
-    # one window layout for the four maps (fewer nodes than four): [B·N, T, 4C]
     maps = torch.cat([x.float(), k_in.float(), v.float(), (v * sa).float()], dim=1)
     windows = to_windows(maps, window_size)                           # [B, N, T, 4C]
     n = windows.shape[1]
     windows = windows.reshape(b * n, tokens, 4 * c)
     k_max = num_hard.max()
-    top = order[:, :k_max]                                            # [B, Kmax]
+    top = order[:, :k_max]
     flat = (top + torch.arange(b, device=x.device).unsqueeze(1) * n).reshape(-1)
     q, k, vv, simple = windows.index_select(0, flat).split(c, dim=-1)  # [B·Kmax, T, C] each
     mixed = _attend(q, k, vv, wq, bq, wk, bk)
@@ -165,8 +128,6 @@ def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
 
 ONNX_OPS = Ops(route_windows, window_scores, deformable_key, window_attention,
                masked_window_attention, dense.linear, whole_batch=True)
-"""The operations of the "onnx" backend. They run eagerly too (plain PyTorch); a batch runs
-as one call, as in the exported graph. Training runs the reference (``trains_as``)."""
 
 
 def _onnx_unsupported(device: torch.device, dtype: torch.dtype, training: bool) -> str | None:
@@ -177,16 +138,11 @@ def _onnx_unsupported(device: torch.device, dtype: torch.dtype, training: bool) 
 
 ONNX_BACKEND = Backend("onnx", "export-friendly operations, what export_onnx traces into ONNX",
                        _onnx_unsupported, (), lambda: ONNX_OPS, trains_as="reference")
-"""Chosen by name only ("auto" never picks it)."""
 
 
 @contextmanager
 def onnx_backend() -> Iterator[None]:
-    """Inside the block, "onnx" is a backend name that
-    :func:`camixer_fast.backends.select_backend` accepts (``model.backend = "onnx"``).
-
-    Scoped, not permanent: :mod:`camixer_fast.backends` has no registration function, and its
-    set of backends stays the built-in one outside export."""
+    """Inside the block, ``model.backend = "onnx"`` is accepted; outside, the built-in set."""
     name = ONNX_BACKEND.name
     added = name not in backends.REGISTRY
     if added:
@@ -201,9 +157,7 @@ def onnx_backend() -> Iterator[None]:
 
 
 def pad_to_window_grid(x: Tensor, multiple: int) -> Tensor:
-    """:func:`camixer_fast.reference.model.pad_to_multiple` written without branches on the
-    sizes (so that it traces for every H, W >= 1): reflect padding on the bottom and right,
-    continued periodically, a 1-pixel dimension repeated."""
+    """The reference's ``pad_to_multiple`` with no branch on sizes: traces for H, W >= 1."""
     for dim in (2, 3):
         size = x.shape[dim]
         index = torch.arange(size + (-size) % multiple, device=x.device)
@@ -215,8 +169,7 @@ def pad_to_window_grid(x: Tensor, multiple: int) -> Tensor:
 
 
 class ExportGraph(nn.Module):
-    """What is traced: pad to the window grid, the model's own forward on the "onnx" backend,
-    crop to (sH, sW). Holds its own copy of the model (the caller's is left as it is)."""
+    """Pad, a copy of the model on the "onnx" backend, crop to (sH, sW): what is traced."""
 
     def __init__(self, model: CAMixerSR, gamma: float | None) -> None:
         super().__init__()
@@ -239,9 +192,7 @@ class ExportGraph(nn.Module):
 
 
 def compact_graph(proto: "onnx.ModelProto") -> "onnx.ModelProto":
-    """Fold the tracer's repetitions out of an exported graph, in place: nodes that compute the
-    same op on the same inputs with the same attributes are merged (the exporter emits the same
-    shape arithmetic many times), and Constant nodes become initializers (data, not work)."""
+    """In place: merge nodes with equal op, inputs and attributes, Constants to initializers."""
     import onnx
 
     graph = proto.graph
@@ -283,8 +234,8 @@ class OnnxExport:
 
     path: Path
     opset: int
-    gamma: float | None          # None: γ is the graph input "gamma"
-    nodes: int                   # nodes of the main graph
+    gamma: float | None
+    nodes: int
     seconds: float
 
 
@@ -312,16 +263,9 @@ def _check_exportable(model: CAMixerSR, path: Path, gamma: float | None, opset: 
 
 def export_onnx(model: CAMixerSR, path: str | os.PathLike, *, gamma: float | None = None,
                 opset: int = DEFAULT_OPSET) -> OnnxExport:
-    """Write ``model`` as an ONNX graph with the routing inside it.
-
-    gamma: bake γ into the graph, or ``None`` for a float32 scalar input "gamma".
-    opset: ONNX opset, 17 to 20 (default 17).
-    The graph's input is "lr" (B, 3, H, W), output "sr" (B, 3, sH, sW), all dynamic; see the
-    module doc for what it computes. The graph is compacted (:func:`compact_graph`), checked
-    with ``onnx.checker`` and written whole or not at all. Raises ValueError for a model in
-    training mode, an unsupported opset, Gumbel routing or a non-fp32 model. The caller's model
-    is not changed (a copy is traced).
-    """
+    """Write ``model`` (left unchanged) as a checked ONNX graph, whole or not at all.
+    gamma: baked in, or ``None`` for the graph input "gamma"; opset: 17 to 20.
+    Raises ValueError for training mode, another opset, Gumbel routing or a non-fp32 model."""
     import onnx
 
     path = Path(path).expanduser()
@@ -342,8 +286,6 @@ def export_onnx(model: CAMixerSR, path: str | os.PathLike, *, gamma: float | Non
     tmp = Path(tmp_name)
     try:
         with warnings.catch_warnings(), torch.no_grad():
-            # the exporter's own deprecation notice, and the tracer's notes on the size checks
-            # the network makes in Python (they are constant for every input the graph takes)
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", category=FutureWarning)
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
