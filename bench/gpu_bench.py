@@ -49,7 +49,7 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -118,6 +118,8 @@ TRAIN_TOL = {"loss": 1e-5, "grad": 1e-4, "autocast_loss": 2e-2, "autocast_grad":
 """Training step checks against the reference fp32 step: fp32 loss (relative) and gradients
 (relative L2 over all parameters); under bf16 autocast the loss within 2e-2 and the gradients
 within 0.15 (bf16 keeps 8 mantissa bits; a CPU run of a small model measured 0.077)."""
+SMOKE_THREADS = 2
+"""CPU threads of a smoke run: bf16 sums (LayerNorm's weight gradients) depend on the split."""
 COMPILE_GRAPHS = BENCH / "gpu_compile_graphs.py"
 """Issue 11 part B's check of the compiled and CUDA-graph variants, run when present."""
 
@@ -543,6 +545,8 @@ def run_section(args: argparse.Namespace) -> int:
         print("error: gpu_bench needs a CUDA device", file=sys.stderr)
         return 2
     torch.manual_seed(0)
+    if args.smoke:
+        torch.set_num_threads(SMOKE_THREADS)
     ctx = Context(args)
     start = time.perf_counter()
     data = SECTION_FUNCTIONS[args.section](ctx)
@@ -748,6 +752,17 @@ def section_kernels(ctx: Context) -> dict:
     return out
 
 
+def _onednn_off_for_cpu_bf16(ctx: Context, mode: str):
+    """oneDNN off for a bf16 training row on the CPU: its bf16 backward of a dilated depthwise
+    convolution on a channels_last input (PyTorch 2.13) returns a wrong weight gradient that
+    changes from run to run (NaN at 8 threads), which made the smoke row flaky."""
+    import torch
+
+    if ctx.device.type == "cpu" and mode == "bf16-autocast":
+        return torch.backends.mkldnn.flags(enabled=False)
+    return nullcontext()
+
+
 @contextmanager
 def _autocast(ctx: Context, mode: str):
     import torch
@@ -891,6 +906,7 @@ def section_training(ctx: Context) -> dict:
     hr = torch.nn.functional.interpolate(lr, scale_factor=4, mode="bicubic").clamp(0, 1)
     rows = []
     ref = None
+    stack = ExitStack()
     cases = [("reference", "fp32"), ("official", "fp32"), ("triton", "fp32"),
              ("official", "bf16-autocast"), ("reference", "bf16-autocast"),
              ("triton", "bf16-autocast")]
@@ -898,6 +914,7 @@ def section_training(ctx: Context) -> dict:
         for impl, mode in cases:
             row = {"impl": impl, "mode": mode, "batch": b, "patch": p}
             try:
+                stack.enter_context(_onednn_off_for_cpu_bf16(ctx, mode))
                 net = ctx.build("S", impl, torch.float32, train=True)
                 net.train_noise = False
 
@@ -922,11 +939,11 @@ def section_training(ctx: Context) -> dict:
                     row["grad_rel_l2_vs_reference"] = _relative_l2(ref[1], grads)
                     row["no_gradient"] = sorted(set(ref[1]) ^ set(grads))
                     fp32 = mode == "fp32"
+                    row["loss_tolerance"] = TRAIN_TOL["loss" if fp32 else "autocast_loss"]
+                    row["grad_tolerance"] = TRAIN_TOL["grad" if fp32 else "autocast_grad"]
                     row["parity_ok"] = row["finite"] and (
-                        row["loss_rel_vs_reference"]
-                        <= TRAIN_TOL["loss" if fp32 else "autocast_loss"]) and (
-                        row["grad_rel_l2_vs_reference"]
-                        <= TRAIN_TOL["grad" if fp32 else "autocast_grad"])
+                        row["loss_rel_vs_reference"] <= row["loss_tolerance"]) and (
+                        row["grad_rel_l2_vs_reference"] <= row["grad_tolerance"])
                 if row["parity_ok"]:
                     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-6)
 
@@ -943,6 +960,8 @@ def section_training(ctx: Context) -> dict:
                 net = None
             except Exception as err:
                 row.update(parity_ok=False, error=f"{type(err).__name__}: {err}"[:500])
+            finally:
+                stack.close()
             rows.append(row)
             ctx.save({"rows": rows})
             print(f"training: {row}", flush=True)

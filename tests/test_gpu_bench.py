@@ -344,7 +344,10 @@ def test_smoke_run_of_the_cheap_sections(tmp_path: Path) -> None:
     training = {(r["impl"], r["mode"]): r for r in sections["training"]["data"]["rows"]}
     for key in (("reference", "fp32"), ("official", "fp32"), ("triton", "fp32"),
                 ("official", "bf16-autocast"), ("reference", "bf16-autocast")):
-        assert training[key]["parity_ok"] and training[key]["median_ms"] > 0, key
+        row = training[key]
+        why = {k: row.get(k) for k in ("finite", "loss_rel_vs_reference", "loss_tolerance",
+                                       "grad_rel_l2_vs_reference", "grad_tolerance", "error")}
+        assert row["parity_ok"] and row["median_ms"] > 0, (key, why)
     assert training[("triton", "fp32")]["grad_rel_l2_vs_reference"] < 1e-5
     assert sections["upscale"]["data"]["parity_ok"]
     assert record["environment"]["commit"] == "abc1234"
