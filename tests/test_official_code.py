@@ -1,4 +1,4 @@
-"""bench/official_code.py: the loader of the official CAMixerSR code (never committed here).
+"""bench/official/official_code.py: the loader of the official CAMixerSR code (never committed here).
 
 The loader's stubs and errors are tested on a stand-in architecture file. Where the official
 file is configured (``CAMIXER_OFFICIAL_ARCH``, with einops installed), it is also loaded and
@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from camixer_fast.reference.warp import deform_warp
-from conftest import assert_close, bench_module
+from conftest import BENCH, assert_close, bench_module
 
 
 @pytest.fixture(scope="module")
 def official_code():
-    return bench_module("official_code")
+    return bench_module("official_code", BENCH / "official")
 
 
 STAND_IN = textwrap.dedent("""
