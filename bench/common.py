@@ -1,14 +1,12 @@
 """What every benchmark shares: paths, the cases (γ, models, precisions, tolerances), the
-machine stamp, the one timer, inputs, and rows of the one results file (bench/results.jsonl)."""
+machine stamp, inputs, and rows of the one results file (bench/results.jsonl)."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
-import statistics
 import subprocess
-import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -79,21 +77,6 @@ def commit() -> str:
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def time_ms(fn: Callable[[], object], *, warmup: int = 1, runs: int = 5) -> float:
-    """Median milliseconds of ``fn()``: CUDA-synchronised on a GPU, wall time on the CPU
-    (benchmarks time through pytest-benchmark; this serves the scripts)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def record(benchmark, **info) -> None:
