@@ -1,13 +1,6 @@
-"""Shared set-up of the latency benchmarks (``python -m pytest bench --benchmark-json=...``).
-
-- ``CAMIXER_BENCH_THREADS`` (default 2): torch's intra-op thread count for the whole session.
-- ``CAMIXER_FAST_SHARED`` (default ``../shared``): weights and images.
-- ``CAMIXER_BENCH_URBAN`` (default 5): how many Urban100 images the large-image suite runs.
-
-Each benchmark's ``extra_info`` records the thread count and the load average when it started
-(:func:`benchlib.record`), and the JSON's machine info gets the CPU model, core count, torch /
-triton versions and thread count (:func:`benchlib.machine_stamp`).
-"""
+"""Shared set-up of the benchmarks (``python -m pytest bench --benchmark-json=...``):
+``CAMIXER_BENCH_THREADS`` (default 2) torch threads, ``CAMIXER_FAST_SHARED`` (default ../shared)
+weights and images; the JSON's machine info gets :func:`common.machine_stamp`."""
 
 from __future__ import annotations
 
@@ -16,15 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
-import camixer_fast
 
 BENCH = Path(__file__).resolve().parent
-if str(BENCH) not in sys.path:
-    sys.path.insert(0, str(BENCH))
+for folder in (BENCH, BENCH / "official"):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
-from benchlib import SHARED, THREADS, machine_stamp
+import torch  # noqa: E402
+from common import SHARED, THREADS, WEIGHTS, machine_stamp  # noqa: E402
+
+import camixer_fast  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -38,10 +32,9 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
 
 @pytest.fixture(scope="session")
 def weights_path() -> Path:
-    path = SHARED / "weights" / "CAMixerSR_S.pth"
-    if not path.is_file():
-        pytest.fail(f"missing {path} (set CAMIXER_FAST_SHARED)")
-    return path
+    if not WEIGHTS.is_file():
+        pytest.fail(f"missing {WEIGHTS} (set CAMIXER_FAST_SHARED)")
+    return WEIGHTS
 
 
 @pytest.fixture(scope="session")

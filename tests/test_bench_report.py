@@ -1,4 +1,6 @@
-"""bench/report.py renders RESULTS.md from benchmark JSON (synthetic numbers here)."""
+"""bench/report.py: rows of the one results file from pytest-benchmark JSON, and
+bench/README.md rendered from the rows (synthetic numbers here); nothing tracked written
+unless asked."""
 
 from __future__ import annotations
 
@@ -7,109 +9,76 @@ from pathlib import Path
 
 import pytest
 
-from conftest import bench_module
+from conftest import BENCH, bench_module
+
+STAMP = {"device": "Test CPU (2 cores, 2 threads)", "versions": {"torch": "2.0"},
+         "commit": "abc1234", "date": "2026-12-06"}
 
 
-@pytest.fixture(scope="module")
-def report():
-    return bench_module("report")
+def benchmark_json() -> dict:
+    def case(name: str, median_s: float, **info) -> dict:
+        return {"name": name, "stats": {"median": median_s},
+                "extra_info": {"threads": 2, "loadavg_1min": 0.5, **info}}
+
+    benches = [case(f"test_backend[64x64-gamma={g}-{b}]", t * (1 + g), suite="backend",
+                    backend=b, gamma=g, size="64x64", max_abs_error=1e-6)
+               for g in (1.0, 0.5, 0.25, 0.0) for b, t in (("official", 0.3), ("reference", 0.2),
+                                                           ("cpu", 0.1))]
+    benches.append(case("test_latency[fp32-triton-gamma0.5]", 0.004, suite="gpu-latency",
+                        precision="fp32", impl="triton", gamma=0.5, max_abs=2e-6))
+    return {"machine_info": {"camixer_fast": {k: v for k, v in STAMP.items() if k != "date"}},
+            "commit_info": {"id": "abc1234def"}, "datetime": "2026-12-06T10:00:00",
+            "benchmarks": benches}
 
 
-def fake_run(speedup: float, ratio: float) -> dict:
-    """A pytest-benchmark file with the backend suite at 128x128 and one upscale set."""
-    benches = []
-    for gamma in (1.0, 0.5, 0.25, 0.0):
-        cpu = 0.1 * (1.0 if gamma == 1.0 else ratio if gamma == 0.25 else 0.8)
-        times = {"cpu": cpu, "reference": 2 * cpu,
-                 "official": speedup * cpu if gamma == 0.5 else 3 * cpu}
-        for backend, t in times.items():
-            benches.append({"stats": {"median": t, "min": t, "rounds": 3}, "extra_info": {
-                "suite": "backends", "backend": backend, "gamma": gamma, "size": "128x128",
-                "madds": int(1e9 * (0.4 + 0.6 * gamma)), "num_hard": [int(64 * gamma)] * 20,
-                "windows": 64, "threads": 2, "loadavg_1min": 0.3, "max_abs_error": 1e-6}})
-        benches.append({"stats": {"median": 0.5 + gamma, "min": 0.5, "rounds": 5}, "extra_info": {
-            "suite": "upscale", "dataset": "Set5", "gamma": gamma, "images": 5,
-            "lr_pixels": 80000, "threads": 2, "loadavg_1min": 0.4, "backend": "cpu"}})
-    return {"machine_info": {"camixer_fast": {"cpu_model": "Test CPU", "cpu_count": 2,
-                                              "torch": "2.x", "triton": "none", "threads": 2}},
-            "datetime": "2026-01-01T00:00:00", "benchmarks": benches}
+def test_rows_from_a_benchmark_json() -> None:
+    report = bench_module("report")
+    rows = report.rows_from_benchmark(benchmark_json())
+    assert len(rows) == 13
+    first = rows[0]
+    assert (first["suite"], first["metric"], first["unit"]) == ("backend", "median", "ms")
+    assert first["value"] == pytest.approx(600.0)
+    assert first["params"] == {"backend": "official", "gamma": 1.0, "size": "64x64",
+                               "max_abs_error": 1e-6}
+    assert (first["device"], first["commit"], first["date"]) == (STAMP["device"], "abc1234",
+                                                                 "2026-12-06")
 
 
-@pytest.mark.parametrize("speedup, ratio, verdicts", [(2.5, 0.6, ("yes", "yes")),
-                                                      (1.5, 0.9, ("NO", "NO"))],
-                         ids=["met", "missed"])
-def test_report_states_targets(report, tmp_path: Path, speedup: float, ratio: float,
-                               verdicts: tuple[str, str]) -> None:
-    path = tmp_path / "bench.json"
-    path.write_text(json.dumps(fake_run(speedup, ratio)))
-    out = tmp_path / "RESULTS.md"
-    assert report.main([str(path), "--out", str(out), "--results", str(tmp_path / "r"),
-                        "--skip", "breakdown", "quality", "memory", "onnx"]) == 0
-    text = out.read_text()
-    assert "Test CPU, 2 cores" in text and "torch threads: 2" in text
-    assert f"**{speedup:.2f}×** | {verdicts[0]} |" in text
-    assert f"**{ratio:.3f}** | {verdicts[1]} |" in text
-    assert "| 80 ms | 0.80 |" in text                       # cpu latency and its ratio to γ=1
-    assert "| Set5 | 5 | 0.08M | 1 |" in text
+def test_render_tables_and_provenance() -> None:
+    report = bench_module("report")
+    common = bench_module("common")
+    rows = report.rows_from_benchmark(benchmark_json())
+    rows.append(common.row("memory", "cpu S 1024x1024", "peak_rss", 2394.0, "MB", STAMP))
+    text = report.render(rows)
+    assert text.startswith("# Benchmarks") and "do not edit by hand" in text
+    assert "| 64x64 | 0.5 | 450.0 | 300.0 | 150.0 | 3.00× |" in text
+    assert "Test CPU (2 cores, 2 threads), torch 2.0, commit abc1234, 2026-12-06." in text
+    assert "| fp32 | triton | 0.5 | 2.00e-06 | 4.00 |" in text
+    assert "| cpu S 1024x1024 | 2394 MB |" in text
+    # a later date of a suite replaces the earlier rows; other suites keep theirs
+    later = [dict(r, date="2026-12-07", value=r["value"] / 2) for r in rows
+             if r["suite"] == "backend"]
+    assert "| 64x64 | 0.5 | 225.0 | 150.0 | 75.0 | 3.00× |" in report.render(rows + later)
 
 
-def test_breakdown_and_quality_tables(report) -> None:
-    breakdown = {"runs": 1, "input": "x", "machine": {"threads": 2}, "rows": [
-        {"backend": "cpu", "gamma": 0.5, "shares": {"predictor": 0.2, "attention": 0.3,
-                                                     "conv": 0.1, "ffn": 0.3, "rest": 0.1}}]}
-    assert "| cpu | 0.5 | 20% | 30% | 10% | 30% | 10% |" in report.breakdown_lines(breakdown)
-    quality = {"backend": "cpu", "sets": {"Set5": [
-        {"gamma": 1.0, "mean_psnr": 32.33, "mean_ssim": 0.8969, "mean_k_fraction": 1.0,
-         "mean_madds": 2.5e9}]}}
-    assert ("| Set5 | 1 | 32.330 dB | 0.8969 | 1.00 | 2.50G |"
-            in report.quality_lines(quality))
+def test_nothing_tracked_is_written_unless_asked(tmp_path: Path, monkeypatch, capsys) -> None:
+    report = bench_module("report")
+    source = tmp_path / "bench.json"
+    source.write_text(json.dumps(benchmark_json()))
+    assert report.WORK_RESULTS.parent != BENCH
+    out = tmp_path / "results.jsonl"
+    assert report.main(["add", str(source), "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 13
+    readme = tmp_path / "README.md"
+    monkeypatch.setattr(report, "README", readme)
+    assert report.main(["--results", str(out)]) == 0
+    assert "# Benchmarks" in capsys.readouterr().out and not readme.exists()
+    assert report.main(["--results", str(out), "--write"]) == 0
+    assert readme.read_text().startswith("# Benchmarks")
 
 
-def test_official_code_section(report, tmp_path: Path) -> None:
-    """The section of bench/official_speed.py, from its JSON: table, verdict, provenance."""
-    rows = [{"image": "Urban100/img_004", "size": "128x128", "gamma": g,
-             "check": {"official_vs_ours_same_draw": 1e-6, "ours_vs_reference": 2e-6},
-             "official_s": 0.8 * g + 0.2, "ours_s": 0.3 * g + 0.05, "speedup": s,
-             "official_k_fraction": g, "ours_k_fraction": g, "loadavg_1min_start": 0.2,
-             "loadavg_1min_end": 0.4} for g, s in ((1.0, 2.86), (0.5, 2.6))]
-    rows.append({"image": "Set14/barbara", "size": "128x128", "gamma": 0.25,
-                 "check": {"official_vs_ours_same_draw": 3e-3, "ours_vs_reference": 1e-6},
-                 "skipped": "official_vs_ours_same_draw above 0.0001: not timed"})
-    data = {"official": {"repo": "https://github.com/icandle/CAMixerSR", "commit": "d690b12bb",
-                         "file": "CAMixerSR_arch.py"},
-            "ours": {"backend": "cpu", "routing": "expected"}, "threads": 2, "rounds": 5,
-            "tolerance": 1e-4, "target": 2.5, "mode": "no_grad", "date": "2026-12-01",
-            "machine": {"cpu_model": "Test CPU", "cpu_count": 2, "torch": "2.x"}, "rows": rows}
-    text = "\n".join(report.official_lines(data))
-    assert "| Urban100/img_004 128x128 | 1 | 1000 ms | 350 ms | **2.86×** |" in text
-    assert "not timed" in text and "**not met** (lowest 2.60×)" in text
-    assert "icandle/CAMixerSR at `d690b12`" in text and "2 threads" in text
-    data["rows"] = rows[:2]
-    data["profile"] = {"input": "Urban100/img_004 128x128", "threads": 2, "gammas": {"0.5": {
-        "official": {"total_ms": 800.0, "ops": [["aten::bmm", 240.0, 0.3]]},
-        "ours": {"total_ms": 300.0, "ops": [["aten::addmm", 90.0, 0.3]]},
-        "ours_ranges_ms": {"predictor": 50.0, "attention": 100.0, "total": 300.0}}}}
-    text = "\n".join(report.official_lines(data))
-    assert "**met** (lowest 2.60×)" in text
-    assert "| 0.5 | official | 800 ms | bmm 30% |" in text
-    assert "| 0.5 | ours by range | 300 ms | predictor 50 ms, attention 100 ms |" in text
-
-
-def test_onnx_table(report) -> None:
-    onnx = {"rows": [{"gamma": 0.5, "cpu_s": 0.2, "onnxruntime_s": 0.3,
-                      "errors": {"onnxruntime": 2.5e-5, "cpu": 1e-6}}]}
-    assert "| 0.5 | 200 ms | 300 ms | 1.50 | 2.5e-05 |" in report.onnx_lines(onnx)
-
-
-def test_report_keeps_the_gpu_section(report, tmp_path: Path) -> None:
-    """RESULTS.md's GPU section is bench/gpu_report.py's: report.py rewrites the rest."""
-    path = tmp_path / "bench.json"
-    path.write_text(json.dumps(fake_run(2.5, 0.6)))
-    out = tmp_path / "RESULTS.md"
-    gpu = "<!-- gpu-results:begin -->\n## GPU\n\nkept\n<!-- gpu-results:end -->\n"
-    out.write_text("# old CPU results\n\n" + gpu)
-    assert report.main([str(path), "--out", str(out), "--results", str(tmp_path / "r"),
-                        "--skip", "breakdown", "quality", "memory", "onnx"]) == 0
-    text = out.read_text()
-    assert "old CPU results" not in text and text.startswith("# CAMixerSR-S latency on the CPU")
-    assert text.endswith("\n" + gpu) and text.count("gpu-results:begin") == 1
+def test_the_readme_is_generated_from_the_results_file() -> None:
+    report = bench_module("report")
+    common = bench_module("common")
+    assert (BENCH / "README.md").read_text() == report.render(common.read_rows()), \
+        "bench/README.md is stale: python bench/report.py --write"

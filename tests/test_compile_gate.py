@@ -1,7 +1,7 @@
-"""AOT compile gate (bench/gates/aot.py): every kernel variant the wrappers launch for the
+"""AOT compile gate (tests/gates/aot.py): every kernel variant the wrappers launch for the
 published models compiles for sm_80 and sm_90 without register spills, with its fp16 / bf16
-products on tensor cores; the run writes the resource table and the cost model to
-bench/kernels.md.
+products on tensor cores; the run writes its report to a temporary folder (never a tracked
+file).
 
 It runs as a script in a subprocess, from outside the checkout (so the checkout's
 ``camixer_fast/`` folder cannot shadow the installed package, issue 9's failure 4) and without
@@ -20,23 +20,23 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-GATE = REPO / "bench" / "gates" / "aot.py"
+GATE = REPO / "tests" / "gates" / "aot.py"
 
 
 @pytest.fixture(scope="module")
-def gate(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict]:
+def gate(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict, Path]:
     tmp = tmp_path_factory.mktemp("gate")
     out = tmp / "usage.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, str(GATE), "--json", str(out),
-                           "--report", str(REPO / "bench" / "kernels.md")],
+                           "--report", str(tmp / "kernels.md")],
                           capture_output=True, text=True, env=env, cwd=tmp, timeout=1200,
                           check=False)
-    return done, json.loads(out.read_text()) if out.exists() else {}
+    return done, json.loads(out.read_text()) if out.exists() else {}, tmp / "kernels.md"
 
 
 def test_every_kernel_compiles_without_spills(gate) -> None:
-    done, usage = gate
+    done, usage, _ = gate
     print(done.stdout)
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
     assert usage, "the gate compiled nothing"
@@ -48,7 +48,7 @@ def test_every_kernel_compiles_without_spills(gate) -> None:
 
 
 def test_half_precision_products_use_tensor_cores(gate) -> None:
-    _, usage = gate
+    _, usage, _ = gate
     half = {k: u for k, u in usage.items() if "attention" in k and ("[fp16" in k or "[bf16" in k)}
     assert half
     for key, u in half.items():
@@ -62,7 +62,7 @@ def test_half_precision_products_use_tensor_cores(gate) -> None:
 def test_fp32_tensor_core_precisions_use_tensor_cores(gate, precision: str) -> None:
     """fp32 under PyTorch's TF32 switch (tf32) and the tensor-core parity mode (tf32x3): every
     attention kernel compiled in it, all its products as HMMA / HGMMA."""
-    _, usage = gate
+    _, usage, _ = gate
     variants = {k: u for k, u in usage.items()
                 if f"[fp32,{precision}]" in k or f"[fp32,{precision},nhwc]" in k}
     kernels = {k.split("[")[0] for k in variants}
@@ -74,7 +74,7 @@ def test_fp32_tensor_core_precisions_use_tensor_cores(gate, precision: str) -> N
 
 
 def test_report_written(gate) -> None:
-    text = (REPO / "bench" / "kernels.md").read_text()
+    text = gate[2].read_text()
     assert "hard_window_attention" in text and "floor on H100" in text
     assert "tensor cores" in text
 

@@ -1,4 +1,4 @@
-"""The JIT gate (bench/gates/jit_gate.py): every launch the model makes compiles for sm_80 and
+"""The JIT gate (tests/gates/jit_gate.py): every launch the model makes compiles for sm_80 and
 sm_90 through Triton's own JIT and its real argument specialization, without a GPU; every kernel
 compiled is free of spills and runs its fp16/bf16/tf32 products on tensor cores.
 
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BENCH, bench_module
+from conftest import REPO, bench_module
 
-GATES = BENCH / "gates"
+GATES = REPO / "tests" / "gates"
 
 
 def gate_module(name: str):

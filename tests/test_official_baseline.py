@@ -1,4 +1,4 @@
-"""bench/official_baseline.py, the stand-in for the official code in benchmarks, is exact."""
+"""bench/official/official_baseline.py, the stand-in for the official code in benchmarks, is exact."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_close, bench_module
+from conftest import BENCH, assert_close, bench_module
 
 
 def load_baseline_module():
-    return bench_module("official_baseline")
+    return bench_module("official_baseline", BENCH / "official")
 
 
 @pytest.fixture(scope="module")

@@ -1,20 +1,11 @@
-"""Cost accounting: parameter counts, the paper's FLOPs convention, measured multiply-adds.
-
-Two different numbers, not to be confused:
-
-- :func:`paper_flops` is the convention behind the paper's Table 2 #FLOPs (spec §7): the
-  official code's ``flops()`` formula, which counts 2 FLOPs per multiply-add for most layers,
-  estimates a few predictor layers roughly and counts the attention windows from γ alone
-  (not from the routing of an actual image).
-- :func:`count_madds` measures multiply-adds (1 per multiply-accumulate) of an actual forward
-  pass: every convolution and linear layer as run, and the attention work of the windows the
-  routing chose for that input. Table 3's #MAdds (77.9G for the B model on a 320×180 input at
-  γ = 1) is this kind of count.
-"""
+"""Cost accounting: parameters, the paper's FLOPs (:func:`paper_flops`, the official
+``flops()`` formula of Table 2), measured multiply-adds of a forward (:func:`count_madds`, Table
+3's #MAdds), and each GPU kernel's bytes and FLOPs per launch (:class:`Cost`, the roofline)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -23,69 +14,39 @@ from camixer_fast.reference.model import CAMixerSR, Predictor
 from camixer_fast.reference.routing import Routing
 
 MODEL_SIZES: dict[str, int] = {"S": 36, "M": 48, "B": 60}
-"""Feature channels C of the published model sizes (spec §6)."""
 
 
 def parameter_count(model: nn.Module) -> int:
-    """Number of parameters (trainable or not) of ``model``."""
     return sum(p.numel() for p in model.parameters())
 
 
 def _mixer_paper_flops(n_feats: int, gamma: float, height: int, width: int,
                        window_size: int) -> float:
-    """One CAMixer's FLOPs on an (height, width) feature map, as the official code counts them."""
+    """One CAMixer's FLOPs on a (height, width) map, as the official code counts them."""
     c, ws, hw = n_feats, window_size, height * width
     cdim = c + 4
     windows = math.ceil(height / ws) * math.ceil(width / ws)
     flops = 0.0
-    # predictor: in_conv 1×1 (C+4)→(C+4)/4, as 2·HW·(C+4)·(C+4)/4
     flops += hw * cdim * cdim // 4 * 2
-    # predictor heads, estimated: (C+4)/4 channels to 2 + 1 outputs (offsets, spatial attention)
     flops += hw * cdim // 4 * (2 + 1) * 2
-    # predictor: a further 2·HW·(C+4)/4·2 (the official estimate of the remaining heads)
     flops += hw * cdim // 4 * 2 * 2
     # window scores: Linear ws²→ws and ws→2 per window (the second counted as ws·2·ws)
     flops += windows * ws**2 * ws * 2
     flops += windows * ws * 2 * ws * 2
-    # project_v 1×1 C→C
     flops += hw * c * c * 2
-    # project_q and project_k (C→C per token) on the fraction γ of the pixels
     flops += 2 * hw * c * c * 2 * gamma
-    # attention: int(Np·γ/ws²) windows on the padded size, 2·(ws²)²·C each (Q·Kᵀ and A·V,
-    # one FLOP per multiply-add here)
     padded = ws * math.ceil(height / ws) * ws * math.ceil(width / ws)
     hard_windows = int(padded * gamma / ws / ws)
     flops += hard_windows * 2 * (ws * ws) ** 2 * c
-    # conv_sptial: two depthwise 3×3 convs
     flops += 2 * hw * c * 9 * 2
-    # project_out 1×1 C→C
     flops += hw * c * c * 2
     return flops
 
 
 def paper_flops(n_feats: int, scale: int, gamma: float, lr_hw: tuple[int, int] = (32, 32),
                 blocks: tuple[int, ...] = (4, 4, 6, 6), window_size: int = 16) -> int:
-    """FLOPs of one LR input of size ``lr_hw`` in the paper's convention (the official formula).
-
-    Terms, with C = ``n_feats``, HW = the LR pixel count (not padded), s = ``scale``:
-
-    - head 3×3 conv 3→C: 2·HW·3·C·9;
-    - global predictor, counted as 2·HW·8·(C+2)·9;
-    - per block: the CAMixer (:func:`_mixer_paper_flops`: predictor estimates, window scores,
-      project_v, project_q/k on a fraction γ, int(Np·γ/ws²) attention windows of 2·(ws²)²·C,
-      the two depthwise convs, project_out) and the gated FFN (2·HW·2C·C + 2·HW·2C·9 +
-      2·HW·C·C);
-    - per group: the 1×1 C→C tail, 2·HW·C²;
-    - body tail 3×3 C→C: 2·HW·C²·9; tail 3×3 C→3s²: 2·HW·C·3s²·9.
-
-    For 32×32 this gives S (C=36) 895M / 653M / 533M / 412M at γ = 1 / 0.5 / 0.25 / 0,
-    M (C=48) 1.38G / 1.03G / 861M / 688M, B (C=60) 1.96G / 1.50G / 1.26G / 1.03G; the paper's
-    Table 2 prints 894M / 652M / 532M / 410M, 1.37G / 1.03G / 858M / 686M and
-    1.96G / 1.49G / 1.26G / 1.03G (all within 0.7%). No formula in which γ enters linearly
-    (this one, or any that counts int(4γ) hard windows of a 32×32 input) can give all twelve:
-    it makes the γ = 0.25 figure the mean of the γ = 0 and γ = 0.5 ones, while the paper's
-    S figures have 532 > (410 + 652) / 2 + 0.5.
-    """
+    """FLOPs of one LR input of ``lr_hw`` in the paper's convention (official formula;
+    S at 32×32: 895M / 653M / 533M / 412M at γ = 1 / 0.5 / 0.25 / 0, Table 2 within 0.7%)."""
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
     height, width = lr_hw
@@ -103,28 +64,10 @@ def paper_flops(n_feats: int, scale: int, gamma: float, lr_hw: tuple[int, int] =
 
 
 def measure_madds(model: CAMixerSR, x: Tensor) -> tuple[dict[str, int], Routing]:
-    """Multiply-adds of ``model(x)`` at inference, by kind, and the routing of that forward.
-
-    x: (B, 3, H, W) input. Runs one forward in eval mode under ``torch.inference_mode`` on the
-    model's own backend (the training flag is restored afterwards) and returns
-    ``({"conv", "linear", "window_scores", "qk_projection", "attention", "total"}, routing)``:
-
-    - conv: every ``nn.Conv2d`` of the network as it runs (1×1 ones as linear maps, depthwise
-      and dilated included), on the padded size (``out_CA`` on the pooled 1×1 map): output
-      elements × inputs per output;
-    - linear: ``nn.Linear`` layers applied as modules (none: ``project_q``/``project_k`` and
-      ``out_mask`` are counted below);
-    - window_scores: the ``out_mask`` MLP, ws²·ws + ws·2 per window of the padded image, every
-      window;
-    - qk_projection: ``project_q`` and ``project_k`` on the tokens of the hard windows only,
-      2·K·ws²·C² per image and block;
-    - attention: Q·Kᵀ and A·V of each hard window, 2·(ws²)²·C, for the K windows the routing
-      chose (from the forward's :class:`~camixer_fast.reference.routing.Routing`).
-
-    Softmax, normalisation, activations, the bilinear warp and elementwise products are not
-    counted. The counts follow from the layer shapes and the routing alone, so they are the
-    same on every backend.
-    """
+    """Multiply-adds of one inference forward ``model(x)``, x (B, 3, H, W), by kind
+    ({"conv", "linear", "window_scores", "qk_projection", "attention", "total"}: layers as run
+    on the padded size, Q/K projections and attention of the windows the routing chose), and
+    that forward's routing. The same on every backend."""
     was_training = model.training
     try:
         model.eval()
@@ -157,14 +100,184 @@ def measure_madds(model: CAMixerSR, x: Tensor) -> tuple[dict[str, int], Routing]
 
 
 def madds_breakdown(model: CAMixerSR, x: Tensor) -> dict[str, int]:
-    """Multiply-adds of ``model(x)`` at inference, by kind (see :func:`measure_madds`)."""
+    """Multiply-adds of ``model(x)`` by kind (:func:`measure_madds`)."""
     return measure_madds(model, x)[0]
 
 
 def count_madds(model: CAMixerSR, x: Tensor) -> int:
-    """Measured multiply-adds of one inference forward ``model(x)``, x (B, 3, H, W).
-
-    The sum of :func:`measure_madds`: convs, linears, window scores, and the Q/K projections
-    and attention matmuls of the windows the routing actually chose.
-    """
+    """Total measured multiply-adds of one inference forward (:func:`measure_madds`)."""
     return madds_breakdown(model, x)["total"]
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    """A card's copy bandwidth (bytes/s) and matrix-product rates (FLOP/s), as measured."""
+
+    bandwidth: float
+    fp32: float
+    tf32: float
+    fp16: float
+    bf16: float
+
+    def matrix_rate(self, precision: str) -> float:
+        rates = {"ieee": self.fp32, "tf32": self.tf32, "tf32x3": self.tf32 / 3,
+                 "fp16": self.fp16, "bf16": self.bf16}
+        if precision not in rates:
+            raise ValueError(f"precision must be one of {tuple(rates)}, got {precision!r}")
+        return rates[precision]
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Bytes each element read or written once (a floor), tile-product and other FLOPs
+    (a multiply-add counts 2) of one or more kernel launches."""
+
+    bytes: float
+    matrix_flops: float = 0.0
+    vector_flops: float = 0.0
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.bytes + other.bytes, self.matrix_flops + other.matrix_flops,
+                    self.vector_flops + other.vector_flops)
+
+    def __mul__(self, n: int) -> Cost:
+        return Cost(self.bytes * n, self.matrix_flops * n, self.vector_flops * n)
+
+    def _compute_s(self, ceilings: Ceilings, precision: str) -> float:
+        return self.matrix_flops / ceilings.matrix_rate(precision) + self.vector_flops / ceilings.fp32
+
+    def floor_s(self, ceilings: Ceilings, precision: str) -> float:
+        """Seconds at the roofline: memory or compute, whichever binds."""
+        return max(self.bytes / ceilings.bandwidth, self._compute_s(ceilings, precision))
+
+    def bound(self, ceilings: Ceilings, precision: str) -> str:
+        return "memory" if self.bytes / ceilings.bandwidth >= self._compute_s(ceilings, precision) \
+            else "compute"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The maps a block's kernels see: B images of C channels, H × W padded to windows."""
+
+    batch: int
+    channels: int
+    height: int
+    width: int
+    window: int = 16
+    itemsize: int = 4
+
+    @property
+    def pixels(self) -> int:
+        return self.batch * self.height * self.width
+
+    @property
+    def tokens(self) -> int:
+        return self.window * self.window
+
+    @property
+    def windows(self) -> int:
+        return self.pixels // self.tokens
+
+
+def window_scores(s: Shape, in_channels: int | None = None) -> Cost:
+    c_in, hid = in_channels or (s.channels + 4) // 4, s.window
+    size = 4 if in_channels == 1 else s.itemsize
+    return Cost(c_in * s.pixels * size + s.windows * 2 * 4,
+                vector_flops=c_in * s.pixels + s.windows * (2 * s.tokens * hid + 4 * hid + 8))
+
+
+def select(s: Shape) -> Cost:
+    n = s.windows // s.batch
+    return Cost(s.windows * 2 * 4 + s.windows * 8 + s.batch * 8,
+                vector_flops=s.batch * (2 * n * n + 4 * n))
+
+
+def deform_key_hard(s: Shape, hard_windows: int) -> Cost:
+    px = hard_windows * s.tokens
+    return Cost((2 * s.channels + 2) * px * s.itemsize, vector_flops=(8 * s.channels + 20) * px)
+
+
+def deform_key_backward(s: Shape) -> Cost:
+    c, px = s.channels, s.pixels
+    return Cost((2 * c + 2) * px * s.itemsize + (c + 2) * px * 4, vector_flops=(20 * c + 30) * px)
+
+
+def hard_window_attention(s: Shape, hard_windows: int) -> Cost:
+    """Hard windows: Q projection, W_k folded into Q, QKᵀ and PV; simple windows: v·sa."""
+    c, t = s.channels, s.tokens
+    hard_px = hard_windows * t
+    simple_px = s.pixels - hard_px
+    return Cost((3 * c * hard_px + 2 * c * c + (c + 1) * simple_px + c * s.pixels) * s.itemsize,
+                matrix_flops=hard_windows * (4 * t * c * c + 4 * t * t * c),
+                vector_flops=hard_windows * 6 * t * t + c * simple_px)
+
+
+def attention_forward(s: Shape) -> Cost:
+    c, t = s.channels, s.tokens
+    return Cost(4 * c * s.pixels * s.itemsize + s.pixels * 4,
+                matrix_flops=s.windows * 4 * t * t * c, vector_flops=s.windows * 6 * t * t)
+
+
+def attention_backward_dkv(s: Shape) -> Cost:
+    c, t = s.channels, s.tokens
+    return Cost(6 * c * s.pixels * s.itemsize + 2 * s.pixels * 4,
+                matrix_flops=s.windows * 8 * t * t * c, vector_flops=s.windows * 8 * t * t)
+
+
+def attention_backward_dq(s: Shape) -> Cost:
+    c, t = s.channels, s.tokens
+    return Cost(5 * c * s.pixels * s.itemsize + 2 * s.pixels * 4,
+                matrix_flops=s.windows * 6 * t * t * c, vector_flops=s.windows * 8 * t * t)
+
+
+def predictor(s: Shape) -> Cost:
+    c, c4, c8, px, b = s.channels, (s.channels + 4) // 4, (s.channels + 4) // 8, s.pixels, s.itemsize
+    return Cost(px * ((c + 4) * b + (c + c4 + 2) * b + 4),
+                matrix_flops=px * 2 * (c * c + c * c4 + c4 * c8),
+                vector_flops=px * (2 * 4 * c4 + 10 * c4 + 4 * c8 + 40))
+
+
+def predictor_heads(s: Shape) -> Cost:
+    c4 = (s.channels + 4) // 4
+    return Cost(s.pixels * (c4 * s.itemsize + s.itemsize), vector_flops=s.pixels * (2 * 9 * c4 + 10))
+
+
+def depthwise3x3(s: Shape) -> Cost:
+    return Cost(2 * s.pixels * s.channels * s.itemsize, vector_flops=s.pixels * 2 * 9 * s.channels)
+
+
+def mixer_tail(s: Shape) -> Cost:
+    c = s.channels
+    return Cost(s.pixels * 6 * c * s.itemsize, matrix_flops=s.pixels * 2 * 3 * c * c,
+                vector_flops=s.pixels * (2 * 9 * c + 30 * c))
+
+
+def ffn_tail(s: Shape) -> Cost:
+    c = s.channels
+    return Cost(s.pixels * 4 * c * s.itemsize, matrix_flops=s.pixels * 2 * c * c,
+                vector_flops=s.pixels * (2 * 2 * 9 * c + 30 * c))
+
+
+def inference_costs(s: Shape, hard_per_block: list[int], *, fused_block: bool = True) -> dict[str, Cost]:
+    """Per forward, by kernel (profiler name without ``_``/``_kernel``), summed over blocks;
+    ``hard_per_block``: K summed over the batch per block."""
+    blocks = len(hard_per_block)
+    out = {"deform_key_fwd": sum((deform_key_hard(s, k) for k in hard_per_block), Cost(0.0)),
+           "hard_window_attention": sum((hard_window_attention(s, k) for k in hard_per_block),
+                                        Cost(0.0)),
+           "window_scores": window_scores(s, 1 if fused_block else None) * blocks,
+           "select": select(s) * blocks}
+    if fused_block:
+        out.update(predictor=predictor(s) * blocks, predictor_heads=predictor_heads(s) * blocks,
+                   depthwise3x3=depthwise3x3(s) * blocks, mixer_tail=mixer_tail(s) * blocks,
+                   ffn_tail=ffn_tail(s) * blocks)
+    return out
+
+
+def training_costs(s: Shape, blocks: int) -> dict[str, Cost]:
+    """One training step's Triton kernels (forward and backward), summed over ``blocks``."""
+    return {"deform_key_fwd": deform_key_hard(s, s.windows) * blocks,
+            "deform_key_bwd": deform_key_backward(s) * blocks,
+            "attention_fwd": attention_forward(s) * blocks,
+            "attention_bwd_dkv": attention_backward_dkv(s) * blocks,
+            "attention_bwd_dq": attention_backward_dq(s) * blocks}

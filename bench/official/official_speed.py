@@ -20,19 +20,13 @@ alternately, one warm-up call each and ``--rounds`` timed calls each, under
 (:class:`Worker`) with ``--threads`` torch threads; the result is the median per model and their
 ratio, with each forward's minor page faults. Own processes, because a user's process holds one
 model: alternating two models in one process lets each one's allocations decide how many fresh
-pages the other's forward touches (a one-off measurement at 128×128, before the library
-raised glibc's thresholds: the official forward took 666 ms alternating in one process and
-794 ms alone, ours 240 and 277 ms; glibc returns freed memory to the system and faults it in
-again), and alternating the two workers still cancels a drift in
+pages the other's forward touches, and alternating the two workers still cancels a drift in
 the machine's load. The official K is drawn at random
 in every block of every call (its Gumbel rule, the global generator seeded once); ours is the
 expected K. Both are recorded as the mean fraction of windows attended.
 
-Writes ``bench/results/official_code.json`` and re-renders ``bench/RESULTS.md`` through
-``bench/report.py --reuse`` (its section "Against the official code"). ``--profile`` adds
-(to an existing JSON, without timing again) where each model spends a forward on the first
-128×128 input: ``torch.profiler``'s operations by self CPU time, and ours per network range
-(:func:`camixer_fast.evaluation.profiling.profile_ranges`).
+Rows (speed-up per cell, with both medians) go to a work folder, or with
+``--out bench/results.jsonl`` to the results file (bench/report.py renders them).
 """
 
 from __future__ import annotations
@@ -50,10 +44,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
+BENCH = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(BENCH), str(BENCH / "official")]
 
-from benchlib import SHARED, machine_stamp, read_rgb, to_tensor
+from common import SHARED, append_rows, machine_stamp, read_rgb, row, to_tensor
 from official_code import (OFFICIAL_COMMIT, OFFICIAL_REPO, arch_path, load_official,
                            official_gumbel_run, run_official, set_ratio)
 
@@ -68,11 +62,6 @@ IMAGES = {"Urban100/img_004": SHARED / "data" / "Urban100" / "HR" / "img_004.png
           "Set14/barbara": SHARED / "data" / "Set14" / "HR" / "barbara.png"}
 WEIGHTS = SHARED / "weights" / "CAMixerSR_S.pth"
 TARGET = 2.5
-RESULT = BENCH / "results" / "official_code.json"
-RESULT_KEPT = BENCH / "results" / "official_code_kept.json"
-"""Where ``--keep-freed-memory`` writes by default."""
-
-
 def centre_crop(rgb: np.ndarray, size: int) -> torch.Tensor:
     """(H, W, 3) uint8 -> the centre size×size crop as (1, 3, size, size) float32 in [0, 1]."""
     height, width = rgb.shape[:2]
@@ -214,45 +203,6 @@ def time_pair(workers: dict[str, Worker], ours_k: float, image: str, size: int, 
             "loadavg_1min_start": load, "loadavg_1min_end": os.getloadavg()[0]}
 
 
-def top_operations(run, runs: int = 3, top: int = 8) -> dict:
-    """The operations of ``run()`` by self CPU time: {"total_ms", "ops": [[name, ms, share]]}
-    per call, mean of ``runs`` profiled calls after one warm-up."""
-    run()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for _ in range(runs):
-            run()
-    ops = [(e.key, e.self_cpu_time_total / runs / 1e3) for e in prof.key_averages()
-           if not e.key.startswith("camixer.")]
-    total = sum(t for _, t in ops)
-    ops.sort(key=lambda item: -item[1])
-    return {"total_ms": total, "ops": [[name, t, t / total] for name, t in ops[:top]]}
-
-
-def profile(threads: int, arch: str | None) -> dict:
-    """Operations of both models and ours per range, per γ, on the first 128×128 input."""
-    from camixer_fast.evaluation.profiling import profile_ranges
-
-    torch.set_num_threads(threads)
-    official = load_official(WEIGHTS, path=arch)
-    ours = camixer_fast.load_model(WEIGHTS, backend="auto")
-    name, path = next(iter(IMAGES.items()))
-    x = centre_crop(read_rgb(path), 128)
-    out = {"input": f"{name} 128x128", "threads": threads, "gammas": {}}
-    for gamma in GAMMAS:
-        set_ratio(official, gamma)
-        ours.gamma = gamma
-
-        def run_ours() -> None:
-            with torch.no_grad():
-                ours(x)
-
-        out["gammas"][str(gamma)] = {
-            "official": top_operations(lambda: run_official(official, x)),
-            "ours": top_operations(run_ours),
-            "ours_ranges_ms": {k: v * 1e3 for k, v in profile_ranges(ours, x).items()}}
-    return out
-
-
 def measure(threads: int, rounds: int, sizes: tuple[int, ...], arch: str | None,
             keep_memory: bool = False) -> dict:
     torch.set_num_threads(threads)
@@ -306,46 +256,39 @@ def measure(threads: int, rounds: int, sizes: tuple[int, ...], arch: str | None,
             "rows": rows}
 
 
+def rows_of(result: dict, stamp: dict) -> list[dict]:
+    allocator = "kept" if result["allocator"].startswith("freed memory kept") else "default"
+    return [row("official-code", f"{allocator} {r['image']} {r['size']} gamma={r['gamma']}",
+                "speedup", r["speedup"], "×", stamp, allocator=allocator, image=r["image"],
+                size=r["size"], gamma=r["gamma"], official_ms=r["official_s"] * 1e3,
+                ours_ms=r["ours_s"] * 1e3, official_commit=OFFICIAL_COMMIT[:7], **r["check"])
+            for r in result["rows"] if "speedup" in r]
+
+
 def main(argv: list[str] | None = None) -> int:
+    from report import WORK_RESULTS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", help="the official CAMixerSR_arch.py (or the checkout); "
                         "default $CAMIXER_OFFICIAL_ARCH")
-    parser.add_argument("--threads", type=int, default=2,
-                        help="torch threads (with --profile too: 1 gives the cleanest shares)")
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
-    parser.add_argument("--out", type=Path, default=None,
-                        help="default bench/results/official_code.json, with "
-                        "--keep-freed-memory official_code_kept.json")
-    parser.add_argument("--no-report", action="store_true",
-                        help="do not re-render bench/RESULTS.md")
-    parser.add_argument("--profile", action="store_true",
-                        help="add the operation profiles to the existing --out JSON instead "
-                        "of timing")
+    parser.add_argument("--out", type=Path, default=WORK_RESULTS,
+                        help="append the rows here (bench/results.jsonl: the results file)")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="both processes keep freed memory "
                         "(camixer_fast.backends.memory.keep_freed_memory, what the camixer-fast "
                         "command does); default: the system's allocator as it is")
     parser.add_argument("--worker", choices=("official", "ours"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.out is None:
-        args.out = RESULT_KEPT if args.keep_freed_memory else RESULT
     if args.worker:
         return serve(args.worker, args.threads, args.arch, args.keep_freed_memory)
-    if args.profile:
-        result = json.loads(args.out.read_text())
-        result["profile"] = profile(args.threads, args.arch)
-    else:
-        result = measure(args.threads, args.rounds, tuple(args.sizes), args.arch,
-                         args.keep_freed_memory)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}", file=sys.stderr)
-    if not args.no_report:
-        import report
-
-        results = BENCH / "results"
-        report.main([str(results / "backends.json"), str(results / "upscale.json"), "--reuse"])
+    result = measure(args.threads, args.rounds, tuple(args.sizes), args.arch,
+                     args.keep_freed_memory)
+    rows = rows_of(result, machine_stamp())
+    append_rows(rows, args.out)
+    print(f"{len(rows)} rows -> {args.out}", file=sys.stderr)
     return 0
 
 

@@ -1,11 +1,11 @@
 """One model forward on the Triton backend (and, with ``--train``, one training step with
-backward), on CUDA: the program ``bench/gpu_check.sh`` runs under compute-sanitizer's memcheck.
+backward), on CUDA: the program ``tests/gpu_check.sh`` runs under compute-sanitizer's memcheck.
 
 A model of the S width (C = 36, or ``--channels``) with two groups of one block -- every kernel
 a block launches, each launch as in the full network -- random weights (seeded), an input of
 ``--size`` at γ = 0.5 (hard and simple windows both). Exit status 1 if an output is not finite.
 
-    python bench/gpu_forward.py --dtype float16 [--train] [--size 64x48]
+    python tests/gates/gpu_forward.py --dtype float16 [--train] [--size 64x48]
 """
 
 from __future__ import annotations
@@ -13,7 +13,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gpu_bench import parse_size
+
+def parse_size(text: str) -> tuple[int, int]:
+    """"WxH" -> (W, H)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WxH, got {text!r}") from None
+    if w < 1 or h < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive WxH, got {text!r}")
+    return w, h
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,14 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     model = model.to("cuda", dtype).eval()
     model.backend = "triton"
     w, h = args.size
-    x = torch.rand(1, 3, h, w, device="cuda", dtype=dtype)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.rand(1, 3, h, w, device="cuda", dtype=dtype, generator=g)
     with torch.inference_mode():
         out = model(x)
     torch.cuda.synchronize()
     finite = {"forward": bool(torch.isfinite(out).all())}
     if args.train:
         model.train()
-        sr, ratio_loss = model(torch.rand(2, 3, h, w, device="cuda", dtype=dtype))
+        sr, ratio_loss = model(torch.rand(2, 3, h, w, device="cuda", dtype=dtype,
+                                                  generator=g))
         (sr.float().abs().mean() + ratio_loss.float()).backward()
         torch.cuda.synchronize()
         finite["train"] = all(bool(torch.isfinite(p.grad).all())

@@ -7,9 +7,9 @@ A variant is one (kernel, dtype, constexpr configuration, launch options) the wr
 the published models (C = 36, 48, 60; window 16). Run as a script (never ``python -m`` from the
 checkout, which would shadow the installed package)::
 
-    python bench/gates/aot.py [--json usage.json] [--report bench/kernels.md]
+    python tests/gates/aot.py [--json usage.json] [--report kernels.md]
 
-It prints the resource table that ``bench/kernels.md`` holds and exits 1 on any problem. Needs
+It prints the resource table of its ``--report`` and exits 1 on any problem. Needs
 Triton >= 3.3 (``ASTSource(..., constexprs=)``); the kernels themselves need only 3.2.
 """
 
@@ -256,13 +256,13 @@ def cost_table(costs: list[KernelCost]) -> str:
 
 
 def write_report(path: str, results: dict[tuple[str, int], KernelReport]) -> None:
-    """Write ``bench/kernels.md``: the cost model and the compiled resource use."""
+    """Write the ``--report`` markdown: the cost model and the compiled resource use."""
     costs = frame_costs()
     inference = [c for c in costs if "training" not in c.name]
     per_block = sum(c.floor_us() for c in inference)
     text = f"""# Kernels: cost per call and compiled resource use
 
-Made by `tests/test_compile_gate.py` (through `bench/gates/aot.py --report`); do not edit by
+Made by `tests/gates/aot.py --report`; do not edit by
 hand.
 
 ## Bytes and FLOPs per call
@@ -290,7 +290,7 @@ thread, bytes spilled (stack + local memory; the gate fails on any), shared memo
 fp16 / bf16 / tf32 product without them). fp32 attention variants are compiled in each dot
 precision the launchers choose (`kernels/_tiles.py`, `dot_precision`): `ieee` (parity on the
 FMA units, the default), `tf32` (under PyTorch's TF32 switch) and `tf32x3` (parity on tensor
-cores, `CAMIXER_FAST_FP32_PARITY=tf32x3`). `bench/gates/jit_gate.py` checks the same for every
+cores, `CAMIXER_FAST_FP32_PARITY=tf32x3`). `tests/gates/jit_gate.py` checks the same for every
 specialization the model's launches get.
 
 {usage_table(results)}
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write {variant@sm_cc: report} here")
-    parser.add_argument("--report", help="write the markdown report (bench/kernels.md) here")
+    parser.add_argument("--report", help="write the markdown report here")
     args = parser.parse_args(argv)
     if interpreting():
         parser.error("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU")

@@ -23,7 +23,7 @@ compilation; the test suite and the GPU check prove values.
 Run as a script (never ``python -m`` from the checkout, which would shadow the installed
 package)::
 
-    python bench/gates/jit_gate.py [--target 80 --target 90] [--json out.json]
+    python tests/gates/jit_gate.py [--target 80 --target 90] [--json out.json]
 
 Exit status 1 when any case fails to compile or any kernel has a problem.
 """
