@@ -87,7 +87,7 @@ def test_single_file_to_a_file(inputs, tmp_path, capsys):
     assert cli(inputs / "a.png", "-o", dest) == 0
     with Image.open(dest) as img:
         assert img.mode == "RGBA" and img.size == (4 * W, 4 * H)
-    assert capsys.readouterr().err == ""
+    assert capsys.readouterr().err.startswith(f"camixer-fast upscale: 1 image upscaled -> {dest}")
 
 
 def test_single_file_to_another_format_says_what_is_lost(inputs, tmp_path, capsys):
