@@ -117,10 +117,10 @@ def test_allocation_failures_are_recognised(error, expected):
 
 
 @pytest.mark.parametrize("tile,size,expected", [
-    (None, (64, 48), 32), (None, (40, 200), 96), (64, (64, 48), 16), (96, (200, 300), 48),
-    (32, (64, 64), 16), (16, (64, 64), None), (None, (20, 20), None)],
-    ids=["whole-64x48", "whole-40x200", "tile64-on-48", "tile96", "tile32", "floor",
-         "small-image"])
+    (None, (64, 48), 32), (None, (40, 200), 96), (64, (64, 48), 32), (96, (200, 300), 48),
+    (32, (64, 64), 16), (16, (64, 64), None), (None, (20, 20), None), (64, (1, 500), 32)],
+    ids=["whole-64x48", "whole-40x200", "tile64-on-64x48", "tile96", "tile32", "floor",
+         "small-image", "tile64-on-1x500"])
 def test_tile_is_halved_to_a_multiple_of_16_down_to_the_floor(tile, size, expected):
     assert tiling.halved_tile(tile, *size) == expected
 

@@ -337,9 +337,33 @@ def test_tiles_are_averaged_back_to_the_whole(tile):
     seen = []
     out = tiling.tiled_forward(NearestX4(), x, tile, lambda done, total: seen.append((done, total)))
     torch.testing.assert_close(out, NearestX4()(x), rtol=0, atol=1e-6)
-    t = min(tile, 23, 37)
-    total = len(tiling.tile_origins(23, t)) * len(tiling.tile_origins(37, t))
+    total = len(tiling.tile_origins(23, min(tile, 23))) * len(tiling.tile_origins(37, min(tile, 37)))
     assert seen == [(i + 1, total) for i in range(total)]
+
+
+class Shapes(NearestX4):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(tuple(x.shape[-2:]))
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("size,tile,shape", [
+    ((1, 500), 64, (1, 64)), ((200, 30), 64, (64, 30)), ((40, 40), 64, (40, 40)),
+    ((90, 90), 64, (64, 64))], ids=["1x500", "200x30", "square-under-T", "square-over-T"])
+def test_tiles_are_TxT_clipped_to_the_image(size, tile, shape):
+    """A thin image keeps T along its long side (1x1 tiles made 1x500 at T=64 take 15 s, not 2);
+    a square image's tiles are min(T, side) square, as before."""
+    x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(3))
+    model = Shapes()
+    out = tiling.tiled_forward(model, x, tile)
+    torch.testing.assert_close(out, NearestX4()(x), rtol=0, atol=1e-6)
+    rows = tiling.tile_origins(size[0], shape[0])
+    cols = tiling.tile_origins(size[1], shape[1])
+    assert model.seen == [shape] * (len(rows) * len(cols))
 
 
 def test_one_tile_is_the_untiled_run(rgb8):

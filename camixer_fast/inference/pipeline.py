@@ -131,8 +131,7 @@ class Engine:
         """Bytes a batch of ``count`` images of this size is expected to take while it runs:
         one image's (or tile's) working set, the network computing them one by one, plus the
         float32 inputs and outputs of the batch."""
-        side = min(tile, height, width) if tile else 0
-        pixels = side * side if tile else height * width
+        pixels = min(tile, height) * min(tile, width) if tile else height * width
         per_pixel = BYTES_PER_PIXEL * torch.finfo(self.dtype).bits / 32
         return int(pixels * per_pixel + count * height * width * 3 * (1 + self.scale ** 2) * 4)
 
@@ -166,8 +165,7 @@ class Engine:
                     return [o[None].float().cpu().clamp(0, 1) for o in out]
                 except Exception:  # noqa: BLE001 - rerun one by one, errors go to their image
                     pass
-            side = min(tile, height, width) if tile else 0
-            tiles_per_call = self.batch_for(side, side) if tile else 1
+            tiles_per_call = self.batch_for(min(tile, height), min(tile, width)) if tile else 1
             results: list[Tensor | BaseException] = []
             for i in range(count):
                 retry = None if on_retry is None else (lambda text, i=i: on_retry(i, text))

@@ -120,32 +120,30 @@ def tiled_forward(model: CAMixerSR | CUDAGraphModel, x: Tensor, tile: int,
                   progress: ProgressCallback | None = None, *, batch: int = 1) -> Tensor:
     """The official overlapped-tile inference (spec §5): (B, 3, H, W) -> (B, 3, sH, sW) float32.
 
-    The tile is ``min(tile, H, W)``; every tile goes through ``model`` alone and overlapping
-    outputs are averaged. ``batch`` tiles (all of the same size) are given to ``model`` in one
-    call, which runs them one by one at inference, so the result does not depend on ``batch``.
+    Tiles are min(tile, H) × min(tile, W) (a thin image keeps ``tile`` along its long side);
+    each goes through ``model`` alone and overlapping outputs are averaged. ``batch`` tiles are
+    given to ``model`` per call (it runs them one by one, so the result does not depend on it).
     Memory: one tile's working set plus the float32 output and ``batch`` tiles' outputs.
-    Every tile has the same size: a :class:`~camixer_fast.inference.graphs.CUDAGraphModel` captures one
-    graph per number of tiles in a call.
     """
     images, _, height, width = x.shape
     scale = model.scale
-    tile = min(tile, height, width)
-    rows, cols = tile_origins(height, tile), tile_origins(width, tile)
+    tile_h, tile_w = min(tile, height), min(tile, width)
+    rows, cols = tile_origins(height, tile_h), tile_origins(width, tile_w)
     out = torch.zeros(images, 3, height * scale, width * scale, dtype=torch.float32,
                       device=x.device)
     row_count = torch.zeros(height * scale, dtype=torch.float32, device=x.device)
     col_count = torch.zeros(width * scale, dtype=torch.float32, device=x.device)
     for i in rows:
-        row_count[i * scale:(i + tile) * scale] += 1
+        row_count[i * scale:(i + tile_h) * scale] += 1
     for j in cols:
-        col_count[j * scale:(j + tile) * scale] += 1
+        col_count[j * scale:(j + tile_w) * scale] += 1
     origins = [(i, j) for i in rows for j in cols]
     step = max(int(batch), 1)
     for start in range(0, len(origins), step):
         group = origins[start:start + step]
-        patches = model(torch.cat([x[..., i:i + tile, j:j + tile] for i, j in group]))
+        patches = model(torch.cat([x[..., i:i + tile_h, j:j + tile_w] for i, j in group]))
         for k, (i, j) in enumerate(group):
-            out[..., i * scale:(i + tile) * scale, j * scale:(j + tile) * scale] += \
+            out[..., i * scale:(i + tile_h) * scale, j * scale:(j + tile_w) * scale] += \
                 patches[k * images:(k + 1) * images]
         if progress is not None:
             progress(start + len(group), len(origins))
@@ -177,7 +175,7 @@ def halved_tile(tile: int | None, height: int, width: int) -> int | None:
     """The tile to retry with after an allocation failure: half the tile in use (the whole
     image counts as max(H, W)), rounded down to a multiple of 16; None below
     :data:`OOM_TILE_FLOOR` (nothing left to try)."""
-    current = max(height, width) if tile is None else min(tile, height, width)
+    current = max(height, width) if tile is None else min(tile, max(height, width))
     smaller = current // 2 // 16 * 16
     return smaller if smaller >= OOM_TILE_FLOOR else None
 
@@ -212,7 +210,7 @@ def run_network(model: CAMixerSR | CUDAGraphModel, x: Tensor, tile: int | None, 
         except Exception as err:  # noqa: BLE001 - only allocation failures are retried
             if not is_allocation_failure(err):
                 raise
-            what = "the whole image" if tile is None else f"{min(tile, height, width)}-pixel tiles"
+            what = "the whole image" if tile is None else f"{min(tile, max(height, width))}-pixel tiles"
             _release_memory(x.device)
             smaller = halved_tile(tile, height, width)
             if smaller is None:
