@@ -148,13 +148,23 @@ def _frame_prepare(item: object) -> Prepared | None:
     return Prepared(job.colour, finish)
 
 
-def _demux(container, video, others) -> object:
-    """Decoded frames of ``video`` and the packets of ``others``, in file order."""
-    for packet in container.demux(video, *others):
-        if packet.stream.index == video.index:
-            yield from packet.decode()
-        elif packet.dts is not None:
-            yield packet
+def _demux(container, video, others, src: Path) -> object:
+    """Decoded frames of ``video`` and the packets of ``others``, in file order; VideoError
+    when the file cannot be decoded, or ends before the frames its index declares."""
+    decoded = 0
+    try:
+        for packet in container.demux(video, *others):
+            if packet.stream.index == video.index:
+                for frame in packet.decode():
+                    decoded += 1
+                    yield frame
+            elif packet.dts is not None:
+                yield packet
+    except Exception as err:  # noqa: BLE001 - PyAV raises FFmpegError kinds
+        raise VideoError(f"{src}: cannot decode frame {decoded + 1}: {err}") from None
+    if decoded < (video.frames or 0):
+        raise VideoError(f"{src}: the video ends after {decoded} of its {video.frames} frames "
+                         "(cut off or damaged)")
 
 
 def _write_png_atomic(pixels: np.ndarray, dest: Path) -> None:
@@ -228,7 +238,7 @@ def _frames_to_pngs(container, video, engine: Engine, folder: Path, result: Vide
     def sink(item: tuple, finished: tuple) -> None:
         _write_png_atomic(finished[0], folder / f"{item[0]:06d}.png")
 
-    frames = enumerate(_demux(container, video, []), start=1)
+    frames = enumerate(_demux(container, video, [], src), start=1)
     for outcome in Pipeline(frames, lambda item: _frame_prepare(item[1]), engine, sink=sink):
         _check(outcome, src)
         result.notes.extend(outcome.notes)
@@ -275,7 +285,7 @@ def _encode(container, video, others, engine: Engine, tmp: Path, codec: str, crf
                 result.notes.append(f"{other.type} stream {other.index} "
                                     f"({other.codec_context.name}) dropped: {err}")
         kept = [s for s in others if s.index in copies]
-        for outcome in Pipeline(_demux(container, video, kept), _frame_prepare, engine):
+        for outcome in Pipeline(_demux(container, video, kept, src), _frame_prepare, engine):
             _check(outcome, src)
             if outcome.passed:
                 packet = outcome.item
