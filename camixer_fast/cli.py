@@ -12,7 +12,9 @@ import contextlib
 import functools
 import importlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,6 +59,31 @@ def writing(dest: str | os.PathLike) -> Iterator[None]:
         raise UsageError(f"cannot write {dest}: {err.strerror or err}") from None
 
 
+@contextlib.contextmanager
+def interrupts(prog: str) -> Iterator[None]:
+    """The first Ctrl-C raises KeyboardInterrupt (the work stops cleanly, between tiles); a
+    second one exits at once with status 130. Only in the main thread, over Python's default."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+
+    def again(signum: int, frame: object) -> None:
+        os.write(2, f"\n{prog}: interrupted again, exiting now\n".encode())
+        os._exit(130)
+
+    def first(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGINT, again)
+        os.write(2, f"\n{prog}: interrupted, stopping (Ctrl-C again to exit now)\n".encode())
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, first)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from camixer_fast import __version__
 
@@ -81,11 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     from camixer_fast.backends.memory import keep_freed_memory_for_command
 
     keep_freed_memory_for_command()     # this process is ours: fewer page faults per forward
+    prog = f"camixer-fast {args.command}"
     try:
-        return int(args.func(args))
+        with interrupts(prog):
+            return int(args.func(args))
     except UsageError as err:
-        print(f"camixer-fast {args.command}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -165,7 +165,11 @@ class Engine:
                     return [o[None].float().cpu().clamp(0, 1) for o in out]
                 except Exception:  # noqa: BLE001 - rerun one by one, errors go to their image
                     pass
-            tiles_per_call = self.batch_for(min(tile, height), min(tile, width)) if tile else 1
+            tiles_per_call = 1
+            if tile and (self.batch_size or self.device.type != "cpu"):
+                # on the CPU the network runs a batch tile by tile anyway: one tile per call
+                # lets an interrupt stop after the tile in progress
+                tiles_per_call = self.batch_for(min(tile, height), min(tile, width))
             results: list[Tensor | BaseException] = []
             for i in range(count):
                 retry = None if on_retry is None else (lambda text, i=i: on_retry(i, text))
@@ -178,6 +182,10 @@ class Engine:
                         torch.cuda.empty_cache()
                     results.append(err)
             return results
+
+
+class Cancelled(Exception):
+    """Raised between tiles in a model worker when the run is stopping."""
 
 
 def set_thread_count(threads: int) -> None:
@@ -326,11 +334,17 @@ class Pipeline:
             def on_retry(i: int, text: str, batch: list[_Job] = batch) -> None:
                 batch[owner[i]].notes.append(text)
 
+            def progress(done: int, total: int) -> None:
+                if self._stop.is_set():
+                    raise Cancelled("the run was stopped")
+                if self.progress is not None:
+                    self.progress(done, total)
+
             try:
                 colour = torch.cat([job.prepared.colour.to(self.engine.device)
                                     for job in batch]) if len(batch) > 1 \
                     else batch[0].prepared.colour
-                results = self.engine.run(worker, colour, progress=self.progress,
+                results = self.engine.run(worker, colour, progress=progress,
                                           on_retry=on_retry)
             except BaseException as err:  # noqa: BLE001 - delivered to every image
                 results = [err] * sum(sizes)
