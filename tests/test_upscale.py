@@ -390,15 +390,34 @@ def test_tiled_output_is_seamless(shared):
 
 
 def test_auto_tile_rule():
+    use = tiling.MEMORY_USE["cpu"]
     assert tiling.auto_tile(100, 100, budget=1 << 40) is None
-    per_pixel = tiling.BYTES_PER_PIXEL + 3 * 16 * 4
-    assert tiling.auto_tile(100, 100, budget=100 * 100 * per_pixel) is None
-    tile = tiling.auto_tile(1000, 1000, budget=1000 * 1000 * 3 * 16 * 4 + 200 * 200 * 6000)
-    assert tile == 192
+    whole = use.overhead + 100 * 100 * (use.per_pixel + 3 * 16 * 4)
+    assert tiling.forward_bytes(100 * 100, outputs=100 * 100) == whole
+    assert tiling.auto_tile(100, 100, budget=whole) is None
+    assert tiling.auto_tile(100, 100, budget=whole - 1) == 96
+    budget = use.overhead + 1000 * 1000 * 3 * 16 * 4 + 200 * 200 * use.per_pixel
+    assert tiling.auto_tile(1000, 1000, budget=budget) == 192
     assert tiling.auto_tile(1000, 1000, budget=0) == 16
-    assert tiling.auto_tile(1000, 1000, dtype=torch.float16,
-                        budget=1000 * 1000 * 3 * 16 * 4 + 200 * 200 * 3000) == 192
+    half = use.overhead + 1000 * 1000 * 3 * 16 * 4 + 200 * 200 * use.per_pixel // 2
+    assert tiling.auto_tile(1000, 1000, dtype=torch.float16, budget=half) == 192
+    assert tiling.auto_tile(1, 5000, budget=use.overhead + 5000 * 192 + 64 * use.per_pixel) == 64
     assert tiling.available_memory(torch.device("cpu")) > 0
+
+
+@pytest.mark.parametrize("room_mib,whole", [(1930, True), (470, False)],
+                         ids=["ulimit-3GB", "ulimit-1.4GB"])
+def test_auto_tile_plans_what_a_forward_takes(monkeypatch, room_mib, whole):
+    """1024x768 at fp32 on the CPU: a whole forward of S grows VmPeak by 976 MiB (1302 B per
+    pixel, output included; 193 MiB at 256x256). Under ``ulimit -v 3000000`` (about 1930 MiB
+    of room beside the command) it fits whole; it was tiled (6 kB a pixel, half the room).
+    With 470 MiB of room tiles are needed, and large ones fit."""
+    estimate = tiling.forward_bytes(1024 * 768, outputs=1024 * 768)
+    assert 976 << 20 < estimate < 1.5 * (976 << 20)
+    assert 193 << 20 < tiling.forward_bytes(256 * 256, outputs=256 * 256) < 1.5 * (193 << 20)
+    monkeypatch.setattr(tiling, "available_memory", lambda device: room_mib << 20)
+    tile = tiling.auto_tile(768, 1024)
+    assert tile is None if whole else 256 <= tile < 768
 
 
 def test_auto_tile_on_a_small_image_is_untiled(rgb8):

@@ -41,8 +41,8 @@ import torch
 from torch import Tensor
 
 from camixer_fast.inference.api import ImageLike, Prepared, cached_model, check_tile, prepare, resolve_device, resolve_dtype
-from camixer_fast.inference.tiling import (BYTES_PER_PIXEL, MEMORY_FRACTION, auto_tile, available_memory,
-                                          is_allocation_failure, run_network)
+from camixer_fast.inference.tiling import (auto_tile, available_memory, forward_bytes,
+                                           is_allocation_failure, memory_use, run_network)
 from camixer_fast.reference.routing import check_gamma
 
 MAX_AUTO_BATCH = 8
@@ -98,7 +98,8 @@ class Engine:
         self.batch_size = batch_size
         self.workers = workers or default_workers(self.device)
         self.threads = threads or max(1, torch.get_num_threads() // self.workers)
-        self._room = _Room(int(MEMORY_FRACTION * available_memory(self.device)))
+        self._room = _Room(int(memory_use(self.device).fraction
+                               * available_memory(self.device)))
         with _one_thread():
             base = cached_model(weights, self.device, self.dtype, backend).model
             self.scale = base.scale
@@ -109,7 +110,8 @@ class Engine:
                 self.models.append(model)
 
     def _budget(self) -> int:
-        return int(MEMORY_FRACTION * available_memory(self.device) / self.workers)
+        return int(memory_use(self.device).fraction * available_memory(self.device)
+                   / self.workers)
 
     def tile_for(self, height: int, width: int) -> int | None:
         """The tile an image of this size runs with: ``tile``, or for "auto" what fits in this
@@ -123,17 +125,18 @@ class Engine:
         """Images (or tiles) of this size per model call."""
         if self.batch_size is not None:
             return self.batch_size
-        per_image = height * width * (BYTES_PER_PIXEL * torch.finfo(self.dtype).bits / 32
-                                      + 3 * self.scale ** 2 * 4)
-        return int(max(1, min(MAX_AUTO_BATCH, self._budget() // max(per_image, 1))))
+        per_image = forward_bytes(height * width, device=self.device, dtype=self.dtype,
+                                  outputs=height * width, scale=self.scale)
+        return int(max(1, min(MAX_AUTO_BATCH, self._budget() // per_image)))
 
     def working_set(self, count: int, height: int, width: int, tile: int | None) -> int:
         """Bytes a batch of ``count`` images of this size is expected to take while it runs:
         one image's (or tile's) working set, the network computing them one by one, plus the
         float32 inputs and outputs of the batch."""
         pixels = min(tile, height) * min(tile, width) if tile else height * width
-        per_pixel = BYTES_PER_PIXEL * torch.finfo(self.dtype).bits / 32
-        return int(pixels * per_pixel + count * height * width * 3 * (1 + self.scale ** 2) * 4)
+        return forward_bytes(pixels, device=self.device, dtype=self.dtype,
+                             outputs=count * height * width, scale=self.scale) \
+            + count * height * width * 3 * 4
 
     def run(self, worker: int, colour: Tensor, *,
             progress: Callable[[int, int], None] | None = None,

@@ -3,9 +3,9 @@ memory available (``tile="auto"``), retried in smaller tiles when an allocation 
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,13 +18,34 @@ from camixer_fast.reference.model import CAMixerSR
 ProgressCallback = Callable[[int, int], None]
 """Called as ``progress(done, total)`` after each tile (once, with (1, 1), when untiled)."""
 
-BYTES_PER_PIXEL = 6000
-"""Peak working memory of the network per LR pixel in flight, at fp32 (measured on the CPU for
-the S model at γ = 1: about 5.3 kB at 256×256, 2.2 kB at 1024×1024; rounded up). Scaled by the
-element size for fp16/bf16."""
+@dataclass(frozen=True)
+class MemoryUse:
+    """A forward of P pixels takes ``overhead + P * per_pixel`` bytes (``per_pixel`` at fp32,
+    scaled by the element size) plus its float32 output; plans use ``fraction`` of the
+    available memory."""
 
-MEMORY_FRACTION = 0.5
-"""Share of the available memory that ``tile="auto"`` plans to use."""
+    per_pixel: int
+    overhead: int
+    fraction: float
+
+
+MEMORY_USE = {"cpu": MemoryUse(per_pixel=1400, overhead=128 << 20, fraction=0.9),
+              "cuda": MemoryUse(per_pixel=6000, overhead=0, fraction=0.5)}
+"""CPU: VmPeak growth over whole forwards of S at fp32, with a margin; CUDA: not measured on a
+GPU here (the earlier figure, kept)."""
+
+
+def memory_use(device: torch.device | str) -> MemoryUse:
+    return MEMORY_USE["cpu" if torch.device(device).type == "cpu" else "cuda"]
+
+
+def forward_bytes(pixels: int, *, device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32, outputs: int = 0, scale: int = 4) -> int:
+    """Bytes a forward of ``pixels`` LR pixels is expected to take, plus the float32 outputs
+    (3·scale² values a pixel) of ``outputs`` LR pixels."""
+    use = memory_use(device)
+    return int(use.overhead + pixels * use.per_pixel * torch.finfo(dtype).bits / 32
+               + outputs * 3 * scale * scale * 4)
 
 
 def available_memory(device: torch.device) -> int:
@@ -90,23 +111,27 @@ def auto_tile(height: int, width: int, *, batch: int = 1, scale: int = 4,
               device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
               budget: int | None = None) -> int | None:
     """The tile that ``tile="auto"`` uses for a (batch, 3, height, width) input: None (the whole
-    image at once) when it fits the budget, else the largest multiple of 16 that fits (16 at
-    least).
+    image at once) when :func:`forward_bytes` of it fits ``budget``, else the largest multiple
+    of 16 whose tile fits beside the float32 output of the whole image (16 at least).
 
-    budget: bytes, by default :data:`MEMORY_FRACTION` of :func:`available_memory`. The whole
-    image fits when height·width·(:data:`BYTES_PER_PIXEL`·element size/4 + batch·3·scale²·4)
-    <= budget (working memory plus float32 results); a tile T fits when T²·BYTES_PER_PIXEL·
-    element size/4 plus the float32 output accumulator (batch·3·scale²·4 per input pixel)
-    <= budget.
+    budget: bytes, by default the device's :class:`MemoryUse` fraction of
+    :func:`available_memory`.
     """
     if budget is None:
-        budget = int(MEMORY_FRACTION * available_memory(torch.device(device)))
-    per_pixel = BYTES_PER_PIXEL * (torch.finfo(dtype).bits / 32)
-    output_per_pixel = batch * 3 * scale * scale * 4
-    if height * width * (per_pixel + output_per_pixel) <= budget:
+        budget = int(memory_use(device).fraction * available_memory(torch.device(device)))
+    pixels = height * width
+
+    def need(side: int | None) -> int:
+        tile = pixels if side is None else min(side, height) * min(side, width)
+        return forward_bytes(tile, device=device, dtype=dtype, outputs=batch * pixels,
+                             scale=scale)
+
+    if need(None) <= budget:
         return None
-    room = max(budget - height * width * output_per_pixel, 0)
-    return max(int(math.sqrt(room / per_pixel)) // 16 * 16, 16)
+    tile = max(height, width) // 16 * 16
+    while tile > 16 and need(tile) > budget:
+        tile -= 16
+    return max(tile, 16)
 
 
 def tile_origins(size: int, tile: int) -> list[int]:
@@ -214,9 +239,13 @@ def run_network(model: CAMixerSR | CUDAGraphModel, x: Tensor, tile: int | None, 
             _release_memory(x.device)
             smaller = halved_tile(tile, height, width)
             if smaller is None:
-                cause = (str(err).splitlines() or [type(err).__name__])[0][:200]
+                pixels = height * width if tile is None else \
+                    min(tile, height) * min(tile, width)
+                need = forward_bytes(pixels, device=x.device, dtype=x.dtype,
+                                     outputs=x.shape[0] * height * width, scale=model.scale)
                 raise MemoryError(f"out of memory on a {height}x{width} input even with "
-                                  f"{what} ({cause})") from None
+                                  f"{what}: needs about {need >> 20} MiB, "
+                                  f"{available_memory(x.device) >> 20} MiB available") from None
             if on_retry is not None:
                 on_retry(f"out of memory with {what} of {height}x{width}; retried in "
                          f"{smaller}x{smaller} tiles")
