@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import camixer_fast
-from camixer_fast.cli import build_parser, main
+from camixer_fast.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,9 +102,16 @@ def test_no_option_is_taken_by_its_abbreviation(image, tmp_path, capsys):
     assert "unrecognized arguments: --scale 3" in capsys.readouterr().err
     assert run("upscale", image, "-o", tmp_path / "out", "--scale") == 2
     assert not (tmp_path / "out").exists()
-    parser = build_parser()
-    subparsers = parser._subparsers._group_actions[0].choices
-    assert not parser.allow_abbrev and not any(p.allow_abbrev for p in subparsers.values())
+
+
+@pytest.mark.parametrize("args", [
+    ["--vers"], ["upscale", "in.png", "-o", "out", "--over"], ["eval", "--hr-dir", "x", "--js"],
+    ["info", "--js"], ["train", "--hr-dir", "x", "--out", "y", "--iter", "1"],
+    ["convert", "a.pth", "b.pth", "--over"], ["export", "m.onnx", "--over"]],
+    ids=lambda args: args[0].lstrip("-"))
+def test_every_command_refuses_abbreviations(args, capsys):
+    assert run(*args) == 2
+    assert "unrecognized arguments: --" in capsys.readouterr().err
 
 
 def test_single_image_prints_a_summary(small_weights, image, tmp_path, capsys):

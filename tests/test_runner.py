@@ -191,7 +191,7 @@ def test_failure_below_the_floor_fails_that_image_only(monkeypatch, tmp_path, ca
 
 def test_memory_budget_takes_the_address_space_limit(monkeypatch):
     room = 200 << 20
-    used = tiling._address_space_room()
+    used = tiling.address_space_room()
     assert used is None or used >= 0
     with open("/proc/self/status") as f:
         size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
@@ -220,9 +220,9 @@ def test_read_rgb_gives_8_bit_rgb_for_every_kind(tmp_path):
 @pytest.mark.parametrize("share,together", [(0.3, True), (0.6, False)],
                          ids=["small-side-by-side", "large-one-at-a-time"])
 def test_workers_share_the_memory_budget(share, together):
-    from camixer_fast.inference.pipeline import _Room
+    from camixer_fast.inference.pipeline import Room
 
-    room, inside, most = _Room(1000), [], []
+    room, inside, most = Room(1000), [], []
     lock = threading.Lock()
     both_in = threading.Barrier(2, timeout=0.5)
 

@@ -98,7 +98,7 @@ class Engine:
         self.batch_size = batch_size
         self.workers = workers or default_workers(self.device)
         self.threads = threads or max(1, torch.get_num_threads() // self.workers)
-        self._room = _Room(int(memory_use(self.device).fraction
+        self._room = Room(int(memory_use(self.device).fraction
                                * available_memory(self.device)))
         with _one_thread():
             base = cached_model(weights, self.device, self.dtype, backend).model
@@ -218,7 +218,7 @@ def _one_thread() -> Iterator[None]:
         set_thread_count(threads)
 
 
-class _Room:
+class Room:
     """A memory budget shared by the workers (bytes): :meth:`taking` waits until the amount
     fits beside what the others hold, or nobody holds anything."""
 

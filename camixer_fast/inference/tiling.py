@@ -79,14 +79,14 @@ def available_memory(device: torch.device) -> int:
             continue
         if limit.isdigit() and int(limit) < 1 << 60:
             amounts.append(max(int(limit) - usage, 0))
-    address_room = _address_space_room()
+    address_room = address_space_room()
     if address_room is not None:
         amounts.append(address_room)
     # freed memory this process keeps (camixer_fast.backends.memory) is counted as used above
     return min(amounts) + retained_bytes()
 
 
-def _address_space_room() -> int | None:
+def address_space_room() -> int | None:
     """Bytes left under the process's address-space limit (``ulimit -v``, RLIMIT_AS): the soft
     limit minus the current virtual size (VmSize of /proc/self/status); None when unlimited."""
     try:
