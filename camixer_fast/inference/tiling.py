@@ -16,13 +16,12 @@ from camixer_fast.inference.graphs import CUDAGraphModel
 from camixer_fast.reference.model import CAMixerSR
 
 ProgressCallback = Callable[[int, int], None]
-"""Called as ``progress(done, total)`` after each tile (once, with (1, 1), when untiled)."""
+
 
 @dataclass(frozen=True)
 class MemoryUse:
-    """A forward of P pixels takes ``overhead + P * per_pixel`` bytes (``per_pixel`` at fp32,
-    scaled by the element size) plus its float32 output; plans use ``fraction`` of the
-    available memory."""
+    """A forward of P pixels takes ``overhead + P * per_pixel`` bytes (fp32) plus its output;
+    plans use ``fraction`` of the available memory."""
 
     per_pixel: int
     overhead: int
@@ -31,8 +30,7 @@ class MemoryUse:
 
 MEMORY_USE = {"cpu": MemoryUse(per_pixel=1400, overhead=128 << 20, fraction=0.9),
               "cuda": MemoryUse(per_pixel=6000, overhead=0, fraction=0.5)}
-"""CPU: VmPeak growth over whole forwards of S at fp32, with a margin; CUDA: not measured on a
-GPU here (the earlier figure, kept)."""
+"""CPU: measured VmPeak growth of S with a margin; CUDA: the earlier figure, not measured."""
 
 
 def memory_use(device: torch.device | str) -> MemoryUse:
@@ -41,18 +39,16 @@ def memory_use(device: torch.device | str) -> MemoryUse:
 
 def forward_bytes(pixels: int, *, device: torch.device | str = "cpu",
                   dtype: torch.dtype = torch.float32, outputs: int = 0, scale: int = 4) -> int:
-    """Bytes a forward of ``pixels`` LR pixels is expected to take, plus the float32 outputs
-    (3·scale² values a pixel) of ``outputs`` LR pixels."""
+    """Expected bytes of a forward of ``pixels`` plus the float32 outputs of ``outputs``."""
     use = memory_use(device)
     return int(use.overhead + pixels * use.per_pixel * torch.finfo(dtype).bits / 32
                + outputs * 3 * scale * scale * 4)
 
 
 def available_memory(device: torch.device) -> int:
-    """Bytes free for a new allocation on ``device``: CUDA's free memory, else the smallest of
-    MemAvailable of /proc/meminfo (os.sysconf as a fallback), the room under a cgroup memory
-    limit and the room under the process's address-space limit (``ulimit -v``), plus the freed
-    heap the process keeps for reuse (:func:`camixer_fast.backends.memory.retained_bytes`)."""
+    """Bytes free for a new allocation on ``device``: CUDA's free memory, else the least of
+    MemAvailable, the room under a cgroup limit and under ``ulimit -v``, plus the freed heap
+    this process keeps (:func:`camixer_fast.backends.memory.retained_bytes`)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
@@ -82,13 +78,11 @@ def available_memory(device: torch.device) -> int:
     address_room = address_space_room()
     if address_room is not None:
         amounts.append(address_room)
-    # freed memory this process keeps (camixer_fast.backends.memory) is counted as used above
     return min(amounts) + retained_bytes()
 
 
 def address_space_room() -> int | None:
-    """Bytes left under the process's address-space limit (``ulimit -v``, RLIMIT_AS): the soft
-    limit minus the current virtual size (VmSize of /proc/self/status); None when unlimited."""
+    """RLIMIT_AS's soft limit minus VmSize (``ulimit -v`` room); None when unlimited."""
     try:
         import resource
     except ImportError:  # not on POSIX
@@ -110,13 +104,9 @@ def address_space_room() -> int | None:
 def auto_tile(height: int, width: int, *, batch: int = 1, scale: int = 4,
               device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
               budget: int | None = None) -> int | None:
-    """The tile that ``tile="auto"`` uses for a (batch, 3, height, width) input: None (the whole
-    image at once) when :func:`forward_bytes` of it fits ``budget``, else the largest multiple
-    of 16 whose tile fits beside the float32 output of the whole image (16 at least).
-
-    budget: bytes, by default the device's :class:`MemoryUse` fraction of
-    :func:`available_memory`.
-    """
+    """``tile="auto"`` for a (batch, 3, height, width) input: None when :func:`forward_bytes`
+    of the whole fits ``budget`` (default: :class:`MemoryUse` fraction of
+    :func:`available_memory`), else the largest fitting multiple of 16 (16 at least)."""
     if budget is None:
         budget = int(memory_use(device).fraction * available_memory(torch.device(device)))
     pixels = height * width
@@ -135,8 +125,8 @@ def auto_tile(height: int, width: int, *, batch: int = 1, scale: int = 4,
 
 
 def tile_origins(size: int, tile: int) -> list[int]:
-    """Origins of the tiles along one dimension (spec §5): ``range(0, size - tile, stride)``
-    plus ``size - tile``, with overlap ``tile // 16`` and stride ``tile - overlap``."""
+    """Tile origins along one dimension (spec §5): stride ``tile - tile // 16``, last at
+    ``size - tile``."""
     stride = tile - tile // 16
     return list(range(0, size - tile, stride)) + [size - tile]
 
@@ -176,16 +166,14 @@ def tiled_forward(model: CAMixerSR | CUDAGraphModel, x: Tensor, tile: int,
 
 
 OOM_TILE_FLOOR = 16
-"""Smallest tile (LR pixels, one window) that out-of-memory recovery halves down to."""
 
 _ALLOCATION_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory",
                         "not enough memory", "failed to allocate")
 
 
 def is_allocation_failure(err: BaseException) -> bool:
-    """Whether ``err`` is a failed memory allocation: MemoryError, torch's OutOfMemoryError
-    (CUDA), or a RuntimeError of the CPU allocator ("DefaultCPUAllocator: can't allocate
-    memory") or of another device's."""
+    """Whether ``err`` is a failed allocation: MemoryError, OutOfMemoryError, or an allocator's
+    RuntimeError."""
     if isinstance(err, MemoryError):
         return True
     oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError",
@@ -197,9 +185,8 @@ def is_allocation_failure(err: BaseException) -> bool:
 
 
 def halved_tile(tile: int | None, height: int, width: int) -> int | None:
-    """The tile to retry with after an allocation failure: half the tile in use (the whole
-    image counts as max(H, W)), rounded down to a multiple of 16; None below
-    :data:`OOM_TILE_FLOOR` (nothing left to try)."""
+    """Half the tile in use (the whole image: max(H, W)), a multiple of 16; None below
+    :data:`OOM_TILE_FLOOR`."""
     current = max(height, width) if tile is None else min(tile, max(height, width))
     smaller = current // 2 // 16 * 16
     return smaller if smaller >= OOM_TILE_FLOOR else None
@@ -213,14 +200,10 @@ def _release_memory(device: torch.device) -> None:
 def run_network(model: CAMixerSR | CUDAGraphModel, x: Tensor, tile: int | None, *, batch: int = 1,
                 progress: ProgressCallback | None = None,
                 on_retry: Callable[[str], None] | None = None) -> Tensor:
-    """``model`` on (B, 3, H, W) ``x`` (already on the model's device and dtype), whole or in
-    tiles of ``tile``; returns (B, 3, sH, sW), not clamped (clamp it outside inference mode
-    to give a normal tensor).
-
-    Out-of-memory recovery: when an allocation fails (:func:`is_allocation_failure`), the tile
-    is halved (:func:`halved_tile`) and the run retried, down to :data:`OOM_TILE_FLOOR`;
-    ``on_retry`` gets a sentence saying what happened. Below the floor the error is raised
-    as MemoryError. Call under ``torch.inference_mode()``.
+    """``model`` on (B, 3, H, W) ``x`` (on its device and dtype), whole or in tiles ->
+    (B, 3, sH, sW), not clamped. Call under ``torch.inference_mode()``. A failed allocation
+    halves the tile and retries (``on_retry`` hears of it), down to :data:`OOM_TILE_FLOOR`;
+    then MemoryError saying the memory needed and available.
     """
     height, width = x.shape[-2:]
     while True:
