@@ -273,3 +273,22 @@ def test_a_threads_count_survives_another_thread_setting_one() -> None:
         thread.join()
     set_thread_count(before)
     assert counts["worker"] == 2
+
+
+def test_allocation_failure_outside_the_network_is_one_line(monkeypatch, tmp_path, capsys):
+    """An allocation that fails after the network (e.g. on the result) says what it needed."""
+    real = torch.Tensor.clamp_
+
+    def clamp_(self, *args):
+        if self.shape[-2:] == (4 * 64, 4 * 48):
+            raise RuntimeError(ALLOCATION_ERROR)
+        return real(self, *args)
+
+    monkeypatch.setattr(torch.Tensor, "clamp_", clamp_)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(LARGE).save(folder / "large.png")
+    assert main(["upscale", str(folder), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "large.png: failed: out of memory on a 64x48 input: needs about " in err, err
+    assert " MiB available" in err and "DefaultCPUAllocator" not in err

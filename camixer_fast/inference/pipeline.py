@@ -136,10 +136,15 @@ class Engine:
                 try:
                     out = run_network(model, x[i:i + 1], tile, batch=tiles_per_call,
                                       progress=progress, on_retry=retry)
-                    results.append(out.float().cpu().clamp(0, 1))
+                    results.append(out.float().cpu().clamp_(0, 1))
                 except Exception as err:  # noqa: BLE001 - reported per image
-                    if is_allocation_failure(err) and self.device.type == "cuda":
-                        torch.cuda.empty_cache()
+                    if is_allocation_failure(err) and not isinstance(err, MemoryError):
+                        if self.device.type == "cuda":
+                            torch.cuda.empty_cache()
+                        need = self.working_set(1, height, width, tile)
+                        err = MemoryError(f"out of memory on a {height}x{width} input: needs "
+                                          f"about {need >> 20} MiB, "
+                                          f"{available_memory(self.device) >> 20} MiB available")
                     results.append(err)
             return results
 
