@@ -87,7 +87,7 @@ def test_single_file_to_a_file(inputs, tmp_path, capsys):
     assert cli(inputs / "a.png", "-o", dest) == 0
     with Image.open(dest) as img:
         assert img.mode == "RGBA" and img.size == (4 * W, 4 * H)
-    assert capsys.readouterr().err == ""
+    assert capsys.readouterr().err.startswith(f"camixer-fast upscale: 1 image upscaled -> {dest}")
 
 
 def test_single_file_to_another_format_says_what_is_lost(inputs, tmp_path, capsys):
@@ -544,6 +544,117 @@ def test_sigint_keeps_finished_files_and_exits_130(tmp_path):
         with Image.open(out / name) as img:
             img.load()
             assert img.size == (192, 192)
+
+
+SLOW_FORWARD = """
+import os
+import time
+
+import camixer_fast
+
+_forward = camixer_fast.CAMixerSR.forward
+
+
+def _slow_forward(self, x, **kwargs):
+    os.write(2, b"forward\\n")
+    time.sleep(float(os.environ["SLOW_FORWARD"]))
+    out = _forward(self, x, **kwargs)
+    os.write(2, b"forward done\\n")
+    return out
+
+
+camixer_fast.CAMixerSR.forward = _slow_forward
+"""
+"""A sitecustomize that says on stderr when each forward (here: each tile) starts and ends,
+and makes it take $SLOW_FORWARD seconds longer."""
+
+
+class _Stderr:
+    """A child's stderr read on a thread: wait for a line with a deadline, then all of it."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        import queue
+        import threading
+
+        self.proc, self.lines, self.fresh = proc, [], queue.Queue()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            self.fresh.put(line)
+        self.fresh.put(None)
+
+    def wait_for(self, text: str, timeout: float = 120) -> None:
+        import queue
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.fresh.get(timeout=max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                self.proc.kill()
+                raise AssertionError(f"no {text!r} in time: {''.join(self.lines)}") from None
+            if line is None:
+                raise AssertionError(f"no {text!r} (exit {self.proc.wait()}): "
+                                     f"{''.join(self.lines)}")
+            if text in line:
+                return
+
+    def all(self, timeout: float = 120) -> str:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        self.reader.join(timeout=10)
+        return "".join(self.lines)
+
+
+def _tiled_run(tmp_path: Path, seconds: float) -> tuple[subprocess.Popen, _Stderr, Path]:
+    """``upscale`` of a 64×64 image in 25 tiles of 16 (one per forward) under SLOW_FORWARD,
+    once its first tile has started."""
+    image, out = tmp_path / "big.png", tmp_path / "out.png"
+    Image.fromarray(RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(image)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_FORWARD)
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{hook}{os.pathsep}{repo}",
+               SLOW_FORWARD=str(seconds))
+    proc = subprocess.Popen([sys.executable, "-m", "camixer_fast", "upscale", str(image), "-o",
+                             str(out), "--tile", "16", "--batch-size", "1"],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    stderr = _Stderr(proc)
+    stderr.wait_for("forward\n")
+    return proc, stderr, out
+
+
+def test_sigint_stops_a_tiled_image_between_tiles(tmp_path):
+    import signal
+
+    proc, stderr, out = _tiled_run(tmp_path, 0.3)
+    proc.send_signal(signal.SIGINT)
+    err = stderr.all()
+    assert proc.returncode == 130, err
+    assert err.count("forward done") <= 3, f"{err.count('forward done')} of 25 tiles ran"
+    assert "interrupted; 0 written" in err and not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_second_sigint_exits_at_once_with_130(tmp_path):
+    import signal
+
+    proc, stderr, out = _tiled_run(tmp_path, 600)
+    proc.send_signal(signal.SIGINT)
+    stderr.wait_for("Ctrl-C again", timeout=60)
+    proc.send_signal(signal.SIGINT)
+    err = stderr.all(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted again, exiting now" in err and "terminate called" not in err
+    assert "forward done" not in err and not out.exists()
 
 
 # --- the 16-bit PNG codec --------------------------------------------------------------------

@@ -98,11 +98,11 @@ def test_cli_bad_gamma() -> None:
 
 
 def test_table_mean_row_is_the_mean_time(capsys: pytest.CaptureFixture[str]) -> None:
-    from camixer_fast.commands.eval import _print_table
+    from camixer_fast.commands.eval import print_table
     from camixer_fast.evaluation.evaluate import GammaScore, ImageScore
 
     result = GammaScore(0.5, [ImageScore("a", (4, 4), 30.0, 0.9, 0.5, 1.0),
                               ImageScore("b", (4, 4), 32.0, 0.8, 0.5, 3.0)])
-    _print_table(result, 4)
+    print_table(result, 4)
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
     assert rows["mean"][-1] == "2.000" and rows["total"][-1] == "4.000"

@@ -117,10 +117,10 @@ def test_allocation_failures_are_recognised(error, expected):
 
 
 @pytest.mark.parametrize("tile,size,expected", [
-    (None, (64, 48), 32), (None, (40, 200), 96), (64, (64, 48), 16), (96, (200, 300), 48),
-    (32, (64, 64), 16), (16, (64, 64), None), (None, (20, 20), None)],
-    ids=["whole-64x48", "whole-40x200", "tile64-on-48", "tile96", "tile32", "floor",
-         "small-image"])
+    (None, (64, 48), 32), (None, (40, 200), 96), (64, (64, 48), 32), (96, (200, 300), 48),
+    (32, (64, 64), 16), (16, (64, 64), None), (None, (20, 20), None), (64, (1, 500), 32)],
+    ids=["whole-64x48", "whole-40x200", "tile64-on-64x48", "tile96", "tile32", "floor",
+         "small-image", "tile64-on-1x500"])
 def test_tile_is_halved_to_a_multiple_of_16_down_to_the_floor(tile, size, expected):
     assert tiling.halved_tile(tile, *size) == expected
 
@@ -184,13 +184,14 @@ def test_failure_below_the_floor_fails_that_image_only(monkeypatch, tmp_path, ca
     Image.fromarray(LARGE[:8, :40]).save(folder / "wide.png")
     assert main(["upscale", str(folder), "-o", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
-    assert "large.png: failed: out of memory on a 64x48 input even with 16-pixel tiles" in err
+    assert "large.png: failed: out of memory on a 64x48 input even with 16-pixel tiles: needs " \
+           "about " in err and " MiB available" in err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["wide.png"]
 
 
 def test_memory_budget_takes_the_address_space_limit(monkeypatch):
     room = 200 << 20
-    used = tiling._address_space_room()
+    used = tiling.address_space_room()
     assert used is None or used >= 0
     with open("/proc/self/status") as f:
         size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
@@ -219,9 +220,9 @@ def test_read_rgb_gives_8_bit_rgb_for_every_kind(tmp_path):
 @pytest.mark.parametrize("share,together", [(0.3, True), (0.6, False)],
                          ids=["small-side-by-side", "large-one-at-a-time"])
 def test_workers_share_the_memory_budget(share, together):
-    from camixer_fast.inference.pipeline import _Room
+    from camixer_fast.inference.pipeline import Room
 
-    room, inside, most = _Room(1000), [], []
+    room, inside, most = Room(1000), [], []
     lock = threading.Lock()
     both_in = threading.Barrier(2, timeout=0.5)
 
@@ -272,3 +273,22 @@ def test_a_threads_count_survives_another_thread_setting_one() -> None:
         thread.join()
     set_thread_count(before)
     assert counts["worker"] == 2
+
+
+def test_allocation_failure_outside_the_network_is_one_line(monkeypatch, tmp_path, capsys):
+    """An allocation that fails after the network (e.g. on the result) says what it needed."""
+    real = torch.Tensor.clamp_
+
+    def clamp_(self, *args):
+        if self.shape[-2:] == (4 * 64, 4 * 48):
+            raise RuntimeError(ALLOCATION_ERROR)
+        return real(self, *args)
+
+    monkeypatch.setattr(torch.Tensor, "clamp_", clamp_)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(LARGE).save(folder / "large.png")
+    assert main(["upscale", str(folder), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "large.png: failed: out of memory on a 64x48 input: needs about " in err, err
+    assert " MiB available" in err and "DefaultCPUAllocator" not in err

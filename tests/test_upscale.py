@@ -337,9 +337,33 @@ def test_tiles_are_averaged_back_to_the_whole(tile):
     seen = []
     out = tiling.tiled_forward(NearestX4(), x, tile, lambda done, total: seen.append((done, total)))
     torch.testing.assert_close(out, NearestX4()(x), rtol=0, atol=1e-6)
-    t = min(tile, 23, 37)
-    total = len(tiling.tile_origins(23, t)) * len(tiling.tile_origins(37, t))
+    total = len(tiling.tile_origins(23, min(tile, 23))) * len(tiling.tile_origins(37, min(tile, 37)))
     assert seen == [(i + 1, total) for i in range(total)]
+
+
+class Shapes(NearestX4):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(tuple(x.shape[-2:]))
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("size,tile,shape", [
+    ((1, 500), 64, (1, 64)), ((200, 30), 64, (64, 30)), ((40, 40), 64, (40, 40)),
+    ((90, 90), 64, (64, 64))], ids=["1x500", "200x30", "square-under-T", "square-over-T"])
+def test_tiles_are_TxT_clipped_to_the_image(size, tile, shape):
+    """A thin image keeps T along its long side (1x1 tiles made 1x500 at T=64 take 15 s, not 2);
+    a square image's tiles are min(T, side) square, as before."""
+    x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(3))
+    model = Shapes()
+    out = tiling.tiled_forward(model, x, tile)
+    torch.testing.assert_close(out, NearestX4()(x), rtol=0, atol=1e-6)
+    rows = tiling.tile_origins(size[0], shape[0])
+    cols = tiling.tile_origins(size[1], shape[1])
+    assert model.seen == [shape] * (len(rows) * len(cols))
 
 
 def test_one_tile_is_the_untiled_run(rgb8):
@@ -366,15 +390,34 @@ def test_tiled_output_is_seamless(shared):
 
 
 def test_auto_tile_rule():
+    use = tiling.MEMORY_USE["cpu"]
     assert tiling.auto_tile(100, 100, budget=1 << 40) is None
-    per_pixel = tiling.BYTES_PER_PIXEL + 3 * 16 * 4
-    assert tiling.auto_tile(100, 100, budget=100 * 100 * per_pixel) is None
-    tile = tiling.auto_tile(1000, 1000, budget=1000 * 1000 * 3 * 16 * 4 + 200 * 200 * 6000)
-    assert tile == 192
+    whole = use.overhead + 100 * 100 * (use.per_pixel + 3 * 16 * 4)
+    assert tiling.forward_bytes(100 * 100, outputs=100 * 100) == whole
+    assert tiling.auto_tile(100, 100, budget=whole) is None
+    assert tiling.auto_tile(100, 100, budget=whole - 1) == 96
+    budget = use.overhead + 1000 * 1000 * 3 * 16 * 4 + 200 * 200 * use.per_pixel
+    assert tiling.auto_tile(1000, 1000, budget=budget) == 192
     assert tiling.auto_tile(1000, 1000, budget=0) == 16
-    assert tiling.auto_tile(1000, 1000, dtype=torch.float16,
-                        budget=1000 * 1000 * 3 * 16 * 4 + 200 * 200 * 3000) == 192
+    half = use.overhead + 1000 * 1000 * 3 * 16 * 4 + 200 * 200 * use.per_pixel // 2
+    assert tiling.auto_tile(1000, 1000, dtype=torch.float16, budget=half) == 192
+    assert tiling.auto_tile(1, 5000, budget=use.overhead + 5000 * 192 + 64 * use.per_pixel) == 64
     assert tiling.available_memory(torch.device("cpu")) > 0
+
+
+@pytest.mark.parametrize("room_mib,whole", [(1930, True), (470, False)],
+                         ids=["ulimit-3GB", "ulimit-1.4GB"])
+def test_auto_tile_plans_what_a_forward_takes(monkeypatch, room_mib, whole):
+    """1024x768 at fp32 on the CPU: a whole forward of S grows VmPeak by 976 MiB (1302 B per
+    pixel, output included; 193 MiB at 256x256). Under ``ulimit -v 3000000`` (about 1930 MiB
+    of room beside the command) it fits whole; it was tiled (6 kB a pixel, half the room).
+    With 470 MiB of room tiles are needed, and large ones fit."""
+    estimate = tiling.forward_bytes(1024 * 768, outputs=1024 * 768)
+    assert 976 << 20 < estimate < 1.5 * (976 << 20)
+    assert 193 << 20 < tiling.forward_bytes(256 * 256, outputs=256 * 256) < 1.5 * (193 << 20)
+    monkeypatch.setattr(tiling, "available_memory", lambda device: room_mib << 20)
+    tile = tiling.auto_tile(768, 1024)
+    assert tile is None if whole else 256 <= tile < 768
 
 
 def test_auto_tile_on_a_small_image_is_untiled(rgb8):

@@ -25,10 +25,12 @@ FPS, SECONDS, WIDTH, HEIGHT, RATE = 10, 2, 96, 64, 16000
 
 
 def make_clip(path: Path, *, with_video: bool = True, with_audio: bool = True,
-              seconds: float = SECONDS) -> None:
-    """Moving 8×8 blocks (H.264, ``FPS`` frames a second) and a 440 Hz tone (AAC)."""
+              seconds: float = SECONDS, faststart: bool = False) -> None:
+    """Moving 8×8 blocks (H.264, ``FPS`` frames a second) and a 440 Hz tone (AAC);
+    ``faststart``: the index at the front of the file."""
     rng = np.random.default_rng(0)
-    with av.open(str(path), "w") as out:
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), "w", options=options) as out:
         if with_video:
             stream = out.add_stream("libx264", rate=FPS)
             stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
@@ -160,6 +162,14 @@ def _truncated(clip: Path, dest: Path) -> None:
     dest.write_bytes(data[: len(data) // 2])
 
 
+def _cut_off(clip: Path, dest: Path) -> None:
+    """The first half of a file with its index in front: the index declares 10 frames."""
+    whole = dest.with_name("whole.mp4")
+    make_clip(whole, seconds=1, faststart=True)
+    _truncated(whole, dest)
+    whole.unlink()
+
+
 def _garbage(clip: Path, dest: Path) -> None:
     dest.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
 
@@ -169,6 +179,7 @@ def _audio_only(clip: Path, dest: Path) -> None:
 
 
 BAD_VIDEOS = {"truncated": (_truncated, "cannot read video"),
+              "cut-off": (_cut_off, "the video ends after"),
               "garbage": (_garbage, "cannot read video"),
               "audio-only": (_audio_only, "has no video stream")}
 
@@ -184,19 +195,19 @@ def test_bad_video_is_reported_and_leaves_nothing(kind, clip, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{folder / 'bad.mp4'}: {message}" in err
     assert names(tmp_path / "out") == ["still.png"]
+    assert "1 written, 0 skipped, 1 failed" in err
 
 
 def test_interrupted_video_leaves_no_file(clip, tmp_path, monkeypatch):
-    real, seen = video._frame_prepare, []
+    real, seen = video.prepare, []
 
-    def interrupt_at_frame_5(item):
-        if isinstance(item, av.VideoFrame):
-            seen.append(item)
-            if len(seen) == 5:
-                raise KeyboardInterrupt
-        return real(item)
+    def interrupt_at_frame_5(rgb):
+        seen.append(rgb)
+        if len(seen) == 5:
+            raise KeyboardInterrupt
+        return real(rgb)
 
-    monkeypatch.setattr(video, "_frame_prepare", interrupt_at_frame_5)
+    monkeypatch.setattr(video, "prepare", interrupt_at_frame_5)
     assert main(["upscale", str(clip), "-o", str(tmp_path / "out.mp4")]) == 130
     assert names(tmp_path) == []
 

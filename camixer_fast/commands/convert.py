@@ -1,7 +1,7 @@
 """``camixer-fast convert IN OUT``: official ``.pth`` <-> safetensors.
 
 Exit status: 0 written, 1 unreadable or non-CAMixerSR input, 2 bad arguments (including an
-existing OUT without ``--overwrite``).
+existing OUT without ``--overwrite`` and an OUT that cannot be written).
 """
 
 from __future__ import annotations
@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
+from camixer_fast.cli import check_writable
 from camixer_fast.models.convert import DTYPES, KEYS, convert_checkpoint
 from camixer_fast.models.loading import CheckpointError
 
@@ -40,6 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Convert; print the written file's metadata."""
     dtype = DTYPES[args.dtype] if args.dtype else None
+    check_writable(Path(args.output).parent, args.output)
     try:
         metadata = convert_checkpoint(args.input, args.output, key=args.key, dtype=dtype,
                                       overwrite=args.overwrite)

@@ -50,7 +50,7 @@ def _image_line(score: ImageScore) -> str:
             f"{score.k_fraction:7.3f} {score.seconds:8.3f}")
 
 
-def _print_table(result: GammaScore, scale: int) -> None:
+def print_table(result: GammaScore, scale: int) -> None:
     print(f"γ = {result.gamma:g} (×{scale})")
     print(f"  {'image':<16} {'LR':>9} {'PSNR(Y)':>9} {'SSIM(Y)':>8} {'K/N':>7} {'time(s)':>8}")
     for score in result.images:
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
                           "results": [r.to_dict() for r in results]}, indent=2))
         return 0
     for result in results:
-        _print_table(result, model.scale)
+        print_table(result, model.scale)
         print()
     print("summary: " + ", ".join(f"γ={r.gamma:g}: {r.mean_psnr:.3f} dB / {r.mean_ssim:.4f}"
                                   for r in results))

@@ -1,16 +1,17 @@
 """``camixer-fast export OUT.onnx``: the model as an ONNX graph with the routing inside it.
 
 Exit status: 0 written, 1 unreadable weights, 2 bad arguments (including an existing OUT
-without ``--overwrite``).
+without ``--overwrite`` and an OUT that cannot be written).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from camixer_fast.cli import gamma_type
+from camixer_fast.cli import UsageError, check_writable, gamma_type, writing
 from camixer_fast.models.loading import CheckpointError, load_model
 
 
@@ -25,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "The window scores, K per image (expected routing) and the window order "
                     "(TopK; equal scores by lower window index) are computed in the graph. "
                     "Without --gamma, γ is a second input 'gamma' (float32 scalar).",
-        epilog="Exit status: 0 written, 1 unreadable weights, 2 bad arguments.")
+        epilog="Exit status: 0 written, 1 unreadable weights, 2 bad arguments or an OUT that "
+               "cannot be written.")
     parser.add_argument("output", metavar="OUT", help="the .onnx file to write")
     parser.add_argument("--weights", default="CAMixerSR-S", metavar="NAME_OR_PATH",
                         help="registered weights name or checkpoint path (default CAMixerSR-S)")
@@ -45,9 +47,8 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:
-        print(f"camixer-fast export: {out} exists (pass --overwrite to replace it)",
-              file=sys.stderr)
-        return 2
+        raise UsageError(f"{out} exists (pass --overwrite to replace it)")
+    check_writable(out.parent, out)
     try:
         model = load_model(args.weights, backend="reference")
     except (CheckpointError, OSError) as err:
@@ -56,10 +57,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"camixer-fast export: tracing {args.weights} (C={model.n_feats}, ×{model.scale}) ...",
           file=sys.stderr)
     try:
-        result = export_onnx(model, out, gamma=args.gamma, opset=args.opset)
+        with writing(out):
+            result = export_onnx(model, out, gamma=args.gamma, opset=args.opset)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(out, 0o666 & ~umask)
     except ValueError as err:
-        print(f"camixer-fast export: {err}", file=sys.stderr)
-        return 2
+        raise UsageError(str(err)) from None
     gamma = "γ input 'gamma'" if result.gamma is None else f"γ = {result.gamma:g} baked in"
     print(f"wrote {out}: opset {result.opset}, {result.nodes:,} nodes, {gamma} "
           f"({result.seconds:.1f} s)")

@@ -28,8 +28,10 @@ def _size(text: str) -> tuple[int, int]:
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``info`` subcommand to ``subparsers``; its ``func`` is :func:`run`."""
     parser = subparsers.add_parser(
-        "info", help="parameters, paper FLOPs and measured MAdds of a model",
-        description="Parameter count; FLOPs per 32×32 LR input in the paper's convention "
+        "info", help="parameters, paper FLOPs and measured MAdds of a model (random S "
+                     "weights unless --weights)",
+        description="Without --weights: a published size (--model, default S) with random "
+                    "weights (seed 0). Parameter count; FLOPs per 32×32 LR input in the paper's convention "
                     "(Table 2, the official formula); and multiply-adds measured on an actual "
                     "forward of an --lr-size input (uniform noise, seed 0), counting every "
                     "conv and linear and the attention of the windows the routing chose.",

@@ -2,7 +2,7 @@
 
 Runs alone or under ``torchrun`` (one process per GPU, or several CPU processes on gloo).
 Exit status: 0 trained, 1 unusable data or weights (reported before any training step) or a
-failure during training, 2 bad arguments.
+failure during training, 2 bad arguments (an --out that cannot be written included).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from camixer_fast.cli import gamma_type
+from camixer_fast.cli import check_writable, gamma_type
 from camixer_fast.models.loading import CheckpointError
 from camixer_fast.train import (
     AMP_MODES,
@@ -180,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
+    check_writable(args.out_dir, os.path.join(args.out_dir, "log.jsonl"))
     try:
         summary = train(config)
     except ConfigError as err:

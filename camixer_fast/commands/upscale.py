@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from camixer_fast.cli import gamma_type
+from camixer_fast.cli import UsageError, check_writable, gamma_type
 from camixer_fast.io.image import EXTENSIONS, LoadedImage, read_image, write_image
 from camixer_fast.models.loading import CheckpointError
 from camixer_fast.io.progress import Progress
@@ -34,10 +34,6 @@ from camixer_fast.io.video import VIDEO_EXTENSIONS, VideoError, check_codec, is_
 from camixer_fast.train import ranks as distributed
 
 PROG = "camixer-fast upscale"
-
-
-class UsageError(Exception):
-    """A bad argument found after parsing (exit status 2)."""
 
 
 def _positive(text: str) -> int:
@@ -219,18 +215,6 @@ def _output_mode(files: list[Path], explicit: int, args: argparse.Namespace) -> 
     return "folder"
 
 
-def _check_writable(folder: Path, example: Path) -> None:
-    """Refuse, before any work, an output folder that cannot be written (or created)."""
-    probe_dir = folder
-    while not probe_dir.exists() and probe_dir != probe_dir.parent:
-        probe_dir = probe_dir.parent
-    if not probe_dir.is_dir():
-        raise UsageError(f"cannot write {example}: {probe_dir} is not a folder")
-    if not os.access(probe_dir, os.W_OK | os.X_OK):
-        what = "folder" if probe_dir == folder else f"folder {folder} cannot be created: its parent"
-        raise UsageError(f"cannot write {example}: the {what} {probe_dir} is not writable")
-
-
 def _naming(err: OSError, dest: Path) -> OSError:
     """``err`` restated about ``dest`` (not the temporary file it happened on)."""
     text = f"cannot write {dest}: {err.strerror or err}"
@@ -371,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
         mode = _output_mode(files, explicit, args)
         out = Path(args.output)
         first = files[0]
-        _check_writable(out.parent if mode == "file" else out,
+        check_writable(out.parent if mode == "file" else out,
                         out if mode != "folder" else out / first.name)
         device = distributed.device_for(rank, args.device)
         try:
@@ -457,4 +441,7 @@ def run(args: argparse.Namespace) -> int:
             rate = f" in {seconds:.1f} s ({', '.join(rates)})"
             print(f"{PROG}: {written} written, {skipped} skipped, {len(failures)} failed"
                   + (rate if written else ""), file=sys.stderr)
+        elif written and not is_video(pairs[0][0]):
+            print(f"{PROG}: 1 image upscaled -> {pairs[0][1]} (×{engine.scale}, "
+                  f"{max(t.seconds for t in tallies):.1f} s)", file=sys.stderr)
     return 1 if failures else 0

@@ -1,28 +1,10 @@
-"""The pipelined runner behind ``camixer-fast upscale`` and :func:`upscale_batch`: many images
-(or video frames) through the network with the model never waiting on I/O.
-
-Stages, each on its own threads::
-
-    items --prepare (pool)--> size buckets --batches--> model workers --finish (pool)--> outcomes
-
-- *prepare* turns an item into a :class:`~camixer_fast.inference.api.Prepared` (read and decode a
-  file, check an array) on a small thread pool, ahead of the model;
-- images of the same size are grouped into batches of up to ``batch_size`` (images that are
-  tiled go alone, their same-size tiles grouped instead);
-- each model worker holds its own copy of the network and runs a batch at a time. Routing is
-  per image, and on the CPU backend the network runs a batch image by image
-  (:meth:`CAMixerSR.forward`), so no output depends on which images shared its batch, on the
-  batch size, on the number of workers or on the order;
-- *finish* (rebuild the image's kind, then the caller's ``sink``, e.g. encode and write a file)
-  runs on another pool, behind the model.
-
-An allocation failure on a batch reruns its images one by one, and on an image halves the tile
-and retries it (:func:`camixer_fast.inference.tiling.run_network`); the outcome's ``notes`` say so.
-
-CPU threads: every image is computed with ``threads`` intra-op threads (``torch.set_num_threads``
-for the length of the run) and ``workers`` images are in flight at once. The CPU kernels round
-differently with the thread count (by ~1e-6, one 8-bit level on ~1e-5 of the pixels), so an
-output is bit-identical for a given ``threads`` whatever the batching, the workers and the order.
+"""The pipelined runner behind ``camixer-fast upscale`` and :func:`upscale_batch`:
+items -> prepare (thread pool: read, decode) -> same-size batches -> model workers (each with
+its own network copy) -> finish (thread pool: rebuild, write) -> outcomes, so the model never
+waits on I/O. Routing is per image and the CPU network runs a batch image by image, so an
+output depends only on ``threads`` (the CPU kernels round with the thread count), not on the
+batching, the workers or the order. Allocation failures rerun a batch image by image, then in
+halved tiles (:func:`camixer_fast.inference.tiling.run_network`), noted on the outcome.
 """
 
 from __future__ import annotations
@@ -41,44 +23,28 @@ import torch
 from torch import Tensor
 
 from camixer_fast.inference.api import ImageLike, Prepared, cached_model, check_tile, prepare, resolve_device, resolve_dtype
-from camixer_fast.inference.tiling import (BYTES_PER_PIXEL, MEMORY_FRACTION, auto_tile, available_memory,
-                                          is_allocation_failure, run_network)
+from camixer_fast.inference.tiling import (auto_tile, available_memory, forward_bytes,
+                                           is_allocation_failure, memory_use, run_network)
 from camixer_fast.reference.routing import check_gamma
 
 MAX_AUTO_BATCH = 8
-"""Largest batch that ``batch_size=None`` picks."""
-
 DECODE_THREADS = 2
-"""Threads that prepare (read, decode) items ahead of the model."""
-
 FINISH_THREADS = 2
-"""Threads that finish results (rebuild, encode, write) behind the model."""
 
 
 def default_workers(device: torch.device) -> int:
-    """Images in flight through the network at once by default: 1, with all of torch's
-    intra-op threads, so that results equal :func:`camixer_fast.upscale`'s at its defaults
-    (and the sequential command's) bit for bit. More workers at fewer threads each
-    (``workers=N, threads=1``) use many cores better on small images, with results that differ
-    by the thread count's rounding (see the module's docstring)."""
+    """1 worker with all of torch's threads: results equal :func:`camixer_fast.upscale`'s."""
     return 1
 
 
 class Engine:
     """The network, ready to run batches on one device from several worker threads.
 
-    Arguments as :func:`camixer_fast.upscale` takes them, plus:
-
-    batch_size: images (or tiles) per model call; None sizes it from memory (as many as
-      fit in the budget of :func:`camixer_fast.inference.tiling.auto_tile` if run at once, at most
-      :data:`MAX_AUTO_BATCH`).
-    workers: model workers (each with its own copy of the network); None:
-      :func:`default_workers`.
-    threads: CPU intra-op threads per image; None: ``torch.get_num_threads() // workers``
-      (at least 1). Outputs depend on it (see the module's docstring), not on the rest.
-
-    Raises what :func:`camixer_fast.load_model` raises for bad weights, ValueError for bad
-    settings.
+    Arguments as :func:`camixer_fast.upscale` takes them, plus batch_size (images or tiles per
+    model call; None: what fits in memory, at most :data:`MAX_AUTO_BATCH`), workers (network
+    copies; None: :func:`default_workers`) and threads (CPU threads per image; None: torch's
+    threads // workers). Raises what :func:`camixer_fast.load_model` raises, ValueError for
+    bad settings.
     """
 
     def __init__(self, gamma: float = 0.5, *, weights: str | os.PathLike | Mapping = "CAMixerSR-S",
@@ -98,7 +64,8 @@ class Engine:
         self.batch_size = batch_size
         self.workers = workers or default_workers(self.device)
         self.threads = threads or max(1, torch.get_num_threads() // self.workers)
-        self._room = _Room(int(MEMORY_FRACTION * available_memory(self.device)))
+        self._room = Room(int(memory_use(self.device).fraction
+                               * available_memory(self.device)))
         with _one_thread():
             base = cached_model(weights, self.device, self.dtype, backend).model
             self.scale = base.scale
@@ -109,43 +76,36 @@ class Engine:
                 self.models.append(model)
 
     def _budget(self) -> int:
-        return int(MEMORY_FRACTION * available_memory(self.device) / self.workers)
+        return int(memory_use(self.device).fraction * available_memory(self.device)
+                   / self.workers)
 
     def tile_for(self, height: int, width: int) -> int | None:
-        """The tile an image of this size runs with: ``tile``, or for "auto" what fits in this
-        worker's share of the memory."""
+        """``tile``, or for "auto" what fits in this worker's share of the memory."""
         if self.tile == "auto":
             return auto_tile(height, width, scale=self.scale, device=self.device,
                              dtype=self.dtype, budget=self._budget())
         return self.tile
 
     def batch_for(self, height: int, width: int) -> int:
-        """Images (or tiles) of this size per model call."""
         if self.batch_size is not None:
             return self.batch_size
-        per_image = height * width * (BYTES_PER_PIXEL * torch.finfo(self.dtype).bits / 32
-                                      + 3 * self.scale ** 2 * 4)
-        return int(max(1, min(MAX_AUTO_BATCH, self._budget() // max(per_image, 1))))
+        per_image = forward_bytes(height * width, device=self.device, dtype=self.dtype,
+                                  outputs=height * width, scale=self.scale)
+        return int(max(1, min(MAX_AUTO_BATCH, self._budget() // per_image)))
 
     def working_set(self, count: int, height: int, width: int, tile: int | None) -> int:
-        """Bytes a batch of ``count`` images of this size is expected to take while it runs:
-        one image's (or tile's) working set, the network computing them one by one, plus the
-        float32 inputs and outputs of the batch."""
-        side = min(tile, height, width) if tile else 0
-        pixels = side * side if tile else height * width
-        per_pixel = BYTES_PER_PIXEL * torch.finfo(self.dtype).bits / 32
-        return int(pixels * per_pixel + count * height * width * 3 * (1 + self.scale ** 2) * 4)
+        """Expected bytes of a batch: one image's (or tile's) forward plus all inputs/outputs."""
+        pixels = min(tile, height) * min(tile, width) if tile else height * width
+        return forward_bytes(pixels, device=self.device, dtype=self.dtype,
+                             outputs=count * height * width, scale=self.scale) \
+            + count * height * width * 3 * 4
 
     def run(self, worker: int, colour: Tensor, *,
             progress: Callable[[int, int], None] | None = None,
             on_retry: Callable[[int, str], None] | None = None) -> list[Tensor | BaseException]:
-        """Super-resolve (B, 3, H, W) ``colour`` on worker ``worker``'s network: per image, its
-        (1, 3, sH, sW) result clamped to [0, 1] on the CPU in float32, or the exception that
-        image raised. ``on_retry(i, text)`` hears of out-of-memory retries of image i.
-
-        Workers share the memory budget: a batch waits while others run and its
-        :meth:`working_set` would not fit beside theirs (it runs at once when alone), so large
-        images are computed one at a time and small ones side by side."""
+        """(B, 3, H, W) ``colour`` on worker ``worker``'s network -> per image its (1, 3, sH, sW)
+        float32 CPU result in [0, 1], or its exception; ``on_retry(i, text)`` hears of retries.
+        A batch waits until its :meth:`working_set` fits beside the other workers'."""
         height, width = colour.shape[-2:]
         tile = self.tile_for(height, width)
         need = self.working_set(colour.shape[0], height, width, tile)
@@ -166,41 +126,44 @@ class Engine:
                     return [o[None].float().cpu().clamp(0, 1) for o in out]
                 except Exception:  # noqa: BLE001 - rerun one by one, errors go to their image
                     pass
-            side = min(tile, height, width) if tile else 0
-            tiles_per_call = self.batch_for(side, side) if tile else 1
+            tiles_per_call = 1
+            if tile and (self.batch_size or self.device.type != "cpu"):
+                # the CPU network runs tiles one by one anyway; one per call stops sooner
+                tiles_per_call = self.batch_for(min(tile, height), min(tile, width))
             results: list[Tensor | BaseException] = []
             for i in range(count):
                 retry = None if on_retry is None else (lambda text, i=i: on_retry(i, text))
                 try:
                     out = run_network(model, x[i:i + 1], tile, batch=tiles_per_call,
                                       progress=progress, on_retry=retry)
-                    results.append(out.float().cpu().clamp(0, 1))
+                    results.append(out.float().cpu().clamp_(0, 1))
                 except Exception as err:  # noqa: BLE001 - reported per image
-                    if is_allocation_failure(err) and self.device.type == "cuda":
-                        torch.cuda.empty_cache()
+                    if is_allocation_failure(err) and not isinstance(err, MemoryError):
+                        if self.device.type == "cuda":
+                            torch.cuda.empty_cache()
+                        need = self.working_set(1, height, width, tile)
+                        err = MemoryError(f"out of memory on a {height}x{width} input: needs "
+                                          f"about {need >> 20} MiB, "
+                                          f"{available_memory(self.device) >> 20} MiB available")
                     results.append(err)
             return results
 
 
-def set_thread_count(threads: int) -> None:
-    """This thread's torch intra-op threads, for good.
+class Cancelled(Exception):
+    """Raised between tiles in a model worker when the run is stopping."""
 
-    A thread's first parallel operation sets its count to the last one any thread set
-    (PyTorch's lazy initialisation), so a worker that set its own count and then ran after a
-    finisher set 1 would compute at 1 thread (and round differently). Asking for the count
-    first runs that initialisation now; the count set after it stays."""
+
+def set_thread_count(threads: int) -> None:
+    """This thread's torch intra-op threads, for good: asking first runs PyTorch's lazy
+    per-thread initialisation, which would otherwise reset the count to the last one set."""
     torch.get_num_threads()
     torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager
 def _one_thread() -> Iterator[None]:
-    """The calling thread's torch work at one intra-op thread, restored after.
-
-    Loading the network on the caller's thread with several threads would give that thread an
-    OpenMP team of its own, and while such a team exists the model workers' forwards (on other
-    threads) ran slower (S at 128×128 on 2 cores, ``bench/cpu_host.py``: 216–221 against
-    152–156 ms per forward)."""
+    """The caller's torch work at one thread, restored after: an OpenMP team of the caller's
+    own slows the model workers' forwards (bench/cpu_host.py)."""
     threads = torch.get_num_threads()
     set_thread_count(1)
     try:
@@ -209,9 +172,8 @@ def _one_thread() -> Iterator[None]:
         set_thread_count(threads)
 
 
-class _Room:
-    """A memory budget shared by the workers (bytes): :meth:`taking` waits until the amount
-    fits beside what the others hold, or nobody holds anything."""
+class Room:
+    """Bytes shared by the workers: :meth:`taking` waits until the amount fits or none is held."""
 
     def __init__(self, total: int) -> None:
         self.total, self.used, self.holders = total, 0, 0
@@ -235,23 +197,18 @@ class _Room:
 
 @dataclass
 class Outcome:
-    """What became of one item."""
+    """What became of item ``index``: the sink's ``value`` (the item itself when ``passed``
+    through prepare), or ``error`` at ``stage`` ("prepare", "model", "finish"); ``notes`` (e.g.
+    retries); output ``pixels`` (sH·sW)."""
 
     index: int
-    """Position of the item in the input."""
     item: object
     value: object = None
-    """The sink's return value (by default the finished result); the item itself for an item
-    that ``prepare`` passed through (returned None for)."""
     error: BaseException | None = None
     stage: str = ""
-    """Where ``error`` happened: "prepare", "model" or "finish"."""
     notes: list[str] = field(default_factory=list)
-    """Out-of-memory retries and the like."""
     pixels: int = 0
-    """Output pixels (sH·sW) of a finished image."""
     passed: bool = False
-    """True for an item that ``prepare`` passed through without the model."""
 
 
 @dataclass
@@ -266,19 +223,13 @@ _DONE = object()
 
 
 class Pipeline:
-    """Runs items through prepare -> model -> finish on threads; iterate it for the
-    :class:`Outcome` of each item (in input order when ``ordered``, else as they finish).
+    """Iterate for each item's :class:`Outcome` (in input order when ``ordered``).
 
-    prepare(item) -> Prepared, or None to pass the item through untouched (e.g. an audio
-    packet among video frames); an exception fails that item only.
-    sink(item, result) -> value, run after finishing (e.g. write the file); default: the result.
-    in_flight: most items between prepare and the consumer at once (bounds memory).
-    progress(done, total): tile progress of the image being computed.
-
-    Closing the iterator early (break, an exception, KeyboardInterrupt in the consumer) stops
-    the threads and returns once they have: the images being computed are finished and
-    dropped, sinks already running complete (so a sink that writes atomically leaves whole
-    files only), nothing else is started.
+    prepare(item) -> Prepared, or None to pass the item through (e.g. an audio packet);
+    sink(item, result) -> value runs after finishing (e.g. writes the file); in_flight bounds
+    the items held; progress(done, total) hears of tiles. Closing the iterator early (break,
+    KeyboardInterrupt) stops the threads: the image in the model stops after its current tile,
+    running sinks complete, nothing else starts.
     """
 
     def __init__(self, items: Iterable, prepare: Callable[[object], Prepared | None],
@@ -328,11 +279,17 @@ class Pipeline:
             def on_retry(i: int, text: str, batch: list[_Job] = batch) -> None:
                 batch[owner[i]].notes.append(text)
 
+            def progress(done: int, total: int) -> None:
+                if self._stop.is_set():
+                    raise Cancelled("the run was stopped")
+                if self.progress is not None:
+                    self.progress(done, total)
+
             try:
                 colour = torch.cat([job.prepared.colour.to(self.engine.device)
                                     for job in batch]) if len(batch) > 1 \
                     else batch[0].prepared.colour
-                results = self.engine.run(worker, colour, progress=self.progress,
+                results = self.engine.run(worker, colour, progress=progress,
                                           on_retry=on_retry)
             except BaseException as err:  # noqa: BLE001 - delivered to every image
                 results = [err] * sum(sizes)
@@ -409,8 +366,7 @@ class Pipeline:
 
     def __iter__(self) -> Iterator[Outcome]:
         threads = torch.get_num_threads()
-        # decoding and encoding at one torch thread each: beside the model workers, their own
-        # OpenMP teams would oversubscribe the cores (their operations are exact either way)
+        # prepare and finish at one torch thread: their own OpenMP teams would oversubscribe
         decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="camixer-prepare",
                                      initializer=set_thread_count, initargs=(1,))
         finisher = ThreadPoolExecutor(FINISH_THREADS, thread_name_prefix="camixer-finish",
@@ -465,16 +421,10 @@ def upscale_iter(images: Iterable[ImageLike], gamma: float = 0.5, *,
                  batch_size: int | None = None, workers: int | None = None,
                  threads: int | None = None,
                  progress: Callable[[int, int], None] | None = None) -> Iterator[ImageLike]:
-    """Super-resolve every image of ``images`` (PIL images, numpy arrays, tensors, mixed as
-    :func:`camixer_fast.upscale` takes them), yielding results lazily, in input order.
-
-    ``images`` is consumed ahead of the model (a few at a time, on threads); images of the
-    same size are batched and several are computed at once (see :class:`Engine` for
-    ``batch_size``, ``workers`` and ``threads``). A result equals ``upscale(image)`` run with
-    the same number of intra-op threads, whatever the batching. A bad image raises its error
-    when its turn comes (the images before it have been yielded); an out-of-memory failure
-    retries the image in smaller tiles with a RuntimeWarning. ``progress(done, total)`` is
-    called after each tile of a tiled image.
+    """Super-resolve ``images`` (as :func:`camixer_fast.upscale` takes them), yielding results
+    in input order; each equals ``upscale(image)`` at the same thread count. Options: see
+    :class:`Engine`. A bad image raises when its turn comes; out-of-memory retries warn
+    (RuntimeWarning); ``progress(done, total)`` hears of tiles.
     """
     import warnings
 

@@ -1,12 +1,6 @@
-"""Video through the pipelined runner, with PyAV (FFmpeg's libraries, bundled in its wheels;
-``pip install 'camixer_fast[video]'``).
-
-:func:`upscale_video` decodes the first video stream, runs its frames through a
-:class:`~camixer_fast.inference.pipeline.Pipeline` (batched, several in flight) and encodes them, in order,
-at the input's frame timestamps (so the frame rate is kept), copying the audio and subtitle
-streams packet for packet. The output is written to a temporary file beside it and moved into
-place at the end, so an interrupted or failed run leaves no half-written file. With
-``frames_dir`` the frames are written as PNG files instead (``000001.png``, ...), each atomically.
+"""Video through the pipelined runner with PyAV (``pip install 'camixer_fast[video]'``): frames
+upscaled in order at their timestamps, audio and subtitles copied, written to a temporary file
+moved into place at the end (or as PNG frames, each atomically).
 """
 
 from __future__ import annotations
@@ -64,8 +58,7 @@ def is_video_encoder(name: str) -> bool:
 
 
 def default_codec(suffix: str) -> str:
-    """The encoder used for an output of this extension when ``--codec`` is not given: VP9 for
-    .webm, MPEG-4 part 2 for .avi, else H.264 (libx264; mpeg4 if this FFmpeg lacks it)."""
+    """VP9 for .webm, mpeg4 for .avi, else libx264 (mpeg4 without it)."""
     suffix = suffix.lower()
     if suffix == ".webm":
         return "libvpx-vp9"
@@ -75,8 +68,7 @@ def default_codec(suffix: str) -> str:
 
 
 def check_codec(codec: str | None, crf: int | None, suffix: str) -> str:
-    """The encoder for an output of extension ``suffix``; raises VideoError for an unknown
-    encoder or a ``crf`` the encoder does not take."""
+    """The encoder for ``suffix``; VideoError for an unknown one or a ``crf`` it does not take."""
     name = codec or default_codec(suffix)
     if not is_video_encoder(name):
         examples = [n for n in ("libx264", "libvpx-vp9", "mpeg4", "ffv1") if is_video_encoder(n)]
@@ -101,8 +93,7 @@ class VideoInfo:
 
 
 def probe(path: str | os.PathLike) -> VideoInfo:
-    """Open ``path`` and describe its first video stream; VideoError when the file cannot be
-    read or has no video stream."""
+    """Describe the first video stream of ``path``; VideoError if unreadable or none."""
     av = _av()
     try:
         with av.open(os.fspath(path)) as container:
@@ -148,13 +139,23 @@ def _frame_prepare(item: object) -> Prepared | None:
     return Prepared(job.colour, finish)
 
 
-def _demux(container, video, others) -> object:
-    """Decoded frames of ``video`` and the packets of ``others``, in file order."""
-    for packet in container.demux(video, *others):
-        if packet.stream.index == video.index:
-            yield from packet.decode()
-        elif packet.dts is not None:
-            yield packet
+def _demux(container, video, others, src: Path) -> object:
+    """Decoded frames of ``video`` and the packets of ``others``, in file order; VideoError
+    when the file cannot be decoded, or ends before the frames its index declares."""
+    decoded = 0
+    try:
+        for packet in container.demux(video, *others):
+            if packet.stream.index == video.index:
+                for frame in packet.decode():
+                    decoded += 1
+                    yield frame
+            elif packet.dts is not None:
+                yield packet
+    except Exception as err:  # noqa: BLE001 - PyAV raises FFmpegError kinds
+        raise VideoError(f"{src}: cannot decode frame {decoded + 1}: {err}") from None
+    if decoded < (video.frames or 0):
+        raise VideoError(f"{src}: the video ends after {decoded} of its {video.frames} frames "
+                         "(cut off or damaged)")
 
 
 def _write_png_atomic(pixels: np.ndarray, dest: Path) -> None:
@@ -178,18 +179,13 @@ def _umask() -> int:
 def upscale_video(src: str | os.PathLike, dst: str | os.PathLike, engine: Engine, *,
                   codec: str | None = None, crf: int | None = None, frames_dir: bool = False,
                   on_frame: Callable[[int], None] | None = None) -> VideoResult:
-    """Super-resolve the video ``src`` into ``dst`` (a video file; a folder of PNG frames when
-    ``frames_dir``) with ``engine``.
+    """Super-resolve the first video stream of ``src`` into ``dst`` (a folder of PNG frames
+    when ``frames_dir``) with ``codec`` (default :func:`default_codec`) and ``crf``; streams
+    the output cannot hold are dropped with a note. ``on_frame(pixels)`` after each frame.
 
-    The first video stream is decoded, its frames run in batches through the engine and encoded
-    with ``codec`` (default: :func:`default_codec` of ``dst``'s extension; ``crf`` for the
-    encoders of :data:`CRF_CODECS`, default theirs there) at the input's frame timestamps and
-    rate; audio and subtitle streams are copied (a stream the output container cannot hold is
-    dropped, with a note). ``on_frame(pixels)`` is called after each frame.
-
-    Raises VideoError (naming the file) for an unreadable or corrupt input, one without a
-    video stream, or an encoding failure; nothing is left at ``dst`` then, nor on
-    KeyboardInterrupt. With ``frames_dir`` the frames written before an error stay.
+    Raises VideoError (naming the file) for an unreadable, cut-off or corrupt input, one
+    without video, or an encoding failure; nothing is left at ``dst`` then, nor on
+    KeyboardInterrupt (PNG frames written before an error stay).
     """
     av = _av()
     src, dst = Path(src), Path(dst)
@@ -228,7 +224,7 @@ def _frames_to_pngs(container, video, engine: Engine, folder: Path, result: Vide
     def sink(item: tuple, finished: tuple) -> None:
         _write_png_atomic(finished[0], folder / f"{item[0]:06d}.png")
 
-    frames = enumerate(_demux(container, video, []), start=1)
+    frames = enumerate(_demux(container, video, [], src), start=1)
     for outcome in Pipeline(frames, lambda item: _frame_prepare(item[1]), engine, sink=sink):
         _check(outcome, src)
         result.notes.extend(outcome.notes)
@@ -275,7 +271,7 @@ def _encode(container, video, others, engine: Engine, tmp: Path, codec: str, crf
                 result.notes.append(f"{other.type} stream {other.index} "
                                     f"({other.codec_context.name}) dropped: {err}")
         kept = [s for s in others if s.index in copies]
-        for outcome in Pipeline(_demux(container, video, kept), _frame_prepare, engine):
+        for outcome in Pipeline(_demux(container, video, kept, src), _frame_prepare, engine):
             _check(outcome, src)
             if outcome.passed:
                 packet = outcome.item
