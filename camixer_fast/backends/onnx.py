@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 
 from camixer_fast import backends
 from camixer_fast.backends import Backend, Ops
+from camixer_fast.io.files import atomic_path
 from camixer_fast.reference import dense
 from camixer_fast.reference.attention_training import masked_window_attention
 from camixer_fast.reference.model import CAMixerSR
@@ -281,10 +281,7 @@ def export_onnx(model: CAMixerSR, path: str | os.PathLike, *, gamma: float | Non
         args += (torch.tensor(0.5, device=device),)
         names.append("gamma")
     start = time.perf_counter()
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(path) as tmp:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", category=FutureWarning)
@@ -295,7 +292,4 @@ def export_onnx(model: CAMixerSR, path: str | os.PathLike, *, gamma: float | Non
         proto = compact_graph(onnx.load(tmp))
         onnx.checker.check_model(proto, full_check=True)
         onnx.save(proto, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return OnnxExport(path, opset, gamma, len(proto.graph.node), time.perf_counter() - start)

@@ -7,7 +7,6 @@ without ``--overwrite`` and an OUT that cannot be written).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -59,9 +58,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         with writing(out):
             result = export_onnx(model, out, gamma=args.gamma, opset=args.opset)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(out, 0o666 & ~umask)
     except ValueError as err:
         raise UsageError(str(err)) from None
     gamma = "γ input 'gamma'" if result.gamma is None else f"γ = {result.gamma:g} baked in"

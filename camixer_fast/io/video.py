@@ -6,7 +6,6 @@ moved into place at the end (or as PNG frames, each atomically).
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -17,6 +16,7 @@ from PIL import Image
 from torch import Tensor
 
 from camixer_fast.inference.pipeline import Engine, Pipeline
+from camixer_fast.io.files import atomic_path
 from camixer_fast.inference.api import Prepared, prepare
 
 VIDEO_EXTENSIONS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska",
@@ -159,21 +159,8 @@ def _demux(container, video, others, src: Path) -> object:
 
 
 def _write_png_atomic(pixels: np.ndarray, dest: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(pixels).save(f, format="PNG")
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    with atomic_path(dest) as tmp:
+        Image.fromarray(pixels).save(tmp, format="PNG")
 
 
 def upscale_video(src: str | os.PathLike, dst: str | os.PathLike, engine: Engine, *,
@@ -204,18 +191,9 @@ def upscale_video(src: str | os.PathLike, dst: str | os.PathLike, engine: Engine
             _frames_to_pngs(container, video, engine, dst, result, on_frame, src)
             return result
         name = check_codec(codec, crf, dst.suffix)
-        fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.stem}.",
-                                        suffix=f".part{dst.suffix}")
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
+        with atomic_path(dst, suffix=f".part{dst.suffix}") as tmp:
             _encode(container, video, others, engine, tmp, name, crf, result, on_frame, src,
                     dst)
-            os.chmod(tmp, 0o666 & ~_umask())
-            os.replace(tmp, dst)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
     return result
 
 
