@@ -10,15 +10,16 @@ dtype afterwards (:func:`merge_array`, then :func:`array_to_pil`).
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+import imagecodecs
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-
-from camixer_fast.io import png16
 
 PIL_MODES = ("RGB", "L", "RGBA", "LA", "P", "I;16")
 """PIL modes :func:`camixer_fast.upscale` takes (and gives back)."""
@@ -206,6 +207,76 @@ def array_to_pil(arr: np.ndarray, info: PILInfo) -> Image.Image:
         out.info["icc_profile"] = info.source.info["icc_profile"]
     return out
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_COLOUR_CHUNKS = (b"iCCP", b"sRGB", b"gAMA", b"cHRM")
+"""Ancillary PNG chunks that say how to read the colours; kept across an upscale."""
+
+
+class PNGError(ValueError):
+    """A file that is not a well-formed 16-bit PNG."""
+
+
+def is_png16(head: bytes) -> bool:
+    """Whether the first 26+ bytes of a file are those of a PNG with 16 bits per sample."""
+    return (len(head) >= 26 and head.startswith(PNG_SIGNATURE) and head[12:16] == b"IHDR"
+            and head[24] == 16)
+
+
+def png_colour_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """The (type, body) pairs of :data:`PNG_COLOUR_CHUNKS` in a PNG's bytes, in file order."""
+    kept, pos = [], len(PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind in (b"IDAT", b"IEND"):  # colour chunks must come before the image data
+            break
+        if kind in PNG_COLOUR_CHUNKS:
+            kept.append((kind, bytes(data[pos + 8:pos + 8 + length])))
+        pos += 12 + length
+    return kept
+
+
+def read_png16(source: str | os.PathLike | bytes | BinaryIO
+               ) -> tuple[np.ndarray, list[tuple[bytes, bytes]]]:
+    """Decode a 16-bit PNG (a path, its bytes or a binary file) with libpng (imagecodecs).
+
+    Returns uint16 pixels, (H, W) grey, (H, W, 2) grey+alpha, (H, W, 3) RGB or (H, W, 4) RGBA
+    (a ``tRNS`` colour key becomes alpha), and :func:`png_colour_chunks`. Raises
+    :class:`PNGError` for a malformed, truncated or non-16-bit file.
+    """
+    if isinstance(source, bytes):
+        data = source
+    elif hasattr(source, "read"):
+        data = source.read()
+    else:
+        with open(source, "rb") as f:
+            data = f.read()
+    if not is_png16(data[:32]):
+        raise PNGError("not a 16-bit PNG")
+    try:
+        pixels = imagecodecs.png_decode(data)
+    except (imagecodecs.PngError, ValueError) as err:  # libpng's messages may not decode
+        raise PNGError(f"corrupt or truncated 16-bit PNG ({type(err).__name__})") from None
+    return pixels.astype(np.uint16, copy=False), png_colour_chunks(data)
+
+
+def write_png16(dest: BinaryIO, pixels: np.ndarray,
+                colour_chunks: list[tuple[bytes, bytes]] | tuple = ()) -> None:
+    """Write uint16 (H, W), (H, W, 1|2|3|4) ``pixels`` to ``dest`` as a 16-bit PNG (zlib level
+    6), with ``colour_chunks`` placed right after IHDR."""
+    if pixels.dtype != np.uint16:
+        raise TypeError(f"expected uint16 pixels, got {pixels.dtype}")
+    if pixels.ndim == 3 and pixels.shape[-1] == 1:
+        pixels = pixels[..., 0]
+    if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[-1] > 4) or 0 in pixels.shape:
+        raise ValueError(f"expected (H, W) or (H, W, 1|2|3|4) pixels, got {pixels.shape}")
+    encoded = imagecodecs.png_encode(np.ascontiguousarray(pixels), level=6)
+    after_ihdr = len(PNG_SIGNATURE) + 25
+    dest.write(encoded[:after_ihdr])
+    for kind, body in colour_chunks:
+        dest.write(struct.pack(">I", len(body)) + kind + body
+                   + struct.pack(">I", zlib.crc32(kind + body)))
+    dest.write(encoded[after_ihdr:])
+
 
 @dataclass
 class LoadedImage:
@@ -222,16 +293,15 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
     """Read and fully decode an image file; raise (OSError, ValueError, ...) if it is corrupt,
     truncated or not an image.
 
-    16-bit PNGs are decoded by :mod:`camixer_fast.io.png16` into uint16 arrays (Pillow would drop
+    16-bit PNGs are decoded by :func:`read_png16` into uint16 arrays (Pillow would drop
     colour ones to 8 bits). Other files go through Pillow and are brought to a :data:`PIL_MODES`
     mode: 1 -> L, PA -> RGBA, CMYK/YCbCr/LAB/HSV -> RGB, I;16B/I;16L/I (values in 0..65535)
     -> I;16; other modes (e.g. F) raise ValueError.
     """
     with open(path, "rb") as f:
-        head = f.read(32)
-        if png16.is_png16(head):
+        if is_png16(f.read(32)):
             f.seek(0)
-            pixels, chunks = png16.read_png16(f)
+            pixels, chunks = read_png16(f)
             return LoadedImage(pixels, png_chunks=chunks)
     with Image.open(path) as img:
         img.load()
@@ -322,7 +392,7 @@ def write_image(image: LoadedImage, dest: BinaryIO, fmt: str) -> str | None:
     """
     pixels, note = fit_to_format(image.pixels, fmt)
     if isinstance(pixels, np.ndarray):
-        png16.write_png16(dest, pixels, image.png_chunks)
+        write_png16(dest, pixels, image.png_chunks)
         return note
     options: dict = {}
     if image.icc_profile and fmt in ("PNG", "JPEG", "WEBP", "TIFF"):
