@@ -21,12 +21,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from camixer_fast.backends import select_backend
 from camixer_fast.evaluation.evaluate import super_resolve
 from camixer_fast.models.loading import load_model
 from camixer_fast.evaluation.metrics import psnr
-from camixer_fast.io.progress import Progress
 from camixer_fast.reference.model import CAMixerSR
 from camixer_fast.train.checkpoints import CHECKPOINT_FORMAT, EMA, read_checkpoint, save_checkpoint
 from camixer_fast.train.data import (
@@ -414,7 +414,7 @@ class Trainer:
                   for _, lr, hr in self.val_pairs]
         return float(np.mean(scores))
 
-    def evaluate_and_log(self, progress: Progress) -> None:
+    def evaluate_and_log(self) -> None:
         """Probe L1 and validation PSNR (rank 0), logged; ``best.pth`` on a new best PSNR."""
         if not self.dist.is_main:
             return
@@ -431,7 +431,7 @@ class Trainer:
             parts.append(f"probe L1 {probe:.5f}")
         if val is not None:
             parts.append(f"val PSNR {val:.3f} dB (EMA)")
-        progress.message("camixer-fast train: " + ", ".join(parts))
+        tqdm.write("camixer-fast train: " + ", ".join(parts), file=sys.stderr)
         if val is not None and (self.best_psnr is None or val > self.best_psnr):
             self.best_psnr = val
             if self.step > 0:
@@ -441,15 +441,17 @@ class Trainer:
         """Train until ``config.iterations``; returns a summary (steps, last losses, first
         and last probe L1 / validation PSNR, checkpoint path)."""
         cfg = self.config
-        progress = Progress(cfg.iterations, unit="step",
-                            enabled=cfg.progress if self.dist.is_main else False)
+        quiet = None if cfg.progress is None else not cfg.progress  # None: on a terminal only
+        progress = tqdm(total=cfg.iterations, initial=self.step, unit="step", file=sys.stderr,
+                        disable=quiet if self.dist.is_main else True, dynamic_ncols=True,
+                        leave=False)
         self.log({"event": "start", "step": self.step, "world_size": self.dist.world_size,
                   "device": str(self.dist.device), "backend": self.model.backend,
                   "repeat": self.repeat, "images": len(self.data.images),
                   "config": cfg.to_dict()})
         first = {}
         if self.step == 0 and (self.val_pairs or self.probe_keys):
-            self.evaluate_and_log(progress)
+            self.evaluate_and_log()
             first = self._last_val()
         window: list[LossTerms] = []
         last_terms: LossTerms | None = None
@@ -460,15 +462,17 @@ class Trainer:
             last_terms = self.train_step(next(batches))
             window.append(last_terms)
             validated = saved = False
-            progress.update(self.step, f"loss {last_terms.loss.item():.5f} "
-                            f"K/N {last_terms.mask_means.mean().item():.3f} "
-                            f"lr {self.scheduler.get_last_lr()[0]:.2e}")
+            if not progress.disable:
+                progress.set_postfix_str(f"loss {last_terms.loss.item():.5f} "
+                                         f"K/N {last_terms.mask_means.mean().item():.3f} "
+                                         f"lr {self.scheduler.get_last_lr()[0]:.2e}", refresh=False)
+                progress.update(self.step - progress.n)
             if cfg.log_every and self.step % cfg.log_every == 0:
                 now = time.perf_counter()
                 self._log_window(window, (now - tick) / len(window))
                 window, tick = [], now
             if cfg.val_every and self.step % cfg.val_every == 0:
-                self.evaluate_and_log(progress)
+                self.evaluate_and_log()
                 validated = True
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self.save()
@@ -476,7 +480,7 @@ class Trainer:
         if window:
             self._log_window(window, (time.perf_counter() - tick) / len(window))
         if not validated:
-            self.evaluate_and_log(progress)
+            self.evaluate_and_log()
             saved = False
         if not saved or not (self.out_dir / "last.pth").exists():
             self.save()
