@@ -9,6 +9,7 @@ CUDA) fused Triton kernels.
 """
 
 from camixer_fast.backends import can_use_triton, resolve_backend
+from camixer_fast.models.convert import convert_checkpoint
 from camixer_fast.models.loading import CheckpointError, infer_config, load_model
 from camixer_fast.reference.model import CAMixerSR
 from camixer_fast.inference.pipeline import upscale_batch, upscale_iter
@@ -21,6 +22,7 @@ __all__ = [
     "CheckpointError",
     "__version__",
     "can_use_triton",
+    "convert_checkpoint",
     "export_onnx",
     "infer_config",
     "load_model",

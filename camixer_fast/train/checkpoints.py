@@ -73,7 +73,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:  # a file object: torch.load would take a name's suffix
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several kinds for non-checkpoint files
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
     needed = ("params", "params_ema", "optimizer", "scheduler", "step", "model_config")
