@@ -32,7 +32,7 @@ from camixer_fast.models.loading import CheckpointError
 from camixer_fast.inference.pipeline import Engine, Pipeline
 from camixer_fast.inference.api import Prepared, prepare, resolve_device
 from camixer_fast.io.video import VIDEO_EXTENSIONS, VideoError, check_codec, is_video, probe
-from camixer_fast.train import ranks as distributed
+from camixer_fast.train import distributed
 
 PROG = "camixer-fast upscale"
 

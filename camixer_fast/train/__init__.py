@@ -53,7 +53,7 @@ from camixer_fast.train.data import (
     derive_seed,
     load_validation_pairs,
 )
-from camixer_fast.train.distributed import DistInfo, setup_distributed, unwrap
+from camixer_fast.train.distributed import Rank, setup_distributed, unwrap
 from camixer_fast.train.objective import LOSSES, LossTerms, pixel_loss, training_loss
 from camixer_fast.train.trainer import (
     AMP_MODES,
@@ -89,9 +89,9 @@ __all__ = [
     "TRAIN_BACKENDS",
     "ConfigError",
     "DataError",
-    "DistInfo",
     "LossTerms",
     "PairedPatches",
+    "Rank",
     "SampleStream",
     "TrainConfig",
     "Trainer",

@@ -36,7 +36,7 @@ from camixer_fast.train.data import (
     derive_seed,
     load_validation_pairs,
 )
-from camixer_fast.train.distributed import DistInfo, setup_distributed
+from camixer_fast.train.distributed import Rank, setup_distributed
 from camixer_fast.train.objective import LOSSES, LossTerms, pixel_loss, training_loss
 
 TRAIN_BACKENDS = ("auto", "reference", "triton")
@@ -209,7 +209,7 @@ class Trainer:
     the training state under extra keys; ``log.jsonl``, one JSON object per line.
     """
 
-    def __init__(self, config: TrainConfig, dist_info: DistInfo | None = None) -> None:
+    def __init__(self, config: TrainConfig, dist_info: Rank | None = None) -> None:
         config.check()
         self.config = config
         self.dist = dist_info if dist_info is not None else setup_distributed(config.device)
