@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 
 try:
     from spandrel import (
@@ -31,9 +32,19 @@ try:
         SizeRequirements,
         StateDict,
     )
-except ImportError as err:  # pragma: no cover - exercised only without the extra
+except ImportError as err:
+    if err.name != "spandrel":
+        raise ImportError(f"camixer_fast.spandrel_arch: spandrel cannot be imported ({err}); "
+                          "install torchvision, the build made for your torch") from None
     raise ImportError("camixer_fast.spandrel_arch needs spandrel: "
-                      "pip install 'camixer_fast[spandrel]'") from err
+                      "pip install 'camixer_fast[spandrel]'") from None
+except Exception as err:  # noqa: BLE001 - a torchvision built for another torch: RuntimeError
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+    raise ImportError(
+        f"camixer_fast.spandrel_arch: spandrel cannot be imported because torchvision does not "
+        f"load beside torch {torch.__version__} ({reason}); install a torch/torchvision pair "
+        f"that import together (torchvision's release for your torch, from the same CPU or "
+        f"CUDA index)") from None
 
 from camixer_fast.evaluation.cost import MODEL_SIZES
 from camixer_fast.models.loading import CheckpointError, build_model, infer_config
