@@ -135,7 +135,7 @@ def merge_array(colour: Tensor, alpha: Tensor | None, layout: ArrayLayout) -> np
     return np.ascontiguousarray(out[..., 0] if len(layout.shape) == 2 else out)
 
 
-def _palette_rgba(img: Image.Image) -> np.ndarray:
+def palette_rgba(img: Image.Image) -> np.ndarray:
     """(K, 4) uint8: what each of the K palette entries of a P image looks like in RGBA."""
     entries = len(img.getpalette() or []) // 3 or 256
     strip = img.resize((entries, 1), Image.Resampling.NEAREST)
@@ -156,7 +156,7 @@ def pil_to_array(img: Image.Image) -> tuple[np.ndarray, PILInfo]:
         raise ValueError(f"empty image of size {img.size}")
     info = PILInfo(img.mode, img)
     if img.mode == "P":
-        info.palette_rgba = _palette_rgba(img)
+        info.palette_rgba = palette_rgba(img)
         has_alpha = bool((info.palette_rgba[:, 3] < 255).any())
         return np.asarray(img.convert("RGBA" if has_alpha else "RGB")), info
     arr = np.asarray(img)
@@ -165,7 +165,7 @@ def pil_to_array(img: Image.Image) -> tuple[np.ndarray, PILInfo]:
     return arr, info
 
 
-def _quantize(arr: np.ndarray, palette_rgba: np.ndarray) -> np.ndarray:
+def quantize(arr: np.ndarray, palette_rgba: np.ndarray) -> np.ndarray:
     """(h, w, 3|4) uint8 -> (h, w) uint8 indices of the nearest palette entries.
 
     Distances are Euclidean in alpha-premultiplied RGBA (an RGB image compares RGB only), so
@@ -192,11 +192,11 @@ def array_to_pil(arr: np.ndarray, info: PILInfo) -> Image.Image:
     """Inverse of :func:`pil_to_array` for a result of any size.
 
     A P image is quantized back to its own palette (nearest entry, no dithering, see
-    :func:`_quantize`), keeping its palette and transparency; an ICC profile is kept.
+    :func:`quantize`), keeping its palette and transparency; an ICC profile is kept.
     """
     if info.mode == "P":
         out = info.source.resize((arr.shape[1], arr.shape[0]), Image.Resampling.NEAREST)
-        out.frombytes(_quantize(arr, info.palette_rgba).tobytes())
+        out.frombytes(quantize(arr, info.palette_rgba).tobytes())
     elif info.mode == "I;16":
         out = Image.fromarray(arr.astype(np.uint16))
     else:
