@@ -1,10 +1,5 @@
-"""Many processes under ``torchrun``: where this process stands (:class:`Rank`), its device,
-the process group, its share of the work and the gather of results on rank 0.
-
-Training joins with :func:`setup_distributed` (NCCL on CUDA, gloo on the CPU) and averages
-gradients with DDP; ``camixer-fast upscale`` takes every N-th input (:func:`shard`) and
-gathers its counts over gloo (:func:`init`, :func:`all_gather`), a static split.
-"""
+"""Many processes under ``torchrun``: where this process stands (:class:`Rank`) and its device,
+the process group, each rank's share of the work (a static split) and the gather on rank 0."""
 
 from __future__ import annotations
 
@@ -22,14 +17,12 @@ from camixer_fast.reference.model import CAMixerSR
 
 T = TypeVar("T")
 
-GATHER_TIMEOUT = timedelta(hours=6)
-"""How long a rank that finished waits for the others at the final gather."""
+GATHER_TIMEOUT = timedelta(hours=6)  # a finished rank waits this long for the others
 
 
 @dataclass(frozen=True)
 class Rank:
-    """This process's place among the ``torchrun`` processes (rank 0 of 1 without torchrun)
-    and, once :func:`setup_distributed` picked it, its device."""
+    """This process's place among the ``torchrun`` processes (0 of 1 without) and its device."""
 
     rank: int = 0
     world: int = 1
@@ -47,13 +40,11 @@ class Rank:
 
     @property
     def prefix(self) -> str:
-        """``"rank R: "`` in a multi-process run, else empty: put before messages."""
         return f"rank {self.rank}: " if self.world > 1 else ""
 
 
 def rank_from_env() -> Rank:
-    """The rank ``torchrun`` gave this process (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-    ``LOCAL_WORLD_SIZE``); rank 0 of 1 when they are not set."""
+    """The rank torchrun's environment gives (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE)."""
     def number(name: str, default: int) -> int:
         try:
             return int(os.environ.get(name, default))
@@ -66,8 +57,7 @@ def rank_from_env() -> Rank:
 
 
 def device_for(rank: Rank, device: str | None) -> str | None:
-    """``cuda:LOCAL_RANK`` for "cuda" or None in a multi-process run on a machine with GPUs,
-    else ``device`` unchanged (None: the default)."""
+    """``cuda:LOCAL_RANK`` for "cuda"/None in a multi-process run with GPUs, else ``device``."""
     if rank.world == 1:
         return device
     if device in (None, "cuda") and torch.cuda.is_available():
@@ -76,9 +66,8 @@ def device_for(rank: Rank, device: str | None) -> str | None:
 
 
 def setup_distributed(device: str | None = None) -> Rank:
-    """Join the process group ``torchrun`` describes (NCCL on CUDA, gloo on the CPU) and pick
-    this process's device (``cuda:LOCAL_RANK`` on GPUs; None: CUDA when available, else the
-    CPU); a plain single process without torchrun."""
+    """Join torchrun's process group (NCCL on CUDA, gloo on the CPU) and pick the device
+    (None: ``cuda:LOCAL_RANK`` when available, else the CPU)."""
     rank = rank_from_env()
     dev = torch.device(device if device else ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and dev.index is None:
@@ -94,15 +83,13 @@ def setup_distributed(device: str | None = None) -> Rank:
 
 
 def init(rank: Rank) -> None:
-    """Join the gloo process group of a multi-process run (the gather is of small Python
-    objects; gloo needs no GPU); nothing for a single process."""
+    """Join the gloo group of a multi-process run (small Python objects, no GPU needed)."""
     if rank.world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo", timeout=GATHER_TIMEOUT)
 
 
 def shard(items: list[T], rank: Rank) -> list[T]:
-    """This rank's share of ``items``: every ``world``-th item from position ``rank`` on,
-    which spreads sizes evenly over a sorted list."""
+    """Every ``world``-th item from position ``rank`` on (even sizes over a sorted list)."""
     return items[rank.rank::rank.world]
 
 
@@ -127,5 +114,5 @@ def unwrap(net: nn.Module) -> CAMixerSR:
 
 
 def world_size() -> int:
-    """The number of processes in the joined process group (1 outside torch.distributed)."""
+    """Processes in the joined process group (1 outside torch.distributed)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -1,6 +1,5 @@
-"""A training run: its configuration (:class:`TrainConfig`, the official recipe by default),
-the backend it trains on, and the :class:`Trainer` that ties data, objective, optimiser, EMA,
-validation, checkpoints and logs together."""
+"""A training run: :class:`TrainConfig` (the official recipe by default), its backend, and the
+:class:`Trainer` that ties data, objective, optimiser, EMA, validation and checkpoints."""
 
 from __future__ import annotations
 
@@ -41,8 +40,7 @@ from camixer_fast.train.objective import LOSSES, LossTerms, pixel_loss, training
 
 TRAIN_BACKENDS = ("auto", "reference", "triton")
 AMP_MODES = ("off", "bf16")
-"""Mixed precision of the training forward: ``"off"`` (fp32), ``"bf16"`` (bf16 autocast
-around the forward and the loss; fp32 master weights, gradients and optimiser state)."""
+"""Mixed precision of the training forward: "off" (fp32) or "bf16" (autocast, fp32 weights)."""
 CONTINUITY_KEYS = ("batch_size", "patch_size", "seed", "repeat", "augment", "loss", "hr_dir",
                    "lr_dir", "scale", "train_noise", "amp")
 """Settings a resumed run must share with the checkpoint to continue it exactly."""
@@ -56,17 +54,11 @@ class ConfigError(ValueError):
 class TrainConfig:
     """Everything a training run needs; the defaults are the official recipe (spec §4).
 
-    ``batch_size`` is the global batch (split evenly over the ranks), ``patch_size`` the LR
-    crop side (the HR crop is ``scale`` times larger). ``init`` is a registered weights name or
-    a checkpoint to fine-tune; ``None`` trains from scratch a model of ``n_feats`` channels and
-    ``blocks_per_group`` blocks (seeded by ``seed``). ``scale`` None means 4 from scratch and the
-    checkpoint's scale when fine-tuning. ``repeat`` is how many times an epoch visits each image
-    (None: enough for at least 100 global batches per epoch). ``probe`` fixed training crops
-    (None: ``batch_size``) are scored with the training L1 at every validation. Intervals of 0
-    disable that event; the last step is always validated and saved. ``amp`` is
-    :data:`AMP_MODES`: ``"bf16"`` runs the forward and the loss under
-    ``torch.autocast(device, torch.bfloat16)`` with the weights kept in fp32 (no loss scaling:
-    bf16 has fp32's range); validation stays fp32.
+    batch_size: the global batch; patch_size: the LR crop side. init: weights to fine-tune, or
+    None (from scratch, ``n_feats``/``blocks_per_group``, seeded). scale None: 4, or the
+    checkpoint's. repeat None: at least 100 global batches per epoch. probe None: batch_size
+    fixed crops scored at each validation. Intervals of 0 disable an event; the last step is
+    always validated and saved.
     """
 
     hr_dir: str
@@ -158,10 +150,8 @@ class TrainConfig:
 
 def training_backend(backend: str, device: torch.device | str,
                      dtype: torch.dtype = torch.float32) -> str:
-    """The backend a training run uses, by :func:`camixer_fast.backends.select_backend` in
-    training mode: "auto" is "triton" on a CUDA device the kernels support (their autograd
-    Functions), else "reference"; a backend that cannot run here (e.g. "triton" on a CPU
-    without ``TRITON_INTERPRET=1``, an old GPU) raises ConfigError with its reason."""
+    """The training backend (:func:`~camixer_fast.backends.select_backend` in training mode);
+    ConfigError with the reason where it cannot run here."""
     if backend not in TRAIN_BACKENDS:
         raise ConfigError(f"training backend must be one of {TRAIN_BACKENDS}, got {backend!r}")
     try:
@@ -185,8 +175,7 @@ def check_amp(amp: str, device: torch.device | str) -> None:
 
 
 def amp_context(amp: str, device: torch.device | str) -> AbstractContextManager:
-    """The context a training forward runs in: ``torch.autocast(device type, bf16)`` for
-    ``amp="bf16"``, else nothing. A fresh context per use."""
+    """A fresh ``torch.autocast(device type, bf16)`` for ``amp="bf16"``, else a null context."""
     if amp == "off":
         return nullcontext()
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
@@ -198,15 +187,10 @@ def _model_config(model: CAMixerSR) -> dict[str, Any]:
 
 
 class Trainer:
-    """A training run: builds the data, model, optimiser, schedule and EMA from a
-    :class:`TrainConfig` (resuming from ``config.resume`` when set); :meth:`run` trains to
-    ``config.iterations``. Data and validation folders are checked in the constructor, so bad
-    data fails before any training step; so is an output folder that already holds a
-    checkpoint when ``config.resume`` is not set (nothing is overwritten by accident).
-
-    Files written by rank 0 in ``config.out_dir``: ``last.pth`` (every ``save_every`` steps and
-    at the end) and ``best.pth`` (best validation PSNR), both official-format checkpoints with
-    the training state under extra keys; ``log.jsonl``, one JSON object per line.
+    """A training run from a :class:`TrainConfig` (resumed from ``config.resume``); :meth:`run`
+    trains to ``config.iterations``. Bad data, or an output folder holding a checkpoint without
+    ``resume``, fails in the constructor. Rank 0 writes ``last.pth``, ``best.pth`` (official
+    format + training state) and ``log.jsonl`` in ``config.out_dir``.
     """
 
     def __init__(self, config: TrainConfig, dist_info: Rank | None = None) -> None:
@@ -306,8 +290,7 @@ class Trainer:
         self.best_psnr = None if best is None else float(best)
 
     def checkpoint_payload(self) -> dict[str, Any]:
-        """The checkpoint dict: ``params`` and ``params_ema`` (official format) and the
-        training state (optimiser, schedule, step, best PSNR, configuration)."""
+        """``params``, ``params_ema`` and the training state."""
         return {
             "params": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
             "params_ema": self.ema.state_dict(),
@@ -349,8 +332,7 @@ class Trainer:
                           persistent_workers=self.config.workers > 0)
 
     def train_step(self, batch: Mapping[str, Tensor]) -> LossTerms:
-        """One optimiser step on this rank's batch; advances ``step``, the schedule and the
-        EMA. The Gumbel noise is seeded from (seed, step, rank)."""
+        """One optimiser step on this rank's batch (Gumbel noise seeded by seed, step, rank)."""
         device = self.dist.device
         lr = batch["lr"].to(device, non_blocking=True)
         hr = batch["hr"].to(device, non_blocking=True)
@@ -373,8 +355,7 @@ class Trainer:
 
     @torch.no_grad()
     def probe_l1(self) -> float | None:
-        """Training L1 (training mode, no Gumbel noise, the run's ``amp``) of the current
-        weights on the fixed probe crops, or None without probe crops."""
+        """Training L1 (no Gumbel noise) on the fixed probe crops, or None without them."""
         if not self.probe_keys:
             return None
         model, device = self.model, self.dist.device
@@ -398,8 +379,7 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> float | None:
-        """Mean Y-PSNR (border = scale) of the EMA weights on the validation pairs at
-        ``val_gamma``, SR clamped and rounded to uint8; None without a validation folder."""
+        """Mean Y-PSNR of the EMA weights on the validation pairs, or None without them."""
         if not self.val_pairs:
             return None
         if self.eval_model is None:
@@ -438,8 +418,7 @@ class Trainer:
                 self.save("best.pth")
 
     def run(self) -> dict[str, Any]:
-        """Train until ``config.iterations``; returns a summary (steps, last losses, first
-        and last probe L1 / validation PSNR, checkpoint path)."""
+        """Train until ``config.iterations``; returns a summary dict."""
         cfg = self.config
         quiet = None if cfg.progress is None else not cfg.progress  # None: on a terminal only
         progress = tqdm(total=cfg.iterations, initial=self.step, unit="step", file=sys.stderr,
@@ -523,8 +502,8 @@ class Trainer:
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
-    """Run a whole training (:class:`Trainer`) and return its summary; the process group
-    joined under torchrun is left again however the run ends."""
+    """Run a whole training (:class:`Trainer`) and return its summary; the process group is
+    left however the run ends."""
     config.check()
     dist_info = setup_distributed(config.device)
     try:
