@@ -1,11 +1,6 @@
-"""Checkpoint conversion: official ``.pth`` files <-> safetensors.
-
-A safetensors file holds one state dict (``params_ema`` by default) and metadata strings:
-the model's config (:data:`~camixer_fast.models.loading.METADATA_CONFIG`, checked against the tensor
-shapes whenever the file is read), the parameter count and where the weights came from -- the
-facts that do not depend on γ. A ``.pth`` file is written in the official BasicSR layout,
-``{"params": sd, "params_ema": sd}`` (one copy on disk: both keys share the tensors), which the
-official code, spandrel and :func:`~camixer_fast.load_model` all read.
+"""Checkpoint conversion: official ``.pth`` <-> safetensors (one state dict, with the config,
+parameter count and source as metadata); ``.pth`` in the official ``{"params", "params_ema"}``
+layout.
 """
 
 from __future__ import annotations
@@ -88,16 +83,9 @@ def _write_atomic(dest: Path, write: Callable[[Path], None]) -> None:
 def convert_checkpoint(source: str | os.PathLike, dest: str | os.PathLike, *,
                        key: str | None = None, dtype: torch.dtype | None = None,
                        overwrite: bool = False) -> dict[str, str]:
-    """Convert a CAMixerSR checkpoint to safetensors or to an official-layout ``.pth``.
-
-    source: a registered name, or a ``.pth`` / ``.safetensors`` file (official, bare, or
-            written by this function).
-    dest:   ``*.safetensors`` or ``*.pth`` / ``*.pt``; the suffix picks the format.
-    key:    which weights of an official file to take, "params_ema" or "params" (default: the
-            first present, as :func:`~camixer_fast.load_model` does).
-    dtype:  cast the tensors (default: keep them as they are).
-    Returns the metadata describing the written weights. The weights are checked to build a
-    CAMixerSR before anything is written; ``dest`` appears whole or not at all.
+    """Convert a checkpoint (registered name or file) to ``dest``: ``*.safetensors`` or an
+    official-layout ``*.pth``/``*.pt``. key: "params_ema" or "params" (default: the first
+    present); dtype: cast the tensors. Returns the metadata; ``dest`` appears whole or not at all.
     """
     dest = Path(dest).expanduser()
     suffix = dest.suffix.lower()
@@ -115,7 +103,7 @@ def convert_checkpoint(source: str | os.PathLike, dest: str | os.PathLike, *,
     if dtype is not None:
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v
                       for k, v in state_dict.items()}
-    build_model(state_dict)                            # refuses anything that is not CAMixerSR
+    build_model(state_dict)  # refuses anything that is not CAMixerSR
     metadata = safetensors_metadata(state_dict, infer_config(state_dict), source=path.name,
                                     source_sha256=file_sha256(path), source_key=source_key)
     tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}

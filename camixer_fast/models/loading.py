@@ -1,8 +1,5 @@
-"""Checkpoint loading: files, state dicts and registered names -> a ready CAMixerSR.
-
-Hyperparameters are inferred from tensor shapes (spec §6), as spandrel does; anything that is not
-a CAMixerSR state dict is refused with an error naming what is missing or unexpected.
-"""
+"""Checkpoint loading: files, state dicts and registered names -> a ready CAMixerSR, the
+hyperparameters inferred from tensor shapes (spec §6); anything else is refused by name."""
 
 from __future__ import annotations
 
@@ -29,7 +26,6 @@ __all__ = ["METADATA_CONFIG", "WEIGHTS_ENV", "CheckpointError", "build_model",
            "read_safetensors", "weights_file"]
 
 METADATA_CONFIG = "camixer_fast.config"
-"""The safetensors metadata key holding the model's config as JSON (see :func:`infer_config`)."""
 
 
 def weights_file(weights: str | os.PathLike) -> Path:
@@ -46,9 +42,8 @@ def weights_file(weights: str | os.PathLike) -> Path:
 
 
 def read_weights(path: Path) -> Mapping:
-    """A safetensors file's tensors, or torch.load of a PyTorch file with ``weights_only=True``,
-    told apart by content whatever the suffix. Anything that is not a checkpoint of tensors
-    raises CheckpointError saying so (never suggesting to unpickle it)."""
+    """A safetensors or PyTorch (``weights_only``) file's contents, told apart by content; else
+    CheckpointError (never suggesting to unpickle)."""
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     if is_safetensors(path):
@@ -75,8 +70,7 @@ def read_weights(path: Path) -> Mapping:
 
 
 def is_safetensors(path: Path) -> bool:
-    """Whether ``path`` starts like a safetensors file (an 8-byte little-endian header length,
-    then the JSON header), whatever its suffix."""
+    """Whether ``path`` starts like a safetensors file (header length, then JSON)."""
     with open(path, "rb") as f:
         start = f.read(9)
     if len(start) < 9 or start[8:9] != b"{":
@@ -85,8 +79,7 @@ def is_safetensors(path: Path) -> bool:
 
 
 def read_safetensors(path: Path) -> dict[str, Tensor]:
-    """The tensors of a safetensors file, after checking the CAMixerSR config its metadata
-    records, if any, against the one its tensor shapes give."""
+    """A safetensors file's tensors; its metadata's config, if any, must match the shapes'."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -105,8 +98,7 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
 
 
 def extract_state_dict(obj: Mapping) -> dict[str, Tensor]:
-    """The state dict inside an official checkpoint (``params_ema``, then ``params``) or a bare
-    one, with any ``module.`` prefix removed."""
+    """The state dict in ``params_ema``, ``params`` or a bare one, ``module.`` prefixes removed."""
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"expected a dict checkpoint, got {type(obj).__name__}")
     for key in ("params_ema", "params"):
@@ -133,11 +125,8 @@ def _refuse_other_networks(state_dict: Mapping[str, Tensor]) -> None:
 
 
 def infer_config(state_dict: Mapping[str, Tensor]) -> dict:
-    """Hyperparameters of a CAMixerSR state dict from its tensor shapes (spec §6).
-
-    Returns ``{"n_feats", "scale", "blocks_per_group", "window_size"}``. The official
-    repository's other networks (ClassSR's three-branch model, CAMixerOSR) are refused by name.
-    """
+    """``{"n_feats", "scale", "blocks_per_group", "window_size"}`` from a CAMixerSR state dict's
+    shapes (spec §6); CheckpointError otherwise (ClassSR and CAMixerOSR by name)."""
     _refuse_other_networks(state_dict)
     for key in ("head.weight", "tail.0.weight"):
         if key not in state_dict:
@@ -204,12 +193,9 @@ def load_model(weights: str | os.PathLike | Mapping, *, gamma: float = 0.5,
                dtype: torch.dtype = torch.float32) -> CAMixerSR:
     """Load CAMixerSR weights into a ready model, in eval mode.
 
-    weights: a registered name (``"CAMixerSR-S"``, see :data:`REGISTRY`), a path to an
-             official ``.pth`` file (``params_ema`` preferred, then ``params``), a bare state dict
-             file or a ``.safetensors`` file, or an already-loaded dict of either kind.
-    gamma:   attention ratio γ in [0, 1] (changeable later through ``model.gamma``).
-    backend: "auto", "reference" or "triton" (see :mod:`camixer_fast.backends`).
-    routing: "expected" (deterministic, the default) or "gumbel" (the official random draw).
+    weights: a registered name ("CAMixerSR-S"), a ``.pth``/``.safetensors`` file (official or
+    bare) or a loaded dict. gamma: attention ratio γ in [0, 1]. backend: see
+    :mod:`camixer_fast.backends`. routing: "expected" (deterministic) or "gumbel" (official).
     """
     obj = weights if isinstance(weights, Mapping) else read_weights(weights_file(weights))
     model = build_model(extract_state_dict(obj), gamma=gamma, routing=routing)
