@@ -1,10 +1,7 @@
-"""Backends: who computes the network's hot operations (:class:`Ops`), chosen in one place.
-
-"triton" (fused kernels; CUDA capability >= 8.0, or Triton's interpreter when named), "cpu"
-(fast CPU inference on the hard windows; trains as the reference), "reference" (pure PyTorch,
-any device), "auto" (the first of :data:`AUTO_ORDER` for the device that supports the case).
-Each backend answers ``unsupported(device, dtype, training)`` with None or a reason, and the
-reasons become the errors of :func:`select_backend`: nothing falls back silently.
+"""Backends: who computes the network's hot operations (:class:`Ops`), chosen in one place
+(:func:`select_backend`): "triton", "cpu", "reference" or "auto". Each answers
+``unsupported(device, dtype, training)`` with None or a reason, which becomes the error:
+nothing falls back silently.
 """
 
 from __future__ import annotations
@@ -66,8 +63,7 @@ class Linear(Protocol):
 class BlockInference(Protocol):
     def __call__(self, weights: BlockWeights, x: Tensor, condition: Tensor,
                  settings: MixerSettings) -> tuple[Tensor, BlockRouting]:
-        """A whole block at inference: x (B, H, W, C) NHWC, condition (B, H, W, 4) [Cg, Cw]
-        -> (the block's output (B, H, W, C), its routing)."""
+        """A block at inference: x (B, H, W, C), condition (B, H, W, 4) -> (out, routing)."""
 
 
 @dataclass(frozen=True)
@@ -92,11 +88,8 @@ class Ops:
 
 @dataclass(frozen=True)
 class Backend:
-    """A named provider of :class:`Ops`, imported on first use (:attr:`ops`).
-
-    auto_devices: device types "auto" may pick it for ("*": any); trains_as: the backend run in
-    training mode (None: its own).
-    """
+    """A named provider of :class:`Ops` (imported on first use); ``trains_as``: the backend run
+    in training mode (None: its own)."""
 
     name: str
     summary: str
@@ -151,7 +144,6 @@ def _reference_ops() -> Ops:
     from camixer_fast.reference.routing import window_scores
     from camixer_fast.reference.warp import deformable_key
 
-    # the reference functions, as custom operators where torch.compile needs them
     return Ops(reference_route_windows, window_scores, deformable_key,
                reference_window_attention, masked_window_attention, dense.linear)
 
@@ -183,12 +175,10 @@ REGISTRY: dict[str, Backend] = {
                 _reference_unsupported, ("*",), _reference_ops),
     )
 }
-"""The backends by name."""
 
 AUTO_ORDER = ("triton", "cpu", "reference")
 
 BACKENDS = ("auto", *REGISTRY)
-"""Every name :func:`select_backend` accepts."""
 
 
 def select_backend(name: str, device: torch.device | str | None = None,
@@ -231,8 +221,7 @@ _chosen._dynamo_marked_constant = True
 
 
 def can_use_triton(device: torch.device | str | None = None) -> tuple[bool, str]:
-    """Whether the Triton backend can run on ``device`` (default: CUDA if present, else the
-    CPU), and why not if it cannot: (ok, reason)."""
+    """(ok, reason): whether the Triton backend runs on ``device`` (default: CUDA if present)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)

@@ -1,16 +1,12 @@
-"""CUDA graphs: replay a CAMixerSR inference forward as one graph launch, keyed by input size.
-
-The Triton backend's inference forward never waits for the host (tests/test_host_sync.py), so
-it can be captured; the forward is then no longer bound by the CPU's launch rate.
+"""CUDA graphs: replay a CAMixerSR inference forward as one graph launch per input size, so it
+is no longer bound by the CPU's launch rate. Not yet run on a GPU.
 
 >>> graphed = CUDAGraphModel(camixer_fast.load_model("CAMixerSR-S", device="cuda"))
 >>> sr = graphed(lr)          # captures on the first call of each input size, then replays
 
-A model off CUDA, in training mode or on a backend that synchronises is refused (RuntimeError),
-at construction and at every call. One graph per input shape, dtype, device and baked-in
-setting (gamma, routing, tie_break, backend), least recently used dropped past ``max_graphs``;
-parameters are read in place, and a moved parameter drops every graph. All graphs share one
-memory pool; calls run one at a time on the caller's stream. Not yet run on a GPU.
+A model off CUDA, in training mode or on a backend that synchronises is refused (RuntimeError).
+One graph per input shape, dtype, device and baked-in setting (LRU past ``max_graphs``); a moved
+parameter drops every graph. All graphs share one memory pool; calls run one at a time.
 """
 
 from __future__ import annotations
@@ -28,7 +24,6 @@ from camixer_fast.reference.model import CAMixerSR
 from camixer_fast.reference.routing import BlockRouting, Routing
 
 VERIFY_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-"""Largest first-replay vs eager difference per dtype (the same kernels: normally exact)."""
 
 
 class GraphKey(NamedTuple):
@@ -93,11 +88,9 @@ class CUDAGraphModel:
 
     @property
     def scale(self) -> int:
-        """The model's upscaling factor."""
         return self.model.scale
 
     def keys(self) -> list[GraphKey]:
-        """The keys of the graphs held, least recently used first."""
         return list(self._graphs)
 
     def reset(self) -> None:

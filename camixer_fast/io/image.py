@@ -38,7 +38,6 @@ _CONVERTED_ON_READ = {"1": "L", "PA": "RGBA", "CMYK": "RGB", "YCbCr": "RGB", "LA
 
 @dataclass
 class ArrayLayout:
-    """How an array was laid out: dtype and (H, W) or (H, W, C) shape."""
 
     dtype: np.dtype
     shape: tuple[int, ...]
@@ -50,7 +49,6 @@ class ArrayLayout:
 
 @dataclass
 class PILInfo:
-    """What :func:`array_to_pil` needs to rebuild an image of the original mode."""
 
     mode: str
     source: Image.Image
@@ -66,7 +64,7 @@ def check_range(values: Tensor, what: str) -> None:
 
 
 def scale_of(dtype: np.dtype) -> float | None:
-    """The value that means full intensity for an integer dtype (255, 65535), None for floats."""
+    """Full intensity of an integer dtype (255, 65535), None for floats."""
     return {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(np.dtype(dtype))
 
 
@@ -182,11 +180,10 @@ def array_to_pil(arr: np.ndarray, info: PILInfo) -> Image.Image:
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_COLOUR_CHUNKS = (b"iCCP", b"sRGB", b"gAMA", b"cHRM")
-"""Ancillary PNG chunks that say how to read the colours; kept across an upscale."""
 
 
 class PNGError(ValueError):
-    """A file that is not a well-formed 16-bit PNG."""
+    """A malformed or non-16-bit PNG."""
 
 
 def is_png16(head: bytes) -> bool:

@@ -20,12 +20,8 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class RegisteredWeights:
-    """An official checkpoint known by name.
-
-    sha256: the digest a download must have; None: never downloaded, put in place by hand.
-    git_blob: its object id in the official repository (see :func:`git_blob_id`); a cached
-    copy of a file without a sha256 must match it. refused: why it cannot be loaded, or None.
-    """
+    """An official checkpoint: without ``sha256`` never downloaded, and a cached copy must
+    match ``git_blob``; ``refused``: why it cannot be loaded."""
 
     filename: str
     url: str
@@ -93,7 +89,6 @@ def _digest(path: Path, digest) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    """The hex sha256 of a file's bytes."""
     return _digest(path, hashlib.sha256())
 
 
