@@ -1,7 +1,5 @@
-"""The CPU backend's operations: CAMixerSR inference on channels-last CPU tensors, working on
-the hard windows only (keys sampled at their pixels, their tokens gathered for one batched
-``scaled_dot_product_attention`` per chunk). Same signatures and results, up to fp32 rounding,
-as the reference twins; routing, scoring and training are the reference's.
+"""The CPU backend's operations: CAMixerSR inference on channels-last CPU tensors, on the hard
+windows only; the reference twins' signatures and results up to fp32 rounding.
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ def to_nhwc(x: Tensor) -> Tensor:
 
 
 def _channels_last_like(x: Tensor, *args: object) -> Tensor:
-    """The fake kernel of both operators: a channels-last map shaped and typed like x."""
     return torch.empty_like(x, memory_format=torch.channels_last)
 
 
@@ -41,10 +38,10 @@ def hard_window_pixels(num_hard: Tensor, order: Tensor, height: int, width: int,
         return torch.empty(0, dtype=torch.long, device=order.device)
     cols = width // window_size
     ramp = torch.arange(window_size, device=order.device)
-    inside = ramp.view(-1, 1) * width + ramp.view(1, -1)                      # [ws, ws]
+    inside = ramp.view(-1, 1) * width + ramp.view(1, -1)
     corners = [i * (height * width) + torch.div(w, cols, rounding_mode="floor")
                * (window_size * width) + (w % cols) * window_size for i, w in parts]
-    corner = corners[0] if len(corners) == 1 else torch.cat(corners)         # [ΣK]
+    corner = corners[0] if len(corners) == 1 else torch.cat(corners)
     return (corner.view(-1, 1, 1) + inside).reshape(-1)
 
 
@@ -53,19 +50,18 @@ KEY_PIXELS = 4096  # pixels per step: their neighbours' rows stay below glibc's 
 
 def _keys_at(x_flat: Tensor, offsets: Tensor, pixels: Tensor, width: int,
              height: int) -> Tensor:
-    """``x + warp(x, offsets)`` at ``pixels`` (P,) of one image, (P, C) float32: x_flat
-    (H·W, C) NHWC, offsets (2, H·W). The reference's border-padded bilinear sampling, its four
-    neighbours gathered as NHWC rows (``grid_sample`` reads channels-last one channel at a time)."""
+    """``x + warp(x, offsets)`` at ``pixels`` (P,) of one image: x_flat (H·W, C), offsets
+    (2, H·W) -> (P, C) float32, four neighbours gathered as NHWC rows (faster than grid_sample)."""
     rows = torch.div(pixels, width, rounding_mode="floor")
     cols = pixels - rows * width
-    off = offsets[:, pixels].float()                                          # [2, P]
+    off = offsets[:, pixels].float()
     # deform_warp's grid value and grid_sample's way back: the same sampling point to the bit
     gx = 2.0 * (cols + off[0]) / max(width - 1, 1) - 1.0
     gy = 2.0 * (rows + off[1]) / max(height - 1, 1) - 1.0
     sx = ((gx + 1.0) * ((width - 1) / 2)).clamp_(0, width - 1)
     sy = ((gy + 1.0) * ((height - 1) / 2)).clamp_(0, height - 1)
     x0, y0 = sx.floor(), sy.floor()
-    wx, wy = (sx - x0).unsqueeze(1), (sy - y0).unsqueeze(1)                   # [P, 1]
+    wx, wy = (sx - x0).unsqueeze(1), (sy - y0).unsqueeze(1)
     x0, y0 = x0.long(), y0.long()
     step_x = (x0 < width - 1).long()
     step_y = (y0 < height - 1).long() * width
@@ -153,7 +149,6 @@ def hard_window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Te
             n = sel.numel() // tokens
             q = cpu_dense.linear(xf.index_select(0, sel), wqk, bqk).view(n, 1, tokens, c)
             k = kf.index_select(0, sel).view(n, 1, tokens, c)
-            # (windows, 1 head, tokens, C): the fused CPU kernel's shape
             v_tok = vf.index_select(0, sel).view(n, 1, tokens, c)
             mixed = F.scaled_dot_product_attention(q, k, v_tok, scale=1.0)
             of.index_copy_(0, sel, mixed.view(-1, c))

@@ -1,10 +1,8 @@
 """Keep freed host memory in the process: fewer page faults on the CPU path.
 
-glibc's malloc returns freed maps of a few MB to the system, so each block of a CPU forward
-faults and zeroes fresh pages. :func:`raise_mmap_threshold` (automatic, at the CPU backend's
-first forward) moves glibc's adaptive thresholds to their maximum; :func:`keep_freed_memory`
-sets them outright (process-wide, so only the ``camixer-fast`` command calls it). Both are off
-with ``CAMIXER_FAST_KEEP_MEMORY=0``.
+:func:`raise_mmap_threshold` (automatic, at the CPU backend's first forward) moves glibc's
+adaptive thresholds to their maximum; :func:`keep_freed_memory` sets them outright
+(process-wide: only the ``camixer-fast`` command calls it). ``CAMIXER_FAST_KEEP_MEMORY=0``: off.
 """
 
 from __future__ import annotations
@@ -67,7 +65,7 @@ def retained_bytes() -> int:
         return 0
     try:
         mallinfo2 = _libc().mallinfo2
-    except AttributeError:                   # glibc before 2.33
+    except AttributeError:  # glibc before 2.33
         return 0
     mallinfo2.restype = _MallInfo2
     return int(mallinfo2().fordblks)

@@ -1,8 +1,6 @@
-"""MATLAB-compatible bicubic downscaling, ``imresize(img, 1/s, 'bicubic')`` on uint8 images:
-how the SR benchmarks make their LR inputs. Keys cubic (a = -0.5) widened by s (MATLAB's
-antialiasing), mirrored borders, rows then columns, each pass one matrix product rounded to
-uint8 (``round_each_pass=False``: the image as doubles, rounded once). Bit-identical to Set5's
-X2-X4 ``LR_bicubic`` files, and X8 with ``round_each_pass=False``.
+"""MATLAB-compatible bicubic downscaling, ``imresize(img, 1/s, 'bicubic')`` on uint8 images, as
+the SR benchmarks make their LR inputs (bit-identical to Set5's X2-X4 ``LR_bicubic`` files; X8
+with ``round_each_pass=False``).
 """
 
 from __future__ import annotations

@@ -31,10 +31,8 @@ DTYPES: dict[str, torch.dtype] = {
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
 }
-"""Names accepted for ``dtype``, besides torch dtypes."""
 
 CACHE_SIZE = 8
-"""Most models kept by the cache of :func:`cached_model` (least recently used dropped first)."""
 
 
 @dataclass
@@ -110,7 +108,6 @@ def cached_model(weights: str | os.PathLike | Mapping, device: torch.device | st
 
 
 def clear_model_cache() -> None:
-    """Forget every model loaded by :func:`cached_model`."""
     with _cache_lock:
         _cache.clear()
 

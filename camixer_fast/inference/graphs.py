@@ -57,12 +57,8 @@ def clone_routing(routing: Routing) -> Routing:
 
 
 class CUDAGraphModel:
-    """A CAMixerSR inference forward captured as CUDA graphs, one per input size.
-
-    copy_outputs=False returns the graphs' own buffers (overwritten by the next call of that
-    key); verify checks each new graph's first replay against an eager forward (RuntimeError
-    past :data:`VERIFY_TOL`); warmup: eager forwards before each capture.
-    """
+    """A CAMixerSR inference forward as CUDA graphs. copy_outputs=False: the graphs' own buffers;
+    verify: first replay vs eager (RuntimeError past :data:`VERIFY_TOL`)."""
 
     def __init__(self, model: CAMixerSR, *, max_graphs: int = 8, copy_outputs: bool = True,
                  verify: bool = True, warmup: int = 2) -> None:

@@ -117,7 +117,7 @@ def merge_array(colour: Tensor, alpha: Tensor | None, layout: ArrayLayout) -> np
 
 
 def palette_rgba(img: Image.Image) -> np.ndarray:
-    """(K, 4) uint8: what each of the K palette entries of a P image looks like in RGBA."""
+    """(K, 4) uint8: the K palette entries of a P image in RGBA."""
     entries = len(img.getpalette() or []) // 3 or 256
     strip = img.resize((entries, 1), Image.Resampling.NEAREST)
     strip.frombytes(bytes(range(entries)))
@@ -187,7 +187,7 @@ class PNGError(ValueError):
 
 
 def is_png16(head: bytes) -> bool:
-    """Whether the first 26+ bytes of a file are those of a PNG with 16 bits per sample."""
+    """Whether a file's first 26+ bytes are those of a 16-bit PNG."""
     return (len(head) >= 26 and head.startswith(PNG_SIGNATURE) and head[12:16] == b"IHDR"
             and head[24] == 16)
 

@@ -29,8 +29,7 @@ METADATA_CONFIG = "camixer_fast.config"
 
 
 def weights_file(weights: str | os.PathLike) -> Path:
-    """The file a registered name (:data:`~camixer_fast.models.weights.REGISTRY`) or a path
-    names; raises CheckpointError for a string that is neither."""
+    """The file a registered name or a path names; CheckpointError for neither."""
     text = os.fspath(weights)
     if text in REGISTRY and not Path(text).exists():
         return resolve_weights(text)

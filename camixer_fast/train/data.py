@@ -61,7 +61,6 @@ def augment_array(arr: np.ndarray, hflip: bool, vflip: bool, transpose: bool) ->
 
 
 def _to_tensor(img: np.ndarray) -> Tensor:
-    """(H, W, 3) uint8 -> (3, H, W) float32 in [0, 1]."""
     return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(255.0)
 
 
@@ -148,7 +147,6 @@ class PairedPatches(Dataset):
         return len(self.images) * self.repeat
 
     def with_stream(self, stream: int) -> PairedPatches:
-        """The same images with other random crops (another ``stream`` key), sharing memory."""
         other = copy.copy(self)
         other.stream = stream
         return other

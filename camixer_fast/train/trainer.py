@@ -43,22 +43,18 @@ AMP_MODES = ("off", "bf16")
 """Mixed precision of the training forward: "off" (fp32) or "bf16" (autocast, fp32 weights)."""
 CONTINUITY_KEYS = ("batch_size", "patch_size", "seed", "repeat", "augment", "loss", "hr_dir",
                    "lr_dir", "scale", "train_noise", "amp")
-"""Settings a resumed run must share with the checkpoint to continue it exactly."""
 
 
 class ConfigError(ValueError):
-    """A setting is out of range or cannot be honoured here (e.g. the Triton backend on a CPU)."""
+    """A setting is out of range or cannot be honoured here."""
 
 
 @dataclass
 class TrainConfig:
     """Everything a training run needs; the defaults are the official recipe (spec §4).
 
-    batch_size: the global batch; patch_size: the LR crop side. init: weights to fine-tune, or
-    None (from scratch, ``n_feats``/``blocks_per_group``, seeded). scale None: 4, or the
-    checkpoint's. repeat None: at least 100 global batches per epoch. probe None: batch_size
-    fixed crops scored at each validation. Intervals of 0 disable an event; the last step is
-    always validated and saved.
+    batch_size: global; patch_size: the LR crop side; init None: from scratch; scale None: 4 or
+    the checkpoint's; repeat None: >= 100 global batches per epoch; an interval of 0 disables it.
     """
 
     hr_dir: str
@@ -144,7 +140,6 @@ class TrainConfig:
             raise ConfigError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able values (tuples as lists)."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
@@ -187,11 +182,8 @@ def _model_config(model: CAMixerSR) -> dict[str, Any]:
 
 
 class Trainer:
-    """A training run from a :class:`TrainConfig` (resumed from ``config.resume``); :meth:`run`
-    trains to ``config.iterations``. Bad data, or an output folder holding a checkpoint without
-    ``resume``, fails in the constructor. Rank 0 writes ``last.pth``, ``best.pth`` (official
-    format + training state) and ``log.jsonl`` in ``config.out_dir``.
-    """
+    """A training run from a :class:`TrainConfig`; bad data or an occupied output folder fail
+    here. Rank 0 writes ``last.pth``, ``best.pth`` and ``log.jsonl`` in ``config.out_dir``."""
 
     def __init__(self, config: TrainConfig, dist_info: Rank | None = None) -> None:
         config.check()
@@ -306,7 +298,6 @@ class Trainer:
         }
 
     def save(self, name: str = "last.pth") -> Path | None:
-        """Write the checkpoint to ``out_dir / name`` (rank 0 only; others return None)."""
         if not self.dist.is_main:
             return None
         path = self.out_dir / name
@@ -314,7 +305,6 @@ class Trainer:
         return path
 
     def log(self, record: Mapping[str, Any]) -> None:
-        """Append one JSON line to ``out_dir/log.jsonl`` (rank 0 only)."""
         if not self.dist.is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -322,7 +312,6 @@ class Trainer:
             f.write(json.dumps(dict(record)) + "\n")
 
     def loader(self) -> DataLoader:
-        """Batches of this rank from the current step on (endless)."""
         stream = SampleStream(self.data, world_size=self.dist.world_size, rank=self.dist.rank,
                               local_batch=self.local_batch, seed=self.config.seed,
                               start_batch=self.step)
@@ -496,7 +485,6 @@ class Trainer:
         })
 
     def close(self) -> None:
-        """Leave the process group, if this run joined one."""
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
