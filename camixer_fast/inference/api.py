@@ -20,7 +20,8 @@ from torch import Tensor
 from camixer_fast.inference.graphs import CUDAGraphModel
 from camixer_fast.inference.tiling import ProgressCallback, auto_tile, run_network
 from camixer_fast.io.image import array_to_pil, check_range, merge_array, pil_to_array, split_array
-from camixer_fast.models.loading import WEIGHTS_ENV, load_model
+from camixer_fast.models.loading import load_model
+from camixer_fast.models.weights import WEIGHTS_ENV
 from camixer_fast.reference.model import CAMixerSR
 from camixer_fast.reference.routing import check_gamma
 
