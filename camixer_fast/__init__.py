@@ -1,14 +1,11 @@
-"""camixer_fast: CAMixerSR super-resolution, deterministic, on a pure-PyTorch reference and (on
-CUDA) fused Triton kernels.
+"""camixer_fast: CAMixerSR super-resolution on a pure-PyTorch reference and fused Triton kernels.
 
 >>> model = camixer_fast.load_model("CAMixerSR-S", gamma=0.5)
->>> sr = model(lr)          # (B, 3, H, W) in [0, 1] -> (B, 3, 4H, 4W), unclamped
 >>> big = camixer_fast.upscale(pil_image)   # PIL / numpy / tensor in, same kind out
->>> camixer_fast.export_onnx(model, "camixer_s.onnx")   # routing inside the graph
->>> bigs = camixer_fast.upscale_batch(images)   # many, pipelined and batched by size
 """
 
 from camixer_fast.backends import can_use_triton, resolve_backend
+from camixer_fast.models.convert import convert_checkpoint
 from camixer_fast.models.loading import CheckpointError, infer_config, load_model
 from camixer_fast.reference.model import CAMixerSR
 from camixer_fast.inference.pipeline import upscale_batch, upscale_iter
@@ -21,6 +18,7 @@ __all__ = [
     "CheckpointError",
     "__version__",
     "can_use_triton",
+    "convert_checkpoint",
     "export_onnx",
     "infer_config",
     "load_model",
@@ -32,8 +30,7 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # camixer_fast.export_onnx (camixer_fast.backends.onnx.export_onnx) is imported on first use:
-    # it brings in torch.onnx and registers the "onnx" backend
+    # imported on first use: it brings in torch.onnx
     if name == "export_onnx":
         from camixer_fast.backends.onnx import export_onnx
 

@@ -1,24 +1,18 @@
 """CAMixerSR as a spandrel architecture (chaiNNer, ComfyUI and other spandrel users).
 
-spandrel has no plugin discovery: a package adds architectures to a registry, as
-``spandrel_extra_arches.install()`` does. Here:
-
 >>> import spandrel, camixer_fast.spandrel_arch
 >>> camixer_fast.spandrel_arch.install()            # adds CAMixerSR to spandrel.MAIN_REGISTRY
 >>> model = spandrel.ModelLoader().load_from_file("CAMixerSR_S.pth")
->>> model.model                                     # a camixer_fast.CAMixerSR, in eval mode
 
-Detection looks for CAMixerSR's own module names (the global predictor, the mixers' predictor
-``route.out_mask``, the dilated depthwise pair ``conv_sptial``) and then requires the
-hyperparameters to be readable from the shapes (:func:`~camixer_fast.infer_config`), so other
-architectures' state dicts are not claimed. ClassSR's three-branch file and CAMixerOSR (ODISR)
-are not claimed either.
+Detection needs CAMixerSR's own module names and shapes :func:`~camixer_fast.infer_config`
+reads, so other architectures (ClassSR's, CAMixerOSR) are not claimed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 
 try:
     from spandrel import (
@@ -31,9 +25,19 @@ try:
         SizeRequirements,
         StateDict,
     )
-except ImportError as err:  # pragma: no cover - exercised only without the extra
+except ImportError as err:
+    if err.name != "spandrel":
+        raise ImportError(f"camixer_fast.spandrel_arch: spandrel cannot be imported ({err}); "
+                          "install torchvision, the build made for your torch") from None
     raise ImportError("camixer_fast.spandrel_arch needs spandrel: "
-                      "pip install 'camixer_fast[spandrel]'") from err
+                      "pip install 'camixer_fast[spandrel]'") from None
+except Exception as err:  # noqa: BLE001 - a torchvision built for another torch: RuntimeError
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+    raise ImportError(
+        f"camixer_fast.spandrel_arch: spandrel cannot be imported because torchvision does not "
+        f"load beside torch {torch.__version__} ({reason}); install a torch/torchvision pair "
+        f"that import together (torchvision's release for your torch, from the same CPU or "
+        f"CUDA index)") from None
 
 from camixer_fast.evaluation.cost import MODEL_SIZES
 from camixer_fast.models.loading import CheckpointError, build_model, infer_config
@@ -62,12 +66,10 @@ SIGNATURE = (
     "body_tail.weight",
     "tail.0.weight",
 )
-"""Keys every CAMixerSR state dict has (official module names)."""
 
 
 def detect(state_dict: Mapping[str, object]) -> bool:
-    """Whether ``state_dict`` is a CAMixerSR one: its signature keys are there and its
-    hyperparameters read from the shapes. Never raises."""
+    """Whether ``state_dict`` has the :data:`SIGNATURE` keys and readable hyperparameters."""
     if not all(key in state_dict for key in SIGNATURE):
         return False
     try:
@@ -85,9 +87,7 @@ class CAMixerSRArch(Architecture[CAMixerSR]):
 
     def load(self, state_dict: StateDict) -> ImageModelDescriptor[CAMixerSR]:
         """A descriptor around a CAMixerSR shaped after ``state_dict`` (γ = 0.5, expected
-        routing, the "auto" backend, chosen again for the device of every call, so it follows
-        ``descriptor.to(...)``; change ``descriptor.model.gamma`` to trade speed for
-        quality)."""
+        routing, the "auto" backend per call's device)."""
         model = build_model(state_dict).eval()
         model.backend = "auto"
         size = next((name for name, c in MODEL_SIZES.items() if c == model.n_feats), None)
@@ -106,24 +106,19 @@ class CAMixerSRArch(Architecture[CAMixerSR]):
             scale=model.scale,
             input_channels=3,
             output_channels=3,
-            # any size works: the model pads to its window grid itself (reflect, as the
-            # official code), so spandrel must not pad with its own rule
+            # any size: the model pads to its window grid itself
             size_requirements=SizeRequirements(),
-            # the official large-image results use 64-pixel tiles; each tile routes its own
-            # windows, so tiles agree closely, not exactly, with a whole-image run
             tiling=ModelTiling.SUPPORTED,
         )
 
 
 CAMIXER_REGISTRY = ArchRegistry()
-"""The architectures this package adds to spandrel (CAMixerSR)."""
 CAMIXER_REGISTRY.add(ArchSupport.from_architecture(CAMixerSRArch()))
 
 
 def install(registry: ArchRegistry = MAIN_REGISTRY, *,
             ignore_duplicates: bool = True) -> list[ArchSupport]:
-    """Add CAMixerSR to ``registry`` (spandrel's main registry by default, which
-    ``spandrel.ModelLoader()`` uses); returns what was added (nothing when it is there)."""
+    """Add CAMixerSR to ``registry`` (default: spandrel's main one); returns what was added."""
     return registry.add(*CAMIXER_REGISTRY, ignore_duplicates=ignore_duplicates)
 
 

@@ -10,10 +10,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import camixer_fast
-from camixer_fast.models import loading
+from camixer_fast.models import weights
 from camixer_fast.cli import main
 from camixer_fast.models.convert import convert_checkpoint
-from camixer_fast.models.loading import REGISTRY, CheckpointError, RegisteredWeights, git_blob_id
+from camixer_fast.models.loading import CheckpointError
+from camixer_fast.models.weights import REGISTRY, RegisteredWeights, git_blob_id
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +123,20 @@ def test_damaged_safetensors(s_safetensors: Path, tmp_path: Path) -> None:
         camixer_fast.load_model(junk)
 
 
+@pytest.mark.parametrize("kind, suffix", [("pth", ".safetensors"), ("safetensors", ".pth"),
+                                          ("pth", ".bin")],
+                         ids=["pth-named-safetensors", "safetensors-named-pth", "pth-named-bin"])
+def test_format_is_told_by_content_not_suffix(kind: str, suffix: str, weights_path: Path,
+                                              s_safetensors: Path, official: dict,
+                                              tmp_path: Path) -> None:
+    renamed = tmp_path / f"weights{suffix}"
+    renamed.write_bytes((weights_path if kind == "pth" else s_safetensors).read_bytes())
+    expected = official["params_ema"]["head.weight"]
+    assert torch.equal(camixer_fast.load_model(renamed).head.weight, expected)
+    convert_checkpoint(renamed, tmp_path / "out.safetensors")
+    assert torch.equal(load_file(tmp_path / "out.safetensors")["head.weight"], expected)
+
+
 def test_convert_refusals_leave_nothing(official: dict, weights_path: Path, tmp_path: Path,
                                         capsys) -> None:
     out = tmp_path / "out.safetensors"
@@ -175,7 +190,7 @@ def empty_cache(tmp_path: Path, monkeypatch) -> Path:
     def no_network(*args, **kwargs):
         raise AssertionError("tried to download")
 
-    monkeypatch.setattr(loading.urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(weights.urllib.request, "urlopen", no_network)
     return tmp_path / "cache" / "camixer_fast"
 
 
@@ -184,7 +199,7 @@ def empty_cache(tmp_path: Path, monkeypatch) -> Path:
 def test_unverified_names_are_never_downloaded(name: str, empty_cache: Path) -> None:
     entry = REGISTRY[name]
     with pytest.raises(CheckpointError) as err:
-        loading.resolve_weights(name)
+        weights.resolve_weights(name)
     message = str(err.value)
     assert "no sha256 is published" in message and entry.url in message
     assert str(empty_cache / entry.filename) in message and "CAMIXER_FAST_WEIGHTS" in message
@@ -200,15 +215,15 @@ def test_unverified_name_from_cache_or_environment(weights_path: Path, empty_cac
     cached = empty_cache / "CAMixerSR_S.pth"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(weights_path.read_bytes())
-    assert loading.resolve_weights("CAMixerSR-M") == cached
+    assert weights.resolve_weights("CAMixerSR-M") == cached
     assert camixer_fast.load_model("CAMixerSR-M").n_feats == 36
     damaged = bytearray(weights_path.read_bytes())
     damaged[-1] ^= 0xFF                                               # not the official file
     cached.write_bytes(bytes(damaged))
     with pytest.raises(CheckpointError, match="is not the official CAMixerSR_S.pth"):
-        loading.resolve_weights("CAMixerSR-M")
+        weights.resolve_weights("CAMixerSR-M")
     monkeypatch.setenv("CAMIXER_FAST_WEIGHTS", str(weights_path.parent))
-    assert loading.resolve_weights("CAMixerSR-M") == weights_path
+    assert weights.resolve_weights("CAMixerSR-M") == weights_path
 
 
 def test_light_sr_configs_are_inferred() -> None:

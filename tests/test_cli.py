@@ -17,10 +17,9 @@ import pytest
 from PIL import Image
 
 import camixer_fast
-from camixer_fast.io import png16
+from camixer_fast.io import image as png16
 from camixer_fast.cli import main
 from camixer_fast.io.image import LoadedImage, fit_to_format, write_image
-from camixer_fast.io.progress import Progress
 
 cmd = importlib.import_module("camixer_fast.commands.upscale")
 
@@ -271,14 +270,14 @@ def test_no_weights_and_no_network_is_one_line_and_exit_2(inputs, tmp_path, monk
                                                           capsys):
     import urllib.error
 
-    from camixer_fast.models import loading
+    from camixer_fast.models import weights
 
     def offline(url, timeout):
         raise urllib.error.URLError(OSError(-3, "Temporary failure in name resolution"))
 
     monkeypatch.delenv("CAMIXER_FAST_WEIGHTS")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(loading.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(weights.urllib.request, "urlopen", offline)
     assert cli(inputs / "a.png", "-o", tmp_path / "out") == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.splitlines()) <= 2, err
@@ -462,24 +461,13 @@ def test_options_run(options, inputs, tmp_path):
         assert img.mode == "RGBA" and img.size == (4 * W, 4 * H)
 
 
-def test_progress_bar_only_on_a_terminal():
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    for stream, shown in ((Terminal(), True), (io.StringIO(), False)):
-        bar = Progress(2, stream=stream, min_interval=0)
-        bar.update(text="a.png")
-        bar.set_detail(" (tile 1/3)")
-        bar.message("note")
-        bar.advance(pixels=2_000_000)
-        bar.close()
-        text = stream.getvalue()
-        assert "note\n" in text
-        assert ("\r[" in text and "1/2" in text and "tile 1/3" in text
-                and "images/s" in text and "MP/s" in text) == shown
-        assert ("\r" in text) == shown
-        assert bar.summary().startswith("1 image in ")
+def test_progress_bar_only_on_a_terminal(inputs, tmp_path, capsys, monkeypatch):
+    for terminal in (True, False):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+        assert cli(inputs / "a.png", inputs / "c.bmp", "-o", tmp_path / str(terminal)) == 0
+        err = capsys.readouterr().err
+        assert ("\r" in err and "/2 [" in err and "image/s" in err) == terminal
+        assert "2 written, 0 skipped, 0 failed in " in err
 
 
 def test_python_m_camixer_fast_upscale(inputs, tmp_path):
@@ -684,7 +672,7 @@ def _filtered(raw: np.ndarray, bpp: int, filters: list[int]) -> bytes:
 
 def _encode(pixels: np.ndarray, filters: list[int], interlace: bool = False,
             extra: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
-    """A 16-bit PNG written independently of camixer_fast.io.png16 (any filters, Adam7)."""
+    """A 16-bit PNG written independently of camixer_fast.io.image (any filters, Adam7)."""
     if pixels.ndim == 2:
         pixels = pixels[..., None]
     height, width, channels = pixels.shape
@@ -704,7 +692,7 @@ def _encode(pixels: np.ndarray, filters: list[int], interlace: bool = False,
                 + struct.pack(">I", zlib.crc32(kind + body)))
 
     colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
-    return (png16.SIGNATURE
+    return (png16.PNG_SIGNATURE
             + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0,
                                          int(interlace)))
             + b"".join(chunk(k, v) for k, v in extra)

@@ -21,9 +21,12 @@ applied = {"keep": lambda: [keep_freed_memory()],
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 # is a fresh 20 MiB request served by its own mmap region (below the threshold: from the heap)?
-from camixer_fast.backends.memory import _libc, _MallInfo2
-libc = _libc()
-libc.mallinfo2.restype, libc.malloc.restype = _MallInfo2, ctypes.c_void_p
+import ctypes.util
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+libc.mallinfo2.restype, libc.malloc.restype = MallInfo2, ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
 regions = libc.mallinfo2().hblks
 block = libc.malloc(20 * 2**20)

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from camixer_fast.cli import main
-from camixer_fast.train import ranks as distributed
+from camixer_fast.train import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 

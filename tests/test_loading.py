@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import camixer_fast
-from camixer_fast.models import loading
-from camixer_fast.models.loading import CheckpointError, RegisteredWeights, infer_config
+from camixer_fast.models import loading, weights
+from camixer_fast.models.loading import CheckpointError, infer_config
+from camixer_fast.models.weights import RegisteredWeights
 
 
 @pytest.fixture(scope="module")
@@ -121,9 +122,9 @@ def test_dtype_and_device(weights_path: Path) -> None:
 
 def test_registered_name_from_environment(weights_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("CAMIXER_FAST_WEIGHTS", str(weights_path.parent))
-    assert loading.resolve_weights("CAMixerSR-S") == weights_path
+    assert weights.resolve_weights("CAMixerSR-S") == weights_path
     monkeypatch.setenv("CAMIXER_FAST_WEIGHTS", str(weights_path))
-    assert loading.resolve_weights("CAMixerSR-S") == weights_path
+    assert weights.resolve_weights("CAMixerSR-S") == weights_path
     model = camixer_fast.load_model("CAMixerSR-S")
     assert model.n_feats == 36
 
@@ -147,26 +148,26 @@ def fake_registry(tmp_path: Path, monkeypatch, weights_path: Path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     entry = RegisteredWeights("CAMixerSR_S.pth", "https://example.invalid/CAMixerSR_S.pth",
                               hashlib.sha256(payload).hexdigest(), len(payload))
-    monkeypatch.setitem(loading.REGISTRY, "CAMixerSR-S", entry)
+    monkeypatch.setitem(weights.REGISTRY, "CAMixerSR-S", entry)
     return payload, tmp_path / "cache" / "camixer_fast" / "CAMixerSR_S.pth"
 
 
 def test_download_is_verified_then_cached(fake_registry, monkeypatch) -> None:
     payload, cached = fake_registry
     fake = FakeDownload(payload)
-    monkeypatch.setattr(loading.urllib.request, "urlopen", fake)
-    assert loading.resolve_weights("CAMixerSR-S") == cached
-    assert loading.resolve_weights("CAMixerSR-S") == cached
+    monkeypatch.setattr(weights.urllib.request, "urlopen", fake)
+    assert weights.resolve_weights("CAMixerSR-S") == cached
+    assert weights.resolve_weights("CAMixerSR-S") == cached
     assert fake.calls == 1 and cached.read_bytes() == payload
     cached.write_bytes(b"corrupted")                  # a damaged cache is fetched again
-    assert loading.resolve_weights("CAMixerSR-S") == cached and fake.calls == 2
+    assert weights.resolve_weights("CAMixerSR-S") == cached and fake.calls == 2
 
 
 def test_download_with_wrong_digest_leaves_nothing(fake_registry, monkeypatch) -> None:
     payload, cached = fake_registry
-    monkeypatch.setattr(loading.urllib.request, "urlopen", FakeDownload(payload[:-10]))
+    monkeypatch.setattr(weights.urllib.request, "urlopen", FakeDownload(payload[:-10]))
     with pytest.raises(CheckpointError, match="sha256"):
-        loading.resolve_weights("CAMixerSR-S")
+        weights.resolve_weights("CAMixerSR-S")
     assert not cached.parent.exists(), "the cache folder it created was left behind"
 
 
@@ -178,9 +179,9 @@ def test_no_network_is_one_line_saying_where_to_put_the_file(fake_registry, monk
     def offline(url, timeout):
         raise urllib.error.URLError(OSError(-3, "Temporary failure in name resolution"))
 
-    monkeypatch.setattr(loading.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(weights.urllib.request, "urlopen", offline)
     with pytest.raises(CheckpointError) as info:
-        loading.resolve_weights("CAMixerSR-S")
+        weights.resolve_weights("CAMixerSR-S")
     message = str(info.value)
     print(message)
     assert "\n" not in message
@@ -206,10 +207,10 @@ def test_a_weights_file_in_the_environment_serves_its_own_name_only(weights_path
     renamed = tmp_path / "my_s.pth"
     renamed.write_bytes(weights_path.read_bytes())
     monkeypatch.setenv("CAMIXER_FAST_WEIGHTS", str(renamed))
-    assert loading.resolve_weights("CAMixerSR-S") == renamed          # its sha256 is S's
-    monkeypatch.setattr(loading, "_download", pytest.fail)
+    assert weights.resolve_weights("CAMixerSR-S") == renamed          # its sha256 is S's
+    monkeypatch.setattr(weights, "download", pytest.fail)
     with pytest.raises(CheckpointError, match="is a file, but not CAMixerSR_M.pth"):
-        loading.resolve_weights("CAMixerSR-M")
+        weights.resolve_weights("CAMixerSR-M")
 
 def _relative_from_elsewhere(tmp: Path) -> str:
     return "weights/CAMixerSR_S.pth"
@@ -221,9 +222,9 @@ def test_environment_pointing_nowhere_is_an_error(make, tmp_path, monkeypatch):
     value = make(tmp_path)
     monkeypatch.setenv("CAMIXER_FAST_WEIGHTS", value)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(loading, "_download", pytest.fail)
+    monkeypatch.setattr(weights, "download", pytest.fail)
     with pytest.raises(CheckpointError) as info:
-        loading.resolve_weights("CAMixerSR-S")
+        weights.resolve_weights("CAMixerSR-S")
     assert f"$CAMIXER_FAST_WEIGHTS={value}" in str(info.value)
 
 
@@ -251,6 +252,6 @@ def test_a_pickle_of_other_objects_is_refused_by_what_it_holds(tmp_path):
 
 
 def test_registry_digest_is_the_official_one(weights_path: Path) -> None:
-    entry = loading.REGISTRY["CAMixerSR-S"]
+    entry = weights.REGISTRY["CAMixerSR-S"]
     assert hashlib.sha256(weights_path.read_bytes()).hexdigest() == entry.sha256
     assert weights_path.stat().st_size == entry.size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.abc
 import sys
 import types
 from pathlib import Path
@@ -112,3 +113,30 @@ def test_install_is_idempotent(spandrel) -> None:
     assert [a.architecture.id for a in install(registry)] == ["CAMixerSR"]
     with pytest.raises(spandrel.DuplicateArchitectureError):
         install(registry, ignore_duplicates=False)
+
+
+class _BrokenTorchvision(importlib.abc.MetaPathFinder):
+    """torchvision failing as a build for another torch does: RuntimeError on import."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torchvision":
+            raise RuntimeError("operator torchvision::nms does not exist")
+        return None
+
+
+def test_unusable_torchvision_is_one_clear_import_error(monkeypatch) -> None:
+    before = set(sys.modules)
+    for name in [n for n in sys.modules if n.split(".")[0] in ("spandrel", "torchvision")
+                 or n == "camixer_fast.spandrel_arch"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [_BrokenTorchvision(), *sys.meta_path])
+    try:
+        with pytest.raises(ImportError) as info:
+            importlib.import_module("camixer_fast.spandrel_arch")
+    finally:
+        for name in set(sys.modules) - before:
+            del sys.modules[name]
+    message = str(info.value)
+    print(message)
+    assert "\n" not in message and info.value.__cause__ is None
+    assert "torchvision::nms" in message and "torch/torchvision pair" in message

@@ -11,7 +11,7 @@ from PIL import Image
 from torch import nn
 
 import camixer_fast
-from camixer_fast.io.image import LUMA, _palette_rgba, _quantize
+from camixer_fast.io.image import LUMA, palette_rgba, quantize
 
 from camixer_fast.inference import api as up
 from camixer_fast.inference import tiling
@@ -122,7 +122,7 @@ def test_pil_palette_image_is_requantized_to_its_palette(rgb8, transparent):
         alpha = np.rint(np.clip(bicubic_alpha(source[..., 3], 255.0), 0, 1) * 255)
         expected = np.dstack([expected, alpha])
         assert 0.02 < (indices == 3).mean() < 0.5, "transparent pixels lost or spread"
-    expected = _quantize(expected.astype(np.uint8), _palette_rgba(img))
+    expected = quantize(expected.astype(np.uint8), palette_rgba(img))
     assert (indices == expected).mean() > 0.99
 
 
@@ -130,8 +130,8 @@ def test_pil_palette_nearest_entry():
     palette = np.array([[0, 0, 0, 255], [255, 0, 0, 255], [0, 0, 255, 255], [0, 0, 0, 0]],
                        dtype=np.uint8)
     pixels = np.array([[[250, 10, 5, 255], [3, 4, 200, 250], [200, 10, 10, 0]]], dtype=np.uint8)
-    np.testing.assert_array_equal(_quantize(pixels, palette), [[1, 2, 3]])
-    np.testing.assert_array_equal(_quantize(pixels[..., :3], palette), [[1, 2, 1]])
+    np.testing.assert_array_equal(quantize(pixels, palette), [[1, 2, 3]])
+    np.testing.assert_array_equal(quantize(pixels[..., :3], palette), [[1, 2, 1]])
 
 
 def test_pil_icc_profile_is_kept(rgb8):

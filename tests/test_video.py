@@ -135,12 +135,11 @@ def test_frames_dir_pngs_equal_upscale_exactly(clip, expected, tmp_path):
 
 
 def test_progress_counts_frames(short_clip, tmp_path, monkeypatch, capsys):
-    class Shown(cmd.Progress):
+    class Shown(cmd.tqdm):
         def __init__(self, *args, **kwargs):
-            kwargs["enabled"] = True
-            super().__init__(*args, **kwargs)
+            super().__init__(*args, **{**kwargs, "disable": False, "mininterval": 0})
 
-    monkeypatch.setattr(cmd, "Progress", Shown)
+    monkeypatch.setattr(cmd, "tqdm", Shown)
     assert main(["upscale", str(short_clip), "-o", str(tmp_path / "x.mkv"), "--codec",
                  "mpeg4"]) == 0
     err = capsys.readouterr().err

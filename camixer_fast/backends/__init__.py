@@ -1,20 +1,7 @@
-"""Backends: who computes the network's hot operations, chosen in one place.
-
-The network (:mod:`camixer_fast.reference.model`) owns its code and layouts; a backend supplies
-the operations it calls (:class:`Ops`): routing, window scores, the deformable keys and the two
-forms of window attention, plus optional block-level paths, declared as fields, never probed.
-
-- ``"triton"``: the fused kernels of :mod:`camixer_fast.kernels` (CUDA devices of compute
-  capability 8.0 or newer; on the CPU only in Triton's interpreter, ``TRITON_INTERPRET=1``, or
-  under a compile-only JIT gate, and only when asked for by name).
-- ``"cpu"``: :mod:`camixer_fast.backends.cpu`, the fast CPU inference operations (keys and attention
-  on the hard windows only). In training mode it declares that the reference runs instead.
-- ``"reference"``: the pure-PyTorch operations of :mod:`camixer_fast.reference` (any device).
-- ``"auto"``: the first of :data:`AUTO_ORDER` that lists the device type and supports the case.
-
-:func:`select_backend` is the chooser, for inference and training alike. Each backend answers
-``unsupported(device, dtype, training)`` with None or a reason, and the reasons become the
-errors: nothing falls back silently.
+"""Backends: who computes the network's hot operations (:class:`Ops`), chosen in one place
+(:func:`select_backend`): "triton", "cpu", "reference" or "auto". Each answers
+``unsupported(device, dtype, training)`` with None or a reason, which becomes the error:
+nothing falls back silently.
 """
 
 from __future__ import annotations
@@ -76,25 +63,16 @@ class Linear(Protocol):
 class BlockInference(Protocol):
     def __call__(self, weights: BlockWeights, x: Tensor, condition: Tensor,
                  settings: MixerSettings) -> tuple[Tensor, BlockRouting]:
-        """A whole block at inference: x (B, H, W, C) NHWC, condition (B, H, W, 4) [Cg, Cw]
-        -> (the block's output (B, H, W, C), its routing)."""
+        """A block at inference: x (B, H, W, C), condition (B, H, W, 4) -> (out, routing)."""
 
 
 @dataclass(frozen=True)
 class Ops:
     """The operations a backend supplies to the network (signatures of the reference twins).
 
-    ``linear``: the 1×1 projections (bias and residual in the product's epilogue): the
-    reference's (:func:`camixer_fast.reference.dense.linear`) unless the backend has faster
-    ones (each backend names it: a default would make this module import the network's
-    package).
-    ``block_inference``: an optional path for a whole block at inference (fused kernels),
-    given the block's weights by the network; None runs the network's own block code with
-    these operations. ``whole_batch``: run an inference batch as one call (routing stays per
-    image); False runs it image by image, which makes each output bit-identical to a solo run.
-    ``sync_free``: the inference forward never waits for the device to read a value on the
-    host (no ``.item()``, no boolean-mask gather), so a CUDA graph can capture it
-    (:mod:`camixer_fast.inference.graphs`; ``tests/test_host_sync.py`` holds every backend to its word).
+    block_inference: a whole block at inference, or None (the network's block code).
+    whole_batch: a batch as one call; False runs image by image (bit-identical to solo runs).
+    sync_free: the inference forward never reads a device value on the host (CUDA-graphable).
     """
 
     route_windows: RouteWindows
@@ -110,14 +88,8 @@ class Ops:
 
 @dataclass(frozen=True)
 class Backend:
-    """A named provider of :class:`Ops`.
-
-    ``unsupported(device, dtype, training)`` is None where the backend runs, else the reason it
-    does not. ``auto_devices``: the device types "auto" may pick it for ("*": any).
-    ``trains_as``: the backend whose operations run in training mode when this one is asked
-    for (None: its own). The operations are imported on first use (:attr:`ops`), so choosing
-    a backend never imports triton.
-    """
+    """A named provider of :class:`Ops` (imported on first use); ``trains_as``: the backend run
+    in training mode (None: its own)."""
 
     name: str
     summary: str
@@ -128,8 +100,7 @@ class Backend:
 
     @property
     def ops(self) -> Ops:
-        # no cache: a loader only imports (a lookup once imported) and fills the table, and
-        # torch.compile traces it without guarding on a cache that its first trace would fill
+        # no cache: torch.compile would guard on it
         return self.load()
 
 
@@ -173,7 +144,6 @@ def _reference_ops() -> Ops:
     from camixer_fast.reference.routing import window_scores
     from camixer_fast.reference.warp import deformable_key
 
-    # the reference functions, as custom operators where torch.compile needs them
     return Ops(reference_route_windows, window_scores, deformable_key,
                reference_window_attention, masked_window_attention, dense.linear)
 
@@ -190,8 +160,6 @@ def _triton_ops() -> Ops:
     from camixer_fast.reference import dense
     from camixer_fast.reference.routing import window_scores
 
-    # training differentiates the window scores: their small MLP stays in PyTorch there.
-    # At inference a whole block runs fused (kernels/block.py), the batch as one call.
     return Ops(kernels.route_windows, window_scores, kernels.deformable_key,
                kernels.window_attention, kernels.masked_window_attention, dense.linear,
                block_inference=block_inference, whole_batch=True, sync_free=True)
@@ -207,24 +175,17 @@ REGISTRY: dict[str, Backend] = {
                 _reference_unsupported, ("*",), _reference_ops),
     )
 }
-"""The backends by name."""
 
 AUTO_ORDER = ("triton", "cpu", "reference")
-"""What "auto" tries, in order: the first that lists the device type and supports the case."""
 
 BACKENDS = ("auto", *REGISTRY)
-"""Every name :func:`select_backend` accepts."""
 
 
 def select_backend(name: str, device: torch.device | str | None = None,
                    dtype: torch.dtype = torch.float32, *, training: bool = False) -> Backend:
-    """The backend that runs a model on ``device`` (default: the CPU) in ``dtype``.
-
-    ``name``: "auto" or one of :data:`REGISTRY`. "auto" takes the first backend of
-    :data:`AUTO_ORDER` whose ``auto_devices`` hold the device type and which supports the case.
-    A backend asked for by name runs where it says it can (in training mode, the backend it
-    ``trains_as``), else RuntimeError with its reason; an unknown name raises ValueError.
-    """
+    """The backend that runs a model on ``device`` (default: the CPU) in ``dtype``: "auto" or
+    a :data:`REGISTRY` name (in training mode, the one it ``trains_as``). RuntimeError with
+    the reason where it cannot run; ValueError for an unknown name."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     device = torch.device("cpu" if device is None else device)
@@ -232,12 +193,7 @@ def select_backend(name: str, device: torch.device | str | None = None,
 
 
 def _chosen(name: str, device: torch.device, dtype: torch.dtype, training: bool) -> str:
-    # The name of the backend select_backend returns. torch.compile calls this once per
-    # compiled graph, outside it, and keeps the name: the answers depend on the process (triton
-    # installed, the GPU's capability, TRITON_INTERPRET), and the questions (importlib's
-    # find_spec, torch.cuda.get_device_capability) would break the graph. The arguments are
-    # guarded as the graph's own (the model's backend request and mode, the input's device,
-    # the weights' dtype).
+    # torch.compile calls this once per graph, outside it (its questions would break the graph)
     if name == "auto":
         reasons = []
         for candidate in AUTO_ORDER:
@@ -260,14 +216,12 @@ def _chosen(name: str, device: torch.device, dtype: torch.dtype, training: bool)
     return backend.name
 
 
-# what torch.compiler.assume_constant_result sets, which would import Dynamo (and with it
-# triton) with this module (tests/test_compile.py checks that the choice stays out of graphs)
+# torch.compiler.assume_constant_result's mark, without importing Dynamo here
 _chosen._dynamo_marked_constant = True
 
 
 def can_use_triton(device: torch.device | str | None = None) -> tuple[bool, str]:
-    """Whether the Triton backend can run on ``device`` (default: CUDA if present, else the
-    CPU), and why not if it cannot: (ok, reason)."""
+    """(ok, reason): whether the Triton backend runs on ``device`` (default: CUDA if present)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)

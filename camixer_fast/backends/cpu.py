@@ -1,21 +1,5 @@
-"""The CPU backend's operations: CAMixerSR inference on channels-last CPU tensors.
-
-The hot operations of :class:`camixer_fast.backends.Ops` with the reference twins' signatures
-and results up to fp32 rounding; the network (its own code, NHWC, see
-:mod:`camixer_fast.reference.model`) calls them. What makes them fast (measured in
-``bench/RESULTS.md``): they work on the hard windows only.
-
-- :func:`deformable_key` samples the keys of the hard windows' pixels alone (their four
-  neighbours gathered as NHWC rows and blended, per image; no full-size warp).
-- :func:`window_attention` gathers just those windows' tokens, projects the queries with the
-  key projection folded in (:func:`folded_query`; the keys are the raw ``k_in``), runs one batched
-  :func:`torch.nn.functional.scaled_dot_product_attention` per chunk of windows (4-D, so the
-  fused CPU kernel runs; ``scale=1.0``, the network has no 1/sqrt(C) factor) and writes the
-  results over ``v·sa`` in place.
-
-They accept NCHW or channels-last maps and return channels-last ones. Window scoring, the
-routing and the training operations are the reference's (the CPU backend ``trains_as``
-"reference").
+"""The CPU backend's operations: CAMixerSR inference on channels-last CPU tensors, on the hard
+windows only; the reference twins' signatures and results up to fp32 rounding.
 """
 
 from __future__ import annotations
@@ -41,62 +25,44 @@ def to_nhwc(x: Tensor) -> Tensor:
 
 
 def _channels_last_like(x: Tensor, *args: object) -> Tensor:
-    """The fake kernel of both operators: a channels-last map shaped and typed like x."""
     return torch.empty_like(x, memory_format=torch.channels_last)
 
 
 def hard_window_pixels(num_hard: Tensor, order: Tensor, height: int, width: int,
                        window_size: int) -> Tensor:
-    """Flat pixel indices of the hard windows' tokens, (ΣK·ws²,) int64.
-
-    Index ``b·H·W + row·W + column`` into a (B·H·W, C) NHWC map; hard windows follow each other
-    as in :func:`~camixer_fast.reference.routing.flat_hard_windows` (images in order, windows by
-    descending score), each as its ws² tokens row-major.
-    """
-    # the host reads K anyway (the CPU works image by image): no boolean-mask gather
+    """Flat indices ``b·H·W + row·W + column`` of the hard windows' tokens, (ΣK·ws²,) int64,
+    windows in :func:`~camixer_fast.reference.routing.flat_hard_windows` order."""
     counts = num_hard.tolist()
     parts = [(i, order[i, :k]) for i, k in enumerate(counts) if k]
     if not parts:
         return torch.empty(0, dtype=torch.long, device=order.device)
     cols = width // window_size
     ramp = torch.arange(window_size, device=order.device)
-    inside = ramp.view(-1, 1) * width + ramp.view(1, -1)                      # [ws, ws]
+    inside = ramp.view(-1, 1) * width + ramp.view(1, -1)
     corners = [i * (height * width) + torch.div(w, cols, rounding_mode="floor")
                * (window_size * width) + (w % cols) * window_size for i, w in parts]
-    corner = corners[0] if len(corners) == 1 else torch.cat(corners)         # [ΣK]
+    corner = corners[0] if len(corners) == 1 else torch.cat(corners)
     return (corner.view(-1, 1, 1) + inside).reshape(-1)
 
 
-KEY_PIXELS = 4096
-"""Pixels sampled per step of :func:`hard_deformable_key`: their four neighbours' rows
-(4096·4·C floats, 2.4 MB for C = 36) stay in cache and below glibc's mmap threshold."""
+KEY_PIXELS = 4096  # pixels per step: their neighbours' rows stay below glibc's mmap threshold
 
 
 def _keys_at(x_flat: Tensor, offsets: Tensor, pixels: Tensor, width: int,
              height: int) -> Tensor:
-    """``x + warp(x, offsets)`` at the given pixels of one image, (P, C) float32.
-
-    x_flat (H·W, C) the image's NHWC map; offsets (2, H·W) in pixels; pixels (P,) flat indices
-    ``row·W + column``. The reference warp's bilinear sampling with border padding
-    (``grid_sample``, align_corners) taken at the sampling point ``(column + dx, row + dy)``
-    clamped to the image: its four neighbours are gathered as whole NHWC rows (contiguous C
-    values each) and blended by linear interpolations. ``grid_sample`` reads a channels-last
-    map one channel at a time and took 1.4–1.7× as long here (``bench/cpu_dense.py``,
-    ``bench/results/cpu_dense.json``).
-    """
+    """``x + warp(x, offsets)`` at ``pixels`` (P,) of one image: x_flat (H·W, C), offsets
+    (2, H·W) -> (P, C) float32, four neighbours gathered as NHWC rows (faster than grid_sample)."""
     rows = torch.div(pixels, width, rounding_mode="floor")
     cols = pixels - rows * width
-    off = offsets[:, pixels].float()                                          # [2, P]
-    # the reference's grid value (deform_warp) and grid_sample's way back to pixels, the same
-    # fp32 operations: the same sampling point to the bit
+    off = offsets[:, pixels].float()
+    # deform_warp's grid value and grid_sample's way back: the same sampling point to the bit
     gx = 2.0 * (cols + off[0]) / max(width - 1, 1) - 1.0
     gy = 2.0 * (rows + off[1]) / max(height - 1, 1) - 1.0
     sx = ((gx + 1.0) * ((width - 1) / 2)).clamp_(0, width - 1)
     sy = ((gy + 1.0) * ((height - 1) / 2)).clamp_(0, height - 1)
     x0, y0 = sx.floor(), sy.floor()
-    wx, wy = (sx - x0).unsqueeze(1), (sy - y0).unsqueeze(1)                   # [P, 1]
+    wx, wy = (sx - x0).unsqueeze(1), (sy - y0).unsqueeze(1)
     x0, y0 = x0.long(), y0.long()
-    # the right / lower neighbour, or the pixel itself on the last column / row (weight 0)
     step_x = (x0 < width - 1).long()
     step_y = (y0 < height - 1).long() * width
     corner = y0 * width + x0
@@ -116,14 +82,12 @@ def hard_deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor, order: Ten
     pixels = hard_window_pixels(num_hard, order, height, width, window_size)
     area, tokens = height * width, window_size * window_size
     counts = [k * tokens for k in num_hard.tolist()]
-    # where every window is hard, every pixel is written below: no copy of x first
     out = torch.empty_like(xh) if min(counts) == area else xh.clone()
     out_flat, x_flat = out.view(b, area, c), xh.view(b, area, c)
     start = 0
     for i, count in enumerate(counts):
         if count == 0:
             continue
-        # every window hard: the pixels in raster order, written as they come
         sel = torch.arange(area, device=x.device) if count == area else \
             pixels[start:start + count] - i * area
         start += count
@@ -145,15 +109,9 @@ _deformable_key_op.register_fake(_channels_last_like)
 
 def deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
                    order: Tensor | None = None, *, window_size: int = 16) -> Tensor:
-    """``k_in = x + warp(x, offsets)`` on the pixels of the hard windows, (B, C, H, W).
-
-    x (B, C, H, W), offsets (B, 2, H, W) in pixels; ``num_hard`` (B,) and ``order`` (B, N) name
-    the hard windows. Only their pixels are sampled (:func:`_keys_at`: the reference's bilinear
-    sampling with border padding, in fp32 whatever x's dtype), written over a copy of ``x``.
-    Elsewhere the result is ``x`` (no warp), which the attention never reads. Returned
-    channels-last. Without a routing (training) the whole map is computed by the reference
-    warp. One operator while traced (:mod:`camixer_fast.backends.ops`).
-    """
+    """``k_in = x + warp(x, offsets)`` on the hard windows' pixels, channels-last (B, C, H, W);
+    ``x`` elsewhere (never read). x (B, C, H, W), offsets (B, 2, H, W), num_hard (B,), order
+    (B, N); without a routing (training) the reference warp of the whole map."""
     if num_hard is None or order is None:
         return x + deform_warp(x, offsets)
     if not tracing() or needs_grad(x, offsets):
@@ -163,30 +121,24 @@ def deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
 
 
 def folded_query(wq: Tensor, bq: Tensor, wk: Tensor) -> tuple[Tensor, Tensor]:
-    """The key projection folded into the query's: (W, b) with Q·Kᵀ = (x·Wᵀ + b)·k_inᵀ + r.
-
-    Q = x·Wqᵀ + bq and K = k_in·Wkᵀ + bk give Q·Kᵀ = (Q·Wk)·k_inᵀ + (Q·bk)·1ᵀ. The last term is
-    the same for every key of a query's row, and a softmax over the keys drops it, so the
-    attention weights are those of Q' = x·(Wkᵀ·Wq)ᵀ + Wkᵀ·bq against the raw keys k_in: one
-    projection instead of two. wq, wk (C, C), bq (C,) -> W (C, C), b (C,).
-    """
+    """wq, wk (C, C), bq (C,) -> (W, b) with Q·Kᵀ = (x·Wᵀ + b)·k_inᵀ + a term constant along
+    each row, which the softmax drops: one projection instead of two."""
     return wk.t() @ wq, wk.t() @ bq
 
 
 def hard_window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
                           bq: Tensor, wk: Tensor, bk: Tensor, num_hard: Tensor, order: Tensor,
                           window_size: int, chunk: int) -> Tensor:
-    """The implementation of :func:`window_attention` (the operator
-    ``camixer::cpu_window_attention``)."""
+    """:func:`window_attention` (the operator ``camixer::cpu_window_attention``)."""
     dtype = x.dtype
     _, c, height, width = x.shape
     check_window_grid(height, width, window_size)
     vh = to_nhwc(v.float())
     pixels = hard_window_pixels(num_hard, order, height, width, window_size)
     if pixels.numel() == vh.shape[0] * height * width:
-        out = torch.empty_like(vh)                               # every window is attended
+        out = torch.empty_like(vh)
     else:
-        out = vh * to_nhwc(sa.float())                           # v·sa on the simple windows
+        out = vh * to_nhwc(sa.float())
     if pixels.numel():
         tokens = window_size * window_size
         xf, kf, vf = (t.view(-1, c) for t in (to_nhwc(x.float()), to_nhwc(k_in.float()), vh))
@@ -197,7 +149,6 @@ def hard_window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Te
             n = sel.numel() // tokens
             q = cpu_dense.linear(xf.index_select(0, sel), wqk, bqk).view(n, 1, tokens, c)
             k = kf.index_select(0, sel).view(n, 1, tokens, c)
-            # (windows, 1 head, tokens, C): the shape the fused CPU attention kernel takes
             v_tok = vf.index_select(0, sel).view(n, 1, tokens, c)
             mixed = F.scaled_dot_product_attention(q, k, v_tok, scale=1.0)
             of.index_copy_(0, sel, mixed.view(-1, c))
@@ -212,15 +163,9 @@ _window_attention_op.register_fake(_channels_last_like)
 def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor, bq: Tensor,
                      wk: Tensor, bk: Tensor, num_hard: Tensor, order: Tensor, *,
                      window_size: int, chunk: int = DEFAULT_CHUNK) -> Tensor:
-    """Inference token mixing (spec §3.7) on channels-last maps; the reference's signature.
-
-    x, k_in, v: (B, C, H, W); sa: (B, 1, H, W); wq, wk: (C, C); bq, bk: (C,); num_hard (B,),
-    order (B, N). Only the hard windows' pixels of ``k_in`` are read. Returns attn_out
-    (B, C, H, W), channels-last, in x's dtype (computed in fp32): ``v·sa`` on the simple
-    windows, the hard windows' attention written in place, ``chunk`` windows per batched call.
-    The key projection is folded into the query's (:func:`folded_query`), so ``bk`` drops out.
-    One operator while traced (:mod:`camixer_fast.backends.ops`).
-    """
+    """Inference token mixing (spec §3.7), the reference's signature: x, k_in, v (B, C, H, W),
+    sa (B, 1, H, W), wq, wk (C, C), bq, bk (C,), num_hard (B,), order (B, N) -> channels-last
+    (B, C, H, W) in x's dtype: ``v·sa``, the hard windows' attention (fp32) written over it."""
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     if not tracing() or needs_grad(x, k_in, v, sa, wq, bq, wk, bk):
@@ -233,9 +178,5 @@ def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
 
 CPU_OPS = Ops(reference_route_windows, window_scores, deformable_key, window_attention,
               masked_window_attention, cpu_dense.linear)
-"""The CPU backend's operations; training runs the reference's (the backend ``trains_as``
-"reference")."""
 
-# loaded at the CPU backend's first forward: from then on glibc keeps the freed maps of a
-# forward for the next block instead of trimming and refaulting them (camixer_fast.backends.memory)
-raise_mmap_threshold()
+raise_mmap_threshold()  # imported at the first CPU forward: glibc keeps freed maps from then on

@@ -1,22 +1,8 @@
-"""The CPU backend's 1×1 projections: oneDNN matrix products with their epilogues fused.
-
-The twin of :func:`camixer_fast.reference.dense.linear` (same signature, the same numbers up
-to fp32 rounding; on the CI machine the same bits), through the oneDNN operator PyTorch ships
-for its own compiler (``torch.ops.mkldnn._linear_pointwise``), with the bias and the residual
-added in the product's epilogue. PyTorch's ``F.linear`` runs these products through its BLAS
-(MKL in the x86 wheels), which on the CI machine's AMD cores took 1.6–1.9× as long
-(``bench/cpu_dense.py``, ``bench/results/cpu_dense.json``: 1.43 against 0.76 ms for a
-65536×36 by 36×36 product).
-
-The depthwise convolutions stay the reference's: ``F.conv2d`` already runs them through oneDNN,
-and oneDNN's GELU and product epilogues took 0.92–1.12× as long as PyTorch's in-place steps
-(same script): no gain worth a second code path.
-
-It runs where :func:`unsupported` is None, in float32; otherwise (a PyTorch without oneDNN,
-``torch.backends.mkldnn.enabled = False``, other dtypes) the reference twin runs. With autograd
-recording (an inference model called outside ``torch.no_grad()``) the forward is still
-oneDNN's, so results do not depend on the grad mode, and the gradient is the reference's,
-recomputed in backward.
+"""The CPU backend's 1×1 projections: oneDNN matrix products (``mkldnn._linear_pointwise``)
+with bias and residual fused, the twin of :func:`camixer_fast.reference.dense.linear`; faster
+than ``F.linear``'s BLAS on the CI machine (bench/results/cpu_dense.json). Where
+:func:`unsupported` gives a reason, or off float32, the reference twin runs; under autograd
+the forward stays oneDNN's and the gradient is the reference's.
 """
 
 from __future__ import annotations
@@ -36,14 +22,11 @@ def _build_unsupported() -> str | None:
     return None
 
 
-_BUILD_REASON = _build_unsupported()
-"""What the PyTorch build lacks, asked once at import (``torch.compile`` cannot trace the
-question)."""
+_BUILD_REASON = _build_unsupported()  # asked at import: torch.compile cannot trace it
 
 
 def unsupported() -> str | None:
-    """Why the oneDNN form cannot run in this process (then the reference twin runs), or
-    None."""
+    """Why the oneDNN form cannot run in this process, or None."""
     if _BUILD_REASON is not None:
         return _BUILD_REASON
     if not torch.backends.mkldnn.enabled:
@@ -51,14 +34,11 @@ def unsupported() -> str | None:
     return None
 
 
-# torch.compile asks once per graph, outside it, and keeps the answer: what
-# torch.compiler.assume_constant_result sets (which would import Dynamo with this module)
+# torch.compiler.assume_constant_result's mark, without importing Dynamo here
 unsupported._dynamo_marked_constant = True
 
 
 def _fused(x: Tensor) -> bool:
-    """Whether the oneDNN form takes a product of x: float32 on the CPU, oneDNN usable (the
-    other operands share x's dtype and device, as in the network)."""
     return x.dtype == torch.float32 and x.device.type == "cpu" and unsupported() is None
 
 

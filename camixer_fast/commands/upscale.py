@@ -3,7 +3,7 @@
 Images go through the pipelined runner (:mod:`camixer_fast.inference.pipeline`): decoded ahead of the
 model, batched by size, encoded and written behind it. Videos go through
 :mod:`camixer_fast.io.video`. Under ``torchrun`` each process takes its share of the sorted inputs
-(:mod:`camixer_fast.train.ranks`) and rank 0 prints the summary.
+(:mod:`camixer_fast.train.distributed`) and rank 0 prints the summary.
 
 Exit status: 0 when every input was written (or skipped because its output exists), 1 when
 some input could not be read, upscaled or written (each reported on stderr by name; the others
@@ -20,20 +20,32 @@ import os
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from camixer_fast.cli import UsageError, check_writable, gamma_type
 from camixer_fast.io.image import EXTENSIONS, LoadedImage, read_image, write_image
 from camixer_fast.models.loading import CheckpointError
-from camixer_fast.io.progress import Progress
 from camixer_fast.inference.pipeline import Engine, Pipeline
 from camixer_fast.inference.api import Prepared, prepare, resolve_device
 from camixer_fast.io.video import VIDEO_EXTENSIONS, VideoError, check_codec, is_video, probe
-from camixer_fast.train import ranks as distributed
+from camixer_fast.train import distributed
 
 PROG = "camixer-fast upscale"
+
+
+def _say(text: str) -> None:
+    """A line on stderr above the progress bars."""
+    tqdm.write(text, file=sys.stderr)
+
+
+def _bar(total: int | None, unit: str, **options) -> tqdm:
+    """A progress bar on stderr, drawn only on a terminal."""
+    return tqdm(total=total or None, unit=unit, file=sys.stderr, disable=None, leave=False,
+                dynamic_ncols=True, **options)
 
 
 def _positive(text: str) -> int:
@@ -269,6 +281,7 @@ class Tally:
     """Files moved into place (counted as they land, also while an interrupt stops the run)."""
     pixels: int = 0
     seconds: float = 0.0
+    start: float = dataclasses.field(default_factory=time.perf_counter)
 
 
 def _exists(dst: Path, frames: bool) -> bool:
@@ -278,7 +291,7 @@ def _exists(dst: Path, frames: bool) -> bool:
 
 
 def _run_images(pairs: list[tuple[Path, Path]], engine: Engine, tally: Tally,
-                bar: Progress, prefix: str, umask: int) -> None:
+                bar: tqdm, prefix: str, umask: int) -> None:
     def sink(pair: tuple[Path, Path], image: LoadedImage) -> str | None:
         note = _write_atomic(image, pair[1], umask)
         with lock:
@@ -289,46 +302,56 @@ def _run_images(pairs: list[tuple[Path, Path]], engine: Engine, tally: Tally,
 
     def tiles(done: int, total: int) -> None:
         if total > 1:
-            bar.set_detail(f" (tile {done}/{total})")
+            bar.set_postfix_str(f"tile {done}/{total}")
 
     for outcome in Pipeline(pairs, _prepare_file, engine, sink=sink, ordered=False,
                             progress=tiles):
         src, dst = outcome.item
         for note in outcome.notes:
-            bar.message(f"{PROG}: {prefix}{src}: {note}")
+            _say(f"{PROG}: {prefix}{src}: {note}")
         if isinstance(outcome.error, KeyboardInterrupt):
             raise outcome.error
         if outcome.error is not None:
             what = "cannot read image" if outcome.stage == "prepare" else "failed"
             tally.failures.append(f"{prefix}{src}: {what}: {outcome.error}")
-            bar.message(f"{PROG}: {tally.failures[-1]}")
+            _say(f"{PROG}: {tally.failures[-1]}")
         else:
             if outcome.value:
-                bar.message(f"{PROG}: {prefix}{dst}: {outcome.value}")
+                _say(f"{PROG}: {prefix}{dst}: {outcome.value}")
             tally.written += 1
             tally.pixels += outcome.pixels
         tally.items += 1
-        bar.advance(pixels=outcome.pixels, label=src.name)
+        seconds = max(time.perf_counter() - tally.start, 1e-9)
+        bar.set_postfix_str(f"{tally.pixels / 1e6 / seconds:.2f} MP/s {src.name}",
+                            refresh=False)
+        bar.update()
 
 
 def _run_video(src: Path, dst: Path, engine: Engine, args: argparse.Namespace, tally: Tally,
-               prefix: str, bar: Progress) -> None:
+               prefix: str) -> None:
     from camixer_fast.io.video import upscale_video
 
-    frames = Progress(probe(src).frames, unit="frame", stream=bar.stream, enabled=bar.enabled)
-    frames.label = src.name
+    frames = _bar(probe(src).frames, "frame", desc=src.name)
+    start, done = time.perf_counter(), [0, 0]
+
+    def on_frame(pixels: int) -> None:
+        done[0] += 1
+        done[1] += pixels
+        frames.update()
+
     try:
         result = upscale_video(src, dst, engine, codec=args.codec, crf=args.crf,
-                               frames_dir=args.frames_dir,
-                               on_frame=lambda pixels: frames.advance(pixels=pixels))
+                               frames_dir=args.frames_dir, on_frame=on_frame)
     finally:
         frames.close()
     for note in result.notes:
-        bar.message(f"{PROG}: {prefix}{src}: {note}")
+        _say(f"{PROG}: {prefix}{src}: {note}")
     tally.written += 1
     tally.landed += 1
     tally.pixels += result.pixels
-    bar.message(f"{PROG}: {prefix}{dst}: {frames.summary()}")
+    seconds = max(time.perf_counter() - start, 1e-9)
+    _say(f"{PROG}: {prefix}{dst}: {done[0]} frame{'s' if done[0] != 1 else ''} in "
+         f"{seconds:.1f} s ({done[0] / seconds:.2f} frames/s, {done[1] / 1e6 / seconds:.2f} MP/s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -390,14 +413,14 @@ def run(args: argparse.Namespace) -> int:
     os.umask(umask)
     tally = Tally(failures=list(found_failures) if rank.is_main else [])
     mine = distributed.shard(pairs, rank)
-    bar = Progress(len(mine), unit="image")
+    bar = _bar(len(mine), "image")
     todo: list[tuple[Path, Path]] = []
     for src, dst in mine:
         if _exists(dst, args.frames_dir and is_video(src)) and not args.overwrite:
-            bar.message(f"{PROG}: {prefix}skipped {src}: {dst} exists (use --overwrite)")
+            _say(f"{PROG}: {prefix}skipped {src}: {dst} exists (use --overwrite)")
             tally.skipped += 1
             tally.items += 1
-            bar.advance()
+            bar.update()
         else:
             todo.append((src, dst))
     try:
@@ -408,18 +431,18 @@ def run(args: argparse.Namespace) -> int:
             if not is_video(src):
                 continue
             try:
-                _run_video(src, dst, engine, args, tally, prefix, bar)
+                _run_video(src, dst, engine, args, tally, prefix)
             except VideoError as err:
                 tally.failures.append(f"{prefix}{err}")
-                bar.message(f"{PROG}: {tally.failures[-1]}")
+                _say(f"{PROG}: {tally.failures[-1]}")
             tally.items += 1
-            bar.advance(label=src.name)
+            bar.update()
     except KeyboardInterrupt:
         bar.close()
         print(f"{PROG}: {prefix}interrupted; {tally.landed} written", file=sys.stderr)
         return 130
     bar.close()
-    tally.seconds = bar.elapsed
+    tally.seconds = time.perf_counter() - tally.start
     tallies = distributed.all_gather(tally, rank)
     distributed.close()
     written = sum(t.written for t in tallies)

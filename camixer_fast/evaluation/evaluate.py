@@ -1,10 +1,5 @@
-"""Benchmark evaluation: PSNR / SSIM of a model's SR output against HR images.
-
-The standard SR protocol: LR = MATLAB bicubic of the HR image cropped to a multiple of the
-scale (:func:`camixer_fast.evaluation.imresize.make_lr`), or a given LR file with the HR cropped to
-scale × its size; SR clamped to [0, 1] and rounded to uint8; PSNR and SSIM on the BT.601 Y
-channel with a border of ``scale`` pixels cropped.
-"""
+"""Benchmark evaluation, the standard SR protocol: LR = MATLAB bicubic (or a given LR file),
+SR rounded to uint8, PSNR/SSIM on BT.601 Y with a ``scale``-pixel border cropped."""
 
 from __future__ import annotations
 
@@ -78,8 +73,7 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 def find_lr_file(lr_dir: str | Path, hr_path: Path, scale: int) -> Path:
-    """The LR file of ``hr_path`` in ``lr_dir``: ``<stem>x<scale>.<ext>`` (the Set5/Set14
-    ``LR_bicubic`` naming) or ``<stem>.<ext>``, any image extension."""
+    """``<stem>x<scale>.<ext>`` or ``<stem>.<ext>`` in ``lr_dir`` (any image extension)."""
     lr_dir = Path(lr_dir)
     for stem in (f"{hr_path.stem}x{scale}", hr_path.stem):
         for ext in (hr_path.suffix, *IMAGE_EXTENSIONS):
@@ -91,11 +85,7 @@ def find_lr_file(lr_dir: str | Path, hr_path: Path, scale: int) -> Path:
 
 
 def super_resolve(model: CAMixerSR, lr: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """Run the model on one LR image.
-
-    lr: (h, w, 3) uint8. Returns (SR (s·h, s·w, 3) uint8 -- clamped to [0, 1] and rounded --,
-    the fraction of windows that went through attention (mean over blocks of K / N), seconds).
-    """
+    """lr (h, w, 3) uint8 -> (SR (s·h, s·w, 3) uint8, mean K / N over blocks, seconds)."""
     param = next(model.parameters())
     x = torch.from_numpy(np.array(lr, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0).to(param.device, param.dtype) / 255.0
     if param.device.type == "cuda":
@@ -114,13 +104,8 @@ def super_resolve(model: CAMixerSR, lr: np.ndarray) -> tuple[np.ndarray, float, 
 def evaluate(model: CAMixerSR, hr_dir: str | Path, gammas: list[float], *,
              lr_dir: str | Path | None = None, border: int | None = None,
              progress: Callable[[ImageScore], None] | None = None) -> list[GammaScore]:
-    """PSNR / SSIM (Y, border = scale unless given) of ``model`` on every image of ``hr_dir``,
-    once per γ in ``gammas`` (``model.gamma`` is left at the last one).
-
-    LR inputs are made from the HR images with :func:`make_lr`, or read from ``lr_dir`` (see
-    :func:`find_lr_file`) with each HR cropped to scale × the LR size. ``progress``, if given,
-    is called with each :class:`ImageScore` as it is done.
-    """
+    """PSNR / SSIM of ``model`` on every image of ``hr_dir`` once per γ (``model.gamma`` left
+    at the last); LR by :func:`make_lr` or from ``lr_dir``; ``progress(score)`` per image."""
     scale = model.scale
     border = scale if border is None else border
     pairs = []

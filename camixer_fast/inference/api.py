@@ -20,7 +20,8 @@ from torch import Tensor
 from camixer_fast.inference.graphs import CUDAGraphModel
 from camixer_fast.inference.tiling import ProgressCallback, auto_tile, run_network
 from camixer_fast.io.image import array_to_pil, check_range, merge_array, pil_to_array, split_array
-from camixer_fast.models.loading import WEIGHTS_ENV, load_model
+from camixer_fast.models.loading import load_model
+from camixer_fast.models.weights import WEIGHTS_ENV
 from camixer_fast.reference.model import CAMixerSR
 from camixer_fast.reference.routing import check_gamma
 
@@ -31,24 +32,20 @@ DTYPES: dict[str, torch.dtype] = {
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
 }
-"""Names accepted for ``dtype``, besides torch dtypes."""
 
 CACHE_SIZE = 8
-"""Most models kept by the cache of :func:`cached_model` (least recently used dropped first)."""
 
 
 @dataclass
 class CachedModel:
-    """A loaded model and the lock that serializes its calls (``gamma`` is set per call);
-    ``graphed``: its CUDA graphs, made on first use (:meth:`graphs`)."""
+    """A loaded model, the lock that serializes its calls, and its CUDA graphs once made."""
 
     model: CAMixerSR
     lock: threading.Lock = field(default_factory=threading.Lock)
     graphed: CUDAGraphModel | None = None
 
     def graphs(self) -> CUDAGraphModel:
-        """The model's :class:`~camixer_fast.inference.graphs.CUDAGraphModel` (RuntimeError with the
-        reason where it cannot be captured)."""
+        """The model's :class:`~camixer_fast.inference.graphs.CUDAGraphModel` (or RuntimeError)."""
         if self.graphed is None:
             self.graphed = CUDAGraphModel(self.model)
         return self.graphed
@@ -60,8 +57,7 @@ _cache_lock = threading.Lock()
 
 def resolve_device(device: torch.device | str | None,
                    img: object = None) -> torch.device:
-    """``device``, or when None the tensor's own device for a tensor ``img``, else "cuda" if
-    available, else "cpu"."""
+    """``device``, else a tensor's own device, else "cuda" if available, else "cpu"."""
     if device is None:
         if torch.is_tensor(img):
             return img.device
@@ -95,13 +91,8 @@ def _weights_key(weights: str | os.PathLike) -> tuple:
 
 def cached_model(weights: str | os.PathLike | Mapping, device: torch.device | str,
                  dtype: torch.dtype, backend: str) -> CachedModel:
-    """The model for (weights, device, dtype, backend), loaded on first use and then reused.
-
-    A weights file is keyed on its resolved path, modification time and size, a registered name
-    on itself and ``$CAMIXER_FAST_WEIGHTS``; an in-memory state dict (a Mapping) is loaded every
-    time. Raises what :func:`camixer_fast.load_model` raises (CheckpointError for an unknown
-    name or a bad checkpoint, FileNotFoundError for a missing file).
-    """
+    """The model for (weights, device, dtype, backend), loaded once (a file keyed on its path,
+    mtime and size; a state dict loaded every time). Raises what :func:`load_model` raises."""
     device = torch.device(device)
     if isinstance(weights, Mapping):
         return CachedModel(load_model(weights, backend=backend, device=device, dtype=dtype))
@@ -118,7 +109,6 @@ def cached_model(weights: str | os.PathLike | Mapping, device: torch.device | st
 
 
 def clear_model_cache() -> None:
-    """Forget every model loaded by :func:`cached_model`."""
     with _cache_lock:
         _cache.clear()
 
@@ -153,15 +143,11 @@ def _super_resolve(x: Tensor, gamma: float, weights: str | os.PathLike | Mapping
 
 @dataclass
 class Prepared:
-    """An image brought to the network's input, and how to turn the network's output back into
-    the kind of thing it was (see :func:`prepare`)."""
+    """An image as the network's input, and how to turn the output back into its kind."""
 
     colour: Tensor
-    """(B, 3, H, W) float in [0, 1]: B = 1 for PIL images and arrays."""
     finish: Callable[[Tensor], object]
-    """SR colour (B, 3, sH, sW) clamped to [0, 1] (any device) -> the result."""
     device: torch.device | None = None
-    """The input tensor's device (where ``device=None`` runs it), None for other kinds."""
 
 
 def _prepare_array(arr: np.ndarray, to_pil: Callable[[np.ndarray], Image.Image] | None = None
@@ -197,9 +183,8 @@ def _prepare_tensor(x: Tensor) -> Prepared:
 
 
 def prepare(img: ImageLike) -> Prepared:
-    """Check ``img`` (a PIL image, numpy array or tensor, as :func:`upscale` takes) and split
-    it into the network's input and a function that rebuilds a result of the same kind.
-    Raises what :func:`upscale` raises for bad inputs."""
+    """Check ``img`` (as :func:`upscale` takes) and split it into the network's input and a
+    function that rebuilds a result of the same kind."""
     if isinstance(img, Image.Image):
         arr, info = pil_to_array(img)
         return _prepare_array(arr, lambda out: array_to_pil(out, info))
@@ -218,40 +203,16 @@ def upscale(img: ImageLike, gamma: float = 0.5, *,
             cuda_graph: bool = False, progress: ProgressCallback | None = None) -> ImageLike:
     """Super-resolve ``img`` by the model's scale (×4 for CAMixerSR-S); returns the same kind.
 
-    img:
-      - a PIL image of mode RGB, L, RGBA, LA, P or I;16, returned in the same mode. Grey is run
-        as RGB (replicated) and brought back with the BT.601 luma; alpha is upscaled on its own
-        with bicubic interpolation and reattached; P runs as RGB (RGBA if its palette has
-        transparency) and is quantized back to its own palette (nearest entry, no dithering);
-        I;16 keeps its 16 bits. The ICC profile is kept.
-      - a numpy array (H, W) or (H, W, C), C = 1 (grey), 2 (grey + alpha), 3 (RGB) or
-        4 (RGBA); uint8, uint16 (full 16-bit range) or float (any float dtype, values in
-        [0, 1]) -> (sH, sW[, C]) of the same dtype.
-      - a torch tensor (3, H, W) or (B, 3, H, W), float in [0, 1] -> (3, sH, sW) or
-        (B, 3, sH, sW) on the input's device and in its dtype. Not differentiable (the network
-        runs under ``torch.inference_mode()``); use :func:`camixer_fast.load_model` to train.
-      Float inputs with values outside [0, 1] (or NaN) raise ValueError rather than being
-      clipped: they usually mean 0..255 data. Outputs are clamped to [0, 1]; integer outputs
-      are rounded to the nearest level (round(x·255), round(x·65535)).
-    gamma: attention ratio γ in [0, 1] (ValueError otherwise).
-    weights: a registered name ("CAMixerSR-S", resolved as :func:`camixer_fast.load_model`
-      does), a checkpoint path, or a loaded state dict. Unknown names raise CheckpointError.
-      Models are cached per (weights, device, dtype, backend), see :func:`cached_model`.
-    tile: None runs the whole image at once; an int T runs the official overlapped tiles of
-      spec §5 (T LR pixels, overlap T//16, outputs averaged; T = min(T, H, W)), which bounds
-      memory by a tile's working set plus the output; "auto" picks T with :func:`auto_tile`
-      (whole image when it fits in half the available memory, else the largest multiple of 16
-      that does).
-    device: where the network runs; None: the tensor's device for a tensor, else "cuda" when
-      available, else "cpu".
-    dtype: the network's dtype (torch dtype or "fp32"/"fp16"/"bf16"); None: float32.
-    backend: "auto", "reference", "cpu" or "triton" (see :mod:`camixer_fast.backends`; "auto"
-      is "cpu" on the CPU, "triton" on a CUDA device that runs the kernels).
-    cuda_graph: replay the network as CUDA graphs, one per input (or tile) size, captured on
-      first use (:class:`camixer_fast.inference.graphs.CUDAGraphModel`): far fewer launches for many
-      images or tiles of one size. Needs a CUDA device and the Triton backend; RuntimeError with
-      the reason otherwise (no silent fallback). Not yet proven on a GPU.
-    progress: optional ``progress(done, total)`` called after each tile.
+    img: a PIL image (RGB, L, RGBA, LA, P, I;16; same mode back: grey via BT.601 luma, alpha
+      upscaled bicubic, P quantized to its own palette, ICC kept); a numpy (H, W[, C]) array,
+      C in 1..4, uint8/uint16/float in [0, 1]; or a (B,) 3, H, W float tensor in [0, 1] (not
+      differentiable). Floats outside [0, 1] or NaN raise ValueError; outputs are clamped.
+    gamma: attention ratio γ in [0, 1]. weights: a registered name, a checkpoint path or a
+      state dict (models cached, :func:`cached_model`). tile: None (whole image), an int T
+      (spec §5's overlapped tiles) or "auto" (:func:`auto_tile`). device: None = the tensor's,
+      else CUDA when available. dtype: torch dtype or "fp32"/"fp16"/"bf16". backend: "auto",
+      "reference", "cpu" or "triton". cuda_graph: replay as CUDA graphs (RuntimeError where it
+      cannot). progress: ``progress(done, total)`` after each tile.
     """
     gamma, tile, dtype = check_gamma(gamma), check_tile(tile), resolve_dtype(dtype)
     job = prepare(img)

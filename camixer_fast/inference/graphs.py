@@ -1,43 +1,12 @@
-"""CUDA graphs: replay a CAMixerSR inference forward as one graph launch, keyed by input size.
-
-The Triton backend's inference forward never makes the host wait for the device
-(``tests/test_host_sync.py``), so it can be captured as a CUDA graph: the S model's ~1,600
-kernel launches at 720p become one launch, and the forward is no longer bound by the CPU's
-launch rate (the first GPU run measured 28 ms eager and 15.5 ms replayed).
+"""CUDA graphs: replay a CAMixerSR inference forward as one graph launch per input size, so it
+is no longer bound by the CPU's launch rate. Not yet run on a GPU.
 
 >>> graphed = CUDAGraphModel(camixer_fast.load_model("CAMixerSR-S", device="cuda"))
 >>> sr = graphed(lr)          # captures on the first call of each input size, then replays
 
-The rules (nothing falls back silently to an uncaptured forward):
-
-- **Refusals** (RuntimeError with the reason): a model that is not on a CUDA device, is in
-  training mode, or whose backend synchronises with the host (``Ops.sync_free``: the reference
-  and CPU backends gather their hard windows with boolean masks). Checked at construction and
-  at every call, since the model's settings may change in between.
-- **Keys**: one graph per input shape, dtype and device and per model setting it bakes in
-  (``gamma``, ``routing``, ``tie_break``, the backend). A new key is captured on its first call:
-  warm-up forwards on a side stream (Triton compiles there, not inside the capture), the
-  capture, and -- ``verify``, on by default -- one replay checked against an eager forward of
-  the same input (expected routing; Gumbel draws differ from call to call). At most
-  ``max_graphs`` are kept, the least recently used dropped first.
-- **Buffers**: each graph owns a static input, into which every call copies its input, and
-  static outputs (the image and the routing record). Calls return copies, or with
-  ``copy_outputs=False`` the graph's own buffers, which the next call with the same key
-  overwrites.
-- **Parameters** are read where they are: in-place updates (``load_state_dict``, optimizer
-  steps) show in the next replay. If a parameter moves (``model.to(...)``, ``.half()``, a new
-  tensor assigned), every graph is dropped and the next call captures again. Submodules
-  replaced after wrapping need :meth:`CUDAGraphModel.reset`.
-- **Memory**: all graphs of one wrapper share a private memory pool. That is safe because each
-  graph's static input and outputs stay referenced (no capture may reuse them) and replays never
-  overlap (one call at a time, under a lock); what the graphs share is scratch memory that every
-  replay writes before it reads. :meth:`CUDAGraphModel.reset` returns the pool.
-- **Randomness**: Gumbel routing draws from the default CUDA generator, which CUDA graphs
-  advance at every replay; there is no ``generator`` argument.
-- Replays run on the caller's current CUDA stream.
-
-Unproven on a GPU so far (this project's sessions had none): ``bench/gpu_compile_graphs.py``
-checks replays against eager forwards, two sizes interleaved, and times them.
+A model off CUDA, in training mode or on a backend that synchronises is refused (RuntimeError).
+One graph per input shape, dtype, device and baked-in setting (LRU past ``max_graphs``); a moved
+parameter drops every graph. All graphs share one memory pool; calls run one at a time.
 """
 
 from __future__ import annotations
@@ -55,8 +24,6 @@ from camixer_fast.reference.model import CAMixerSR
 from camixer_fast.reference.routing import BlockRouting, Routing
 
 VERIFY_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-"""Largest difference between a first replay and an eager forward of the same input, per
-dtype: the same kernels run, so the two normally agree exactly."""
 
 
 class GraphKey(NamedTuple):
@@ -90,15 +57,8 @@ def clone_routing(routing: Routing) -> Routing:
 
 
 class CUDAGraphModel:
-    """A CAMixerSR inference forward captured as CUDA graphs, one per input size (module
-    docstring: the rules).
-
-    model: a CAMixerSR in eval mode on a CUDA device, on a backend that never synchronises
-    with the host (``"triton"``). max_graphs: graphs kept (least recently used dropped).
-    copy_outputs: return copies (default) or the graphs' own output buffers. verify: check
-    each new graph's first replay against an eager forward (RuntimeError if they differ by
-    more than :data:`VERIFY_TOL`). warmup: eager forwards before each capture.
-    """
+    """A CAMixerSR inference forward as CUDA graphs. copy_outputs=False: the graphs' own buffers;
+    verify: first replay vs eager (RuntimeError past :data:`VERIFY_TOL`)."""
 
     def __init__(self, model: CAMixerSR, *, max_graphs: int = 8, copy_outputs: bool = True,
                  verify: bool = True, warmup: int = 2) -> None:
@@ -124,16 +84,13 @@ class CUDAGraphModel:
 
     @property
     def scale(self) -> int:
-        """The model's upscaling factor."""
         return self.model.scale
 
     def keys(self) -> list[GraphKey]:
-        """The keys of the graphs held, least recently used first."""
         return list(self._graphs)
 
     def reset(self) -> None:
-        """Drop every graph and the memory they share, and find the model's parameters again
-        (after submodules were replaced)."""
+        """Drop every graph and their memory pool; find the parameters again."""
         with self._lock:
             self._drop_all()
             self._find_slots()
@@ -141,8 +98,7 @@ class CUDAGraphModel:
     def __call__(self, x: Tensor, *, return_routing: bool = False):
         """(B, 3, H, W) on the model's device -> (B, 3, sH, sW), as ``model(x)``; with
         ``return_routing`` also the :class:`~camixer_fast.reference.routing.Routing` record."""
-        # normal tensors whether or not the caller is in inference mode: the static buffers
-        # are written in place by later calls, which inference tensors forbid outside it
+        # static buffers are written in place later: no inference tensors
         with self._lock, torch.inference_mode(False), torch.no_grad():
             self._check_model()
             device = self._device()
@@ -176,8 +132,7 @@ class CUDAGraphModel:
                         m.backend)
 
     def _find_slots(self) -> None:
-        # where every parameter and buffer hangs, found once: reading them there each call
-        # costs ~0.1 ms for the S model, walking model.parameters() ~2 ms
+        # where every parameter hangs, found once: cheaper each call than model.parameters()
         self._slots = [(table, name) for module in self.model.modules()
                        for table in (module._parameters, module._buffers)
                        for name, t in table.items() if t is not None]
@@ -239,8 +194,7 @@ class CUDAGraphModel:
 
     def _capture(self, forward: Forward, static_input: Tensor) -> tuple[Callable[[], None],
                                                                          tuple[Tensor, Routing]]:
-        """Warm up on a side stream, then capture ``forward`` into a new graph in the shared
-        pool: (replay, the outputs it writes)."""
+        """Warm up on a side stream, capture ``forward`` in the shared pool: (replay, outputs)."""
         device = static_input.device
         if self._stream is None:
             self._stream = torch.cuda.Stream(device)

@@ -1,35 +1,29 @@
-"""Conversions between images as users hold them and the float tensors the network takes, and
-reading/writing image files for the ``upscale`` command.
-
-Every image is first brought to a numpy array (:func:`pil_to_array`); an array is split into a
-colour part, (1, 3, H, W) float32 in [0, 1] (grey replicated to RGB), and an optional alpha part,
-(1, 1, H, W) float32 (:func:`split_array`), and put back together in its original layout and
-dtype afterwards (:func:`merge_array`, then :func:`array_to_pil`).
+"""Images as users hold them <-> the network's float tensors, and image files for ``upscale``:
+PIL -> array (:func:`pil_to_array`) -> colour (1, 3, H, W) + alpha (1, 1, H, W) float32
+(:func:`split_array`), and back (:func:`merge_array`, :func:`array_to_pil`).
 """
 
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+import imagecodecs
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-from camixer_fast.io import png16
-
 PIL_MODES = ("RGB", "L", "RGBA", "LA", "P", "I;16")
-"""PIL modes :func:`camixer_fast.upscale` takes (and gives back)."""
 
 EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF",
               ".tiff": "TIFF", ".bmp": "BMP"}
-"""File extensions (lower case) the ``upscale`` command reads and writes, with Pillow's format."""
 
 LUMA = (0.299, 0.587, 0.114)
-"""ITU-R BT.601 weights, as Pillow's RGB -> L conversion: how a grey image's RGB result is
-turned back to grey."""
+"""ITU-R BT.601 weights (Pillow's RGB -> L): how a grey image's RGB result turns grey again."""
 
 _WRITABLE_MODES = {
     "PNG": {"RGB", "RGBA", "L", "LA", "P", "I;16"},
@@ -44,11 +38,9 @@ _CONVERTED_ON_READ = {"1": "L", "PA": "RGBA", "CMYK": "RGB", "YCbCr": "RGB", "LA
 
 @dataclass
 class ArrayLayout:
-    """How an array was laid out, so that a result can be given back the same way."""
 
     dtype: np.dtype
     shape: tuple[int, ...]
-    """The input's shape: (H, W) or (H, W, C), C in 1..4."""
 
     @property
     def channels(self) -> int:
@@ -57,12 +49,10 @@ class ArrayLayout:
 
 @dataclass
 class PILInfo:
-    """What :func:`array_to_pil` needs to rebuild an image of the original mode."""
 
     mode: str
     source: Image.Image
     palette_rgba: np.ndarray | None = None
-    """(K, 4) uint8: the colours of a P image's palette entries, transparency included."""
 
 
 def check_range(values: Tensor, what: str) -> None:
@@ -74,18 +64,14 @@ def check_range(values: Tensor, what: str) -> None:
 
 
 def scale_of(dtype: np.dtype) -> float | None:
-    """The value that means full intensity for an integer dtype (255, 65535), None for floats."""
+    """Full intensity of an integer dtype (255, 65535), None for floats."""
     return {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(np.dtype(dtype))
 
 
 def split_array(arr: np.ndarray) -> tuple[Tensor, Tensor | None, ArrayLayout]:
-    """An (H, W) or (H, W, C) array -> colour (1, 3, H, W) and alpha (1, 1, H, W) or None.
-
-    C: 1 (grey), 2 (grey + alpha), 3 (RGB), 4 (RGBA). dtype: uint8, uint16 (full range) or a
-    float dtype with values in [0, 1] (anything else raises ValueError: values are not clipped
-    silently, since out-of-range floats usually mean 0..255 data). Both parts are float32 CPU
-    tensors in [0, 1].
-    """
+    """(H, W[, C]) array, C in 1..4, uint8/uint16/float in [0, 1] -> colour (1, 3, H, W) and
+    alpha (1, 1, H, W) or None, float32 in [0, 1]. Out-of-range floats raise ValueError (they
+    usually mean 0..255 data)."""
     if not isinstance(arr, np.ndarray):
         raise TypeError(f"expected a numpy array, got {type(arr).__name__}")
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and not 1 <= arr.shape[2] <= 4):
@@ -112,12 +98,8 @@ def split_array(arr: np.ndarray) -> tuple[Tensor, Tensor | None, ArrayLayout]:
 
 
 def merge_array(colour: Tensor, alpha: Tensor | None, layout: ArrayLayout) -> np.ndarray:
-    """Inverse of :func:`split_array` for results: colour (1, 3, h, w) and alpha (1, 1, h, w)
-    in [0, 1] (clamped here) -> an array of the input's dtype and channel layout.
-
-    A grey layout takes the BT.601 luma of the colour (:data:`LUMA`); integer dtypes are rounded
-    to the nearest level (round(x·255), round(x·65535)).
-    """
+    """Colour (1, 3, h, w) and alpha (1, 1, h, w), clamped to [0, 1] -> an array of
+    ``layout``'s dtype and channels (grey: :data:`LUMA`; integers rounded to the nearest level)."""
     rgb = colour[0].detach().to("cpu", torch.float32).clamp(0, 1)
     if layout.channels <= 2:
         weights = torch.tensor(LUMA, dtype=torch.float32).view(3, 1, 1)
@@ -134,8 +116,8 @@ def merge_array(colour: Tensor, alpha: Tensor | None, layout: ArrayLayout) -> np
     return np.ascontiguousarray(out[..., 0] if len(layout.shape) == 2 else out)
 
 
-def _palette_rgba(img: Image.Image) -> np.ndarray:
-    """(K, 4) uint8: what each of the K palette entries of a P image looks like in RGBA."""
+def palette_rgba(img: Image.Image) -> np.ndarray:
+    """(K, 4) uint8: the K palette entries of a P image in RGBA."""
     entries = len(img.getpalette() or []) // 3 or 256
     strip = img.resize((entries, 1), Image.Resampling.NEAREST)
     strip.frombytes(bytes(range(entries)))
@@ -143,11 +125,8 @@ def _palette_rgba(img: Image.Image) -> np.ndarray:
 
 
 def pil_to_array(img: Image.Image) -> tuple[np.ndarray, PILInfo]:
-    """A PIL image of a :data:`PIL_MODES` mode -> (H, W[, C]) array and what restores the mode.
-
-    L -> (H, W) uint8, LA -> (H, W, 2), RGB -> (H, W, 3), RGBA -> (H, W, 4), I;16 -> (H, W)
-    uint16; P -> RGB, or RGBA when its palette has any transparency.
-    """
+    """A :data:`PIL_MODES` image -> (H, W[, C]) array (I;16: uint16; P: RGB, or RGBA when its
+    palette has transparency) and what restores the mode."""
     if img.mode not in PIL_MODES:
         raise ValueError(f"PIL mode {img.mode!r} is not supported; supported: {PIL_MODES} "
                          "(convert it first, e.g. img.convert('RGB'))")
@@ -155,7 +134,7 @@ def pil_to_array(img: Image.Image) -> tuple[np.ndarray, PILInfo]:
         raise ValueError(f"empty image of size {img.size}")
     info = PILInfo(img.mode, img)
     if img.mode == "P":
-        info.palette_rgba = _palette_rgba(img)
+        info.palette_rgba = palette_rgba(img)
         has_alpha = bool((info.palette_rgba[:, 3] < 255).any())
         return np.asarray(img.convert("RGBA" if has_alpha else "RGB")), info
     arr = np.asarray(img)
@@ -164,13 +143,9 @@ def pil_to_array(img: Image.Image) -> tuple[np.ndarray, PILInfo]:
     return arr, info
 
 
-def _quantize(arr: np.ndarray, palette_rgba: np.ndarray) -> np.ndarray:
-    """(h, w, 3|4) uint8 -> (h, w) uint8 indices of the nearest palette entries.
-
-    Distances are Euclidean in alpha-premultiplied RGBA (an RGB image compares RGB only), so
-    every fully transparent pixel goes to the nearest transparent entry whatever its colour.
-    Ties go to the lower index. Pixels are processed in chunks to bound memory.
-    """
+def quantize(arr: np.ndarray, palette_rgba: np.ndarray) -> np.ndarray:
+    """(h, w, 3|4) uint8 -> (h, w) uint8 indices of the nearest palette entries, in
+    alpha-premultiplied RGBA (transparent pixels go to a transparent entry); ties: lower index."""
     channels = arr.shape[-1]
     pixels = arr.reshape(-1, channels).astype(np.float32)
     entries = palette_rgba[:, :channels].astype(np.float32)
@@ -188,14 +163,11 @@ def _quantize(arr: np.ndarray, palette_rgba: np.ndarray) -> np.ndarray:
 
 
 def array_to_pil(arr: np.ndarray, info: PILInfo) -> Image.Image:
-    """Inverse of :func:`pil_to_array` for a result of any size.
-
-    A P image is quantized back to its own palette (nearest entry, no dithering, see
-    :func:`_quantize`), keeping its palette and transparency; an ICC profile is kept.
-    """
+    """Inverse of :func:`pil_to_array` for a result of any size (P: :func:`quantize`d back to
+    its own palette; the ICC profile kept)."""
     if info.mode == "P":
         out = info.source.resize((arr.shape[1], arr.shape[0]), Image.Resampling.NEAREST)
-        out.frombytes(_quantize(arr, info.palette_rgba).tobytes())
+        out.frombytes(quantize(arr, info.palette_rgba).tobytes())
     elif info.mode == "I;16":
         out = Image.fromarray(arr.astype(np.uint16))
     else:
@@ -206,11 +178,76 @@ def array_to_pil(arr: np.ndarray, info: PILInfo) -> Image.Image:
         out.info["icc_profile"] = info.source.info["icc_profile"]
     return out
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_COLOUR_CHUNKS = (b"iCCP", b"sRGB", b"gAMA", b"cHRM")
+
+
+class PNGError(ValueError):
+    """A malformed or non-16-bit PNG."""
+
+
+def is_png16(head: bytes) -> bool:
+    """Whether a file's first 26+ bytes are those of a 16-bit PNG."""
+    return (len(head) >= 26 and head.startswith(PNG_SIGNATURE) and head[12:16] == b"IHDR"
+            and head[24] == 16)
+
+
+def png_colour_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """The (type, body) pairs of :data:`PNG_COLOUR_CHUNKS` in a PNG's bytes, in file order."""
+    kept, pos = [], len(PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind in (b"IDAT", b"IEND"):  # colour chunks must come before the image data
+            break
+        if kind in PNG_COLOUR_CHUNKS:
+            kept.append((kind, bytes(data[pos + 8:pos + 8 + length])))
+        pos += 12 + length
+    return kept
+
+
+def read_png16(source: str | os.PathLike | bytes | BinaryIO
+               ) -> tuple[np.ndarray, list[tuple[bytes, bytes]]]:
+    """A 16-bit PNG (path, bytes or binary file) -> uint16 (H, W[, 2|3|4]) pixels (a tRNS key
+    becomes alpha) and its colour chunks; PNGError for a malformed or non-16-bit file."""
+    if isinstance(source, bytes):
+        data = source
+    elif hasattr(source, "read"):
+        data = source.read()
+    else:
+        with open(source, "rb") as f:
+            data = f.read()
+    if not is_png16(data[:32]):
+        raise PNGError("not a 16-bit PNG")
+    try:
+        pixels = imagecodecs.png_decode(data)
+    except (imagecodecs.PngError, ValueError) as err:  # libpng's messages may not decode
+        raise PNGError(f"corrupt or truncated 16-bit PNG ({type(err).__name__})") from None
+    return pixels.astype(np.uint16, copy=False), png_colour_chunks(data)
+
+
+def write_png16(dest: BinaryIO, pixels: np.ndarray,
+                colour_chunks: list[tuple[bytes, bytes]] | tuple = ()) -> None:
+    """Write uint16 (H, W), (H, W, 1|2|3|4) ``pixels`` to ``dest`` as a 16-bit PNG (zlib level
+    6), with ``colour_chunks`` placed right after IHDR."""
+    if pixels.dtype != np.uint16:
+        raise TypeError(f"expected uint16 pixels, got {pixels.dtype}")
+    if pixels.ndim == 3 and pixels.shape[-1] == 1:
+        pixels = pixels[..., 0]
+    if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[-1] > 4) or 0 in pixels.shape:
+        raise ValueError(f"expected (H, W) or (H, W, 1|2|3|4) pixels, got {pixels.shape}")
+    encoded = imagecodecs.png_encode(np.ascontiguousarray(pixels), level=6)
+    after_ihdr = len(PNG_SIGNATURE) + 25
+    dest.write(encoded[:after_ihdr])
+    for kind, body in colour_chunks:
+        dest.write(struct.pack(">I", len(body)) + kind + body
+                   + struct.pack(">I", zlib.crc32(kind + body)))
+    dest.write(encoded[after_ihdr:])
+
 
 @dataclass
 class LoadedImage:
-    """An image file read by :func:`read_image`: pixels for :func:`camixer_fast.upscale` (a
-    PIL image, or a uint16 array for 16-bit PNGs) and what :func:`write_image` should keep."""
+    """A file read by :func:`read_image`: a PIL image (or uint16 array for 16-bit PNGs) and
+    what :func:`write_image` keeps."""
 
     pixels: Image.Image | np.ndarray
     icc_profile: bytes | None = None
@@ -219,19 +256,13 @@ class LoadedImage:
 
 
 def read_image(path: str | os.PathLike) -> LoadedImage:
-    """Read and fully decode an image file; raise (OSError, ValueError, ...) if it is corrupt,
-    truncated or not an image.
-
-    16-bit PNGs are decoded by :mod:`camixer_fast.io.png16` into uint16 arrays (Pillow would drop
-    colour ones to 8 bits). Other files go through Pillow and are brought to a :data:`PIL_MODES`
-    mode: 1 -> L, PA -> RGBA, CMYK/YCbCr/LAB/HSV -> RGB, I;16B/I;16L/I (values in 0..65535)
-    -> I;16; other modes (e.g. F) raise ValueError.
-    """
+    """Read and decode an image file (OSError, ValueError, ... if corrupt, truncated or not an
+    image): 16-bit PNGs by :func:`read_png16`, the rest by Pillow brought to a
+    :data:`PIL_MODES` mode (other modes, e.g. F, raise ValueError)."""
     with open(path, "rb") as f:
-        head = f.read(32)
-        if png16.is_png16(head):
+        if is_png16(f.read(32)):
             f.seek(0)
-            pixels, chunks = png16.read_png16(f)
+            pixels, chunks = read_png16(f)
             return LoadedImage(pixels, png_chunks=chunks)
     with Image.open(path) as img:
         img.load()
@@ -258,10 +289,8 @@ def _to_8bit(arr: np.ndarray) -> np.ndarray:
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """An image file as (H, W, 3) uint8 RGB, as SR benchmarks and training read their data:
-    grey replicated, alpha and palettes resolved by Pillow's ``convert("RGB")``, 16-bit
-    images (PNG, TIFF) rounded to 8 bits (round(v·255/65535)) rather than clipped. Raises
-    what :func:`read_image` raises for a corrupt, truncated or non-image file."""
+    """An image file as (H, W, 3) uint8 RGB, as SR benchmarks read it (Pillow's
+    ``convert("RGB")``; 16 bits rounded to 8). Raises what :func:`read_image` raises."""
     pixels = read_image(path).pixels
     if isinstance(pixels, Image.Image) and pixels.mode == "I;16":
         pixels = np.asarray(pixels).astype(np.uint16)
@@ -277,11 +306,8 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
 
 def fit_to_format(pixels: Image.Image | np.ndarray,
                   fmt: str) -> tuple[Image.Image | np.ndarray, str | None]:
-    """Make ``pixels`` writable as ``fmt`` (a value of :data:`EXTENSIONS`).
-
-    Returns the pixels unchanged when the format holds them (16-bit arrays only as PNG), else
-    the nearest writable form and a note saying what was lost (16 -> 8 bits, alpha, palette).
-    """
+    """``pixels`` in the nearest form ``fmt`` (an :data:`EXTENSIONS` value) holds, and a note
+    of what was lost (16 -> 8 bits, alpha, palette) or None."""
     notes = []
     if isinstance(pixels, np.ndarray):
         if fmt == "PNG":
@@ -314,15 +340,11 @@ def fit_to_format(pixels: Image.Image | np.ndarray,
 
 
 def write_image(image: LoadedImage, dest: BinaryIO, fmt: str) -> str | None:
-    """Write ``image`` to the binary file ``dest`` in ``fmt`` (a value of :data:`EXTENSIONS`).
-
-    Keeps the ICC profile, EXIF and PNG colour chunks; JPEG and WebP at quality 95, TIFF with
-    LZW compression. Returns a note when the format cannot hold everything (see
-    :func:`fit_to_format`), else None.
-    """
+    """Write ``image`` to ``dest`` in ``fmt`` keeping ICC, EXIF and PNG colour chunks (JPEG/WebP
+    quality 95, TIFF LZW); returns :func:`fit_to_format`'s note."""
     pixels, note = fit_to_format(image.pixels, fmt)
     if isinstance(pixels, np.ndarray):
-        png16.write_png16(dest, pixels, image.png_chunks)
+        write_png16(dest, pixels, image.png_chunks)
         return note
     options: dict = {}
     if image.icc_profile and fmt in ("PNG", "JPEG", "WEBP", "TIFF"):

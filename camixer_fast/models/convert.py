@@ -1,11 +1,6 @@
-"""Checkpoint conversion: official ``.pth`` files <-> safetensors.
-
-A safetensors file holds one state dict (``params_ema`` by default) and metadata strings:
-the model's config (:data:`~camixer_fast.models.loading.METADATA_CONFIG`, checked against the tensor
-shapes whenever the file is read), the parameter count and where the weights came from -- the
-facts that do not depend on γ. A ``.pth`` file is written in the official BasicSR layout,
-``{"params": sd, "params_ema": sd}`` (one copy on disk: both keys share the tensors), which the
-official code, spandrel and :func:`~camixer_fast.load_model` all read.
+"""Checkpoint conversion: official ``.pth`` <-> safetensors (one state dict, with the config,
+parameter count and source as metadata); ``.pth`` in the official ``{"params", "params_ema"}``
+layout.
 """
 
 from __future__ import annotations
@@ -21,27 +16,19 @@ from torch import Tensor
 
 from camixer_fast.models.loading import (
     METADATA_CONFIG,
-    REGISTRY,
     CheckpointError,
-    _read_file,
-    _sha256,
     build_model,
     extract_state_dict,
     infer_config,
-    resolve_weights,
+    read_weights,
+    weights_file,
 )
+from camixer_fast.models.weights import file_sha256
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PTH_SUFFIXES = (".pth", ".pt")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 KEYS = ("params_ema", "params")
-
-
-def _source_path(source: str | os.PathLike) -> Path:
-    text = os.fspath(source)
-    if text in REGISTRY and not Path(text).exists():
-        return resolve_weights(text)
-    return Path(text).expanduser()
 
 
 def _select(obj: Mapping, key: str | None) -> tuple[dict[str, Tensor], str]:
@@ -79,8 +66,7 @@ def safetensors_metadata(state_dict: Mapping[str, Tensor], config: dict, *, sour
 
 
 def _write_atomic(dest: Path, write: Callable[[Path], None]) -> None:
-    """Have ``write`` fill a temporary file beside ``dest``, then move it into place: ``dest``
-    is never left half-written."""
+    """``write`` fills a temporary file beside ``dest``, then it is moved into place."""
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     os.close(fd)
     tmp = Path(tmp_name)
@@ -97,36 +83,29 @@ def _write_atomic(dest: Path, write: Callable[[Path], None]) -> None:
 def convert_checkpoint(source: str | os.PathLike, dest: str | os.PathLike, *,
                        key: str | None = None, dtype: torch.dtype | None = None,
                        overwrite: bool = False) -> dict[str, str]:
-    """Convert a CAMixerSR checkpoint to safetensors or to an official-layout ``.pth``.
-
-    source: a registered name, or a ``.pth`` / ``.safetensors`` file (official, bare, or
-            written by this function).
-    dest:   ``*.safetensors`` or ``*.pth`` / ``*.pt``; the suffix picks the format.
-    key:    which weights of an official file to take, "params_ema" or "params" (default: the
-            first present, as :func:`~camixer_fast.load_model` does).
-    dtype:  cast the tensors (default: keep them as they are).
-    Returns the metadata describing the written weights. The weights are checked to build a
-    CAMixerSR before anything is written; ``dest`` appears whole or not at all.
+    """Convert a checkpoint (registered name or file) to ``dest``: ``*.safetensors`` or an
+    official-layout ``*.pth``/``*.pt``. key: "params_ema" or "params" (default: the first
+    present); dtype: cast the tensors. Returns the metadata; ``dest`` appears whole or not at all.
     """
     dest = Path(dest).expanduser()
     suffix = dest.suffix.lower()
     if suffix not in SAFETENSORS_SUFFIXES + PTH_SUFFIXES:
         raise ValueError(f"{dest}: unknown output format {suffix or '(no suffix)'!r}; use "
                          ".safetensors, .pth or .pt")
-    path = _source_path(source)
+    path = weights_file(source)
     if dest.exists() and dest.resolve() == path.resolve():
         raise ValueError(f"{dest} is the input file; choose another output")
     if dest.exists() and not overwrite:
         raise FileExistsError(f"{dest} exists (pass overwrite=True / --overwrite to replace it)")
     if not dest.parent.is_dir():
         raise ValueError(f"{dest.parent}: no such folder for {dest.name}")
-    state_dict, source_key = _select(_read_file(path), key)
+    state_dict, source_key = _select(read_weights(path), key)
     if dtype is not None:
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v
                       for k, v in state_dict.items()}
-    build_model(state_dict)                            # refuses anything that is not CAMixerSR
+    build_model(state_dict)  # refuses anything that is not CAMixerSR
     metadata = safetensors_metadata(state_dict, infer_config(state_dict), source=path.name,
-                                    source_sha256=_sha256(path), source_key=source_key)
+                                    source_sha256=file_sha256(path), source_key=source_key)
     tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
     if suffix in SAFETENSORS_SUFFIXES:
         from safetensors.torch import save_file

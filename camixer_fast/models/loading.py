@@ -1,239 +1,48 @@
-"""Checkpoint loading: official files, state dicts and registered names -> a ready CAMixerSR.
-
-Hyperparameters are inferred from tensor shapes (spec §6), as spandrel does; anything that is not
-a CAMixerSR state dict is refused with an error naming what is missing or unexpected.
-"""
+"""Checkpoint loading: files, state dicts and registered names -> a ready CAMixerSR, the
+hyperparameters inferred from tensor shapes (spec §6); anything else is refused by name."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import sys
-import tempfile
-import urllib.request
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from camixer_fast.models.weights import (
+    ODISR_NETWORK,
+    REGISTRY,
+    WEIGHTS_ENV,
+    CheckpointError,
+    resolve_weights,
+)
 from camixer_fast.reference.model import CAMixerSR
 
-WEIGHTS_ENV = "CAMIXER_FAST_WEIGHTS"
+__all__ = ["METADATA_CONFIG", "WEIGHTS_ENV", "CheckpointError", "build_model",
+           "extract_state_dict", "infer_config", "is_safetensors", "load_model", "read_weights",
+           "read_safetensors", "weights_file"]
+
 METADATA_CONFIG = "camixer_fast.config"
-"""The safetensors metadata key holding the model's config as JSON (see :func:`infer_config`)."""
 
 
-class CheckpointError(ValueError):
-    """The weights given are not a usable CAMixerSR checkpoint."""
+def weights_file(weights: str | os.PathLike) -> Path:
+    """The file a registered name or a path names; CheckpointError for neither."""
+    text = os.fspath(weights)
+    if text in REGISTRY and not Path(text).exists():
+        return resolve_weights(text)
+    if (Path(text).expanduser().exists() or os.sep in text
+            or text.endswith((".pth", ".pt", ".safetensors"))):
+        return Path(text).expanduser()
+    raise CheckpointError(f"{text!r} is neither a weights file nor a registered name "
+                          f"(known names: {sorted(REGISTRY)})")
 
 
-@dataclass(frozen=True)
-class RegisteredWeights:
-    """An official checkpoint known by name.
-
-    filename: the official file name (looked for in ``$CAMIXER_FAST_WEIGHTS`` and the cache).
-    url:      where the official repository serves it.
-    sha256:   the digest a download must have; ``None`` when none is published, and then the
-              file is never downloaded (it must be put in place by hand).
-    size:     its size in bytes, where known.
-    git_blob: the object id of the file in the official repository's git tree (SHA-1 of
-              ``b"blob <size>\\0" + bytes``); a cached copy of a file without a sha256 must
-              match it.
-    refused:  why the file cannot be loaded (a different architecture), or ``None``.
-    """
-
-    filename: str
-    url: str
-    sha256: str | None = None
-    size: int | None = None
-    git_blob: str | None = None
-    refused: str | None = None
-
-
-_OFFICIAL = "https://github.com/icandle/CAMixerSR/raw/main/pretrained_models/"
-_OSR_WHY = ("CAMixerOSR, a different architecture (deformable convolutions, a latitude "
-            "condition, shifted windows) that camixer_fast does not implement")
-
-
-def _official(folder: str, filename: str, git_blob: str, *, sha256: str | None = None,
-              size: int | None = None, refused: str | None = None) -> RegisteredWeights:
-    return RegisteredWeights(filename, f"{_OFFICIAL}{folder}/{filename}", sha256, size, git_blob,
-                             refused)
-
-
-REGISTRY: dict[str, RegisteredWeights] = {
-    # large-image SR (DIV2K, ×4): C = 36 / 48 / 60
-    "CAMixerSR-S": _official(
-        "LargeSR", "CAMixerSR_S.pth", "eb470abd9295cb46d54436900d0a34be2bec0192",
-        sha256="49ffcfbb59583b4512ed7f4290b6f480b4bac50afb3d1db1553687bbdeff3076",
-        size=3_323_709),
-    "CAMixerSR-M": _official("LargeSR", "CAMixerSR_M.pth",
-                             "587c1704ae00808319015ab8754c80c054994eee"),
-    # the same bytes as LightSR ×4 (one git object in the official repository)
-    "CAMixerSR-B": _official("LargeSR", "CAMixerSR_B.pth",
-                             "832f81a75f68125e0038fcd4514493bd3cde8fbc"),
-    "CAMixerSR-ClassSR": _official("LargeSR", "CAMixerSR_ClassSR.pth",
-                                   "d34586dcecc7587aecb3fd2dfb1c2da7017144dc"),
-    # lightweight SR, C = 60, trained on DIV2K, or DF2K for the -DF2K names (the official
-    # repository publishes no ×3 DF2K model)
-    "CAMixerSR-LightSR-x2": _official("LightSR", "CAMixerSRx2.pth",
-                                      "8a6d6d19a8ee1aeeb5ac03b7a9618288265390be"),
-    "CAMixerSR-LightSR-x3": _official("LightSR", "CAMixerSRx3.pth",
-                                      "1bb089df3657fd48b31f4bcbdab41331f23a7879"),
-    "CAMixerSR-LightSR-x4": _official("LightSR", "CAMixerSRx4.pth",
-                                      "832f81a75f68125e0038fcd4514493bd3cde8fbc"),
-    "CAMixerSR-LightSR-x2-DF2K": _official("LightSR", "CAMixerSRx2_DF.pth",
-                                           "3302e2bcd6b73d100b1298ea2076bee5f1fdc22a"),
-    "CAMixerSR-LightSR-x4-DF2K": _official("LightSR", "CAMixerSRx4_DF.pth",
-                                           "18bb973e5faf8081d8fc846de0a24ad4340dc0dc"),
-    # omnidirectional SR: another network
-    "CAMixerSR-ODISR-x2": _official("ODISR", "CAMixerSRx2.pth",
-                                    "b88949a0cb694b6534d051497a33f22c92244a3f",
-                                    refused=f"is an ODISR checkpoint of {_OSR_WHY}"),
-    "CAMixerSR-ODISR-x4": _official("ODISR", "CAMixerSRx4.pth",
-                                    "26f0cca359323b523d4b37ed5f86dd072bdcf844",
-                                    refused=f"is an ODISR checkpoint of {_OSR_WHY}"),
-}
-"""Every checkpoint the official repository publishes, by name. Only those with a sha256 are
-downloaded (and verified); the others are read from ``$CAMIXER_FAST_WEIGHTS`` or the cache."""
-
-
-def cache_dir() -> Path:
-    """Where downloaded weights are kept: ``$XDG_CACHE_HOME/camixer_fast`` or ``~/.cache/...``."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "camixer_fast"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def git_blob_id(path: Path) -> str:
-    """The git object id of a file's contents: SHA-1 of ``b"blob <size>\\0" + bytes``."""
-    digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _download(entry: RegisteredWeights, dest: Path) -> None:
-    """Fetch ``entry.url`` into ``dest`` atomically, refusing a file whose sha256 differs.
-
-    A failed download (no network, HTTP error, wrong digest) raises CheckpointError, one line
-    that says where the file can be put by hand, and leaves no file or folder it created."""
-    created = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        print(f"camixer_fast: downloading {entry.filename} from {entry.url}", file=sys.stderr)
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{entry.filename}.",
-                                        suffix=".part")
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "wb") as out, \
-                    urllib.request.urlopen(entry.url, timeout=60) as resp:
-                for block in iter(lambda: resp.read(1 << 20), b""):
-                    out.write(block)
-            got = _sha256(tmp)
-            if got != entry.sha256:
-                raise CheckpointError(f"download of {entry.url} has sha256 {got}, expected "
-                                      f"{entry.sha256}; nothing was saved")
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
-    except (OSError, ValueError) as err:
-        for folder in created:
-            try:
-                folder.rmdir()
-            except OSError:
-                break
-        if isinstance(err, CheckpointError):
-            raise
-        reason = getattr(err, "reason", None) or getattr(err, "strerror", None) or err
-        raise CheckpointError(
-            f"cannot download {entry.filename} ({reason}); put the file at {dest} or set "
-            f"${WEIGHTS_ENV} to it (or to its folder); it is at {entry.url}") from None
-
-
-def _env_weights(entry: RegisteredWeights) -> Path | None:
-    """The file ``$CAMIXER_FAST_WEIGHTS`` names for ``entry`` (a file -- ``entry.filename`` or
-    a file with its sha256 --, or a folder holding ``entry.filename``); None when the variable
-    is unset or empty. A value that names no such
-    file raises CheckpointError naming the variable and the path, rather than being ignored."""
-    env = os.environ.get(WEIGHTS_ENV)
-    if not env:
-        return None
-    path = Path(env).expanduser()
-    where = f"${WEIGHTS_ENV}={env}" + ("" if path.is_absolute() else
-                                      f" (relative to {Path.cwd()})")
-    if path.is_file():
-        # one file serves only the name it is the file of: its official name, or its digest
-        if path.name == entry.filename or (entry.sha256 is not None
-                                           and _sha256(path) == entry.sha256):
-            return path
-        raise CheckpointError(f"{where} is a file, but not {entry.filename} (the weights of "
-                              f"this name); point the variable at a folder holding "
-                              f"{entry.filename}, or pass the file's path as the weights")
-    if path.is_dir():
-        if (path / entry.filename).is_file():
-            return path / entry.filename
-        raise CheckpointError(f"{where} is a folder without {entry.filename}; put the file "
-                              f"there or point the variable at the file ({entry.url})")
-    raise CheckpointError(f"{where}: no such file or folder; point it at {entry.filename} "
-                          f"or its folder, or unset it to use the cache ({cache_dir()})")
-
-
-def resolve_weights(name: str) -> Path:
-    """The file behind a registered name: ``$CAMIXER_FAST_WEIGHTS`` (a file, or a folder holding
-    the official file name; set to anything else, it is an error), else the user cache, else a
-    verified download into the cache. Raises CheckpointError when none of them gives the file."""
-    if name not in REGISTRY:
-        raise CheckpointError(f"unknown weights name {name!r}; known names: {sorted(REGISTRY)}")
-    entry = REGISTRY[name]
-    if entry.refused:
-        raise CheckpointError(f"{name} ({entry.url}) {entry.refused}")
-    from_env = _env_weights(entry)
-    if from_env is not None:
-        return from_env
-    cached = cache_dir() / entry.filename
-    if entry.sha256 is None:
-        return _unverifiable(name, entry, cached)
-    if cached.is_file():
-        if _sha256(cached) == entry.sha256:
-            return cached
-        print(f"camixer_fast: cached {cached} is corrupt (sha256 mismatch); downloading again",
-              file=sys.stderr)
-    _download(entry, cached)
-    return cached
-
-
-def _unverifiable(name: str, entry: RegisteredWeights, cached: Path) -> Path:
-    """A file without a published sha256: the cached copy if it is the official one; it is
-    never downloaded."""
-    if cached.is_file():
-        if entry.git_blob is None or git_blob_id(cached) == entry.git_blob:
-            return cached
-        raise CheckpointError(
-            f"{cached} is not the official {entry.filename} (its git object id is not "
-            f"{entry.git_blob}, the one in the official repository); replace it with the file "
-            f"from {entry.url}")
-    raise CheckpointError(
-        f"{name}: no sha256 is published for {entry.filename}, so it is not downloaded "
-        f"automatically. Download it yourself from {entry.url} and put it at {cached}, or in "
-        f"a folder named by ${WEIGHTS_ENV}")
-
-
-def _read_file(path: Path) -> Mapping:
-    """torch.load of a checkpoint file with ``weights_only=True``; anything that is not a
-    checkpoint of tensors raises CheckpointError saying so (never suggesting to unpickle it)."""
+def read_weights(path: Path) -> Mapping:
+    """A safetensors or PyTorch (``weights_only``) file's contents, told apart by content; else
+    CheckpointError (never suggesting to unpickle)."""
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     if is_safetensors(path):
@@ -244,7 +53,8 @@ def _read_file(path: Path) -> Mapping:
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a "
                               f"pickle: it starts with {head!r})")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:  # a file object: torch.load would take a name's suffix
+            return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several kinds for non-checkpoint files
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
         if found:
@@ -259,8 +69,7 @@ def _read_file(path: Path) -> Mapping:
 
 
 def is_safetensors(path: Path) -> bool:
-    """Whether ``path`` starts like a safetensors file (an 8-byte little-endian header length,
-    then the JSON header), whatever its suffix."""
+    """Whether ``path`` starts like a safetensors file (header length, then JSON)."""
     with open(path, "rb") as f:
         start = f.read(9)
     if len(start) < 9 or start[8:9] != b"{":
@@ -269,8 +78,7 @@ def is_safetensors(path: Path) -> bool:
 
 
 def read_safetensors(path: Path) -> dict[str, Tensor]:
-    """The tensors of a safetensors file, after checking the CAMixerSR config its metadata
-    records, if any, against the one its tensor shapes give."""
+    """A safetensors file's tensors; its metadata's config, if any, must match the shapes'."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -289,8 +97,7 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
 
 
 def extract_state_dict(obj: Mapping) -> dict[str, Tensor]:
-    """The state dict inside an official checkpoint (``params_ema``, then ``params``) or a bare
-    one, with any ``module.`` prefix removed."""
+    """The state dict in ``params_ema``, ``params`` or a bare one, ``module.`` prefixes removed."""
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"expected a dict checkpoint, got {type(obj).__name__}")
     for key in ("params_ema", "params"):
@@ -313,15 +120,12 @@ def _refuse_other_networks(state_dict: Mapping[str, Tensor]) -> None:
             "{k.removeprefix('net3.'): v for k, v in sd.items() if k.startswith('net3.')}")
     if "head.weight" in state_dict and any(
             k.startswith(("dcn.", "offset_conv.")) for k in state_dict):
-        raise CheckpointError(f"an ODISR state dict of {_OSR_WHY}")
+        raise CheckpointError(f"an ODISR state dict of {ODISR_NETWORK}")
 
 
 def infer_config(state_dict: Mapping[str, Tensor]) -> dict:
-    """Hyperparameters of a CAMixerSR state dict from its tensor shapes (spec §6).
-
-    Returns ``{"n_feats", "scale", "blocks_per_group", "window_size"}``. The official
-    repository's other networks (ClassSR's three-branch model, CAMixerOSR) are refused by name.
-    """
+    """``{"n_feats", "scale", "blocks_per_group", "window_size"}`` from a CAMixerSR state dict's
+    shapes (spec §6); CheckpointError otherwise (ClassSR and CAMixerOSR by name)."""
     _refuse_other_networks(state_dict)
     for key in ("head.weight", "tail.0.weight"):
         if key not in state_dict:
@@ -388,25 +192,11 @@ def load_model(weights: str | os.PathLike | Mapping, *, gamma: float = 0.5,
                dtype: torch.dtype = torch.float32) -> CAMixerSR:
     """Load CAMixerSR weights into a ready model, in eval mode.
 
-    weights: a registered name (``"CAMixerSR-S"``, see :data:`REGISTRY`), a path to an
-             official ``.pth`` file (``params_ema`` preferred, then ``params``), a bare state dict
-             file or a ``.safetensors`` file, or an already-loaded dict of either kind.
-    gamma:   attention ratio γ in [0, 1] (changeable later through ``model.gamma``).
-    backend: "auto", "reference" or "triton" (see :mod:`camixer_fast.backends`).
-    routing: "expected" (deterministic, the default) or "gumbel" (the official random draw).
+    weights: a registered name ("CAMixerSR-S"), a ``.pth``/``.safetensors`` file (official or
+    bare) or a loaded dict. gamma: attention ratio γ in [0, 1]. backend: see
+    :mod:`camixer_fast.backends`. routing: "expected" (deterministic) or "gumbel" (official).
     """
-    if isinstance(weights, Mapping):
-        obj = weights
-    else:
-        text = os.fspath(weights)
-        if text in REGISTRY and not Path(text).exists():
-            obj = _read_file(resolve_weights(text))
-        elif (Path(text).expanduser().exists() or os.sep in text
-              or text.endswith((".pth", ".pt", ".safetensors"))):
-            obj = _read_file(Path(text).expanduser())
-        else:
-            raise CheckpointError(f"{text!r} is neither a weights file nor a registered name "
-                                  f"(known names: {sorted(REGISTRY)})")
+    obj = weights if isinstance(weights, Mapping) else read_weights(weights_file(weights))
     model = build_model(extract_state_dict(obj), gamma=gamma, routing=routing)
     model = model.to(device=device, dtype=dtype).eval()
     model.backend = backend

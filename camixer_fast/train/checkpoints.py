@@ -1,7 +1,5 @@
-"""The EMA of the weights and training checkpoints: written atomically in the official format
-(``params``, ``params_ema``) with the training state under extra keys, so that
-:func:`camixer_fast.load_model` and the official tooling read them and a resumed run continues
-exactly where an uninterrupted run would be."""
+"""The EMA of the weights and training checkpoints: the official format (``params``,
+``params_ema``) plus the training state, written atomically."""
 
 from __future__ import annotations
 
@@ -20,8 +18,7 @@ CHECKPOINT_FORMAT = "camixer_fast.train/1"
 
 
 class EMA:
-    """Exponential moving average of a model's state: ema ← decay·ema + (1 − decay)·weights
-    after every optimiser step (floating tensors; others copied), starting at the weights."""
+    """ema ← decay·ema + (1 − decay)·weights after each step (floating tensors; others copied)."""
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
@@ -48,8 +45,7 @@ class EMA:
 
 
 def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> None:
-    """``torch.save(payload, path)`` atomically: written to a temporary file in the same
-    folder, flushed to disk and moved into place, so ``path`` is never half-written."""
+    """``torch.save(payload, path)`` atomically (temporary file, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -73,7 +69,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:  # a file object: torch.load would take a name's suffix
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several kinds for non-checkpoint files
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
     needed = ("params", "params_ema", "optimizer", "scheduler", "step", "model_config")

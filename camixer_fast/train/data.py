@@ -1,11 +1,6 @@
-"""Training data: random (LR, HR) crop pairs keyed on (seed, epoch, index), the sampler that
-shares each global batch among the ranks, and the validation pairs.
-
-LR comes from the MATLAB-compatible bicubic of :mod:`camixer_fast.evaluation.imresize` (from a
-neighbourhood of the crop only, bit-identical to cropping the LR of the whole image) or from an
-LR folder; crops are flipped and rotated by 90° on request. Every crop and augmentation is a
-pure function of (seed, epoch, sample index), so a sample is the same whichever process draws
-it and whenever it is drawn.
+"""Training data: random (LR, HR) crop pairs keyed on (seed, epoch, index), so a sample is the
+same whichever process draws it and whenever; the sampler sharing each global batch among the
+ranks; the validation pairs.
 """
 
 from __future__ import annotations
@@ -40,13 +35,8 @@ def derive_seed(*keys: int) -> int:
 
 
 def bicubic_lr_crop(hr: np.ndarray, scale: int, top: int, left: int, size: int) -> np.ndarray:
-    """``make_lr(hr, scale)[top:top+size, left:left+size]`` computed from a neighbourhood only.
-
-    hr: (H, W, C) or (H, W) uint8. Returns (size, size[, C]) uint8, bit-identical to the crop of
-    the whole image's LR: each LR pixel depends on at most 2s + 2 HR pixels either side of its
-    own s×s block, so a margin of ceil((2s + 2) / s) LR pixels (clipped at the image borders,
-    where the mirroring is the whole image's) makes the interior exact.
-    """
+    """``make_lr(hr, scale)[top:top+size, left:left+size]`` from a neighbourhood only: (H, W[, C])
+    uint8 -> (size, size[, C]) uint8, bit-identical (a margin of ceil((2s + 2) / s) LR pixels)."""
     lr_h, lr_w = hr.shape[0] // scale, hr.shape[1] // scale
     if top < 0 or left < 0 or top + size > lr_h or left + size > lr_w:
         raise ValueError(f"crop {size}x{size} at ({top}, {left}) is outside the {lr_h}x{lr_w} LR")
@@ -60,8 +50,7 @@ def bicubic_lr_crop(hr: np.ndarray, scale: int, top: int, left: int, size: int) 
 
 
 def augment_array(arr: np.ndarray, hflip: bool, vflip: bool, transpose: bool) -> np.ndarray:
-    """Flip (H, W[, C]) left-right and/or top-bottom, then swap H and W (with the flips, the
-    eight symmetries of the square, as BasicSR's ``augment``)."""
+    """Flip (H, W[, C]) left-right and/or top-bottom, then swap H and W (BasicSR's ``augment``)."""
     if hflip:
         arr = arr[:, ::-1]
     if vflip:
@@ -72,7 +61,6 @@ def augment_array(arr: np.ndarray, hflip: bool, vflip: bool, transpose: bool) ->
 
 
 def _to_tensor(img: np.ndarray) -> Tensor:
-    """(H, W, 3) uint8 -> (3, H, W) float32 in [0, 1]."""
     return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(255.0)
 
 
@@ -93,19 +81,12 @@ def _read_image(path: Path, what: str) -> np.ndarray:
 
 
 class PairedPatches(Dataset):
-    """Random (LR, HR) crop pairs from a folder of HR images, for training.
-
-    Every image of ``hr_dir`` is read once at construction, so that unreadable files and images
-    smaller than the crop are reported (all of them, by name) before training starts; they are
-    kept in memory when ``cache`` is True (None: when they take under 2 GiB). LR comes from
-    ``lr_dir`` (``<stem>x<scale>.<ext>`` or ``<stem>.<ext>``, HR cropped to scale × LR) or is
-    made with the benchmark bicubic (:func:`bicubic_lr_crop`). An epoch visits each image
-    ``repeat`` times; item ``(epoch, i)`` is a crop of image ``i % n`` drawn from
-    ``derive_seed(seed, stream, epoch, i)``, so it does not depend on which process loads it.
-
-    Items are dicts: ``lr`` (3, p, p) and ``hr`` (3, s·p, s·p) float32 in [0, 1]; ``top`` and
-    ``height``, the crop's first HR row in the full image and the HR height; with ``erp``,
-    ``weight`` (1, s·p, s·p), the WS weight of each HR pixel, augmented with the images.
+    """Random (LR, HR) crop pairs from a folder of HR images; DataError names every unreadable
+    or too small image at construction. Images cached when ``cache`` (None: under 2 GiB). LR from
+    ``lr_dir`` (``<stem>x<scale>.<ext>`` or ``<stem>.<ext>``) or :func:`bicubic_lr_crop`.
+    Item ``(epoch, i)``: image ``i % n``, crop from ``derive_seed(seed, stream, epoch, i)``, a dict
+    of ``lr`` (3, p, p), ``hr`` (3, s·p, s·p) float32 in [0, 1], ``top``, ``height`` and with
+    ``erp`` ``weight`` (1, s·p, s·p).
     """
 
     def __init__(self, hr_dir: str | os.PathLike, *, scale: int, patch_size: int = 64,
@@ -166,7 +147,6 @@ class PairedPatches(Dataset):
         return len(self.images) * self.repeat
 
     def with_stream(self, stream: int) -> PairedPatches:
-        """The same images with other random crops (another ``stream`` key), sharing memory."""
         other = copy.copy(self)
         other.stream = stream
         return other
@@ -179,7 +159,6 @@ class PairedPatches(Dataset):
         return hr, lr
 
     def sample(self, epoch: int, index: int) -> dict[str, Any]:
-        """The crop pair of item ``index`` in ``epoch`` (deterministic); see the class doc."""
         if not 0 <= index < len(self):
             raise IndexError(f"item {index} of a {len(self)}-item dataset")
         image = self.images[index % len(self.images)]
@@ -218,12 +197,9 @@ class PairedPatches(Dataset):
 
 
 class SampleStream(Sampler):
-    """The endless ``(epoch, index)`` keys one rank loads, from a given global step on.
-
-    Each epoch is a DistributedSampler permutation (``drop_last=True``) of which this rank
-    takes its share; only whole local batches are used, so the k-th local batches of all ranks
-    together hold the same samples as the k-th global batch of a single process.
-    """
+    """The endless ``(epoch, index)`` keys one rank loads from a global step on: per epoch a
+    DistributedSampler share (``drop_last``), whole local batches only, so the ranks' k-th local
+    batches hold the k-th global batch of a single process."""
 
     def __init__(self, dataset: Dataset, *, world_size: int, rank: int, local_batch: int,
                  seed: int, start_batch: int = 0) -> None:

@@ -1,7 +1,5 @@
-"""The training objective (spec §4): pixel L1 (or the latitude-weighted WS-L1 of 360°
-equirectangular images) + the ratio loss 2γ·(m − 0.5)², m the mean training mask over all
-blocks, windows and images of the *global* batch, with a gradient that DDP's average makes the
-global objective's (see :func:`training_loss`)."""
+"""The training objective (spec §4): pixel L1 (or WS-L1 for 360° images) + the ratio loss
+2γ·(m − 0.5)², m the mean training mask of the *global* batch."""
 
 from __future__ import annotations
 
@@ -25,9 +23,8 @@ def pixel_loss(sr: Tensor, hr: Tensor, weight: Tensor | None = None) -> Tensor:
 
 @dataclass
 class LossTerms:
-    """One training step's objective. ``total`` carries the gradient of this rank's share;
-    the rest are detached values of the global batch: ``l1`` the pixel loss, ``ratio`` the
-    ratio loss, ``mask_means`` (blocks,) the fraction of windows each block sent to attention."""
+    """One step's objective: ``total`` (this rank's gradient); detached global ``l1``, ``ratio``
+    and ``mask_means`` (blocks,)."""
 
     total: Tensor
     l1: Tensor
@@ -41,16 +38,10 @@ class LossTerms:
 
 def training_loss(net: nn.Module, lr: Tensor, hr: Tensor, weight: Tensor | None = None, *,
                   generator: torch.Generator | None = None) -> LossTerms:
-    """The official objective, pixel L1 + 2γ·(m − 0.5)², on a (possibly DDP-wrapped) model in
-    training mode.
-
-    lr: (b, 3, p, p), hr: (b, 3, s·p, s·p), weight: None or (b, 1, s·p, s·p) for WS-L1.
-    m is the mean training mask over all blocks, windows and images of the global batch. Under
-    torch.distributed (equal local batches on every rank) the per-block mask means and the
-    pixel loss are all-reduced, and the ratio term's gradient on each rank is
-    4γ(m − 0.5)·∇m_rank, so that DDP's average of the ranks' gradients is the gradient of the
-    global objective; in a single process this is the gradient of the model's own ratio loss.
-    """
+    """Pixel L1 + 2γ·(m − 0.5)² on a (DDP-wrapped) model in training mode: lr (b, 3, p, p),
+    hr (b, 3, s·p, s·p), weight None or (b, 1, s·p, s·p) for WS-L1. Under torch.distributed the
+    mask means and L1 are all-reduced and each rank's ratio gradient is 4γ(m − 0.5)·∇m_rank, so
+    DDP's average is the global objective's gradient."""
     model = unwrap(net)
     if not model.training:
         raise RuntimeError("training_loss needs the model in training mode (model.train())")

@@ -1,6 +1,5 @@
-"""A training run: its configuration (:class:`TrainConfig`, the official recipe by default),
-the backend it trains on, and the :class:`Trainer` that ties data, objective, optimiser, EMA,
-validation, checkpoints and logs together."""
+"""A training run: :class:`TrainConfig` (the official recipe by default), its backend, and the
+:class:`Trainer` that ties data, objective, optimiser, EMA, validation and checkpoints."""
 
 from __future__ import annotations
 
@@ -21,12 +20,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from camixer_fast.backends import select_backend
 from camixer_fast.evaluation.evaluate import super_resolve
 from camixer_fast.models.loading import load_model
 from camixer_fast.evaluation.metrics import psnr
-from camixer_fast.io.progress import Progress
 from camixer_fast.reference.model import CAMixerSR
 from camixer_fast.train.checkpoints import CHECKPOINT_FORMAT, EMA, read_checkpoint, save_checkpoint
 from camixer_fast.train.data import (
@@ -36,37 +35,26 @@ from camixer_fast.train.data import (
     derive_seed,
     load_validation_pairs,
 )
-from camixer_fast.train.distributed import DistInfo, setup_distributed
+from camixer_fast.train.distributed import Rank, setup_distributed
 from camixer_fast.train.objective import LOSSES, LossTerms, pixel_loss, training_loss
 
 TRAIN_BACKENDS = ("auto", "reference", "triton")
 AMP_MODES = ("off", "bf16")
-"""Mixed precision of the training forward: ``"off"`` (fp32), ``"bf16"`` (bf16 autocast
-around the forward and the loss; fp32 master weights, gradients and optimiser state)."""
+"""Mixed precision of the training forward: "off" (fp32) or "bf16" (autocast, fp32 weights)."""
 CONTINUITY_KEYS = ("batch_size", "patch_size", "seed", "repeat", "augment", "loss", "hr_dir",
                    "lr_dir", "scale", "train_noise", "amp")
-"""Settings a resumed run must share with the checkpoint to continue it exactly."""
 
 
 class ConfigError(ValueError):
-    """A setting is out of range or cannot be honoured here (e.g. the Triton backend on a CPU)."""
+    """A setting is out of range or cannot be honoured here."""
 
 
 @dataclass
 class TrainConfig:
     """Everything a training run needs; the defaults are the official recipe (spec §4).
 
-    ``batch_size`` is the global batch (split evenly over the ranks), ``patch_size`` the LR
-    crop side (the HR crop is ``scale`` times larger). ``init`` is a registered weights name or
-    a checkpoint to fine-tune; ``None`` trains from scratch a model of ``n_feats`` channels and
-    ``blocks_per_group`` blocks (seeded by ``seed``). ``scale`` None means 4 from scratch and the
-    checkpoint's scale when fine-tuning. ``repeat`` is how many times an epoch visits each image
-    (None: enough for at least 100 global batches per epoch). ``probe`` fixed training crops
-    (None: ``batch_size``) are scored with the training L1 at every validation. Intervals of 0
-    disable that event; the last step is always validated and saved. ``amp`` is
-    :data:`AMP_MODES`: ``"bf16"`` runs the forward and the loss under
-    ``torch.autocast(device, torch.bfloat16)`` with the weights kept in fp32 (no loss scaling:
-    bf16 has fp32's range); validation stays fp32.
+    batch_size: global; patch_size: the LR crop side; init None: from scratch; scale None: 4 or
+    the checkpoint's; repeat None: >= 100 global batches per epoch; an interval of 0 disables it.
     """
 
     hr_dir: str
@@ -152,16 +140,13 @@ class TrainConfig:
             raise ConfigError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able values (tuples as lists)."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 def training_backend(backend: str, device: torch.device | str,
                      dtype: torch.dtype = torch.float32) -> str:
-    """The backend a training run uses, by :func:`camixer_fast.backends.select_backend` in
-    training mode: "auto" is "triton" on a CUDA device the kernels support (their autograd
-    Functions), else "reference"; a backend that cannot run here (e.g. "triton" on a CPU
-    without ``TRITON_INTERPRET=1``, an old GPU) raises ConfigError with its reason."""
+    """The training backend (:func:`~camixer_fast.backends.select_backend` in training mode);
+    ConfigError with the reason where it cannot run here."""
     if backend not in TRAIN_BACKENDS:
         raise ConfigError(f"training backend must be one of {TRAIN_BACKENDS}, got {backend!r}")
     try:
@@ -185,8 +170,7 @@ def check_amp(amp: str, device: torch.device | str) -> None:
 
 
 def amp_context(amp: str, device: torch.device | str) -> AbstractContextManager:
-    """The context a training forward runs in: ``torch.autocast(device type, bf16)`` for
-    ``amp="bf16"``, else nothing. A fresh context per use."""
+    """A fresh ``torch.autocast(device type, bf16)`` for ``amp="bf16"``, else a null context."""
     if amp == "off":
         return nullcontext()
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
@@ -198,18 +182,10 @@ def _model_config(model: CAMixerSR) -> dict[str, Any]:
 
 
 class Trainer:
-    """A training run: builds the data, model, optimiser, schedule and EMA from a
-    :class:`TrainConfig` (resuming from ``config.resume`` when set); :meth:`run` trains to
-    ``config.iterations``. Data and validation folders are checked in the constructor, so bad
-    data fails before any training step; so is an output folder that already holds a
-    checkpoint when ``config.resume`` is not set (nothing is overwritten by accident).
+    """A training run from a :class:`TrainConfig`; bad data or an occupied output folder fail
+    here. Rank 0 writes ``last.pth``, ``best.pth`` and ``log.jsonl`` in ``config.out_dir``."""
 
-    Files written by rank 0 in ``config.out_dir``: ``last.pth`` (every ``save_every`` steps and
-    at the end) and ``best.pth`` (best validation PSNR), both official-format checkpoints with
-    the training state under extra keys; ``log.jsonl``, one JSON object per line.
-    """
-
-    def __init__(self, config: TrainConfig, dist_info: DistInfo | None = None) -> None:
+    def __init__(self, config: TrainConfig, dist_info: Rank | None = None) -> None:
         config.check()
         self.config = config
         self.dist = dist_info if dist_info is not None else setup_distributed(config.device)
@@ -306,8 +282,7 @@ class Trainer:
         self.best_psnr = None if best is None else float(best)
 
     def checkpoint_payload(self) -> dict[str, Any]:
-        """The checkpoint dict: ``params`` and ``params_ema`` (official format) and the
-        training state (optimiser, schedule, step, best PSNR, configuration)."""
+        """``params``, ``params_ema`` and the training state."""
         return {
             "params": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
             "params_ema": self.ema.state_dict(),
@@ -323,7 +298,6 @@ class Trainer:
         }
 
     def save(self, name: str = "last.pth") -> Path | None:
-        """Write the checkpoint to ``out_dir / name`` (rank 0 only; others return None)."""
         if not self.dist.is_main:
             return None
         path = self.out_dir / name
@@ -331,7 +305,6 @@ class Trainer:
         return path
 
     def log(self, record: Mapping[str, Any]) -> None:
-        """Append one JSON line to ``out_dir/log.jsonl`` (rank 0 only)."""
         if not self.dist.is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -339,7 +312,6 @@ class Trainer:
             f.write(json.dumps(dict(record)) + "\n")
 
     def loader(self) -> DataLoader:
-        """Batches of this rank from the current step on (endless)."""
         stream = SampleStream(self.data, world_size=self.dist.world_size, rank=self.dist.rank,
                               local_batch=self.local_batch, seed=self.config.seed,
                               start_batch=self.step)
@@ -349,8 +321,7 @@ class Trainer:
                           persistent_workers=self.config.workers > 0)
 
     def train_step(self, batch: Mapping[str, Tensor]) -> LossTerms:
-        """One optimiser step on this rank's batch; advances ``step``, the schedule and the
-        EMA. The Gumbel noise is seeded from (seed, step, rank)."""
+        """One optimiser step on this rank's batch (Gumbel noise seeded by seed, step, rank)."""
         device = self.dist.device
         lr = batch["lr"].to(device, non_blocking=True)
         hr = batch["hr"].to(device, non_blocking=True)
@@ -373,8 +344,7 @@ class Trainer:
 
     @torch.no_grad()
     def probe_l1(self) -> float | None:
-        """Training L1 (training mode, no Gumbel noise, the run's ``amp``) of the current
-        weights on the fixed probe crops, or None without probe crops."""
+        """Training L1 (no Gumbel noise) on the fixed probe crops, or None without them."""
         if not self.probe_keys:
             return None
         model, device = self.model, self.dist.device
@@ -398,8 +368,7 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> float | None:
-        """Mean Y-PSNR (border = scale) of the EMA weights on the validation pairs at
-        ``val_gamma``, SR clamped and rounded to uint8; None without a validation folder."""
+        """Mean Y-PSNR of the EMA weights on the validation pairs, or None without them."""
         if not self.val_pairs:
             return None
         if self.eval_model is None:
@@ -414,7 +383,7 @@ class Trainer:
                   for _, lr, hr in self.val_pairs]
         return float(np.mean(scores))
 
-    def evaluate_and_log(self, progress: Progress) -> None:
+    def evaluate_and_log(self) -> None:
         """Probe L1 and validation PSNR (rank 0), logged; ``best.pth`` on a new best PSNR."""
         if not self.dist.is_main:
             return
@@ -431,25 +400,26 @@ class Trainer:
             parts.append(f"probe L1 {probe:.5f}")
         if val is not None:
             parts.append(f"val PSNR {val:.3f} dB (EMA)")
-        progress.message("camixer-fast train: " + ", ".join(parts))
+        tqdm.write("camixer-fast train: " + ", ".join(parts), file=sys.stderr)
         if val is not None and (self.best_psnr is None or val > self.best_psnr):
             self.best_psnr = val
             if self.step > 0:
                 self.save("best.pth")
 
     def run(self) -> dict[str, Any]:
-        """Train until ``config.iterations``; returns a summary (steps, last losses, first
-        and last probe L1 / validation PSNR, checkpoint path)."""
+        """Train until ``config.iterations``; returns a summary dict."""
         cfg = self.config
-        progress = Progress(cfg.iterations, unit="step",
-                            enabled=cfg.progress if self.dist.is_main else False)
+        quiet = None if cfg.progress is None else not cfg.progress  # None: on a terminal only
+        progress = tqdm(total=cfg.iterations, initial=self.step, unit="step", file=sys.stderr,
+                        disable=quiet if self.dist.is_main else True, dynamic_ncols=True,
+                        leave=False)
         self.log({"event": "start", "step": self.step, "world_size": self.dist.world_size,
                   "device": str(self.dist.device), "backend": self.model.backend,
                   "repeat": self.repeat, "images": len(self.data.images),
                   "config": cfg.to_dict()})
         first = {}
         if self.step == 0 and (self.val_pairs or self.probe_keys):
-            self.evaluate_and_log(progress)
+            self.evaluate_and_log()
             first = self._last_val()
         window: list[LossTerms] = []
         last_terms: LossTerms | None = None
@@ -460,15 +430,17 @@ class Trainer:
             last_terms = self.train_step(next(batches))
             window.append(last_terms)
             validated = saved = False
-            progress.update(self.step, f"loss {last_terms.loss.item():.5f} "
-                            f"K/N {last_terms.mask_means.mean().item():.3f} "
-                            f"lr {self.scheduler.get_last_lr()[0]:.2e}")
+            if not progress.disable:
+                progress.set_postfix_str(f"loss {last_terms.loss.item():.5f} "
+                                         f"K/N {last_terms.mask_means.mean().item():.3f} "
+                                         f"lr {self.scheduler.get_last_lr()[0]:.2e}", refresh=False)
+                progress.update(self.step - progress.n)
             if cfg.log_every and self.step % cfg.log_every == 0:
                 now = time.perf_counter()
                 self._log_window(window, (now - tick) / len(window))
                 window, tick = [], now
             if cfg.val_every and self.step % cfg.val_every == 0:
-                self.evaluate_and_log(progress)
+                self.evaluate_and_log()
                 validated = True
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self.save()
@@ -476,7 +448,7 @@ class Trainer:
         if window:
             self._log_window(window, (time.perf_counter() - tick) / len(window))
         if not validated:
-            self.evaluate_and_log(progress)
+            self.evaluate_and_log()
             saved = False
         if not saved or not (self.out_dir / "last.pth").exists():
             self.save()
@@ -513,14 +485,13 @@ class Trainer:
         })
 
     def close(self) -> None:
-        """Leave the process group, if this run joined one."""
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
-    """Run a whole training (:class:`Trainer`) and return its summary; the process group
-    joined under torchrun is left again however the run ends."""
+    """Run a whole training (:class:`Trainer`) and return its summary; the process group is
+    left however the run ends."""
     config.check()
     dist_info = setup_distributed(config.device)
     try:
