@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from camixer_fast.models.loading import CheckpointError, build_model
-from camixer_fast.models.odisr import build_osr_model, infer_osr_config, is_osr_state_dict
+from camixer_fast.models.loading import (CheckpointError, build_model, build_osr_model,
+                                         infer_osr_config, is_osr_state_dict)
 from camixer_fast.reference import odisr
 from camixer_fast.reference.model import CAMixerSR
 from camixer_fast.reference.odisr import CAMixerOSR, latitude_condition, modulated_deform_conv2d
@@ -252,3 +252,15 @@ def test_checkpoint_of_the_wrong_shape() -> None:
     state["body.0.body_tail.conv_offset.weight"] = torch.zeros(27, 24, 1, 1)
     with pytest.raises(CheckpointError, match="does not fit CAMixerOSR"):
         build_osr_model({"params_ema": state})
+
+
+def test_load_model_gives_camixer_osr_from_its_checkpoint(tmp_path: Path) -> None:
+    import camixer_fast
+
+    osr = fx.seeded_state_dict("small", 2)
+    torch.save({"params_ema": osr}, tmp_path / "osr.pth")
+    model = camixer_fast.load_model(tmp_path / "osr.pth", gamma=0.25)
+    assert isinstance(model, CAMixerOSR) and not model.training and model.gamma == 0.25
+    assert model.scale == 2 and model.n_feats == 24
+    with pytest.raises(ValueError, match="reference backend only"):
+        camixer_fast.load_model(osr, backend="cpu")

@@ -13,13 +13,13 @@ import torch
 from torch import Tensor
 
 from camixer_fast.models.weights import (
-    ODISR_NETWORK,
     REGISTRY,
     WEIGHTS_ENV,
     CheckpointError,
     resolve_weights,
 )
 from camixer_fast.reference.model import CAMixerSR
+from camixer_fast.reference.odisr import CAMixerOSR
 
 __all__ = ["METADATA_CONFIG", "WEIGHTS_ENV", "CheckpointError", "build_model",
            "extract_state_dict", "infer_config", "is_safetensors", "load_model", "read_weights",
@@ -120,7 +120,8 @@ def _refuse_other_networks(state_dict: Mapping[str, Tensor]) -> None:
             "{k.removeprefix('net3.'): v for k, v in sd.items() if k.startswith('net3.')}")
     if "head.weight" in state_dict and any(
             k.startswith(("dcn.", "offset_conv.")) for k in state_dict):
-        raise CheckpointError(f"an ODISR state dict of {ODISR_NETWORK}")
+        raise CheckpointError("an ODISR state dict of CAMixerOSR (DCN tails, a latitude "
+                              "condition), not CAMixerSR: load it with camixer_fast.load_model")
 
 
 def infer_config(state_dict: Mapping[str, Tensor]) -> dict:
@@ -189,15 +190,66 @@ def build_model(state_dict: Mapping[str, Tensor], **kwargs) -> CAMixerSR:
 def load_model(weights: str | os.PathLike | Mapping, *, gamma: float = 0.5,
                backend: str = "auto", routing: str = "expected",
                device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32) -> CAMixerSR:
-    """Load CAMixerSR weights into a ready model, in eval mode.
+               dtype: torch.dtype = torch.float32) -> CAMixerSR | CAMixerOSR:
+    """Load CAMixerSR (or CAMixerOSR, ODI-SR) weights into a ready model, in eval mode.
 
     weights: a registered name ("CAMixerSR-S"), a ``.pth``/``.safetensors`` file (official or
     bare) or a loaded dict. gamma: attention ratio γ in [0, 1]. backend: see
-    :mod:`camixer_fast.backends`. routing: "expected" (deterministic) or "gumbel" (official).
+    :mod:`camixer_fast.backends` (CAMixerOSR: "reference" or "auto" only, ValueError otherwise).
+    routing: "expected" (deterministic) or "gumbel" (official).
     """
     obj = weights if isinstance(weights, Mapping) else read_weights(weights_file(weights))
-    model = build_model(extract_state_dict(obj), gamma=gamma, routing=routing)
+    state_dict = extract_state_dict(obj)
+    if is_osr_state_dict(state_dict):
+        if backend not in ("auto", "reference"):
+            raise ValueError(f"backend {backend!r}: CAMixerOSR runs on the reference backend "
+                             "only (backend='auto' or 'reference')")
+        osr = build_osr_model(state_dict, gamma=gamma, routing=routing)
+        return osr.to(device=device, dtype=dtype).eval()
+    model = build_model(state_dict, gamma=gamma, routing=routing)
     model = model.to(device=device, dtype=dtype).eval()
     model.backend = backend
     return model
+
+
+def is_osr_state_dict(state_dict: Mapping[str, Tensor]) -> bool:
+    """True for a CAMixerOSR state dict (its DCN tails), False for CAMixerSR and others."""
+    return "head.weight" in state_dict and any(
+        k.startswith(("dcn.", "offset_conv.")) for k in state_dict)
+
+
+def infer_osr_config(state_dict: Mapping[str, Tensor]) -> dict:
+    """``{"n_feats", "scale", "blocks_per_group", "window_size"}`` from the shapes; raises
+    CheckpointError for a CAMixerSR state dict or anything else that does not fit."""
+    if not is_osr_state_dict(state_dict):
+        what = ("a CAMixerSR state dict (no DCN tails, a global predictor): load it with "
+                "camixer_fast.load_model" if "global_predictor.0.weight" in state_dict
+                else "not a CAMixerOSR state dict (no 'head.weight' and 'dcn.' keys)")
+        raise CheckpointError(what)
+    tail_out = state_dict["tail.0.weight"].shape[0] if "tail.0.weight" in state_dict else 0
+    scale = round((tail_out / 3) ** 0.5)
+    if scale < 1 or 3 * scale * scale != tail_out:
+        raise CheckpointError(f"'tail.0.weight' has {tail_out} output channels, not 3·s²")
+    blocks: dict[int, set[int]] = {}
+    for key in state_dict:
+        if match := re.match(r"body\.(\d+)\.body\.(\d+)\.", key):
+            blocks.setdefault(int(match[1]), set()).add(int(match[2]))
+    if not blocks or sorted(blocks) != list(range(len(blocks))) or any(
+            sorted(b) != list(range(len(b))) for b in blocks.values()):
+        raise CheckpointError("the 'body.<group>.body.<block>.' keys are not numbered 0..n-1")
+    tokens = state_dict["body.0.body.0.mixer.route.out_mask.0.weight"].shape[1]
+    return {"n_feats": state_dict["head.weight"].shape[0], "scale": scale,
+            "blocks_per_group": tuple(len(blocks[j]) for j in range(len(blocks))),
+            "window_size": round(tokens**0.5)}
+
+
+def build_osr_model(checkpoint: Mapping, **kwargs) -> CAMixerOSR:
+    """CAMixerOSR of a checkpoint ({'params_ema': ...} or bare), strict, eval; kwargs: γ etc."""
+    state_dict = extract_state_dict(checkpoint)
+    model = CAMixerOSR(**infer_osr_config(state_dict), **kwargs)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"state dict does not fit CAMixerOSR({model.extra_repr()}): "
+                              f"{error}") from None
+    return model.eval()

@@ -21,25 +21,28 @@ class CheckpointError(ValueError):
 @dataclass(frozen=True)
 class RegisteredWeights:
     """An official checkpoint: without ``sha256`` never downloaded, and a cached copy must
-    match ``git_blob``; ``refused``: why it cannot be loaded."""
+    match ``git_blob``; ``local_name``: its name in the
+    cache and in a ``$CAMIXER_FAST_WEIGHTS`` folder when the official name is ambiguous."""
 
     filename: str
     url: str
     sha256: str | None = None
     size: int | None = None
     git_blob: str | None = None
-    refused: str | None = None
+    local_name: str | None = None
+
+    @property
+    def stored_name(self) -> str:
+        return self.local_name or self.filename
 
 
 OFFICIAL_URL = "https://github.com/icandle/CAMixerSR/raw/main/pretrained_models/"
-ODISR_NETWORK = ("CAMixerOSR, a different architecture (deformable convolutions, a latitude "
-                 "condition, shifted windows) that camixer_fast does not implement")
 
 
 def _official(folder: str, filename: str, git_blob: str, *, sha256: str | None = None,
-              size: int | None = None, refused: str | None = None) -> RegisteredWeights:
+              size: int | None = None, local_name: str | None = None) -> RegisteredWeights:
     return RegisteredWeights(filename, f"{OFFICIAL_URL}{folder}/{filename}", sha256, size,
-                             git_blob, refused)
+                             git_blob, local_name)
 
 
 REGISTRY: dict[str, RegisteredWeights] = {
@@ -68,10 +71,10 @@ REGISTRY: dict[str, RegisteredWeights] = {
                                            "18bb973e5faf8081d8fc846de0a24ad4340dc0dc"),
     "CAMixerSR-ODISR-x2": _official("ODISR", "CAMixerSRx2.pth",
                                     "b88949a0cb694b6534d051497a33f22c92244a3f",
-                                    refused=f"is an ODISR checkpoint of {ODISR_NETWORK}"),
+                                    local_name="CAMixerSR_ODISR_x2.pth"),
     "CAMixerSR-ODISR-x4": _official("ODISR", "CAMixerSRx4.pth",
                                     "26f0cca359323b523d4b37ed5f86dd072bdcf844",
-                                    refused=f"is an ODISR checkpoint of {ODISR_NETWORK}"),
+                                    local_name="CAMixerSR_ODISR_x4.pth"),
 }
 
 
@@ -145,16 +148,16 @@ def _env_weights(entry: RegisteredWeights) -> Path | None:
                                       f" (relative to {Path.cwd()})")
     if path.is_file():
         # one file serves only the name it is the file of: its official name, or its digest
-        if path.name == entry.filename or (entry.sha256 is not None
+        if path.name in (entry.filename, entry.stored_name) or (entry.sha256 is not None
                                            and file_sha256(path) == entry.sha256):
             return path
         raise CheckpointError(f"{where} is a file, but not {entry.filename} (the weights of "
                               f"this name); point the variable at a folder holding "
                               f"{entry.filename}, or pass the file's path as the weights")
     if path.is_dir():
-        if (path / entry.filename).is_file():
-            return path / entry.filename
-        raise CheckpointError(f"{where} is a folder without {entry.filename}; put the file "
+        if (path / entry.stored_name).is_file():
+            return path / entry.stored_name
+        raise CheckpointError(f"{where} is a folder without {entry.stored_name}; put the file "
                               f"there or point the variable at the file ({entry.url})")
     raise CheckpointError(f"{where}: no such file or folder; point it at {entry.filename} "
                           f"or its folder, or unset it to use the cache ({cache_dir()})")
@@ -166,12 +169,10 @@ def resolve_weights(name: str) -> Path:
     if name not in REGISTRY:
         raise CheckpointError(f"unknown weights name {name!r}; known names: {sorted(REGISTRY)}")
     entry = REGISTRY[name]
-    if entry.refused:
-        raise CheckpointError(f"{name} ({entry.url}) {entry.refused}")
     from_env = _env_weights(entry)
     if from_env is not None:
         return from_env
-    cached = cache_dir() / entry.filename
+    cached = cache_dir() / entry.stored_name
     if entry.sha256 is None:
         return _unverifiable(name, entry, cached)
     if cached.is_file():
