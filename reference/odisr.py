@@ -28,7 +28,7 @@ from camixer_fast.reference.windows import to_windows, window_condition
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
 DCN_CHUNK = 1 << 14
-"""Output pixels a DCN step samples: bounds its (B, C, 9, pixels) map (35 MiB at C = 60)."""
+"""Output pixels a DCN step samples: bounds its (pixels, 9, C) map (35 MiB at C = 60)."""
 
 
 def latitude_condition(height: int, width: int, *, rows: tuple[int, int] | None = None,
@@ -44,30 +44,15 @@ def latitude_condition(height: int, width: int, *, rows: tuple[int, int] | None 
     return torch.cos(y * math.pi / 2).view(1, 1, height, 1).expand(1, 1, height, width)
 
 
-def bilinear_zeros(x: Tensor, py: Tensor, px: Tensor) -> Tensor:
-    """x (B, C, H, W) sampled bilinearly at rows py, columns px (B, h, w), zero outside."""
-    b, c, height, width = x.shape
-    y0, x0 = py.floor(), px.floor()
-    ly, lx = py - y0, px - x0
-    flat = x.reshape(b, c, height * width)
-    out = x.new_zeros((b, c) + py.shape[1:])
-    for dy, wy in ((0, 1.0 - ly), (1, ly)):
-        for dx, wx in ((0, 1.0 - lx), (1, lx)):
-            yi, xi = y0 + dy, x0 + dx
-            inside = (yi >= 0) & (yi < height) & (xi >= 0) & (xi < width)
-            index = (yi.clamp(0, height - 1) * width + xi.clamp(0, width - 1)).long()
-            taken = flat.gather(2, index.view(b, 1, -1).expand(b, c, -1)).view_as(out)
-            out = out + taken * (wy * wx * inside).unsqueeze(1)
-    return out
-
-
 def modulated_deform_conv2d(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor,
                             bias: Tensor | None = None, *, padding: int = 1,
                             dilation: int = 1) -> Tensor:
     """DCNv2, stride 1: out[b,o,i,j] = bias[o] + Σ_{c,k} weight[o,c,k]·mask[b,k,i,j]·
     x[b,c](i − p + kh·d + Δy_k, j − p + kw·d + Δx_k), bilinear, zero outside; x (B, C, H, W),
     weight (O, C, kh, kw), offset (B, 2K, h, w) in (Δy, Δx) pairs per tap (torchvision's),
-    mask (B, K, h, w) -> (B, O, h, w)."""
+    mask (B, K, h, w) -> (B, O, h, w), channels-last. The four neighbours of every tap are
+    gathered as NHWC rows (an extra zero row for those outside) and blended, DCN_CHUNK output
+    pixels at a time, then one (pixels, K·C) × (K·C, O) product."""
     b, c, height, width = x.shape
     out_c, _, kh_size, kw_size = weight.shape
     taps = kh_size * kw_size
@@ -76,21 +61,38 @@ def modulated_deform_conv2d(x: Tensor, offset: Tensor, mask: Tensor, weight: Ten
     if offset.shape != (b, 2 * taps, h_out, w_out) or mask.shape != (b, taps, h_out, w_out):
         raise ValueError(f"offset {tuple(offset.shape)} / mask {tuple(mask.shape)} do not fit a "
                          f"{kh_size}x{kw_size} kernel on a {h_out}x{w_out} output")
+    rows = F.pad(x.permute(0, 2, 3, 1).reshape(-1, c), (0, 0, 0, 1))   # [B·H·W + 1, C]
+    zero_row = b * height * width
+    matrix = weight.permute(0, 2, 3, 1).reshape(out_c, taps * c).t()    # [K·C, O] tap-major
     tap = torch.arange(taps, device=x.device)
-    tap_y = (tap // kw_size * dilation).view(1, taps, 1, 1)
-    tap_x = (tap % kw_size * dilation).view(1, taps, 1, 1)
-    cols = torch.arange(w_out, device=x.device).view(1, 1, 1, w_out) - padding
-    out = x.new_empty(b, out_c, h_out, w_out)
-    step = max(1, DCN_CHUNK // w_out)                 # output rows per step: bounded memory
-    for top in range(0, h_out, step):
-        part = slice(top, min(top + step, h_out))
-        rows = torch.arange(part.start, part.stop, device=x.device).view(1, 1, -1, 1) - padding
-        py = rows + tap_y + offset[:, 0::2, part]
-        px = cols + tap_x + offset[:, 1::2, part]
-        sampled = bilinear_zeros(x, py, px) * mask[:, None, :, part]   # [B, C, K, rows, w]
-        cols_mat = sampled.reshape(b, c * taps, -1)
-        out[:, :, part] = (weight.reshape(out_c, c * taps) @ cols_mat).view(b, out_c, -1, w_out)
-    return out if bias is None else out + bias.view(1, -1, 1, 1)
+    tap_y, tap_x = tap // kw_size * dilation - padding, tap % kw_size * dilation - padding
+    offset = offset.reshape(b, taps, 2, h_out * w_out)
+    mask = mask.reshape(b, taps, h_out * w_out)
+    out = x.new_empty(b, h_out * w_out, out_c)
+    for image in range(b):
+        for start in range(0, h_out * w_out, DCN_CHUNK):
+            part = slice(start, min(start + DCN_CHUNK, h_out * w_out))
+            pixel = torch.arange(part.start, part.stop, device=x.device).view(-1, 1)
+            py = (pixel // w_out + tap_y) + offset[image, :, 0, part].t()   # [P, K]
+            px = (pixel % w_out + tap_x) + offset[image, :, 1, part].t()
+            y0, x0 = py.floor(), px.floor()
+            ly, lx = py - y0, px - x0
+            m = mask[image, :, part].t()
+            sampled = x.new_zeros(py.shape + (c,))
+            for dy, wy in ((0, 1.0 - ly), (1, ly)):
+                for dx, wx in ((0, 1.0 - lx), (1, lx)):
+                    yi, xi = y0 + dy, x0 + dx
+                    inside = (yi >= 0) & (yi < height) & (xi >= 0) & (xi < width)
+                    index = (yi.long() + image * height) * width + xi.long()
+                    index = torch.where(inside, index, zero_row)
+                    taken = rows.index_select(0, index.flatten()).view_as(sampled)
+                    sampled.addcmul_(taken, (wy * wx * m).unsqueeze(-1))
+            flat = sampled.view(-1, taps * c)
+            if bias is None:
+                torch.mm(flat, matrix, out=out[image, part])
+            else:
+                torch.addmm(bias, flat, matrix, out=out[image, part])
+    return out.view(b, h_out, w_out, out_c).permute(0, 3, 1, 2)
 
 
 class DCNv2Pack(nn.Module):
