@@ -6,8 +6,9 @@
 Published network (C = 60, 4×6 blocks, x4) on seeded official-layout weights, γ = 0.5, the
 official routing deterministic (odisr_fixture.official_routing). Speed: a 128×256 crop of
 Urban100 img_004 as a whole panorama; each model in a worker process of its own, called
-alternately (a drift in load hits both), median per model. Memory: 512×1024 LR, each model
-in a fresh process, one forward, peak RSS (ru_maxrss) and the RSS before it.
+alternately (a drift in load hits both), median per model of wall and process CPU time.
+Memory: 512×1024 LR, each model in a fresh process (both at once), one forward under
+inference_mode, peak RSS (ru_maxrss) and the RSS before it.
 """
 
 from __future__ import annotations
@@ -78,9 +79,9 @@ def worker(which: str, task: str, height: int, width: int, threads: int) -> None
         forward()
         print("ready", flush=True)
         for _ in sys.stdin:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             forward()
-            print(time.perf_counter() - start, flush=True)
+            print(time.perf_counter() - start, time.process_time() - cpu, flush=True)
 
 
 def spawn(which: str, task: str, args: argparse.Namespace, size: tuple[int, int]):
@@ -90,12 +91,42 @@ def spawn(which: str, task: str, args: argparse.Namespace, size: tuple[int, int]
                             env={**os.environ, fx.ENV_VAR: str(args.arch)})
 
 
+def speed(args: argparse.Namespace, height: int, width: int) -> dict:
+    """Alternating timed forwards of both workers; the medians and ratios."""
+    procs = {w: spawn(w, "speed", args, (height, width)) for w in ("ours", "official")}
+    times, cpu = {w: [] for w in procs}, {w: [] for w in procs}
+    for proc in procs.values():
+        assert proc.stdout.readline().strip() == "ready"
+    for _ in range(args.rounds):
+        for w, proc in procs.items():
+            proc.stdin.write("run\n")
+            proc.stdin.flush()
+            wall, seconds = map(float, proc.stdout.readline().split())
+            times[w].append(wall)
+            cpu[w].append(seconds)
+    for proc in procs.values():
+        proc.stdin.close()
+        proc.wait()
+    median = {w: statistics.median(t) for w, t in times.items()}
+    cpu_median = {w: statistics.median(t) for w, t in cpu.items()}
+    result = {"measure": "speed", "size": [height, width], "threads": args.threads,
+              "seconds": times, "median_s": median, "cpu_seconds": cpu,
+              "cpu_median_s": cpu_median, "speedup": median["official"] / median["ours"],
+              "cpu_speedup": cpu_median["official"] / cpu_median["ours"],
+              "load_avg": os.getloadavg()[0]}
+    print(f"speed {height}x{width} x4, {args.threads} threads: ours {median['ours']:.3f} s, "
+          f"official {median['official']:.3f} s, ratio {result['speedup']:.2f}x; process CPU "
+          f"time ratio {result['cpu_speedup']:.2f}x (load {os.getloadavg()[0]:.1f})")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="append one JSON line per measurement")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--worker", choices=("ours", "official"))
     parser.add_argument("--task", choices=("speed", "memory"))
     parser.add_argument("--size", default="128x256")
@@ -107,30 +138,11 @@ def main() -> None:
         return worker(args.worker, args.task, height, width, args.threads)
     if not args.arch.is_file():
         sys.exit(f"set {fx.ENV_VAR} to codes/odisr/archs/CAMixerOSR_arch.py")
-    results = []
-    procs = {w: spawn(w, "speed", args, (height, width)) for w in ("ours", "official")}
-    times = {w: [] for w in procs}
-    for proc in procs.values():
-        assert proc.stdout.readline().strip() == "ready"
-    for _ in range(args.rounds):
-        for w, proc in procs.items():
-            proc.stdin.write("run\n")
-            proc.stdin.flush()
-            times[w].append(float(proc.stdout.readline()))
-    for proc in procs.values():
-        proc.stdin.close()
-        proc.wait()
-    median = {w: statistics.median(t) for w, t in times.items()}
-    results.append({"measure": "speed", "size": [height, width], "threads": args.threads,
-                    "seconds": times, "median_s": median,
-                    "speedup": median["official"] / median["ours"],
-                    "load_avg": os.getloadavg()[0]})
-    print(f"speed {height}x{width} x4, {args.threads} threads: ours {median['ours']:.3f} s, "
-          f"official {median['official']:.3f} s, ratio {results[-1]['speedup']:.2f}x "
-          f"(load {os.getloadavg()[0]:.1f})")
+    results = [] if args.skip_speed else [speed(args, height, width)]
     if not args.skip_memory:
-        for w in ("official", "ours"):
-            out, _ = spawn(w, "memory", args, (512, 1024)).communicate()
+        procs = {w: spawn(w, "memory", args, (512, 1024)) for w in ("official", "ours")}
+        for w, proc in procs.items():      # side by side: each peak is its own process's
+            out, _ = proc.communicate()
             row = json.loads(out.strip().splitlines()[-1])
             results.append({"measure": "memory", "model": w, "size": [512, 1024], **row})
             print(f"memory 512x1024 x4 {w}: peak {row['peak_rss_mib']:.0f} MiB (before "
