@@ -28,8 +28,7 @@ from camixer_fast.reference.windows import to_windows, window_condition
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
 BACKENDS = ("auto", "reference", "cpu")
-DCN_CHUNK = 1 << 14
-"""Output pixels a DCN step samples: bounds its (pixels, 9, C) map (35 MiB at C = 60)."""
+DCN_CHUNK = 1 << 14      # output pixels per DCN step: a (pixels, 9, C) map of 35 MiB at C = 60
 
 
 def latitude_condition(height: int, width: int, *, rows: tuple[int, int] | None = None,
@@ -51,9 +50,8 @@ def modulated_deform_conv2d(x: Tensor, offset: Tensor, mask: Tensor, weight: Ten
     """DCNv2, stride 1: out[b,o,i,j] = bias[o] + Σ_{c,k} weight[o,c,k]·mask[b,k,i,j]·
     x[b,c](i − p + kh·d + Δy_k, j − p + kw·d + Δx_k), bilinear, zero outside; x (B, C, H, W),
     weight (O, C, kh, kw), offset (B, 2K, h, w) in (Δy, Δx) pairs per tap (torchvision's),
-    mask (B, K, h, w) -> (B, O, h, w), channels-last. The four neighbours of every tap are
-    gathered as NHWC rows (an extra zero row for those outside) and blended, DCN_CHUNK output
-    pixels at a time, then one (pixels, K·C) × (K·C, O) product."""
+    mask (B, K, h, w) -> (B, O, h, w) channels-last: each tap's four neighbours gathered as
+    NHWC rows and blended, one (pixels, K·C) × (K·C, O) product per DCN_CHUNK pixels."""
     b, c, height, width = x.shape
     out_c, _, kh_size, kw_size = weight.shape
     taps = kh_size * kw_size
@@ -184,7 +182,7 @@ class CAMixer(nn.Module):
         cw = window_condition(*x.shape[2:], ws, dtype=x.dtype, device=x.device)
         condition = torch.cat([v, cg, self.roll(cw, -1).expand(x.shape[0], -1, -1, -1)], dim=1)
         pred, offsets, ca, sa = self.route(condition, ws)
-        qk = self.roll(deform_warp(x, offsets), -1)
+        qk = self.roll(deform_warp(x, offsets).contiguous(memory_format=torch.channels_last), -1)
         weights = (self.project_q.weight, self.project_q.bias, self.project_k.weight,
                    self.project_k.bias)
         if self.training:
@@ -260,9 +258,8 @@ class CAMixerOSR(nn.Module):
     (:func:`pad_to_multiple`): a padded pixel keeps the latitude of the pixel it copies.
     K = N if γ = 1 else min(int(N·r·2γ), N), r = mean(softmax(pred)[..., 0]) per image: the
     official int(N·r) with r its Gumbel draw's expectation is γ = 0.5. ``return_routing``
-    appends the :class:`Routing` record. ``backend``: whose window attention runs at inference,
-    "reference", "cpu", or "auto" (cpu on the CPU, else reference: no Triton path for ODI-SR yet).
-    """
+    appends the :class:`Routing` record. ``backend`` ("reference", "cpu", "auto": cpu on the
+    CPU, else reference; no Triton path yet) supplies the window attention at inference."""
 
     def __init__(self, *, n_feats: int = 60, scale: int = 4,
                  blocks_per_group: tuple[int, ...] = (6, 6, 6, 6), window_size: int = 16,

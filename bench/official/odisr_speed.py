@@ -3,12 +3,10 @@
     CAMIXER_OFFICIAL_ODISR_ARCH=.../CAMixerOSR_arch.py python bench/official/odisr_speed.py \
         [--rounds 5] [--threads 2] [--out results.jsonl]
 
-Published network (C = 60, 4×6 blocks, x4) on seeded official-layout weights, γ = 0.5, the
-official routing deterministic (odisr_fixture.official_routing). Speed: a 128×256 crop of
-Urban100 img_004 as a whole panorama; each model in a worker process of its own, called
-alternately (a drift in load hits both), median per model of wall and process CPU time.
-Memory: 512×1024 LR, each model in a fresh process (both at once), one forward under
-inference_mode, peak RSS (ru_maxrss) and the RSS before it.
+C = 60, 4×6 blocks, x4, seeded official-layout weights, γ = 0.5, official routing made
+deterministic (odisr_fixture.official_routing). Speed: 128×256 crop of Urban100 img_004, each
+model in its own worker, called alternately; medians of wall and process CPU time. Memory:
+512×1024 LR, each model in a fresh process, one inference_mode forward, peak RSS.
 """
 
 from __future__ import annotations
@@ -141,7 +139,7 @@ def main() -> None:
     results = [] if args.skip_speed else [speed(args, height, width)]
     if not args.skip_memory:
         procs = {w: spawn(w, "memory", args, (512, 1024)) for w in ("official", "ours")}
-        for w, proc in procs.items():      # side by side: each peak is its own process's
+        for w, proc in procs.items():
             out, _ = proc.communicate()
             row = json.loads(out.strip().splitlines()[-1])
             results.append({"measure": "memory", "model": w, "size": [512, 1024], **row})
