@@ -27,9 +27,9 @@ from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import odisr_fixture as fx  # noqa: E402
+import odisr_fixture as fx
 
-from camixer_fast.models.odisr import build_osr_model  # noqa: E402
+from camixer_fast.models.odisr import build_osr_model
 
 DEFAULT_ARCH = Path("/work/official/codes/odisr/archs/CAMixerOSR_arch.py")
 IMAGE = ("Urban100", "img_004", (200, 300))
