@@ -91,13 +91,6 @@ def modulated_deform_conv2d(x: Tensor, offset: Tensor, mask: Tensor, weight: Ten
     return torch.cat(parts).view(b, h_out, w_out, out_c).permute(0, 3, 1, 2)
 
 
-def pointwise(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """A 1×1 convolution as a linear map over the NHWC view of a channels-last x (oneDNN's
-    GEMM; torch runs 1×1 convolutions on channels-last maps by its slow im2col kernel)."""
-    weight = conv.weight.view(conv.out_channels, conv.in_channels)
-    return F.linear(x.permute(0, 2, 3, 1), weight, conv.bias).permute(0, 3, 1, 2)
-
-
 def check_backend(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
@@ -158,11 +151,9 @@ class Predictor(nn.Module):
 
     def forward(self, condition: Tensor, window_size: int) -> tuple[Tensor, ...]:
         """(B, C + 3, H, W) -> pred (B, N, 2), offsets (B, 2, H, W), ca (B, C, 1, 1), sa."""
-        h = self.in_conv[1](pointwise(self.in_conv[0], condition))
+        h = self.in_conv(condition)
         scores = to_windows(h.mean(dim=1, keepdim=True), window_size).flatten(2)
-        offsets = pointwise(self.out_offsets[0], h)
-        offsets = pointwise(self.out_offsets[2], self.out_offsets[1](offsets))
-        return self.out_mask(scores), offsets, self.out_CA(h), self.out_SA(h)
+        return self.out_mask(scores), self.out_offsets(h), self.out_CA(h), self.out_SA(h)
 
 
 class CAMixer(nn.Module):
@@ -187,7 +178,7 @@ class CAMixer(nn.Module):
 
     def forward(self, x: Tensor, cg: Tensor, settings: dict) -> tuple[Tensor, BlockRouting]:
         ws = self.window_size
-        v = pointwise(self.project_v, self.roll(x, -1))
+        v = self.project_v(self.roll(x, -1))
         cw = window_condition(*x.shape[2:], ws, dtype=x.dtype, device=x.device)
         condition = torch.cat([v, cg, self.roll(cw, -1).expand(x.shape[0], -1, -1, -1)], dim=1)
         pred, offsets, ca, sa = self.route(condition, ws)
@@ -207,8 +198,8 @@ class CAMixer(nn.Module):
                                                     window_size=ws)
             record = BlockRouting(pred, num_hard, order, None)
         attn = self.roll(attn, 1)
-        spatial = self.conv_sptial[2](self.conv_sptial[1](pointwise(self.conv_sptial[0], attn)))
-        return pointwise(self.project_out, F.gelu(spatial) * ca + attn), record
+        out = F.gelu(self.conv_sptial(attn)) * ca + attn
+        return self.project_out(out), record
 
 
 class GatedFFN(nn.Module):
@@ -221,8 +212,8 @@ class GatedFFN(nn.Module):
         self.project_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        a, b = self.dwconv(pointwise(self.project_in, x)).chunk(2, dim=1)
-        return pointwise(self.project_out, F.gelu(a) * b)
+        a, b = self.dwconv(self.project_in(x)).chunk(2, dim=1)
+        return self.project_out(F.gelu(a) * b)
 
 
 class Block(nn.Module):
