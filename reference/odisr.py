@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from camixer_fast.reference.attention_inference import window_attention
+from camixer_fast.backends import Ops, select_backend
 from camixer_fast.reference.attention_training import masked_window_attention
 from camixer_fast.reference.model import pad_to_multiple
 from camixer_fast.reference.routing import (
@@ -27,8 +27,8 @@ from camixer_fast.reference.warp import deform_warp
 from camixer_fast.reference.windows import to_windows, window_condition
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
-DCN_CHUNK = 1 << 14
-"""Output pixels a DCN step samples: bounds its (B, C, 9, pixels) map (35 MiB at C = 60)."""
+BACKENDS = ("auto", "reference", "cpu")
+DCN_CHUNK = 1 << 14      # output pixels per DCN step: a (pixels, 9, C) map of 35 MiB at C = 60
 
 
 def latitude_condition(height: int, width: int, *, rows: tuple[int, int] | None = None,
@@ -44,30 +44,14 @@ def latitude_condition(height: int, width: int, *, rows: tuple[int, int] | None 
     return torch.cos(y * math.pi / 2).view(1, 1, height, 1).expand(1, 1, height, width)
 
 
-def bilinear_zeros(x: Tensor, py: Tensor, px: Tensor) -> Tensor:
-    """x (B, C, H, W) sampled bilinearly at rows py, columns px (B, h, w), zero outside."""
-    b, c, height, width = x.shape
-    y0, x0 = py.floor(), px.floor()
-    ly, lx = py - y0, px - x0
-    flat = x.reshape(b, c, height * width)
-    out = x.new_zeros((b, c) + py.shape[1:])
-    for dy, wy in ((0, 1.0 - ly), (1, ly)):
-        for dx, wx in ((0, 1.0 - lx), (1, lx)):
-            yi, xi = y0 + dy, x0 + dx
-            inside = (yi >= 0) & (yi < height) & (xi >= 0) & (xi < width)
-            index = (yi.clamp(0, height - 1) * width + xi.clamp(0, width - 1)).long()
-            taken = flat.gather(2, index.view(b, 1, -1).expand(b, c, -1)).view_as(out)
-            out = out + taken * (wy * wx * inside).unsqueeze(1)
-    return out
-
-
 def modulated_deform_conv2d(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor,
                             bias: Tensor | None = None, *, padding: int = 1,
                             dilation: int = 1) -> Tensor:
     """DCNv2, stride 1: out[b,o,i,j] = bias[o] + Σ_{c,k} weight[o,c,k]·mask[b,k,i,j]·
     x[b,c](i − p + kh·d + Δy_k, j − p + kw·d + Δx_k), bilinear, zero outside; x (B, C, H, W),
     weight (O, C, kh, kw), offset (B, 2K, h, w) in (Δy, Δx) pairs per tap (torchvision's),
-    mask (B, K, h, w) -> (B, O, h, w)."""
+    mask (B, K, h, w) -> (B, O, h, w) channels-last: each tap's four neighbours gathered as
+    NHWC rows and blended, one (pixels, K·C) × (K·C, O) product per DCN_CHUNK pixels."""
     b, c, height, width = x.shape
     out_c, _, kh_size, kw_size = weight.shape
     taps = kh_size * kw_size
@@ -76,21 +60,41 @@ def modulated_deform_conv2d(x: Tensor, offset: Tensor, mask: Tensor, weight: Ten
     if offset.shape != (b, 2 * taps, h_out, w_out) or mask.shape != (b, taps, h_out, w_out):
         raise ValueError(f"offset {tuple(offset.shape)} / mask {tuple(mask.shape)} do not fit a "
                          f"{kh_size}x{kw_size} kernel on a {h_out}x{w_out} output")
+    rows = F.pad(x.permute(0, 2, 3, 1).reshape(-1, c), (0, 0, 0, 1))   # [B·H·W + 1, C]
+    zero_row = b * height * width
+    matrix = weight.permute(0, 2, 3, 1).reshape(out_c, taps * c).t()    # [K·C, O] tap-major
     tap = torch.arange(taps, device=x.device)
-    tap_y = (tap // kw_size * dilation).view(1, taps, 1, 1)
-    tap_x = (tap % kw_size * dilation).view(1, taps, 1, 1)
-    cols = torch.arange(w_out, device=x.device).view(1, 1, 1, w_out) - padding
-    out = x.new_empty(b, out_c, h_out, w_out)
-    step = max(1, DCN_CHUNK // w_out)                 # output rows per step: bounded memory
-    for top in range(0, h_out, step):
-        part = slice(top, min(top + step, h_out))
-        rows = torch.arange(part.start, part.stop, device=x.device).view(1, 1, -1, 1) - padding
-        py = rows + tap_y + offset[:, 0::2, part]
-        px = cols + tap_x + offset[:, 1::2, part]
-        sampled = bilinear_zeros(x, py, px) * mask[:, None, :, part]   # [B, C, K, rows, w]
-        cols_mat = sampled.reshape(b, c * taps, -1)
-        out[:, :, part] = (weight.reshape(out_c, c * taps) @ cols_mat).view(b, out_c, -1, w_out)
-    return out if bias is None else out + bias.view(1, -1, 1, 1)
+    tap_y, tap_x = tap // kw_size * dilation - padding, tap % kw_size * dilation - padding
+    offset = offset.reshape(b, taps, 2, h_out * w_out)
+    mask = mask.reshape(b, taps, h_out * w_out)
+    parts = []
+    for image in range(b):
+        for start in range(0, h_out * w_out, DCN_CHUNK):
+            part = slice(start, min(start + DCN_CHUNK, h_out * w_out))
+            pixel = torch.arange(part.start, part.stop, device=x.device).view(-1, 1)
+            py = (pixel // w_out + tap_y) + offset[image, :, 0, part].t()   # [P, K]
+            px = (pixel % w_out + tap_x) + offset[image, :, 1, part].t()
+            y0, x0 = py.floor(), px.floor()
+            ly, lx = py - y0, px - x0
+            m = mask[image, :, part].t()
+            sampled = x.new_zeros(py.shape + (c,))
+            for dy, wy in ((0, 1.0 - ly), (1, ly)):
+                for dx, wx in ((0, 1.0 - lx), (1, lx)):
+                    yi, xi = y0 + dy, x0 + dx
+                    inside = (yi >= 0) & (yi < height) & (xi >= 0) & (xi < width)
+                    index = (yi.long() + image * height) * width + xi.long()
+                    index = torch.where(inside, index, zero_row)
+                    taken = rows.index_select(0, index.flatten()).view_as(sampled)
+                    sampled.addcmul_(taken, (wy * wx * m).unsqueeze(-1))
+            flat = sampled.view(-1, taps * c)
+            parts.append(flat @ matrix if bias is None else torch.addmm(bias, flat, matrix))
+    return torch.cat(parts).view(b, h_out, w_out, out_c).permute(0, 3, 1, 2)
+
+
+def check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
 
 
 class DCNv2Pack(nn.Module):
@@ -178,7 +182,7 @@ class CAMixer(nn.Module):
         cw = window_condition(*x.shape[2:], ws, dtype=x.dtype, device=x.device)
         condition = torch.cat([v, cg, self.roll(cw, -1).expand(x.shape[0], -1, -1, -1)], dim=1)
         pred, offsets, ca, sa = self.route(condition, ws)
-        qk = self.roll(deform_warp(x, offsets), -1)
+        qk = self.roll(deform_warp(x, offsets).contiguous(memory_format=torch.channels_last), -1)
         weights = (self.project_q.weight, self.project_q.bias, self.project_k.weight,
                    self.project_k.bias)
         if self.training:
@@ -190,7 +194,8 @@ class CAMixer(nn.Module):
             r = hard_fraction(pred, settings["routing"], settings["generator"])
             num_hard = num_hard_windows(r, pred.shape[1], settings["gamma"])
             order = window_order(pred[..., 0], settings["tie_break"])
-            attn = window_attention(qk, qk, v, sa, *weights, num_hard, order, window_size=ws)
+            attn = settings["ops"].window_attention(qk, qk, v, sa, *weights, num_hard, order,
+                                                    window_size=ws)
             record = BlockRouting(pred, num_hard, order, None)
         attn = self.roll(attn, 1)
         out = F.gelu(self.conv_sptial(attn)) * ca + attn
@@ -253,13 +258,13 @@ class CAMixerOSR(nn.Module):
     (:func:`pad_to_multiple`): a padded pixel keeps the latitude of the pixel it copies.
     K = N if γ = 1 else min(int(N·r·2γ), N), r = mean(softmax(pred)[..., 0]) per image: the
     official int(N·r) with r its Gumbel draw's expectation is γ = 0.5. ``return_routing``
-    appends the :class:`Routing` record.
-    """
+    appends the :class:`Routing` record. ``backend`` ("reference", "cpu", "auto": cpu on the
+    CPU, else reference; no Triton path yet) supplies the window attention at inference."""
 
     def __init__(self, *, n_feats: int = 60, scale: int = 4,
                  blocks_per_group: tuple[int, ...] = (6, 6, 6, 6), window_size: int = 16,
                  gamma: float = 0.5, routing: str = "expected",
-                 tie_break: str = "official") -> None:
+                 tie_break: str = "official", backend: str = "auto") -> None:
         super().__init__()
         self.n_feats, self.scale, self.window_size = n_feats, scale, window_size
         self.blocks_per_group = tuple(blocks_per_group)
@@ -273,16 +278,17 @@ class CAMixerOSR(nn.Module):
         self.tail = nn.Sequential(nn.Conv2d(n_feats, 3 * scale * scale, 3, padding=1),
                                   nn.PixelShuffle(scale))
         self.gamma, self.routing, self.tie_break = gamma, routing, tie_break
-        self.train_noise = True
+        self.train_noise, self.backend = True, backend
 
     def __setattr__(self, name: str, value) -> None:
         checks = {"gamma": check_gamma, "routing": check_routing_mode,
-                  "tie_break": check_tie_break}
+                  "tie_break": check_tie_break, "backend": check_backend}
         super().__setattr__(name, checks[name](value) if name in checks else value)
 
     def extra_repr(self) -> str:
         return (f"n_feats={self.n_feats}, scale={self.scale}, blocks={self.blocks_per_group}, "
-                f"window_size={self.window_size}, gamma={self.gamma}, routing={self.routing!r}")
+                f"window_size={self.window_size}, gamma={self.gamma}, routing={self.routing!r}, "
+                f"backend={self.backend!r}")
 
     def forward(self, lr: Tensor, condition: Tensor | None = None, *,
                 generator: torch.Generator | None = None, return_routing: bool = False):
@@ -300,7 +306,7 @@ class CAMixerOSR(nn.Module):
             raise ValueError(f"condition must be (B or 1, 1, {height}, {width}) for an input "
                              f"{tuple(lr.shape)}, got {shape}")
         condition = condition.to(lr.device, torch.float32).expand(b, -1, -1, -1)
-        settings = {"gamma": self.gamma, "routing": self.routing, "tie_break": self.tie_break,
+        settings = {"ops": self.ops(lr.device), "gamma": self.gamma, "routing": self.routing, "tie_break": self.tie_break,
                     "generator": generator, "train_noise": self.train_noise}
         if self.training or b == 1:
             sr, routing = self._forward(lr.float(), condition, settings)
@@ -313,11 +319,20 @@ class CAMixerOSR(nn.Module):
         m = torch.cat([record.mask.flatten() for record in routing.blocks]).mean()
         return (sr, (m - 0.5) ** 2, routing) if return_routing else (sr, (m - 0.5) ** 2)
 
+    def ops(self, device: torch.device) -> Ops:
+        """The operations of :attr:`backend` on ``device`` in the current mode."""
+        name = self.backend
+        if name == "auto":
+            name = "cpu" if device.type == "cpu" else "reference"
+        return select_backend(name, device, training=self.training).ops
+
     def _forward(self, lr: Tensor, condition: Tensor,
                  settings: dict) -> tuple[Tensor, Routing]:
         height, width = lr.shape[-2:]
-        x = self.head(pad_to_multiple(lr, self.window_size) - self.mean)
-        cg = pad_to_multiple(condition, self.window_size)
+        lr = pad_to_multiple(lr, self.window_size).contiguous(memory_format=torch.channels_last)
+        x = self.head(lr - self.mean)                     # channels-last maps: 2-3x faster convs
+        cg = pad_to_multiple(condition, self.window_size).contiguous(
+            memory_format=torch.channels_last)
         records: list[BlockRouting] = []
         feat = self.norm(x)
         for group in self.body:

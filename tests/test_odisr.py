@@ -124,20 +124,22 @@ def test_latitude_condition_outside_the_panorama() -> None:
         latitude_condition(8, 4, rows=(4, 10))
 
 
-PARITY = [(case, gamma) for case in fx.CASES for gamma in fx.GAMMAS]
+PARITY = [(case, gamma, backend) for case in fx.CASES for gamma in fx.GAMMAS
+          for backend in ("reference", "cpu")]
 
 
-@pytest.mark.parametrize("case,gamma", PARITY, ids=[f"{c}-g{g}" for c, g in PARITY])
-def test_matches_official(case: str, gamma: float, official: dict, models: dict,
+@pytest.mark.parametrize("case,gamma,backend", PARITY,
+                         ids=[f"{c}-g{g}-{b}" for c, g, b in PARITY])
+def test_matches_official(case: str, gamma: float, backend: str, official: dict, models: dict,
                           shared: Path) -> None:
     config, scale, image, box, rows = fx.CASES[case]
     condition = latitude_condition(box[2], box[3], rows=rows)
     assert torch.equal(condition, official["network"][case]["condition"])
     model = models[(config, scale)]
-    model.gamma = gamma
+    model.gamma, model.backend = gamma, backend
     with torch.no_grad():
         out = model(fx.crop(shared / "data", image, box), condition)
-    assert_close(f"{case} γ={gamma} vs official", official["network"][case][f"gamma_{gamma}"],
+    assert_close(f"{case} γ={gamma} {backend} vs official", official["network"][case][f"gamma_{gamma}"],
                  out, 1e-4)
 
 
@@ -162,6 +164,11 @@ def test_matches_official_live(models: dict, shared: Path) -> None:
                 out = model(fx.crop(shared / "data", image, box), expected["condition"])
             assert_close(f"{case} γ={gamma} vs live official", expected[f"gamma_{gamma}"], out,
                          1e-4)
+
+
+def test_unknown_backend_is_refused() -> None:
+    with pytest.raises(ValueError, match="backend must be one of"):
+        small_model().backend = "triton"
 
 
 def test_published_parameter_counts() -> None:
