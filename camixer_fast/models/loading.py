@@ -195,16 +195,13 @@ def load_model(weights: str | os.PathLike | Mapping, *, gamma: float = 0.5,
 
     weights: a registered name ("CAMixerSR-S"), a ``.pth``/``.safetensors`` file (official or
     bare) or a loaded dict. gamma: attention ratio γ in [0, 1]. backend: see
-    :mod:`camixer_fast.backends` (CAMixerOSR: "reference" or "auto" only, ValueError otherwise).
+    :mod:`camixer_fast.backends` (CAMixerOSR: "auto", "reference" or "cpu", ValueError otherwise).
     routing: "expected" (deterministic) or "gumbel" (official).
     """
     obj = weights if isinstance(weights, Mapping) else read_weights(weights_file(weights))
     state_dict = extract_state_dict(obj)
     if is_osr_state_dict(state_dict):
-        if backend not in ("auto", "reference"):
-            raise ValueError(f"backend {backend!r}: CAMixerOSR runs on the reference backend "
-                             "only (backend='auto' or 'reference')")
-        osr = build_osr_model(state_dict, gamma=gamma, routing=routing)
+        osr = build_osr_model(state_dict, gamma=gamma, routing=routing, backend=backend)
         return osr.to(device=device, dtype=dtype).eval()
     model = build_model(state_dict, gamma=gamma, routing=routing)
     model = model.to(device=device, dtype=dtype).eval()
