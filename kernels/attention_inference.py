@@ -1,7 +1,5 @@
-"""Fused hard-window attention at inference (spec §3.7): one program per (rank, query block,
-image) reads its window ``order[b, rank]`` in place (no gather, no K-dependent memory) and
-attends it if rank < K, else writes ``v·sa``.
-"""
+"""Fused hard-window attention (spec §3.7): one program per (rank, query block, image) reads
+window ``order[b, rank]`` in place and attends it if rank < K, else writes ``v·sa``."""
 
 from __future__ import annotations
 
@@ -57,7 +55,7 @@ def hard_window_attention_kernel(x_ptr, k_ptr, v_ptr, sa_ptr, wq_ptr, bq_ptr, wk
             pix_n = window_tokens(win, i_n, COLS, W, WS, BN) * s_p
             p_n = plane[None, :] + pix_n[:, None]
             b_kin = tl.load(k_ptr + p_n, mask=m_c[None, :], other=0.0)
-            b_s = tl.dot(b_q, tl.trans(b_kin), input_precision=PRECISION)  # [BM, BN] fp32
+            b_s = tl.dot(b_q, tl.trans(b_kin), input_precision=PRECISION)  # [BM, BN]
             b_mnew = tl.maximum(b_mi, tl.max(b_s, axis=1))
             b_alpha = tl.exp(b_mi - b_mnew)
             b_p = tl.exp(b_s - b_mnew[:, None])

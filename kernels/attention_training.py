@@ -1,7 +1,5 @@
-"""Fused dense masked window attention for training (spec §4): projections and masks in
-PyTorch, softmax(QKᵀ)V per window in kernels; the backward recomputes from the log-sum-exp, dK
-and dV per key block, then dQ per query block (no atomics: deterministic).
-"""
+"""Fused dense masked window attention for training (spec §4); the backward recomputes from the
+log-sum-exp, dK and dV per key block, then dQ per query block (no atomics: deterministic)."""
 
 from __future__ import annotations
 
@@ -77,7 +75,7 @@ def attention_bwd_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk
         b_q = tl.load(q_ptr + p_m, mask=m_c[None, :], other=0.0)
         b_do = tl.load(do_ptr + p_m, mask=m_c[None, :], other=0.0)
         b_p = tl.exp(tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
-                     - tl.load(lse_ptr + row + o_m)[:, None])          # [BM, BN]
+                     - tl.load(lse_ptr + row + o_m)[:, None])
         b_dv += tl.dot(tl.trans(b_p).to(b_do.dtype), b_do, input_precision=PRECISION)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
         b_ds = b_p * (b_dp - tl.load(delta_ptr + row + o_m)[:, None])

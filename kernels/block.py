@@ -1,6 +1,4 @@
-"""A whole block at inference (spec §2-§3), the Triton backend's ``block_inference``: NHWC maps,
-every launch covering the batch, no host synchronisation. Speed unmeasured on a GPU.
-"""
+"""A whole block at inference (spec §2-§3), NHWC, no host sync; speed unmeasured on a GPU."""
 
 from __future__ import annotations
 

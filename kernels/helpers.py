@@ -1,7 +1,5 @@
-"""What the kernel modules share: operator registration, autocast, dot precision, shape checks,
-launch configurations, and the device functions of the per-pixel kernels. Half-precision
-attention keeps wgmma operand rows >= 128 B: 64×32 fp16 tiles failed on an H200 (issue 9).
-"""
+"""What the kernel modules share. Half-precision attention keeps wgmma operand rows >= 128 B:
+64×32 fp16 tiles failed on an H200 (issue 9)."""
 
 from __future__ import annotations
 
@@ -69,10 +67,8 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
 
 
 def autocast_entry(policy: str) -> Callable[[F], F]:
-    """Decorate an entry (first argument a tensor): under autocast on that device its floating
-    tensors are cast to the autocast dtype (``"lower"``, as for ``matmul``) or the widest input
-    dtype (``"widest"``, as for ``grid_sample``) and it runs with autocast off. ValueError for
-    another policy."""
+    """Under autocast, run the entry with autocast off on its floats cast to the autocast dtype
+    (``"lower"``, as ``matmul``) or the widest input's (``"widest"``, as ``grid_sample``)."""
     if policy not in AUTOCAST_POLICIES:
         raise ValueError(f"policy must be one of {AUTOCAST_POLICIES}, got {policy!r}")
 
@@ -124,8 +120,7 @@ def fp32_parity_precision() -> str:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision for ``dtype`` at this launch: fp32 ``"tf32"`` where PyTorch
-    allows TF32, else :func:`fp32_parity_precision`; half precision ignores it."""
+    """``tl.dot`` precision: fp32 ``"tf32"`` if PyTorch allows TF32, else the parity one."""
     if dtype != torch.float32:
         return "tf32"
     return "tf32" if pytorch_allows_tf32() else fp32_parity_precision()
@@ -181,8 +176,6 @@ def pixel_strides(t: Tensor) -> tuple[int, int, int] | None:
 
 
 class TileConfig(NamedTuple):
-    """A launch configuration."""
-
     bm: int                 # rows per program: query tokens, or pixels (per-pixel kernels)
     bn: int                 # per inner step: key tokens, or channels (per-pixel kernels)
     num_warps: int

@@ -66,7 +66,7 @@ def mixer_tail_kernel(z_ptr, a_ptr, x_ptr, ca_ptr, dil_w_ptr, dil_b_ptr, wo_ptr,
     tl.store(x1_ptr + p_pc, b_x1, mask=m_pc)
 
     p_u = u_ptr + o_p[:, None] * (2 * C)
-    for half in tl.static_range(2):                                    # u = [u_a | u_b]
+    for half in tl.static_range(2):
         for n0 in range(0, BC, BK):
             o_n = n0 + tl.arange(0, BK)
             b_u = tl.dot(b_x1.to(DOT), load_transposed(wi_ptr, half * C, C, C, o_c, o_n, DOT),
@@ -76,8 +76,8 @@ def mixer_tail_kernel(z_ptr, a_ptr, x_ptr, ca_ptr, dil_w_ptr, dil_b_ptr, wo_ptr,
 
 
 class MixerTail(NamedTuple):
-    x1: Tensor   # (B, H, W, C) LN1(mixer(x) + x), the FFN's input and residual
-    u: Tensor    # (B, H, W, 2C) ffn.project_in(x1)
+    x1: Tensor   # (B, H, W, C)
+    u: Tensor    # (B, H, W, 2C)
 
 
 def _launch(z: Tensor, attn: Tensor, x: Tensor, ca: Tensor, dil_w: Tensor, dil_b: Tensor,

@@ -1,7 +1,5 @@
-"""The block's predictor at inference (spec §3.4) on NHWC maps, two launches: per pixel tile v,
-h, offsets, h's channel mean and per-tile sums of h (deterministic, no atomics); then sa (needs
-h's halo) and, one program per image, ca from those sums.
-"""
+"""The block's predictor at inference (spec §3.4), NHWC: v, h, offsets, h's channel mean and
+per-tile sums per pixel tile; then sa (h's halo) and ca from those sums (no atomics)."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ def window_scores_kernel(h_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, pred_ptr, C4, H,
                    other=0.0).to(tl.float32)
     b_hid = tl.sum(b_w1 * b_m[None, :], axis=1)
     b_hid += tl.load(b1_ptr + o_j, mask=m_j, other=0.0).to(tl.float32)
-    b_hid = tl.where(b_hid >= 0, b_hid, 0.1 * b_hid)                   # [BH] LeakyReLU(0.1)
+    b_hid = tl.where(b_hid >= 0, b_hid, 0.1 * b_hid)
     l0 = tl.sum(tl.load(w2_ptr + o_j, mask=m_j, other=0.0).to(tl.float32) * b_hid)
     l1 = tl.sum(tl.load(w2_ptr + HID + o_j, mask=m_j, other=0.0).to(tl.float32) * b_hid)
     l0 += tl.load(b2_ptr).to(tl.float32)

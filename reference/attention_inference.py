@@ -1,6 +1,4 @@
-"""Inference token mixing (spec §3.7): self-attention on the hard windows (single head, no
-1/sqrt(C) scaling), ``v·sa`` on the simple ones.
-"""
+"""Inference token mixing (spec §3.7): attention on hard windows (no 1/sqrt(C)), v·sa else."""
 
 from __future__ import annotations
 
@@ -19,7 +17,7 @@ def attend(q_tokens: Tensor, k_tokens: Tensor, v_tokens: Tensor, wq: Tensor, bq:
     """softmax((q·Wqᵀ + bq)(k·Wkᵀ + bk)ᵀ)·v over each window: all (n, T, C) -> (n, T, C)."""
     q = F.linear(q_tokens, wq, bq)
     k = F.linear(k_tokens, wk, bk)
-    scores = torch.softmax(q @ k.transpose(-2, -1), dim=-1)            # [n, T, T]
+    scores = torch.softmax(q @ k.transpose(-2, -1), dim=-1)
     return scores @ v_tokens
 
 

@@ -18,9 +18,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
 
 def depthwise(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, dilation: int = 1,
               gelu: bool = False, multiply: Tensor | None = None) -> Tensor:
-    """x (B, H, W, C), weight (C, 1, 3, 3), bias (C,) or None -> the depthwise 3×3 convolution
-    (padding = dilation), then the exact GELU if ``gelu``, times ``multiply`` (B, H, W, C) if
-    given: (B, H, W, C), contiguous."""
+    """Depthwise 3×3 (padding = dilation) of x (B, H, W, C), then GELU, times ``multiply``."""
     c = x.shape[-1]
     y = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=dilation, dilation=dilation,
                  groups=c).permute(0, 2, 3, 1).contiguous()

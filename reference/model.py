@@ -139,7 +139,7 @@ class Predictor(nn.Module):
         first, second = self.out_offsets[0], self.out_offsets[2]
         off = self.out_offsets[1](linear(h, _matrix(first), first.bias))
         off = linear(off, _matrix(second), second.bias)
-        offsets = (torch.tanh(off) * 8.0).permute(0, 3, 1, 2).contiguous()     # [B, 2, H, W]
+        offsets = (torch.tanh(off) * 8.0).permute(0, 3, 1, 2).contiguous()
         ca = self.out_CA[2](F.linear(h.mean(dim=(1, 2)), _matrix(self.out_CA[1]),
                                      self.out_CA[1].bias))
         hidden = nchw(h)
@@ -148,7 +148,6 @@ class Predictor(nn.Module):
 
 
 class MixerSettings(NamedTuple):
-    """What the network passes to every block for one forward call."""
 
     gamma: float
     routing: str
@@ -174,7 +173,7 @@ class CAMixer(nn.Module):
         self.project_out = nn.Conv2d(channels, channels, 1)
         self.route = Predictor(channels, window_size)
         self.capture: dict | None = None    # a dict: the next forward stores its maps there
-        self._last: BlockRouting | None = None  # for the deprecated last_* properties only
+        self._last: BlockRouting | None = None
 
     def forward(self, x: Tensor, condition: Tensor, settings: MixerSettings, *,
                 residual: Tensor | None = None) -> tuple[Tensor, BlockRouting]:
@@ -257,14 +256,11 @@ class CAMixer(nn.Module):
 
 
 class BlockWeights(NamedTuple):
-    """A block's parameters by role, as a block-level backend path receives them; each ``*_b``
-    is the bias of the ``*_w`` before it, c4 = (C + 4) // 4, c8 = (C + 4) // 8, LN eps 1e-6.
-    ``mixer``: v_w, q_w, k_w, out_w (C, C) project_v / q / k / out; dw_w, dil_w (C, 1, 3, 3)
-    conv_sptial.0 / .1 (padding 1; dilation 2, padding 2). ``mixer.route``: route_w
-    (c4, C + 4) in_conv.0 (columns [v | Cg | Cw]), route_norm_w in_conv.1; off1_w (c8, c4),
-    off2_w (2, c8) out_offsets.0 / .2; mask1_w (ws, ws²), mask2_w (2, ws) out_mask.0 / .2;
-    ca_w (C, c4) out_CA.1; sa_w (1, c4, 3, 3) out_SA.0. ``ffn`` (no biases): ffn_in_w (2C, C),
-    ffn_dw_w (2C, 1, 3, 3), ffn_out_w (C, C). 1×1 convolutions come as matrices."""
+    """A block's parameters by role (1×1 convolutions as matrices, ``*_b`` the bias of the
+    ``*_w`` before it; c4 = (C + 4) // 4, c8 = (C + 4) // 8): mixer v_w, q_w, k_w, out_w (C, C);
+    dw_w, dil_w (C, 1, 3, 3) conv_sptial.0 / .1; route_w (c4, C + 4) in_conv.0 (columns
+    [v | Cg | Cw]); off1_w (c8, c4), off2_w (2, c8); mask1_w (ws, ws²), mask2_w (2, ws);
+    ca_w (C, c4); sa_w (1, c4, 3, 3); ffn_in_w (2C, C), ffn_dw_w (2C, 1, 3, 3), ffn_out_w (C, C)."""
 
     v_w: Tensor
     v_b: Tensor
@@ -475,7 +471,6 @@ class CAMixerSR(nn.Module):
         if self.training or x.shape[0] == 1 or ops.whole_batch:
             sr, routing = self._forward(x, settings)
         else:
-            # CPU kernels block by batch size (~1e-5 apart): one image at a time
             parts = [self._forward(image, settings) for image in x.split(1)]
             sr = torch.cat([p[0] for p in parts])
             routing = Routing.cat([p[1] for p in parts])
@@ -496,7 +491,7 @@ class CAMixerSR(nn.Module):
         f0 = self.head(x)
         cw = nhwc(window_condition(ph, pw, self.window_size, dtype=f0.dtype, device=f0.device))
         condition = torch.cat([nhwc(self.global_predictor(f0)), cw.expand(b, -1, -1, -1)],
-                              dim=-1)                                # [B, H, W, 4]: Cg, Cw
+                              dim=-1)                                # [B, H, W, 4]
         records: list[BlockRouting] = []
         feat = nhwc(f0)
         for group in self.body:

@@ -33,13 +33,12 @@ class BlockRouting(NamedTuple):
 
 
 class Routing(NamedTuple):
-    """The per-block routing record of one forward, blocks in network order."""
+    """Every block's routing in one forward, in network order."""
 
     blocks: tuple[BlockRouting, ...]
 
     @property
     def num_windows(self) -> int:
-        """N, the windows per image."""
         return self.blocks[0].scores.shape[1]
 
     def num_hard(self) -> Tensor:
@@ -100,10 +99,8 @@ def check_tie_break(tie_break: str) -> str:
 
 
 def window_order(score: Tensor, tie_break: str = "official") -> Tensor:
-    """Windows by descending hard score: score (B, N) -> order (B, N) int64. Ties are common
-    (saturated scores of 1.0): ``"official"`` orders them as ``torch.argsort(descending=True)``
-    does (the official code, the goldens; per device and build), ``"index"`` by lower window
-    index (portable; the fused kernels')."""
+    """score (B, N) -> order (B, N) int64, descending. Ties (common: scores saturate at 1.0) as
+    ``torch.argsort`` orders them ("official", the goldens') or by lower index ("index")."""
     check_tie_break(tie_break)
     if tie_break == "official":
         return torch.argsort(score, dim=1, descending=True)
@@ -125,8 +122,7 @@ def window_scores(h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
 
 def hard_fraction(pred: Tensor, routing: str = "expected",
                   generator: torch.Generator | None = None) -> Tensor:
-    """r per image, (B,) float32: "expected" is mean(softmax(pred)[..., 0]), the expectation of
-    the official draw; "gumbel" that draw (``gumbel_softmax(pred, hard=True)``) per image."""
+    """Hard fraction r (B,): "expected" mean(softmax(pred)[..., 0]), or the official Gumbel draw."""
     check_routing_mode(routing)
     pred = pred.float()
     if routing == "expected":
@@ -172,8 +168,7 @@ def route_windows(h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, gam
 
 
 def flat_hard_windows(num_hard: Tensor, order: Tensor) -> tuple[Tensor, Tensor]:
-    """The batch's hard windows flattened: (image index, window index), each (ΣK,), images in
-    order, windows in descending-score order."""
+    """The batch's hard windows as (image index, window index), each (ΣK,), in order."""
     b, n = order.shape
     rank = torch.arange(n, device=order.device)
     is_hard = rank.unsqueeze(0) < num_hard.unsqueeze(1)
@@ -183,9 +178,8 @@ def flat_hard_windows(num_hard: Tensor, order: Tensor) -> tuple[Tensor, Tensor]:
 
 def training_mask(pred: Tensor, *, noise: bool = True,
                   generator: torch.Generator | None = None) -> Tensor:
-    """Straight-through Gumbel-softmax hard mask (B, N, 1) of spec §4 (tau = 1): 1 where the
-    noisy hard score wins (ties too, as argmax), gradient of softmax(pred + g); ``noise=False``:
-    g = 0 (the golden record's)."""
+    """Straight-through Gumbel-softmax hard mask (B, N, 1), spec §4 (tau = 1; ``noise=False``:
+    no Gumbel noise, the goldens')."""
     logits = pred + gumbel_noise(pred, generator) if noise else pred
     soft = torch.softmax(logits, dim=-1)
     hard = (soft[..., 0:1] >= soft[..., 1:2]).to(soft.dtype)

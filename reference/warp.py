@@ -34,6 +34,5 @@ def deform_warp(x: Tensor, offsets: Tensor) -> Tensor:
 
 def deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
                    order: Tensor | None = None, *, window_size: int = 16) -> Tensor:
-    """``k_in = x + deform_warp(x, offsets)``, (B, C, H, W), every pixel; the routing arguments
-    name the hard windows a backend may restrict itself to."""
+    """``k_in = x + deform_warp(x, offsets)`` (B, C, H, W) at every pixel (routing unused)."""
     return x + deform_warp(x, offsets)

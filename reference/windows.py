@@ -1,6 +1,4 @@
-"""Window layout: N = (H/ws)·(W/ws) windows row-major, ws² tokens row-major inside each (the
-official ``rearrange(x, 'b c (h dh) (w dw) -> b (h w) (dh dw) c')``).
-"""
+"""Windows and tokens row-major: ``rearrange(x, 'b c (h dh) (w dw) -> b (h w) (dh dw) c')``."""
 
 from __future__ import annotations
 
@@ -46,8 +44,7 @@ def window_view(x: Tensor, window_size: int) -> Tensor:
 
 def window_condition(height: int, width: int, window_size: int, *, dtype: torch.dtype,
                      device: torch.device) -> Tensor:
-    """The window condition Cw tiled over the map, (1, 2, H, W) (spec §3.2): channels
-    ``linspace(-1, 1, ws)`` of the in-window row and column."""
+    """The window condition Cw (spec §3.2) tiled over the map: (1, 2, H, W)."""
     rows, cols = check_window_grid(height, width, window_size)
     ramp = torch.linspace(-1.0, 1.0, window_size, dtype=torch.float32, device=device)
     row = ramp.view(window_size, 1).expand(window_size, window_size)
