@@ -194,10 +194,8 @@ def predictor(x: Tensor, condition: Tensor, v_w: Tensor, v_b: Tensor, route_w: T
         raise ValueError(f"x: dtype {x.dtype} not supported ({', '.join(map(str, MAP_DTYPES))})")
     b, height, width, c = x.shape
     c4, c8 = route_w.shape[0], off1_w.shape[0]
-    if tuple(condition.shape) != (b, height, width, 4):
-        raise ValueError(f"condition: expected {(b, height, width, 4)}, got "
-                         f"{tuple(condition.shape)}")
-    check_shapes(x, {"condition": (condition, (b, height, width, 4)), "v_w": (v_w, (c, c)), "v_b": (v_b, (c,)),
+    check_shapes(x, {"condition": (condition, (b, height, width, 4)),
+                     "v_w": (v_w, (c, c)), "v_b": (v_b, (c,)),
                      "route_w": (route_w, (c4, c + 4)), "route_b": (route_b, (c4,)),
                      "route_norm_w": (route_norm_w, (c4,)), "route_norm_b": (route_norm_b, (c4,)),
                      "off1_w": (off1_w, (c8, c4)), "off1_b": (off1_b, (c8,)),
