@@ -1,13 +1,5 @@
-"""Fused dense masked window attention for training, forward and backward (spec §3.7).
-
-Twin of :func:`camixer_fast.reference.attention_training.masked_window_attention`. The
-projections and masks are a few elementwise and linear PyTorch ops; the attention itself --
-softmax(QKᵀ)V per window over every window, forward and backward -- runs in the kernels below
-on the (B, C, H, W) maps, wrapped in a ``torch.autograd.Function``. The backward recomputes the
-probabilities from the forward's log-sum-exp: one pass for dK, dV per key block, a second for
-dQ per query block (no atomics: deterministic). C need not be a power of two: channels are
-padded inside the kernels with masks.
-"""
+"""Fused dense masked window attention for training (spec §4); the backward recomputes from the
+log-sum-exp, dK and dV per key block, then dQ per query block (no atomics: deterministic)."""
 
 from __future__ import annotations
 
@@ -17,32 +9,31 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from camixer_fast.backends.ops import kernel_op
-from camixer_fast.kernels._autocast import autocast_entry
-from camixer_fast.kernels._tiles import (
+from camixer_fast.backends.triton_env import interpreting
+from camixer_fast.kernels.helpers import (
     HALF,
     TileConfig,
+    autocast_entry,
     channel_block,
     check_maps,
     dot_precision,
     for_window,
+    kernel_op,
     whole_windows,
     window_tokens,
 )
-from camixer_fast.backends.triton_env import interpreting
 
 
 @triton.jit
-def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, C, H, W, COLS, N,
-                          WS: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr,
-                          BN: tl.constexpr, PRECISION: tl.constexpr):
-    """softmax(QKᵀ)V of window ``i_w``'s query block ``i_m``; Q, K, V already projected."""
+def attention_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, C, H, W, COLS, N,
+                         WS: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr,
+                         BN: tl.constexpr, PRECISION: tl.constexpr):
     i_w, i_m, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_c = tl.arange(0, BC)
     m_c = o_c < C
-    plane = i_b.to(tl.int64) * C * H * W + o_c.to(tl.int64) * H * W   # [BC]
+    plane = i_b.to(tl.int64) * C * H * W + o_c.to(tl.int64) * H * W
     p_m = plane[None, :] + window_tokens(i_w, i_m, COLS, W, WS, BM)[:, None]   # [BM, BC]
-    b_q = tl.load(q_ptr + p_m, mask=m_c[None, :], other=0.0)          # [BM, BC]
+    b_q = tl.load(q_ptr + p_m, mask=m_c[None, :], other=0.0)
     b_mi = tl.full([BM], float("-inf"), dtype=tl.float32)
     b_li = tl.zeros([BM], dtype=tl.float32)
     b_acc = tl.zeros([BM, BC], dtype=tl.float32)
@@ -65,10 +56,9 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, C, H, W, COLS, 
 
 
 @triton.jit
-def _attention_bwd_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-                              C, H, W, COLS, N, WS: tl.constexpr, BC: tl.constexpr,
-                              BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr):
-    """dK, dV of window ``i_w``'s key block ``i_n``, summed over its query blocks."""
+def attention_bwd_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+                             C, H, W, COLS, N, WS: tl.constexpr, BC: tl.constexpr,
+                             BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr):
     i_w, i_n, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_c = tl.arange(0, BC)
     m_c = o_c < C
@@ -85,7 +75,7 @@ def _attention_bwd_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, d
         b_q = tl.load(q_ptr + p_m, mask=m_c[None, :], other=0.0)
         b_do = tl.load(do_ptr + p_m, mask=m_c[None, :], other=0.0)
         b_p = tl.exp(tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
-                     - tl.load(lse_ptr + row + o_m)[:, None])          # [BM, BN]
+                     - tl.load(lse_ptr + row + o_m)[:, None])
         b_dv += tl.dot(tl.trans(b_p).to(b_do.dtype), b_do, input_precision=PRECISION)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
         b_ds = b_p * (b_dp - tl.load(delta_ptr + row + o_m)[:, None])
@@ -95,15 +85,14 @@ def _attention_bwd_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, d
 
 
 @triton.jit
-def _attention_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-                             C, H, W, COLS, N, WS: tl.constexpr, BC: tl.constexpr,
-                             BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr):
-    """dQ of window ``i_w``'s query block ``i_m`` (a second pass: no atomics, deterministic)."""
+def attention_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+                            C, H, W, COLS, N, WS: tl.constexpr, BC: tl.constexpr,
+                            BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr):
     i_w, i_m, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_c = tl.arange(0, BC)
     m_c = o_c < C
     plane = i_b.to(tl.int64) * C * H * W + o_c.to(tl.int64) * H * W
-    p_m = plane[None, :] + window_tokens(i_w, i_m, COLS, W, WS, BM)[:, None]   # [BM, BC]
+    p_m = plane[None, :] + window_tokens(i_w, i_m, COLS, W, WS, BM)[:, None]
     o_m = i_m * BM + tl.arange(0, BM)
     row = (i_b.to(tl.int64) * N + i_w) * WS * WS
     b_q = tl.load(q_ptr + p_m, mask=m_c[None, :], other=0.0)
@@ -122,25 +111,15 @@ def _attention_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq
     tl.store(dq_ptr + p_m, b_dq.to(dq_ptr.dtype.element_ty), mask=m_c[None, :])
 
 
+# proven: issue 9's H200 run; the others spill nowhere in the JIT gate, unproven on a GPU
 FP32_FORWARD = TileConfig(16, 32, 4, 1, proven=True)
 FP32_BACKWARD = TileConfig(16, 16, 4, 1, proven=True)
-"""fp32 (IEEE products): the configurations of issue 9's H200 run, where a training step of S
-matched the reference backend to 2.3e-7 relative over all gradients."""
 HALF_FORWARD = TileConfig(64, 64, 4, 1, proven=False)
 HALF_BACKWARD = TileConfig(64, 64, 4, 1, proven=False)
-"""fp16 / bf16: unproven on a GPU. Every dot operand is 64 wide (128-byte rows), away from the
-64×32 tiles that failed on the H200 (see :mod:`camixer_fast.kernels._tiles`); one stage, since
-two spill registers on sm_80."""
-
-
 TF32_FORWARD = TileConfig(64, 32, 4, 1, proven=False)
 TF32_BACKWARD = TileConfig(64, 32, 8, 1, proven=False)
 TF32X3_FORWARD = TileConfig(16, 32, 4, 1, proven=False)
 TF32X3_BACKWARD = TileConfig(16, 32, 4, 1, proven=False)
-"""fp32 on tensor cores, ``tf32`` (PyTorch's TF32 switch) and ``tf32x3`` (parity): unproven
-on a GPU. The inference kernel's TF32 tiles (64×32, 4 warps), with 8 warps in the backward
-(4 spill on sm_80); tf32x3 splits every operand in two: 16×32 tiles are the largest that
-spill nowhere (32×32 spill on sm_90 for C = 21 with 4 warps, for C = 36 with 8)."""
 FP32_TILES_BY_PRECISION = {"ieee": (FP32_FORWARD, FP32_BACKWARD),
                            "tf32": (TF32_FORWARD, TF32_BACKWARD),
                            "tf32x3": (TF32X3_FORWARD, TF32X3_BACKWARD)}
@@ -148,9 +127,8 @@ FP32_TILES_BY_PRECISION = {"ieee": (FP32_FORWARD, FP32_BACKWARD),
 
 def tile_config(dtype: torch.dtype, window_size: int, *, backward: bool = False,
                 precision: str | None = None) -> TileConfig:
-    """The launch configuration the training kernels use for ``dtype`` and ``window_size``
-    (fp32: for the dot ``precision``, default :func:`~camixer_fast.kernels._tiles.dot_precision`);
-    ``proven`` says whether it ran correctly on a GPU. Under the interpreter: whole windows."""
+    """Launch configuration of the training kernels (fp32 ``precision`` default: this launch's
+    :func:`.helpers.dot_precision`)."""
     if interpreting():
         return whole_windows(window_size)
     if dtype in HALF:
@@ -180,7 +158,7 @@ def window_attention_core_forward(q: Tensor, k: Tensor, v: Tensor, *,
     out = torch.empty_like(q)
     lse = torch.empty(b, n, window_size * window_size, dtype=torch.float32, device=q.device)
     grid = (n, window_size * window_size // meta["BM"], b)
-    wrap_triton(_attention_fwd_kernel)[grid](q, k, v, out, lse, *dims, **meta)
+    wrap_triton(attention_fwd_kernel)[grid](q, k, v, out, lse, *dims, **meta)
     return out, lse
 
 
@@ -198,9 +176,9 @@ def window_attention_core_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     delta = delta.reshape(b, n, window_size * window_size).contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     tokens = window_size * window_size
-    wrap_triton(_attention_bwd_dkv_kernel)[(n, tokens // meta["BN"], b)](
+    wrap_triton(attention_bwd_dkv_kernel)[(n, tokens // meta["BN"], b)](
         q, k, v, grad_out, lse, delta, dk, dv, *dims, **meta)
-    wrap_triton(_attention_bwd_dq_kernel)[(n, tokens // meta["BM"], b)](
+    wrap_triton(attention_bwd_dq_kernel)[(n, tokens // meta["BM"], b)](
         q, k, v, grad_out, lse, delta, dq, *dims, **meta)
     return dq, dk, dv
 
@@ -225,7 +203,6 @@ _core_backward = kernel_op("triton_window_attention_core_backward",
 
 
 class WindowAttentionCore(torch.autograd.Function):
-    """Autograd wrapper of the dense per-window attention kernels (training)."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, window_size: int) -> Tensor:
@@ -246,14 +223,9 @@ class WindowAttentionCore(torch.autograd.Function):
 def masked_window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, mask: Tensor,
                             wq: Tensor, bq: Tensor, wk: Tensor, bk: Tensor, *,
                             window_size: int) -> Tensor:
-    """Fused twin of :func:`camixer_fast.reference.attention_training.masked_window_attention`.
-
-    x, k_in, v: (B, C, H, W); sa: (B, 1, H, W); mask: (B, N, 1) straight-through 0/1 mask.
-    ``attn_out = softmax(QKᵀ)·(v·M) + (v·sa)·(1 − M)`` with Q, K projected from the masked
-    inputs; differentiable in every input.
-    Under ``torch.autocast`` the floating inputs are cast to the autocast dtype and the
-    kernels run in it (:mod:`camixer_fast.kernels._autocast`).
-    """
+    """Fused twin of :func:`camixer_fast.reference.attention_training.masked_window_attention`
+    (same shapes), differentiable in every input; under autocast it runs in the autocast dtype.
+    ValueError for mismatched inputs."""
     b, c, height, width = check_maps(x, {"k_in": k_in, "v": v, "sa": sa, "mask": mask},
                                      window_size)
     ws = window_size
@@ -261,8 +233,8 @@ def masked_window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, mask
     if tuple(mask.shape) != (b, rows * cols, 1):
         raise ValueError(f"mask: expected {(b, rows * cols, 1)}, got {tuple(mask.shape)}")
     m = mask.view(b, 1, rows, 1, cols, 1).expand(b, 1, rows, ws, cols, ws)
-    m = m.reshape(b, 1, height, width)                                 # the mask per pixel
-    q = torch.nn.functional.conv2d(x * m, wq[:, :, None, None], bq)    # per-token Linear
+    m = m.reshape(b, 1, height, width)
+    q = torch.nn.functional.conv2d(x * m, wq[:, :, None, None], bq)
     k = torch.nn.functional.conv2d(k_in * m, wk[:, :, None, None], bk)
     mixed = WindowAttentionCore.apply(q, k, v * m, ws)
     return mixed + v * sa * (1.0 - m)

@@ -1,33 +1,13 @@
-"""A whole block at inference on the GPU (spec §2-§3): the Triton backend's ``block_inference``.
-
-Launches per block (and per batch: every launch covers all images, routing stays per image):
-
-1. predictor, per pixel tile (:mod:`.predictor`): v, h, offsets, h's channel mean, partial sums
-2. predictor heads: sa (3×3 conv of h) and ca (one program per image)
-3. window scores, 4. selection (K per image, window order) (:mod:`.routing`, fed the channel
-   mean); with ``tie_break="official"`` the order comes from ``torch.argsort`` (one more op)
-5. the deformable keys on the hard windows (:mod:`.warp`)
-6. hard-window attention, ``v·sa`` on simple windows (:mod:`.attention_inference`)
-7. dw3x3 of the attention output (:mod:`.depthwise`)
-8. dilated 3×3, gelu·ca + attn, project_out, + x, LN1, the FFN's project_in (:mod:`.mixer_tail`)
-9. the FFN's dw3x3, gelu gate, project_out, + x1, LN2 (:mod:`.ffn`)
-
-All maps NHWC, read in place by every kernel (the warp and the attention take (B, C, H, W)
-views of them). No host synchronisation: K stays on the device. fp32 maps multiply as
-:func:`~camixer_fast.kernels._tiles.dot_precision` says (IEEE products for parity with the
-reference, tf32x3, or TF32 under PyTorch's switch); fp16 / bf16 maps use tensor-core products
-with fp32 accumulation. Proven in Triton's interpreter and by
-compiling; speed not yet measured on a GPU.
-"""
+"""A whole block at inference (spec §2-§3), NHWC, no host sync; speed unmeasured on a GPU."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from camixer_fast.kernels._autocast import autocast_dtype
 from camixer_fast.kernels.depthwise import depthwise_conv3x3
 from camixer_fast.kernels.ffn import ffn_tail
+from camixer_fast.kernels.helpers import autocast_dtype
 from camixer_fast.kernels.mixer_tail import mixer_tail
 from camixer_fast.kernels.predictor import predictor
 from camixer_fast.kernels.routing import route_windows
@@ -47,15 +27,9 @@ def window_size_of(weights: BlockWeights) -> int:
 
 def block_inference(weights: BlockWeights, x: Tensor, condition: Tensor,
                     settings: MixerSettings) -> tuple[Tensor, BlockRouting]:
-    """One block at inference: x (B, H, W, C) NHWC, condition [Cg, Cw] (B, H, W, 4) ->
-    (the block's output (B, H, W, C) NHWC, its :class:`BlockRouting`).
-
-    H and W are multiples of the window size (the network pads its input). Maps and weights
-    share one dtype (fp32, fp16 or bf16); under ``torch.autocast`` both are cast to the
-    autocast dtype and the block runs in it (:mod:`camixer_fast.kernels._autocast`). Not
-    differentiable: top-K routing is not, and the training path is the network's dense masked
-    form.
-    """
+    """x (B, H, W, C) NHWC, H and W multiples of ws, condition [Cg, Cw] (B, H, W, 4), maps and
+    weights in one dtype (under autocast: the autocast dtype) -> (output (B, H, W, C) NHWC,
+    :class:`BlockRouting`). RuntimeError where a gradient is needed; ValueError for bad shapes."""
     if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
         raise RuntimeError(
             "the fused Triton block runs inference only: call it under torch.no_grad() or "
@@ -64,7 +38,6 @@ def block_inference(weights: BlockWeights, x: Tensor, condition: Tensor,
         raise ValueError(f"x: expected (B, H, W, C), got {tuple(x.shape)}")
     lower = autocast_dtype(x.device.type)
     if lower is not None:
-        # the whole block in the autocast dtype, as autocast would run its products
         weights = BlockWeights(*(t.to(lower) for t in weights))
         with torch.autocast(x.device.type, enabled=False):
             return block_inference(weights, x.to(lower), condition.to(lower), settings)
@@ -73,7 +46,6 @@ def block_inference(weights: BlockWeights, x: Tensor, condition: Tensor,
     if height % ws or width % ws:
         raise ValueError(f"x is {height}x{width}, not a multiple of the window size {ws}")
     if x.is_cuda:
-        # Triton launches on the current device: make it x's (a model on another GPU)
         with torch.cuda.device(x.device):
             return _block(weights, x, condition, settings, ws)
     return _block(weights, x, condition, settings, ws)
@@ -89,13 +61,13 @@ def _block(w: BlockWeights, x: Tensor, condition: Tensor, settings: MixerSetting
                                 settings.gamma, window_size=ws, routing=settings.routing,
                                 generator=settings.generator, tie_break=settings.tie_break)
     with span("camixer.attention"):
-        x_map = nchw(x)                                # (B, C, H, W) view of the NHWC map
+        x_map = nchw(x)
         k_in = deformable_key(x_map, nchw(maps.offsets), routing.num_hard, routing.order,
                               window_size=ws)
         attn = window_attention(x_map, k_in, nchw(maps.v), maps.sa, w.q_w, w.q_b, w.k_w,
                                 w.k_b, routing.num_hard, routing.order, window_size=ws)
     with span("camixer.conv"):
-        attn = attn.permute(0, 2, 3, 1)                                # (B, H, W, C) view
+        attn = attn.permute(0, 2, 3, 1)
         z = depthwise_conv3x3(attn, w.dw_w, w.dw_b)
         x1, u = mixer_tail(z, attn, x, maps.ca, w.dil_w, w.dil_b, w.out_w, w.out_b, w.norm1_w,
                            w.norm1_b, w.ffn_in_w)

@@ -1,10 +1,5 @@
-"""Depthwise 3×3 convolution with bias, zero padding, NHWC output: the mixer's first spatial
-convolution (``mixer.conv_sptial.0``, spec §3.8) on the attention output, one launch.
-
-The source may have any strides (the attention output is channels-first today); the result is
-NHWC contiguous. The second, dilated convolution runs fused into the mixer's tail
-(:mod:`.mixer_tail`): a separate pass because each needs the other's halo.
-"""
+"""The mixer's first depthwise 3×3 (``mixer.conv_sptial.0``, spec §3.8) on the attention
+output; the dilated second is in :mod:`.mixer_tail` (each needs the other's halo)."""
 
 from __future__ import annotations
 
@@ -14,23 +9,22 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from camixer_fast.backends.ops import kernel_op
-
-from camixer_fast.kernels.tile_math import (
+from camixer_fast.kernels.helpers import (
     MAP_DTYPES,
     channel_block,
     depthwise3x3,
+    kernel_op,
     pixel_tile,
-    tile_config,
+    pixel_tile_config,
 )
 
 
 @triton.jit
-def _depthwise3x3_kernel(src_ptr, w_ptr, b_ptr, out_ptr, H, W, C, s_b, s_y, s_x, s_c,
-                         BP: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+def depthwise3x3_kernel(src_ptr, w_ptr, b_ptr, out_ptr, H, W, C, s_b, s_y, s_x, s_c,
+                        BP: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
     i_b = tl.program_id(1)
     o_p, py, px, m_p = pixel_tile(tl.program_id(0), i_b, H * W, W, BP)
-    for k0 in tl.static_range(0, BC, BK):                              # channel steps
+    for k0 in tl.static_range(0, BC, BK):
         o_k = k0 + tl.arange(0, BK)
         m_k = o_k < C
         b_z = depthwise3x3(src_ptr, w_ptr, i_b.to(tl.int64) * s_b, py, px, m_p, o_k, m_k, s_y,
@@ -40,12 +34,26 @@ def _depthwise3x3_kernel(src_ptr, w_ptr, b_ptr, out_ptr, H, W, C, s_b, s_y, s_x,
                  mask=m_p[:, None] & m_k[None, :])
 
 
-def depthwise_conv3x3(src: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """src (B, H, W, C), any strides -> conv2d(src, weight, bias, padding=1, groups=C) as a
-    (B, H, W, C) NHWC map in src's dtype (fp32 accumulation).
+def _launch(src: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    b, height, width, c = src.shape
+    out = torch.empty(b, height, width, c, dtype=src.dtype, device=src.device)
+    cfg = pixel_tile_config(height * width, c)
+    wrap_triton(depthwise3x3_kernel)[(triton.cdiv(height * width, cfg.bm), b)](
+        src, weight.contiguous(), bias, out, height, width, c, *src.stride(), BP=cfg.bm,
+        BC=channel_block(c), BK=cfg.bn, num_warps=cfg.num_warps)
+    return out
 
-    weight: (C, 1, 3, 3); bias: (C,); both in src's dtype.
-    """
+
+def _fake(src: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    return src.new_empty(src.shape)
+
+
+_depthwise = kernel_op("triton_depthwise_conv3x3", _launch, _fake)
+
+
+def depthwise_conv3x3(src: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """src (B, H, W, C) any strides, weight (C, 1, 3, 3), bias (C,) -> conv2d(padding=1,
+    groups=C) as NHWC (B, H, W, C) in src's dtype. ValueError for other shapes."""
     if src.dim() != 4:
         raise ValueError(f"src: expected (B, H, W, C), got {tuple(src.shape)}")
     if src.dtype not in MAP_DTYPES:
@@ -55,21 +63,3 @@ def depthwise_conv3x3(src: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         raise ValueError(f"weight {tuple(weight.shape)} / bias {tuple(bias.shape)} do not fit "
                          f"{c} channels")
     return _depthwise(src, weight, bias)
-
-
-def _launch(src: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """Launch the kernel on checked inputs (:func:`depthwise_conv3x3`)."""
-    b, height, width, c = src.shape
-    out = torch.empty(b, height, width, c, dtype=src.dtype, device=src.device)
-    cfg = tile_config(height * width, c)
-    wrap_triton(_depthwise3x3_kernel)[(triton.cdiv(height * width, cfg.bp), b)](
-        src, weight.contiguous(), bias, out, height, width, c, *src.stride(), BP=cfg.bp,
-        BC=channel_block(c), BK=cfg.bk, num_warps=cfg.num_warps)
-    return out
-
-
-def _fake(src: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    return src.new_empty(src.shape)
-
-
-_depthwise = kernel_op("triton_depthwise_conv3x3", _launch, _fake)

@@ -1,13 +1,9 @@
-"""The gated FFN after its input projection, with the block's second norm, fused per pixel
-tile: one launch (spec §2).
-
-From u = x1·Winᵀ (B, H, W, 2C) and the FFN's input x1 (both written by :mod:`.mixer_tail`):
+"""The gated FFN after its input projection, with LN2, in one launch (spec §2); from
+u = x1·Winᵀ (B, H, W, 2C) and x1 (:mod:`.mixer_tail`):
 
     t   = dw3x3(u)                    (ffn.dwconv, no bias, zero padding)
     g   = gelu(t[:C])·t[C:]
     out = LN2(g·Woutᵀ + x1)           (ffn.project_out, no bias; the residual; norm2)
-
-Tile sizes and their speed are not yet measured on a GPU.
 """
 
 from __future__ import annotations
@@ -18,26 +14,26 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from camixer_fast.backends.ops import kernel_op
-from camixer_fast.kernels._tiles import dot_precision
-
-from camixer_fast.kernels.tile_math import (
+from camixer_fast.kernels.helpers import (
     MAP_DTYPES,
     channel_block,
+    check_shapes,
     depthwise3x3,
     dot_dtype,
+    dot_precision,
     gelu,
+    kernel_op,
     layer_norm,
     load_transposed,
     pixel_tile,
-    tile_config,
+    pixel_tile_config,
 )
 
 
 @triton.jit
-def _ffn_tail_kernel(u_ptr, x1_ptr, dw_ptr, wo_ptr, n2w_ptr, n2b_ptr, out_ptr, H, W, C,
-                     BP: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr,
-                     PRECISION: tl.constexpr):
+def ffn_tail_kernel(u_ptr, x1_ptr, dw_ptr, wo_ptr, n2w_ptr, n2b_ptr, out_ptr, H, W, C,
+                    BP: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr,
+                    PRECISION: tl.constexpr):
     dt = x1_ptr.dtype.element_ty
     i_b = tl.program_id(1)
     o_p, py, px, m_p = pixel_tile(tl.program_id(0), i_b, H * W, W, BP)
@@ -63,40 +59,16 @@ def _ffn_tail_kernel(u_ptr, x1_ptr, dw_ptr, wo_ptr, n2w_ptr, n2b_ptr, out_ptr, H
     tl.store(out_ptr + p_pc, b_out.to(dt), mask=m_pc)
 
 
-def ffn_tail(u: Tensor, x1: Tensor, ffn_dw_w: Tensor, ffn_out_w: Tensor, norm2_w: Tensor,
-             norm2_b: Tensor) -> Tensor:
-    """One launch; see the module docstring.
-
-    u: (B, H, W, 2C), x1: (B, H, W, C), NHWC; ffn_dw_w (2C, 1, 3, 3); ffn_out_w (C, C);
-    norm2_w, norm2_b (C,). Returns the block's output (B, H, W, C) NHWC in x1's dtype.
-    """
-    if x1.dim() != 4 or x1.dtype not in MAP_DTYPES:
-        raise ValueError(f"x1: expected a (B, H, W, C) float map, got {tuple(x1.shape)} "
-                         f"{x1.dtype}")
-    b, height, width, c = x1.shape
-    for name, t, shape in (("u", u, (b, height, width, 2 * c)),
-                           ("ffn_dw_w", ffn_dw_w, (2 * c, 1, 3, 3)),
-                           ("ffn_out_w", ffn_out_w, (c, c)), ("norm2_w", norm2_w, (c,)),
-                           ("norm2_b", norm2_b, (c,))):
-        if tuple(t.shape) != tuple(shape):
-            raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
-        if t.device != x1.device:
-            raise ValueError(f"{name} is on {t.device}, x1 on {x1.device}")
-    return _ffn_tail(u, x1, ffn_dw_w, ffn_out_w, norm2_w, norm2_b)
-
-
 def _launch(u: Tensor, x1: Tensor, ffn_dw_w: Tensor, ffn_out_w: Tensor, norm2_w: Tensor,
             norm2_b: Tensor) -> Tensor:
-    """Launch the kernel on checked inputs (:func:`ffn_tail`)."""
     b, height, width, c = x1.shape
     u, x1 = u.contiguous(), x1.contiguous()
     out = torch.empty_like(x1)
-    cfg = tile_config(height * width, c)
-    wrap_triton(_ffn_tail_kernel)[(triton.cdiv(height * width, cfg.bp), b)](
+    cfg = pixel_tile_config(height * width, c)
+    wrap_triton(ffn_tail_kernel)[(triton.cdiv(height * width, cfg.bm), b)](
         u, x1, ffn_dw_w.contiguous(), ffn_out_w.contiguous(), norm2_w, norm2_b, out, height,
-        width, c, BP=cfg.bp, BC=channel_block(c), BK=cfg.bk, DOT=dot_dtype(x1.dtype),
-        PRECISION=dot_precision(x1.dtype),
-        num_warps=cfg.num_warps)
+        width, c, BP=cfg.bm, BC=channel_block(c), BK=cfg.bn, DOT=dot_dtype(x1.dtype),
+        PRECISION=dot_precision(x1.dtype), num_warps=cfg.num_warps)
     return out
 
 
@@ -106,3 +78,18 @@ def _fake(u: Tensor, x1: Tensor, ffn_dw_w: Tensor, ffn_out_w: Tensor, norm2_w: T
 
 
 _ffn_tail = kernel_op("triton_ffn_tail", _launch, _fake)
+
+
+def ffn_tail(u: Tensor, x1: Tensor, ffn_dw_w: Tensor, ffn_out_w: Tensor, norm2_w: Tensor,
+             norm2_b: Tensor) -> Tensor:
+    """The module docstring's formula: u (B, H, W, 2C), x1 (B, H, W, C) NHWC, weights as in
+    :class:`~camixer_fast.reference.model.BlockWeights` -> (B, H, W, C) NHWC in x1's dtype.
+    ValueError for other shapes or devices."""
+    if x1.dim() != 4 or x1.dtype not in MAP_DTYPES:
+        raise ValueError(f"x1: expected a (B, H, W, C) float map, got {tuple(x1.shape)} "
+                         f"{x1.dtype}")
+    b, height, width, c = x1.shape
+    check_shapes(x1, {"u": (u, (b, height, width, 2 * c)),
+                      "ffn_dw_w": (ffn_dw_w, (2 * c, 1, 3, 3)), "ffn_out_w": (ffn_out_w, (c, c)),
+                      "norm2_w": (norm2_w, (c,)), "norm2_b": (norm2_b, (c,))})
+    return _ffn_tail(u, x1, ffn_dw_w, ffn_out_w, norm2_w, norm2_b)

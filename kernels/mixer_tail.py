@@ -1,16 +1,11 @@
-"""The mixer's tail, the first norm and the FFN's input projection, fused per pixel tile: one
-launch (spec §2, §3.8).
-
-From z = dw3x3(attn) (:mod:`.depthwise`), the attention output ``attn``, the block input x and
-the channel attention ca:
+"""The mixer's tail, LN1 and the FFN's input projection in one launch (spec §2, §3.8):
 
     y  = dilated3x3(z) + b            (mixer.conv_sptial.1: dilation 2, zero padding 2)
     m  = gelu(y)·ca + attn
     x1 = LN1(m·Woutᵀ + bout + x)      (mixer.project_out, the residual, norm1)
     u  = x1·Winᵀ                      (ffn.project_in, C -> 2C, no bias)
 
-x1 and u are written (NHWC): the FFN's depthwise convolution needs u's halo, so it runs in the
-next pass (:mod:`.ffn`). Tile sizes and their speed are not yet measured on a GPU.
+from z = dw3x3(attn) (:mod:`.depthwise`); x1 and u feed :mod:`.ffn` (its dw3x3 needs u's halo).
 """
 
 from __future__ import annotations
@@ -23,34 +18,34 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from camixer_fast.backends.ops import kernel_op
-from camixer_fast.kernels._tiles import dot_precision
-
-from camixer_fast.kernels.tile_math import (
+from camixer_fast.kernels.helpers import (
     MAP_DTYPES,
     channel_block,
+    check_shapes,
     depthwise3x3,
     dot_dtype,
+    dot_precision,
     gelu,
+    kernel_op,
     layer_norm,
     load_transposed,
     pixel_tile,
-    tile_config,
+    pixel_tile_config,
 )
 
 
 @triton.jit
-def _mixer_tail_kernel(z_ptr, a_ptr, x_ptr, ca_ptr, dil_w_ptr, dil_b_ptr, wo_ptr, bo_ptr,
-                       n1w_ptr, n1b_ptr, wi_ptr, x1_ptr, u_ptr, H, W, C, a_sb, a_sy, a_sx,
-                       a_sc, BP: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                       DOT: tl.constexpr, PRECISION: tl.constexpr):
+def mixer_tail_kernel(z_ptr, a_ptr, x_ptr, ca_ptr, dil_w_ptr, dil_b_ptr, wo_ptr, bo_ptr,
+                      n1w_ptr, n1b_ptr, wi_ptr, x1_ptr, u_ptr, H, W, C, a_sb, a_sy, a_sx,
+                      a_sc, BP: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                      DOT: tl.constexpr, PRECISION: tl.constexpr):
     dt = x_ptr.dtype.element_ty
     i_b = tl.program_id(1)
     o_p, py, px, m_p = pixel_tile(tl.program_id(0), i_b, H * W, W, BP)
     o_c = tl.arange(0, BC)
     m_c = o_c < C
     m_pc = m_p[:, None] & m_c[None, :]
-    p_pc = o_p[:, None] * C + o_c[None, :]                             # NHWC element offsets
+    p_pc = o_p[:, None] * C + o_c[None, :]
 
     p_z = i_b.to(tl.int64) * H * W * C
     p_a = a_ptr + i_b.to(tl.int64) * a_sb + (py * a_sy + px * a_sx)[:, None]
@@ -71,8 +66,8 @@ def _mixer_tail_kernel(z_ptr, a_ptr, x_ptr, ca_ptr, dil_w_ptr, dil_b_ptr, wo_ptr
     tl.store(x1_ptr + p_pc, b_x1, mask=m_pc)
 
     p_u = u_ptr + o_p[:, None] * (2 * C)
-    for half in tl.static_range(2):                                    # u = [u_a | u_b]
-        for n0 in range(0, BC, BK):                                    # output channel steps
+    for half in tl.static_range(2):
+        for n0 in range(0, BC, BK):
             o_n = n0 + tl.arange(0, BK)
             b_u = tl.dot(b_x1.to(DOT), load_transposed(wi_ptr, half * C, C, C, o_c, o_n, DOT),
                          input_precision=PRECISION)
@@ -81,48 +76,22 @@ def _mixer_tail_kernel(z_ptr, a_ptr, x_ptr, ca_ptr, dil_w_ptr, dil_b_ptr, wo_ptr
 
 
 class MixerTail(NamedTuple):
-    x1: Tensor   # (B, H, W, C) LN1(mixer(x) + x), the FFN's input and residual
-    u: Tensor    # (B, H, W, 2C) ffn.project_in(x1)
-
-
-def mixer_tail(z: Tensor, attn: Tensor, x: Tensor, ca: Tensor, dil_w: Tensor, dil_b: Tensor,
-               out_w: Tensor, out_b: Tensor, norm1_w: Tensor, norm1_b: Tensor,
-               ffn_in_w: Tensor) -> MixerTail:
-    """One launch; see the module docstring.
-
-    z: (B, H, W, C) NHWC, dw3x3(attn) + bias; attn: (B, H, W, C), any strides; x: (B, H, W, C)
-    the block input; ca: (B, C) fp32. dil_w (C, 1, 3, 3), dil_b (C,); out_w (C, C), out_b (C,);
-    norm1_w, norm1_b (C,); ffn_in_w (2C, C). Maps and weights in one dtype.
-    """
-    if x.dim() != 4 or x.dtype not in MAP_DTYPES:
-        raise ValueError(f"x: expected a (B, H, W, C) float map, got {tuple(x.shape)} {x.dtype}")
-    b, height, width, c = x.shape
-    for name, t, shape in (("z", z, x.shape), ("attn", attn, x.shape), ("ca", ca, (b, c)),
-                           ("dil_w", dil_w, (c, 1, 3, 3)), ("dil_b", dil_b, (c,)),
-                           ("out_w", out_w, (c, c)), ("out_b", out_b, (c,)),
-                           ("norm1_w", norm1_w, (c,)), ("norm1_b", norm1_b, (c,)),
-                           ("ffn_in_w", ffn_in_w, (2 * c, c))):
-        if tuple(t.shape) != tuple(shape):
-            raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
-    return MixerTail(*_mixer_tail(z, attn, x, ca, dil_w, dil_b, out_w, out_b, norm1_w,
-                                  norm1_b, ffn_in_w))
+    x1: Tensor   # (B, H, W, C)
+    u: Tensor    # (B, H, W, 2C)
 
 
 def _launch(z: Tensor, attn: Tensor, x: Tensor, ca: Tensor, dil_w: Tensor, dil_b: Tensor,
             out_w: Tensor, out_b: Tensor, norm1_w: Tensor, norm1_b: Tensor,
             ffn_in_w: Tensor) -> tuple[Tensor, Tensor]:
-    """Launch the kernel on checked inputs (:func:`mixer_tail`): (x1, u)."""
     b, height, width, c = x.shape
     x, z, ca = x.contiguous(), z.contiguous(), ca.float().contiguous()
     x1 = torch.empty_like(x)
     u = torch.empty(b, height, width, 2 * c, dtype=x.dtype, device=x.device)
-    cfg = tile_config(height * width, c)
-    wrap_triton(_mixer_tail_kernel)[(triton.cdiv(height * width, cfg.bp), b)](
+    cfg = pixel_tile_config(height * width, c)
+    wrap_triton(mixer_tail_kernel)[(triton.cdiv(height * width, cfg.bm), b)](
         z, attn, x, ca, dil_w.contiguous(), dil_b, out_w.contiguous(), out_b, norm1_w, norm1_b,
-        ffn_in_w.contiguous(), x1, u, height, width, c, *attn.stride(), BP=cfg.bp,
-        BC=channel_block(c), BK=cfg.bk, DOT=dot_dtype(x.dtype),
+        ffn_in_w.contiguous(), x1, u, height, width, c, *attn.stride(), BP=cfg.bm,
+        BC=channel_block(c), BK=cfg.bn, DOT=dot_dtype(x.dtype),
         PRECISION=dot_precision(x.dtype), num_warps=cfg.num_warps)
     return x1, u
 
@@ -135,3 +104,20 @@ def _fake(z: Tensor, attn: Tensor, x: Tensor, ca: Tensor, dil_w: Tensor, dil_b: 
 
 
 _mixer_tail = kernel_op("triton_mixer_tail", _launch, _fake)
+
+
+def mixer_tail(z: Tensor, attn: Tensor, x: Tensor, ca: Tensor, dil_w: Tensor, dil_b: Tensor,
+               out_w: Tensor, out_b: Tensor, norm1_w: Tensor, norm1_b: Tensor,
+               ffn_in_w: Tensor) -> MixerTail:
+    """The module docstring's formulas: z, x (B, H, W, C) NHWC, attn (B, H, W, C) any strides,
+    ca (B, C) fp32, weights as in :class:`~camixer_fast.reference.model.BlockWeights`, one dtype
+    -> :class:`MixerTail`. ValueError for other shapes or devices."""
+    if x.dim() != 4 or x.dtype not in MAP_DTYPES:
+        raise ValueError(f"x: expected a (B, H, W, C) float map, got {tuple(x.shape)} {x.dtype}")
+    b, height, width, c = x.shape
+    check_shapes(x, {"z": (z, x.shape), "attn": (attn, x.shape), "ca": (ca, (b, c)),
+                     "dil_w": (dil_w, (c, 1, 3, 3)), "dil_b": (dil_b, (c,)),
+                     "out_w": (out_w, (c, c)), "out_b": (out_b, (c,)), "norm1_w": (norm1_w, (c,)),
+                     "norm1_b": (norm1_b, (c,)), "ffn_in_w": (ffn_in_w, (2 * c, c))})
+    return MixerTail(*_mixer_tail(z, attn, x, ca, dil_w, dil_b, out_w, out_b, norm1_w,
+                                  norm1_b, ffn_in_w))

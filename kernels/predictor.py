@@ -1,20 +1,5 @@
-"""The block's content-aware predictor at inference (spec §3.4), fused: two launches.
-
-1. Per pixel tile (``_predictor_kernel``), from x (B, H, W, C) and the conditions
-   [Cg, Cw] (B, H, W, 4), everything in registers from one read of x:
-   v = x·Wvᵀ + bv (``project_v``); h = LeakyReLU(LN(v·Wr_vᵀ + [Cg, Cw]·Wr_cᵀ + br))
-   (``route.in_conv``, the official concatenation never built); offsets = 8·tanh(
-   LeakyReLU(h·W1ᵀ + b1)·W2ᵀ + b2) (``route.out_offsets``); the channel mean of h per pixel
-   (the window scores' input); and the tile's sum of h over its pixels, a deterministic
-   partial sum for the channel attention (no atomics: bit-identical run to run).
-2. ``_predictor_heads_kernel``: sa = sigmoid(conv3x3(h) + b) per pixel (``route.out_SA``,
-   zero padding: it needs h's one-pixel halo, hence a second pass), and, in one extra program
-   per image, ca = sigmoid(Wca·mean(h) + bca) (``route.out_CA``) from the partial sums, in a
-   fixed order.
-
-Maps are NHWC. Tile sizes and their speed are not yet measured on a GPU (no GPU was available
-where this was written).
-"""
+"""The block's predictor at inference (spec §3.4), NHWC: v, h, offsets, h's channel mean and
+per-tile sums per pixel tile; then sa (h's halo) and ca from those sums (no atomics)."""
 
 from __future__ import annotations
 
@@ -26,29 +11,29 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from camixer_fast.backends.ops import kernel_op
-from camixer_fast.kernels._tiles import dot_precision
-
-from camixer_fast.kernels.tile_math import (
+from camixer_fast.kernels.helpers import (
     MAP_DTYPES,
     channel_block,
+    check_shapes,
     dot_dtype,
+    dot_precision,
+    kernel_op,
     layer_norm,
     leaky_relu,
     load_transposed,
     pixel_tile,
+    pixel_tile_config,
     tanh,
-    tile_config,
 )
 
 
 @triton.jit
-def _predictor_kernel(x_ptr, cond_ptr, wv_ptr, bv_ptr, wr_ptr, br_ptr, nw_ptr, nb_ptr, w1_ptr,
-                      b1_ptr, w2_ptr, b2_ptr, v_ptr, h_ptr, mean_ptr, off_ptr, part_ptr,
-                      H, W, C, C4, C8, T, v_sb, v_sy, v_sx, v_sc, o_sb, o_sy, o_sx, o_sc,
-                      BP: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                      BC4: tl.constexpr, BC8: tl.constexpr, DOT: tl.constexpr,
-                      PRECISION: tl.constexpr):
+def predictor_kernel(x_ptr, cond_ptr, wv_ptr, bv_ptr, wr_ptr, br_ptr, nw_ptr, nb_ptr, w1_ptr,
+                     b1_ptr, w2_ptr, b2_ptr, v_ptr, h_ptr, mean_ptr, off_ptr, part_ptr,
+                     H, W, C, C4, C8, T, v_sb, v_sy, v_sx, v_sc, o_sb, o_sy, o_sx, o_sc,
+                     BP: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                     BC4: tl.constexpr, BC8: tl.constexpr, DOT: tl.constexpr,
+                     PRECISION: tl.constexpr):
     i_t, i_b = tl.program_id(0), tl.program_id(1)
     dt = x_ptr.dtype.element_ty
     pix, py, px, m_p = pixel_tile(i_t, i_b, H * W, W, BP)
@@ -63,17 +48,16 @@ def _predictor_kernel(x_ptr, cond_ptr, wv_ptr, bv_ptr, wr_ptr, br_ptr, nw_ptr, n
     p_v = v_ptr + i_b.to(tl.int64) * v_sb + (py * v_sy + px * v_sx)[:, None]
     b_h = tl.zeros([BP, BC4], dtype=tl.float32)
     for n0 in range(0, BC, BK):
-        # v's channels n0 ... n0 + BK (stored), then their share of in_conv, whose first C
-        # columns act on v (the last 4 on the conditions, below)
+        # v's channels n0 ... n0 + BK, then their share of in_conv (its first C columns)
         o_n = n0 + tl.arange(0, BK)
         m_n = o_n < C
         b_v = tl.dot(b_x, load_transposed(wv_ptr, 0, C, C, o_c, o_n, DOT),
                      input_precision=PRECISION)
         b_v += tl.load(bv_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
-        b_v = b_v.to(dt)                                               # [BP, BK] as stored
+        b_v = b_v.to(dt)
         tl.store(p_v + o_n[None, :] * v_sc, b_v, mask=m_p[:, None] & m_n[None, :])
         b_wr = tl.load(wr_ptr + o_k[None, :] * (C + 4) + o_n[:, None],
-                       mask=m_n[:, None] & m_k[None, :], other=0.0).to(DOT)  # [BK, BC4]
+                       mask=m_n[:, None] & m_k[None, :], other=0.0).to(DOT)
         b_h += tl.dot(b_v.to(DOT), b_wr, input_precision=PRECISION)   # [BP, BC4]
     for j in tl.static_range(4):
         b_cond = tl.load(cond_ptr + pix * 4 + j, mask=m_p, other=0.0).to(tl.float32)
@@ -89,7 +73,7 @@ def _predictor_kernel(x_ptr, cond_ptr, wv_ptr, bv_ptr, wr_ptr, br_ptr, nw_ptr, n
     tl.store(part_ptr + (i_b.to(tl.int64) * T + i_t) * C4 + o_k, tl.sum(b_hf, axis=0), mask=m_k)
 
     b_o = tl.dot(b_h.to(DOT), load_transposed(w1_ptr, 0, C8, C4, o_k, o_j, DOT),
-                 input_precision=PRECISION)                            # [BP, BC8]
+                 input_precision=PRECISION)
     b_o = leaky_relu(b_o + tl.load(b1_ptr + o_j, mask=o_j < C8, other=0.0).to(tl.float32)[None, :])
     p_o = off_ptr + i_b.to(tl.int64) * o_sb + py * o_sy + px * o_sx
     for j in tl.static_range(2):                                       # 0: along x, 1: along y
@@ -99,9 +83,9 @@ def _predictor_kernel(x_ptr, cond_ptr, wv_ptr, bv_ptr, wr_ptr, br_ptr, nw_ptr, n
 
 
 @triton.jit
-def _predictor_heads_kernel(h_ptr, part_ptr, saw_ptr, sab_ptr, caw_ptr, cab_ptr, sa_ptr, ca_ptr,
-                            H, W, C, C4, T, BP: tl.constexpr, BC: tl.constexpr,
-                            BC4: tl.constexpr, BT: tl.constexpr):
+def predictor_heads_kernel(h_ptr, part_ptr, saw_ptr, sab_ptr, caw_ptr, cab_ptr, sa_ptr, ca_ptr,
+                           H, W, C, C4, T, BP: tl.constexpr, BC: tl.constexpr,
+                           BC4: tl.constexpr, BT: tl.constexpr):
     i_t, i_b = tl.program_id(0), tl.program_id(1)
     o_k = tl.arange(0, BC4)
     m_k = o_k < C4
@@ -110,7 +94,7 @@ def _predictor_heads_kernel(h_ptr, part_ptr, saw_ptr, sab_ptr, caw_ptr, cab_ptr,
         pix, py, px, m_p = pixel_tile(i_t, i_b, H * W, W, BP)
         p_img = h_ptr + i_b.to(tl.int64) * H * W * C4
         b_acc = tl.zeros([BP], dtype=tl.float32)
-        for t in range(9):                                             # the taps
+        for t in range(9):
             qy, qx = py + (t // 3 - 1), px + (t % 3 - 1)
             m_q = m_p & (qy >= 0) & (qy < H) & (qx >= 0) & (qx < W)
             b_h = tl.load(p_img + (qy * W + qx)[:, None] * C4 + o_k[None, :],
@@ -131,15 +115,13 @@ def _predictor_heads_kernel(h_ptr, part_ptr, saw_ptr, sab_ptr, caw_ptr, cab_ptr,
         o_c = tl.arange(0, BC)
         m_c = o_c < C
         b_wca = tl.load(caw_ptr + o_c[:, None] * C4 + o_k[None, :],
-                        mask=m_c[:, None] & m_k[None, :], other=0.0).to(tl.float32)  # [BC, BC4]
+                        mask=m_c[:, None] & m_k[None, :], other=0.0).to(tl.float32)
         b_ca = tl.sum(b_wca * b_mean[None, :], axis=1)
         b_ca += tl.load(cab_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
         tl.store(ca_ptr + i_b.to(tl.int64) * C + o_c, tl.sigmoid(b_ca), mask=m_c)
 
 
 class PredictorMaps(NamedTuple):
-    """What the predictor gives the rest of the block (B images, H×W pixels, C channels)."""
-
     v: Tensor        # (B, H, W, C) project_v(x), x's dtype
     hidden: Tensor   # (B, H, W, c4) route.in_conv output, x's dtype
     mean: Tensor     # (B, 1, H, W) fp32: the channel mean of hidden, the window scores' input
@@ -148,67 +130,21 @@ class PredictorMaps(NamedTuple):
     ca: Tensor       # (B, C) fp32 channel attention
 
 
-PART_BLOCK = 64
-"""Partial sums reduced per step by the channel-attention program."""
-
-
-def _check_weight(name: str, t: Tensor, shape: tuple[int, ...], like: Tensor) -> None:
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
-    if t.device != like.device or t.dtype != like.dtype:
-        raise ValueError(f"{name} is {t.dtype} on {t.device}; the maps are {like.dtype} on "
-                         f"{like.device}")
-
-
-def predictor(x: Tensor, condition: Tensor, v_w: Tensor, v_b: Tensor, route_w: Tensor,
-              route_b: Tensor, route_norm_w: Tensor, route_norm_b: Tensor, off1_w: Tensor,
-              off1_b: Tensor, off2_w: Tensor, off2_b: Tensor, ca_w: Tensor, ca_b: Tensor,
-              sa_w: Tensor, sa_b: Tensor) -> PredictorMaps:
-    """The predictor of one block at inference, two launches (see the module docstring).
-
-    x: (B, H, W, C) NHWC, fp32 / fp16 / bf16; condition: (B, H, W, 4) [Cg, Cw], x's dtype.
-    The weights by role (:class:`~camixer_fast.reference.model.BlockWeights`, x's dtype):
-    v_w (C, C), v_b (C,); route_w (c4, C + 4), route_b, route_norm_w, route_norm_b (c4,);
-    off1_w (c8, c4), off1_b (c8,); off2_w (2, c8), off2_b (2,); ca_w (C, c4), ca_b (C,);
-    sa_w (1, c4, 3, 3), sa_b (1,).
-    """
-    if x.dim() != 4:
-        raise ValueError(f"x: expected (B, H, W, C), got {tuple(x.shape)}")
-    if x.dtype not in MAP_DTYPES:
-        raise ValueError(f"x: dtype {x.dtype} not supported ({', '.join(map(str, MAP_DTYPES))})")
-    b, height, width, c = x.shape
-    c4, c8 = route_w.shape[0], off1_w.shape[0]
-    if tuple(condition.shape) != (b, height, width, 4):
-        raise ValueError(f"condition: expected {(b, height, width, 4)}, got "
-                         f"{tuple(condition.shape)}")
-    for name, t, shape in (("condition", condition, (b, height, width, 4)),
-                           ("v_w", v_w, (c, c)), ("v_b", v_b, (c,)),
-                           ("route_w", route_w, (c4, c + 4)), ("route_b", route_b, (c4,)),
-                           ("route_norm_w", route_norm_w, (c4,)),
-                           ("route_norm_b", route_norm_b, (c4,)),
-                           ("off1_w", off1_w, (c8, c4)), ("off1_b", off1_b, (c8,)),
-                           ("off2_w", off2_w, (2, c8)), ("off2_b", off2_b, (2,)),
-                           ("ca_w", ca_w, (c, c4)), ("ca_b", ca_b, (c,)),
-                           ("sa_w", sa_w, (1, c4, 3, 3)), ("sa_b", sa_b, (1,))):
-        _check_weight(name, t, shape, x)
-    return PredictorMaps(*_predictor(x, condition, v_w, v_b, route_w, route_b, route_norm_w,
-                                     route_norm_b, off1_w, off1_b, off2_w, off2_b, ca_w, ca_b,
-                                     sa_w, sa_b))
+PART_BLOCK = 64     # partial sums reduced per step by the channel-attention program
 
 
 def _launch(x: Tensor, condition: Tensor, v_w: Tensor, v_b: Tensor, route_w: Tensor,
             route_b: Tensor, route_norm_w: Tensor, route_norm_b: Tensor, off1_w: Tensor,
             off1_b: Tensor, off2_w: Tensor, off2_b: Tensor, ca_w: Tensor, ca_b: Tensor,
             sa_w: Tensor, sa_b: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Launch the two kernels on checked inputs (:func:`predictor`); the maps as a tuple."""
     b, height, width, c = x.shape
     c4, c8 = route_w.shape[0], off1_w.shape[0]
     x, condition = x.contiguous(), condition.contiguous()
     v_w, route_w, off1_w, off2_w, ca_w, sa_w = (
         t.contiguous() for t in (v_w, route_w, off1_w, off2_w, ca_w, sa_w))
     pixels = height * width
-    cfg = tile_config(pixels, c)
-    bp = cfg.bp
+    cfg = pixel_tile_config(pixels, c)
+    bp = cfg.bm
     tiles = triton.cdiv(pixels, bp)
     dev = x.device
     v = torch.empty(b, height, width, c, dtype=x.dtype, device=dev)
@@ -219,13 +155,13 @@ def _launch(x: Tensor, condition: Tensor, v_w: Tensor, v_b: Tensor, route_w: Ten
     sa = torch.empty(b, 1, height, width, dtype=x.dtype, device=dev)
     ca = torch.empty(b, c, dtype=torch.float32, device=dev)
     bc, bc4 = channel_block(c), channel_block(c4)
-    wrap_triton(_predictor_kernel)[(tiles, b)](
+    wrap_triton(predictor_kernel)[(tiles, b)](
         x, condition, v_w, v_b, route_w, route_b, route_norm_w, route_norm_b, off1_w, off1_b,
         off2_w, off2_b, v, hidden, mean, offsets, part, height, width, c, c4, c8, tiles,
-        *v.stride(), *offsets.stride(), BP=bp, BC=bc, BK=cfg.bk, BC4=bc4,
+        *v.stride(), *offsets.stride(), BP=bp, BC=bc, BK=cfg.bn, BC4=bc4,
         BC8=channel_block(c8), DOT=dot_dtype(x.dtype),
         PRECISION=dot_precision(x.dtype), num_warps=cfg.num_warps)
-    wrap_triton(_predictor_heads_kernel)[(tiles + 1, b)](
+    wrap_triton(predictor_heads_kernel)[(tiles + 1, b)](
         hidden, part, sa_w, sa_b, ca_w, ca_b, sa, ca, height, width, c, c4, tiles, BP=bp,
         BC=bc, BC4=bc4, BT=PART_BLOCK, num_warps=cfg.num_warps)
     return v, hidden, mean, offsets, sa, ca
@@ -243,3 +179,29 @@ def _fake(x: Tensor, condition: Tensor, v_w: Tensor, v_b: Tensor, route_w: Tenso
 
 
 _predictor = kernel_op("triton_predictor", _launch, _fake)
+
+
+def predictor(x: Tensor, condition: Tensor, v_w: Tensor, v_b: Tensor, route_w: Tensor,
+              route_b: Tensor, route_norm_w: Tensor, route_norm_b: Tensor, off1_w: Tensor,
+              off1_b: Tensor, off2_w: Tensor, off2_b: Tensor, ca_w: Tensor, ca_b: Tensor,
+              sa_w: Tensor, sa_b: Tensor) -> PredictorMaps:
+    """x (B, H, W, C) NHWC fp32 / fp16 / bf16, condition [Cg, Cw] (B, H, W, 4), and the weights
+    as in :class:`~camixer_fast.reference.model.BlockWeights`, all x's dtype ->
+    :class:`PredictorMaps`. ValueError for other shapes, dtypes or devices."""
+    if x.dim() != 4:
+        raise ValueError(f"x: expected (B, H, W, C), got {tuple(x.shape)}")
+    if x.dtype not in MAP_DTYPES:
+        raise ValueError(f"x: dtype {x.dtype} not supported ({', '.join(map(str, MAP_DTYPES))})")
+    b, height, width, c = x.shape
+    c4, c8 = route_w.shape[0], off1_w.shape[0]
+    check_shapes(x, {"condition": (condition, (b, height, width, 4)),
+                     "v_w": (v_w, (c, c)), "v_b": (v_b, (c,)),
+                     "route_w": (route_w, (c4, c + 4)), "route_b": (route_b, (c4,)),
+                     "route_norm_w": (route_norm_w, (c4,)), "route_norm_b": (route_norm_b, (c4,)),
+                     "off1_w": (off1_w, (c8, c4)), "off1_b": (off1_b, (c8,)),
+                     "off2_w": (off2_w, (2, c8)), "off2_b": (off2_b, (2,)),
+                     "ca_w": (ca_w, (c, c4)), "ca_b": (ca_b, (c,)),
+                     "sa_w": (sa_w, (1, c4, 3, 3)), "sa_b": (sa_b, (1,))}, dtype=True)
+    return PredictorMaps(*_predictor(x, condition, v_w, v_b, route_w, route_b, route_norm_w,
+                                     route_norm_b, off1_w, off1_b, off2_w, off2_b, ca_w, ca_b,
+                                     sa_w, sa_b))

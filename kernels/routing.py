@@ -1,11 +1,5 @@
-"""Fused window routing: predictor hidden map -> window scores -> per-image K -> window order.
-
-Twin of :func:`camixer_fast.reference.routing.route_windows`. Two launches, the least the data
-dependency allows (the ranking needs every window's score): one program per (window, image)
-scores its window (channel mean, ``out_mask`` MLP, softmax); then one program per (block of
-windows, image) counts, for each of its windows, how many windows of the image rank before it --
-a comparison count, no sort and no host synchronisation -- and writes the window at that rank.
-Ties go to the lower window index. The program holding the first block also writes K.
+"""Fused window routing in two launches (the ranking needs every score): scores, then K and the
+order as a comparison count per window (no sort, no host sync; ties to the lower index).
 """
 
 from __future__ import annotations
@@ -16,7 +10,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from camixer_fast.backends.ops import gumbel_noise, kernel_op, window_order
+from camixer_fast.backends.ops import gumbel_noise, window_order
+from camixer_fast.kernels.helpers import check_shapes, kernel_op
 from camixer_fast.reference.routing import (
     WindowRouting,
     check_gamma,
@@ -26,10 +21,10 @@ from camixer_fast.reference.routing import (
 
 
 @triton.jit
-def _window_scores_kernel(h_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, pred_ptr, C4, H, W, COLS, N,
-                          HID, WS: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr):
+def window_scores_kernel(h_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, pred_ptr, C4, H, W, COLS, N,
+                         HID, WS: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr):
     i_w, i_b = tl.program_id(0), tl.program_id(1)
-    o_t = tl.arange(0, WS * WS)                                        # tokens of the window
+    o_t = tl.arange(0, WS * WS)
     pix = ((i_w // COLS) * WS + o_t // WS) * W + (i_w % COLS) * WS + o_t % WS
     o_c = tl.arange(0, BC)
     m_c = o_c < C4
@@ -39,10 +34,10 @@ def _window_scores_kernel(h_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, pred_ptr, C4, H
     o_j = tl.arange(0, BH)
     m_j = o_j < HID
     b_w1 = tl.load(w1_ptr + o_j[:, None] * (WS * WS) + o_t[None, :], mask=m_j[:, None],
-                   other=0.0).to(tl.float32)                           # [BH, T]
+                   other=0.0).to(tl.float32)
     b_hid = tl.sum(b_w1 * b_m[None, :], axis=1)
     b_hid += tl.load(b1_ptr + o_j, mask=m_j, other=0.0).to(tl.float32)
-    b_hid = tl.where(b_hid >= 0, b_hid, 0.1 * b_hid)                   # [BH] LeakyReLU(0.1)
+    b_hid = tl.where(b_hid >= 0, b_hid, 0.1 * b_hid)
     l0 = tl.sum(tl.load(w2_ptr + o_j, mask=m_j, other=0.0).to(tl.float32) * b_hid)
     l1 = tl.sum(tl.load(w2_ptr + HID + o_j, mask=m_j, other=0.0).to(tl.float32) * b_hid)
     l0 += tl.load(b2_ptr).to(tl.float32)
@@ -55,14 +50,14 @@ def _window_scores_kernel(h_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, pred_ptr, C4, H
 
 
 @triton.jit
-def _select_kernel(pred_ptr, noise_ptr, num_hard_ptr, order_ptr, N, gamma,
-                   HAS_NOISE: tl.constexpr, ALL_HARD: tl.constexpr, BI: tl.constexpr,
-                   BJ: tl.constexpr):
+def select_kernel(pred_ptr, noise_ptr, num_hard_ptr, order_ptr, N, gamma,
+                  HAS_NOISE: tl.constexpr, ALL_HARD: tl.constexpr, BI: tl.constexpr,
+                  BJ: tl.constexpr):
     i_blk, i_b = tl.program_id(0), tl.program_id(1)
     base = i_b.to(tl.int64) * N
     o_i = i_blk * BI + tl.arange(0, BI)
     m_i = o_i < N
-    b_si = tl.load(pred_ptr + (base + o_i) * 2, mask=m_i, other=0.0)  # [BI] hard scores
+    b_si = tl.load(pred_ptr + (base + o_i) * 2, mask=m_i, other=0.0)
     b_rank = tl.zeros([BI], dtype=tl.int32)
     b_r = tl.zeros([BJ], dtype=tl.float32)
     for j0 in range(0, N, BJ):
@@ -72,7 +67,7 @@ def _select_kernel(pred_ptr, noise_ptr, num_hard_ptr, order_ptr, N, gamma,
         b_s1 = tl.load(pred_ptr + (base + o_j) * 2 + 1, mask=m_j, other=0.0)
         before = (b_s0[None, :] > b_si[:, None]) | (
             (b_s0[None, :] == b_si[:, None]) & (o_j[None, :] < o_i[:, None]))
-        b_rank += tl.sum((before & m_j[None, :]).to(tl.int32), axis=1)    # [BI]
+        b_rank += tl.sum((before & m_j[None, :]).to(tl.int32), axis=1)
         if HAS_NOISE:
             b_g0 = tl.load(noise_ptr + (base + o_j) * 2, mask=m_j, other=0.0)
             b_g1 = tl.load(noise_ptr + (base + o_j) * 2 + 1, mask=m_j, other=0.0)
@@ -91,27 +86,18 @@ def _select_kernel(pred_ptr, noise_ptr, num_hard_ptr, order_ptr, N, gamma,
         tl.store(num_hard_ptr + i_b, k)
 
 
-SELECT_BLOCK = 64
-"""Windows ranked per program, and compared per step, by the selection kernel."""
-
-
-def _check(name: str, t: Tensor, shape: tuple, device: torch.device) -> None:
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, expected {device}")
+SELECT_BLOCK = 64     # windows ranked per program and compared per step
 
 
 def score_windows(h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
                   window_size: int) -> Tensor:
-    """Launch the scoring kernel: h (B, c4, H, W) contiguous, ``out_mask`` weights -> window
-    scores pred (B, N, 2) fp32."""
+    """h (B, c4, H, W) contiguous, ``out_mask`` weights -> scores pred (B, N, 2) fp32."""
     b, c4, height, width = h.shape
     hidden = w1.shape[0]
     cols = width // window_size
     n = (height // window_size) * cols
     pred = torch.empty(b, n, 2, dtype=torch.float32, device=h.device)
-    wrap_triton(_window_scores_kernel)[(n, b)](h, w1, b1, w2, b2, pred, c4, height, width, cols,
+    wrap_triton(window_scores_kernel)[(n, b)](h, w1, b1, w2, b2, pred, c4, height, width, cols,
                                                n, hidden, WS=window_size,
                                                BC=triton.next_power_of_2(c4),
                                                BH=triton.next_power_of_2(hidden))
@@ -119,12 +105,11 @@ def score_windows(h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
 
 
 def select_windows(pred: Tensor, noise: Tensor | None, gamma: float) -> tuple[Tensor, Tensor]:
-    """Launch the selection kernel: pred (B, N, 2) fp32 and the Gumbel noise of a draw (or
-    None: expected routing) -> (num_hard (B,), order (B, N)), ties by lower index."""
+    """pred (B, N, 2) fp32, Gumbel noise or None -> (num_hard (B,), order (B, N))."""
     b, n, _ = pred.shape
     num_hard = torch.empty(b, dtype=torch.int64, device=pred.device)
     order = torch.empty(b, n, dtype=torch.int64, device=pred.device)
-    wrap_triton(_select_kernel)[(triton.cdiv(n, SELECT_BLOCK), b)](
+    wrap_triton(select_kernel)[(triton.cdiv(n, SELECT_BLOCK), b)](
         pred, pred if noise is None else noise, num_hard, order, n, gamma,
         HAS_NOISE=noise is not None, ALL_HARD=gamma == 1.0, BI=SELECT_BLOCK, BJ=SELECT_BLOCK)
     return num_hard, order
@@ -151,18 +136,9 @@ def route_windows(h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, gam
                   window_size: int, routing: str = "expected",
                   generator: torch.Generator | None = None,
                   tie_break: str = "index") -> WindowRouting:
-    """Fused twin of :func:`camixer_fast.reference.routing.route_windows`.
-
-    h: (B, c4, H, W) predictor hidden map, H and W multiples of ``window_size``;
-    w1 (hidden, ws²), b1 (hidden,), w2 (2, hidden), b2 (2,): ``out_mask``.
-    Returns :class:`WindowRouting` (pred (B, N, 2) fp32, num_hard (B,), order (B, N)).
-    ``tie_break="index"`` is computed in the kernel. ``"official"`` (the order of
-    ``torch.argsort(descending=True)`` on this device, what the official code does) takes K and
-    the scores from the kernels and the order from ``torch.argsort``: the only unfused step.
-    Compiled, the kernels are the operators ``camixer::triton_score_windows`` and
-    ``camixer::triton_select_windows``, and the Gumbel noise and the official order stay
-    eager operators (:mod:`camixer_fast.backends.ops`).
-    """
+    """Fused twin of :func:`camixer_fast.reference.routing.route_windows` (same shapes, pred
+    fp32); ``tie_break="official"`` takes the order from ``torch.argsort``, the only unfused
+    step. ValueError for bad input."""
     gamma = check_gamma(gamma)
     check_routing_mode(routing)
     check_tie_break(tie_break)
@@ -175,10 +151,8 @@ def route_windows(h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, gam
     if ws & (ws - 1):
         raise ValueError(f"window_size must be a power of two for the kernels, got {ws}")
     hidden = w1.shape[0]
-    _check("w1", w1, (hidden, ws * ws), h.device)
-    _check("b1", b1, (hidden,), h.device)
-    _check("w2", w2, (2, hidden), h.device)
-    _check("b2", b2, (2,), h.device)
+    check_shapes(h, {"w1": (w1, (hidden, ws * ws)), "b1": (b1, (hidden,)),
+                     "w2": (w2, (2, hidden)), "b2": (b2, (2,))})
     h, w1, b1, w2, b2 = (t.contiguous() for t in (h, w1, b1, w2, b2))
     pred = _score_windows(h, w1, b1, w2, b2, ws)
     noise = gumbel_noise(pred, generator) if routing == "gumbel" else None

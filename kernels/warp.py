@@ -1,10 +1,5 @@
-"""Fused deformable key: ``k_in = x + warp(x, offsets)`` (bilinear, border clamp, spec §3.6).
-
-Twin of :func:`camixer_fast.reference.warp.deformable_key`. At inference only the pixels of the
-hard windows are computed (programs per (rank, part of the window, image), idle past the
-image's K), since only they feed the attention; training runs the whole map forward and
-backward (gradients to x by atomic adds into the four taps, to the offsets per pixel). The
-forward reads and writes channels-first or channels-last (NHWC) memory in place.
+"""Fused deformable key ``x + warp(x, offsets)`` (spec §3.6): at inference only the hard
+windows' pixels (all the attention reads); in training the whole map, forward and backward.
 """
 
 from __future__ import annotations
@@ -15,20 +10,14 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from camixer_fast.backends.ops import kernel_op
-from camixer_fast.kernels.tile_math import pixel_strides
-
-from camixer_fast.kernels._autocast import autocast_entry
+from camixer_fast.kernels.helpers import autocast_entry, kernel_op, pixel_strides
 
 
 @triton.jit
 def _pixels(i_p, i_b, num_hard_ptr, order_ptr, H, W, COLS, N, HARD_ONLY: tl.constexpr,
             WS: tl.constexpr, BP: tl.constexpr):
-    """Row, column and mask [BP] of the pixels program ``i_p`` handles."""
     o_t = tl.arange(0, BP)
-    if HARD_ONLY:
-        # programs i_p = rank · (ws²/BP) + part: part ``part`` of the window of rank ``rank``,
-        # if that window is a hard one
+    if HARD_ONLY:                      # i_p = rank · (ws²/BP) + part of that window
         parts: tl.constexpr = WS * WS // BP
         rank, part = i_p // parts, i_p % parts
         win = tl.load(order_ptr + i_b.to(tl.int64) * N + rank)
@@ -47,9 +36,7 @@ def _pixels(i_p, i_b, num_hard_ptr, order_ptr, H, W, COLS, N, HARD_ONLY: tl.cons
 
 @triton.jit
 def _sample_coords(off_ptr, i_b, py, px, m_p, H, W, ACC: tl.constexpr, o_sb, o_sp, o_sc):
-    """Clamped sampling coordinates, taps and weights of [BP] pixels (align_corners=True).
-
-    Offset (image b, pixel p, channel c) at ``off_ptr + b·o_sb + p·o_sp + c·o_sc``."""
+    # offset (b, p, c) at off_ptr + b·o_sb + p·o_sp + c·o_sc; align_corners=True
     p_off = off_ptr + i_b.to(tl.int64) * o_sb + (py * W + px).to(tl.int64) * o_sp
     sx = px.to(ACC) + tl.load(p_off, mask=m_p, other=0.0).to(ACC)
     sy = py.to(ACC) + tl.load(p_off + o_sc, mask=m_p, other=0.0).to(ACC)
@@ -58,18 +45,16 @@ def _sample_coords(off_ptr, i_b, py, px, m_p, H, W, ACC: tl.constexpr, o_sb, o_s
     iy = tl.minimum(tl.maximum(sy, 0.0), tl.cast(H - 1, ACC))
     fx0, fy0 = tl.floor(ix), tl.floor(iy)
     x0, y0 = fx0.to(tl.int32), fy0.to(tl.int32)
-    # the far tap is clamped too: it only ever gets weight 0 there
     x1, y1 = tl.minimum(x0 + 1, W - 1), tl.minimum(y0 + 1, H - 1)
     return sx, sy, ix - fx0, iy - fy0, x0, y0, x1, y1
 
 
 @triton.jit
-def _deform_key_fwd_kernel(x_ptr, off_ptr, out_ptr, num_hard_ptr, order_ptr, C, H, W, COLS, N,
-                           s_b, s_p, s_c, o_sb, o_sp, o_sc, HARD_ONLY: tl.constexpr,
-                           WS: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr,
-                           ACC: tl.constexpr):
-    # x and out: element (b, c, pixel p = y·W + x) at b·s_b + p·s_p + c·s_c (channels-first
-    # or channels-last memory alike); the offsets likewise with o_sb, o_sp, o_sc
+def deform_key_fwd_kernel(x_ptr, off_ptr, out_ptr, num_hard_ptr, order_ptr, C, H, W, COLS, N,
+                          s_b, s_p, s_c, o_sb, o_sp, o_sc, HARD_ONLY: tl.constexpr,
+                          WS: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr,
+                          ACC: tl.constexpr):
+    # x and out: element (b, c, pixel p) at b·s_b + p·s_p + c·s_c; the offsets likewise
     i_p, i_b = tl.program_id(0), tl.program_id(1)
     py, px, m_p = _pixels(i_p, i_b, num_hard_ptr, order_ptr, H, W, COLS, N, HARD_ONLY, WS, BP)
     _, _, fx, fy, x0, y0, x1, y1 = _sample_coords(off_ptr, i_b, py, px, m_p, H, W, ACC, o_sb,
@@ -82,7 +67,7 @@ def _deform_key_fwd_kernel(x_ptr, off_ptr, out_ptr, num_hard_ptr, order_ptr, C, 
     o_10 = ((y1 * W + x0).to(tl.int64) * s_p)[None, :]
     o_11 = ((y1 * W + x1).to(tl.int64) * s_p)[None, :]
     o_pix = ((py * W + px).to(tl.int64) * s_p)[None, :]
-    for c0 in range(0, C, BC):                                         # channel chunks
+    for c0 in range(0, C, BC):
         o_c = c0 + tl.arange(0, BC)
         m = (o_c < C)[:, None] & m_p[None, :]                          # [BC, BP]
         plane = i_b.to(tl.int64) * s_b + o_c[:, None].to(tl.int64) * s_c
@@ -95,8 +80,8 @@ def _deform_key_fwd_kernel(x_ptr, off_ptr, out_ptr, num_hard_ptr, order_ptr, C, 
 
 
 @triton.jit
-def _deform_key_bwd_kernel(x_ptr, off_ptr, dout_ptr, dx_ptr, doff_ptr, C, H, W,
-                           BC: tl.constexpr, BP: tl.constexpr, ACC: tl.constexpr):
+def deform_key_bwd_kernel(x_ptr, off_ptr, dout_ptr, dx_ptr, doff_ptr, C, H, W,
+                          BC: tl.constexpr, BP: tl.constexpr, ACC: tl.constexpr):
     i_p, i_b = tl.program_id(0), tl.program_id(1)
     py, px, m_p = _pixels(i_p, i_b, i_b, i_b, H, W, 1, 1, False, 1, BP)
     sx, sy, fx, fy, x0, y0, x1, y1 = _sample_coords(off_ptr, i_b, py, px, m_p, H, W, ACC,
@@ -106,9 +91,9 @@ def _deform_key_bwd_kernel(x_ptr, off_ptr, dout_ptr, dx_ptr, doff_ptr, C, H, W,
     o_10, o_11 = (y1 * W + x0)[None, :], (y1 * W + x1)[None, :]
     b_dsx = tl.zeros([BP], dtype=ACC)
     b_dsy = tl.zeros([BP], dtype=ACC)
-    for c0 in range(0, C, BC):                                         # channel chunks
+    for c0 in range(0, C, BC):
         o_c = c0 + tl.arange(0, BC)
-        m = (o_c < C)[:, None] & m_p[None, :]                          # [BC, BP]
+        m = (o_c < C)[:, None] & m_p[None, :]
         plane = i_b.to(tl.int64) * C * H * W + o_c[:, None].to(tl.int64) * H * W
         b_g = tl.load(dout_ptr + plane + (py * W + px)[None, :], mask=m, other=0.0).to(ACC)
         b_00 = tl.load(x_ptr + plane + o_00, mask=m, other=0.0).to(ACC)
@@ -143,7 +128,6 @@ def _check_inputs(x: Tensor, offsets: Tensor) -> None:
 
 
 def _pixel_linear(t: Tensor) -> Tensor:
-    """``t`` itself if :func:`pixel_strides` reads it in place, else a contiguous copy."""
     return t if pixel_strides(t) is not None else t.contiguous()
 
 
@@ -151,25 +135,14 @@ def _acc(x: Tensor) -> tl.dtype:
     return tl.float64 if x.dtype == torch.float64 else tl.float32
 
 
-PIXEL_BLOCK = 64
-"""Pixels per program (a quarter of a 16×16 window)."""
-CHANNEL_BLOCK = 16
-"""Channels per inner step: registers stay bounded whatever C is."""
-
-
-BACKWARD_CHANNEL_BLOCK = 8
-"""Channels per inner step of the backward kernel. 16 (issue 9's H200 training run) sits at 255
-registers per thread and spills for some shapes in every dtype (Triton 3.6 and 3.9; fp64 up to
-400 B); 8 needs at most ~210 and spills nowhere (the JIT gate). Unproven on a GPU."""
+PIXEL_BLOCK = 64               # pixels per program: a quarter of a 16×16 window
+CHANNEL_BLOCK = 16             # channels per inner step: registers bounded whatever C is
+BACKWARD_CHANNEL_BLOCK = 8     # 16 spills in the backward (the JIT gate); unproven on a GPU
 
 
 def deformable_key_forward(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
                            order: Tensor | None = None, *, window_size: int = 16) -> Tensor:
-    """Launch the forward kernel: x (B, C, H, W), offsets (B, 2, H, W) -> k_in (B, C, H, W).
-
-    With ``num_hard`` (B,) and ``order`` (B, N) only the hard windows' pixels are written;
-    the rest of the result is left unset (never read by the attention).
-    """
+    """k_in (B, C, H, W); given ``num_hard`` and ``order`` only the hard windows' pixels."""
     _check_inputs(x, offsets)
     b, c, height, width = x.shape
     x, offsets = _pixel_linear(x), _pixel_linear(offsets)
@@ -193,8 +166,8 @@ def deformable_key_forward(x: Tensor, offsets: Tensor, num_hard: Tensor | None =
         grid = (triton.cdiv(height * width, block), b)
         n, cols, ws = 1, 1, 1
         num_hard = order = x
-    out = torch.empty_like(x)                                          # x's memory format
-    wrap_triton(_deform_key_fwd_kernel)[grid](x, offsets, out, num_hard, order, c, height,
+    out = torch.empty_like(x)
+    wrap_triton(deform_key_fwd_kernel)[grid](x, offsets, out, num_hard, order, c, height,
                                               width, cols, n, *pixel_strides(x),
                                               *pixel_strides(offsets), HARD_ONLY=hard_only,
                                               WS=ws, BC=CHANNEL_BLOCK, BP=block, ACC=_acc(x))
@@ -202,14 +175,14 @@ def deformable_key_forward(x: Tensor, offsets: Tensor, num_hard: Tensor | None =
 
 
 def deformable_key_backward(x: Tensor, offsets: Tensor, grad_out: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradients of ``x + warp(x, offsets)``: (dx (B, C, H, W), doffsets (B, 2, H, W))."""
+    """(dx (B, C, H, W), doffsets (B, 2, H, W))."""
     b, c, height, width = x.shape
     x, grad_out = x.contiguous(), grad_out.contiguous()
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     dx = torch.zeros(x.shape, dtype=acc_dtype, device=x.device)
     doff = torch.empty(offsets.shape, dtype=acc_dtype, device=x.device)
     grid = (triton.cdiv(height * width, PIXEL_BLOCK), b)
-    wrap_triton(_deform_key_bwd_kernel)[grid](x, offsets.contiguous(), grad_out, dx, doff, c,
+    wrap_triton(deform_key_bwd_kernel)[grid](x, offsets.contiguous(), grad_out, dx, doff, c,
                                               height, width, BC=BACKWARD_CHANNEL_BLOCK,
                                               BP=PIXEL_BLOCK, ACC=_acc(x))
     return (grad_out + dx).to(x.dtype), doff.to(offsets.dtype)
@@ -217,7 +190,7 @@ def deformable_key_backward(x: Tensor, offsets: Tensor, grad_out: Tensor) -> tup
 
 def _forward_fake(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
                   order: Tensor | None = None, *, window_size: int = 16) -> Tensor:
-    return torch.empty_like(_pixel_linear(x))                          # the launcher's layout
+    return torch.empty_like(_pixel_linear(x))
 
 
 def _backward_fake(x: Tensor, offsets: Tensor, grad_out: Tensor) -> tuple[Tensor, Tensor]:
@@ -230,7 +203,6 @@ _backward = kernel_op("triton_deformable_key_backward", deformable_key_backward,
 
 
 class DeformableKey(torch.autograd.Function):
-    """Autograd wrapper of the whole-map kernels (training)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, offsets: Tensor) -> Tensor:
@@ -246,14 +218,9 @@ class DeformableKey(torch.autograd.Function):
 @autocast_entry("widest")
 def deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor | None = None,
                    order: Tensor | None = None, *, window_size: int = 16) -> Tensor:
-    """Fused twin of :func:`camixer_fast.reference.warp.deformable_key`.
-
-    x (B, C, H, W), offsets (B, 2, H, W) in pixels -> x + warp(x, offsets), (B, C, H, W).
-    Given the routing (``num_hard`` (B,), ``order`` (B, N)) and no gradient to compute, only the
-    hard windows' pixels are computed; otherwise the whole map, differentiably.
-    Under ``torch.autocast`` both are cast to the wider of their dtypes (as ``grid_sample``
-    is) and the kernels run in it (:mod:`camixer_fast.kernels._autocast`).
-    """
+    """Fused twin of :func:`camixer_fast.reference.warp.deformable_key` (same shapes): given the
+    routing and no gradient, the hard windows' pixels only; else the whole map, differentiably.
+    Under autocast it runs in the wider input dtype. ValueError for mismatched inputs."""
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or offsets.requires_grad)
     if num_hard is not None and not needs_grad:
         return _forward(x, offsets, num_hard, order, window_size=window_size)

@@ -1,16 +1,5 @@
-"""The CAMixerSR network (spec §1–§4), module names equal to the official ones.
-
-Read against ``spec/camixersr.md``: :class:`CAMixerSR` is §1, :class:`Block` §2, :class:`CAMixer`
-§3 with its predictor :class:`Predictor` (§3.4), training mode §4.
-
-The network owns its layouts: the body works on NHWC maps (B, H, W, C), contiguous, so that
-every LayerNorm is one ``layer_norm`` over the last dimension, every 1×1 convolution one linear
-map over the contiguous channels, and the spatial convolutions run on channels-last memory
-(:func:`nchw` views). The hot operations -- routing, the deformable keys, the window attention
--- take (B, C, H, W) views of those maps (channels-last memory) and come from the backend
-(:class:`camixer_fast.backends.Ops`) through :class:`MixerSettings`; a backend may also declare
-a whole-block inference path, which gets the block's weights as :class:`BlockWeights`. Every
-backend runs this very network code.
+"""The CAMixerSR network (spec §1-§4), official module names, on contiguous NHWC maps; the hot
+operations come from the backend (:class:`camixer_fast.backends.Ops` in :class:`MixerSettings`).
 """
 
 from __future__ import annotations
@@ -36,9 +25,7 @@ from camixer_fast.reference.routing import (
 from camixer_fast.reference.windows import window_condition
 
 PROFILE_RANGES = ("camixer.predictor", "camixer.attention", "camixer.conv", "camixer.ffn")
-"""``torch.profiler`` ranges the network marks (paper Fig. 6): the predictor and routing, the
-token mixing (deformable keys and window attention), the mixer's convolutions, the FFN. The rest
-(head, norms, group tails, upsampler) is unmarked."""
+"""``torch.profiler`` ranges the network marks (paper Fig. 6); head, norms, tails are unmarked."""
 
 
 def span(name: str):
@@ -59,25 +46,21 @@ def nhwc(t: Tensor) -> Tensor:
 
 
 def pointwise(t: Tensor, conv: nn.Conv2d) -> Tensor:
-    """A 1×1 convolution as the linear map it is, on the last dimension:
-    (..., C_in) -> (..., C_out) (:func:`camixer_fast.reference.dense.linear`)."""
+    """A 1×1 convolution on the last dimension: (..., C_in) -> (..., C_out)."""
     return dense.linear(t, _matrix(conv), conv.bias)
 
 
 def _matrix(conv: nn.Conv2d) -> Tensor:
-    """A 1×1 convolution's weight as its (C_out, C_in) matrix (a view)."""
     return conv.weight.view(conv.weight.shape[0], conv.weight.shape[1])
 
 
 def spatial(t: Tensor, conv: nn.Module) -> Tensor:
-    """A spatial convolution (or a sequence of them) of an NHWC map, run on channels-last memory:
-    (B, H, W, C_in) -> (B, H, W, C_out)."""
+    """A spatial convolution of an NHWC map: (B, H, W, C_in) -> (B, H, W, C_out)."""
     return nhwc(conv(nchw(t)))
 
 
 class LayerNorm2d(nn.Module):
-    """LayerNorm over the channels of an NHWC map (..., C): per pixel, biased variance, eps 1e-6
-    (spec §2; the official module normalises the channels of an NCHW map, the same numbers)."""
+    """LayerNorm over the channels of an NHWC map (..., C), biased variance, eps 1e-6 (spec §2)."""
 
     def __init__(self, channels: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -102,13 +85,10 @@ class GatedFFN(nn.Module):
 
     def forward(self, x: Tensor, residual: Tensor | None = None, *,
                 ops: Ops | None = None) -> Tensor:
-        """x (B, H, W, C) -> (B, H, W, C); with ``residual`` (B, H, W, C), residual + ffn(x).
-
-        ``ops``: the backend's operations (default: the reference's linear maps)."""
+        """x (B, H, W, C) -> [residual +] ffn(x) (B, H, W, C), with the backend's ``ops``."""
         linear, depthwise = dense.linear if ops is None else ops.linear, dense.depthwise
         c = x.shape[-1]
-        # the two halves a, b of project_in and of the depthwise conv, each on its own: no
-        # (B, H, W, 2C) maps and no copy of the strided half a; the gate is b·gelu(a)
+        # the halves a, b each on their own (no (B, H, W, 2C) map); the gate is b·gelu(a)
         w_in, w_dw = _matrix(self.project_in), self.dwconv.weight
         a = depthwise(linear(x, w_in[:c]), w_dw[:c], gelu=True)
         gated = depthwise(linear(x, w_in[c:]), w_dw[c:], multiply=a)
@@ -123,23 +103,14 @@ class PredictorOutput(NamedTuple):
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-    """LayerNorm over the last dimension of (..., C), biased variance.
-
-    Half-precision maps are normalised in fp32, as ``F.layer_norm`` is under ``torch.autocast``:
-    in fp16 the variance's backward overflows (rsqrt of ~1e-6) and bf16 statistics keep 8 bits.
-    The result has x's dtype."""
+    """LayerNorm over the last dimension, half precision in fp32 (as autocast; fp16 overflows)."""
     if x.dtype in (torch.float16, torch.bfloat16):
         return F.layer_norm(x.float(), weight.shape, weight.float(), bias.float(), eps).to(x.dtype)
     return F.layer_norm(x, weight.shape, weight, bias, eps)
 
 
 class Predictor(nn.Module):
-    """``route``: the content-aware predictor (spec §3.4) up to, not including, window scoring.
-
-    ``out_mask`` is held here (its weights are part of the checkpoint) but applied by the
-    routing operation, which needs the window layout. Its maps (c4 = (C + 4) // 4 channels) are
-    NHWC like the rest of the block: the 1×1 convolutions are the backend's linear maps.
-    """
+    """``route`` (spec §3.4) up to window scoring; ``out_mask`` is applied by the routing op."""
 
     def __init__(self, channels: int, window_size: int) -> None:
         super().__init__()
@@ -156,33 +127,27 @@ class Predictor(nn.Module):
         self.out_SA = nn.Sequential(nn.Conv2d(c4, 1, 3, padding=1), nn.Sigmoid())
 
     def forward(self, v: Tensor, condition: Tensor, *, ops: Ops | None = None) -> PredictorOutput:
-        """v (B, H, W, C) and the conditions [Cg, Cw] (B, H, W, 4), NHWC.
-
-        ``in_conv`` of the official ``cat([v, Cg, Cw])`` is W_v·vᵀ + W_g·[Cg, Cw]ᵀ + bias: two
-        products, the second accumulating onto the first (no (C+4)-channel concatenation per
-        block). Its maps stay NHWC; ``hidden`` is returned as the channels-last (B, c4, H, W)
-        view. ``ops``: the backend's dense operations (default: the reference's).
-        """
+        """v (B, H, W, C), conditions [Cg, Cw] (B, H, W, 4) -> :class:`PredictorOutput`; in_conv
+        of the official ``cat([v, Cg, Cw])`` as two products (no concatenation)."""
         linear = dense.linear if ops is None else ops.linear
         b, height, width, c = v.shape
         conv, norm = self.in_conv[0], self.in_conv[1]
         weight = conv.weight.view(conv.out_channels, c + 4)
         h = linear(condition, weight[:, c:].contiguous(), conv.bias)
-        h = linear(v, weight[:, :c].contiguous(), residual=h)                   # [B, H, W, c4]
+        h = linear(v, weight[:, :c].contiguous(), residual=h)
         h = self.in_conv[2](layer_norm(h, norm.weight, norm.bias, norm.eps))
         first, second = self.out_offsets[0], self.out_offsets[2]
         off = self.out_offsets[1](linear(h, _matrix(first), first.bias))
         off = linear(off, _matrix(second), second.bias)
-        offsets = (torch.tanh(off) * 8.0).permute(0, 3, 1, 2).contiguous()     # [B, 2, H, W]
+        offsets = (torch.tanh(off) * 8.0).permute(0, 3, 1, 2).contiguous()
         ca = self.out_CA[2](F.linear(h.mean(dim=(1, 2)), _matrix(self.out_CA[1]),
-                                     self.out_CA[1].bias))                      # [B, C]
+                                     self.out_CA[1].bias))
         hidden = nchw(h)
-        sa = self.out_SA(hidden)                                                # [B, 1, H, W]
+        sa = self.out_SA(hidden)
         return PredictorOutput(hidden, offsets, ca, sa)
 
 
 class MixerSettings(NamedTuple):
-    """What the network passes to every block for one forward call."""
 
     gamma: float
     routing: str
@@ -207,23 +172,20 @@ class CAMixer(nn.Module):
         )
         self.project_out = nn.Conv2d(channels, channels, 1)
         self.route = Predictor(channels, window_size)
-        self.capture: dict | None = None
-        """Set to a dict to have the next forward store its intermediates there (debugging;
-        maps as (B, C, H, W))."""
+        self.capture: dict | None = None    # a dict: the next forward stores its maps there
         self._last: BlockRouting | None = None
 
     def forward(self, x: Tensor, condition: Tensor, settings: MixerSettings, *,
                 residual: Tensor | None = None) -> tuple[Tensor, BlockRouting]:
-        """x (B, H, W, C), condition [Cg, Cw] (B, H, W, 4) -> (mixer output (B, H, W, C),
-        the routing this block used); with ``residual`` (B, H, W, C), residual + the mixer
-        output (added in the output projection)."""
+        """x (B, H, W, C), condition [Cg, Cw] (B, H, W, 4) -> ([residual +] mixer output
+        (B, H, W, C), this block's :class:`BlockRouting`)."""
         b, _, _, c = x.shape
         ws, ops = self.window_size, settings.ops
         mlp = self.route.out_mask
         projections = (self.project_q.weight, self.project_q.bias,
                        self.project_k.weight, self.project_k.bias)
         with span("camixer.predictor"):
-            v = ops.linear(x, _matrix(self.project_v), self.project_v.bias)    # [B, H, W, C]
+            v = ops.linear(x, _matrix(self.project_v), self.project_v.bias)
             route = self.route(v, condition, ops=ops)
             hidden = route.hidden
             if self.training:
@@ -252,9 +214,7 @@ class CAMixer(nn.Module):
                                             record.num_hard, record.order, window_size=ws)
             attn = nhwc(attn)
         if self.capture is None:
-            # v and the keys are spent: their memory goes back before the convolutions allocate
-            # (a smaller peak, which glibc's heap then keeps instead of trimming and refaulting)
-            del v, v_map, k_in
+            del v, v_map, k_in      # freed before the convolutions allocate: a lower peak
         with span("camixer.conv"):
             dw, dil = self.conv_sptial
             y = dense.depthwise(dense.depthwise(attn, dw.weight, dw.bias), dil.weight, dil.bias,
@@ -262,12 +222,12 @@ class CAMixer(nn.Module):
             ca = route.ca.view(b, 1, 1, c)
             if torch.is_grad_enabled():
                 gated = y * ca + attn
-            else:   # autograd is off: y is this call's own, overwrite it
+            else:
                 gated = y.mul_(ca).add_(attn)
             capturing = self.capture is not None
             out = ops.linear(gated, _matrix(self.project_out), self.project_out.bias,
                              residual=None if capturing else residual)
-        if capturing:                              # the capture holds the mixer's own output
+        if capturing:
             self.capture.update(x=x_map, condition_global=nchw(condition[..., :2]),
                                 pred_score=record.scores, offsets=route.offsets,
                                 ca=route.ca.view(b, c, 1, 1), sa=route.sa, k_in=k_in,
@@ -281,8 +241,7 @@ class CAMixer(nn.Module):
 
     @property
     def last_num_hard(self) -> Tensor | None:
-        """Deprecated: K per image (B,) of the last inference call; use
-        ``model(x, return_routing=True)`` (:class:`~camixer_fast.reference.routing.Routing`)."""
+        """Deprecated: K (B,) of the last inference; use ``model(x, return_routing=True)``."""
         warnings.warn("CAMixer.last_num_hard is deprecated; use model(x, return_routing=True)",
                       DeprecationWarning, stacklevel=2)
         return None if self._last is None or self._last.num_hard is None else \
@@ -290,56 +249,54 @@ class CAMixer(nn.Module):
 
     @property
     def last_mask_mean(self) -> Tensor | None:
-        """Deprecated: the mean training mask of the last training call (in the autograd
-        graph); use ``model(x, return_routing=True)`` and ``Routing.mask_means()``."""
+        """Deprecated: the last training mask's mean; use ``Routing.mask_means()``."""
         warnings.warn("CAMixer.last_mask_mean is deprecated; use model(x, return_routing=True)",
                       DeprecationWarning, stacklevel=2)
         return None if self._last is None or self._last.mask is None else self._last.mask.mean()
 
 
 class BlockWeights(NamedTuple):
-    """A block's parameters by role, as a block-level backend path receives them.
+    """A block's parameters by role (1×1 convolutions as matrices, ``*_b`` the bias of the
+    ``*_w`` before it; c4 = (C + 4) // 4, c8 = (C + 4) // 8): mixer v_w, q_w, k_w, out_w (C, C);
+    dw_w, dil_w (C, 1, 3, 3) conv_sptial.0 / .1; route_w (c4, C + 4) in_conv.0 (columns
+    [v | Cg | Cw]); off1_w (c8, c4), off2_w (2, c8); mask1_w (ws, ws²), mask2_w (2, ws);
+    ca_w (C, c4); sa_w (1, c4, 3, 3); ffn_in_w (2C, C), ffn_dw_w (2C, 1, 3, 3), ffn_out_w (C, C)."""
 
-    1×1 convolutions are given as (C_out, C_in) matrices, the spatial ones as their
-    (C_out, C_in/groups, 3, 3) kernels. C channels, c4 = (C + 4) // 4, c8 = (C + 4) // 8,
-    ws the window size. The LayerNorms' eps is 1e-6.
-    """
-
-    v_w: Tensor          # (C, C)      mixer.project_v
-    v_b: Tensor          # (C,)
-    route_w: Tensor      # (c4, C + 4) route.in_conv.0: columns [v | Cg | Cw]
-    route_b: Tensor      # (c4,)
-    route_norm_w: Tensor  # (c4,)      route.in_conv.1
-    route_norm_b: Tensor  # (c4,)
-    off1_w: Tensor       # (c8, c4)    route.out_offsets.0
-    off1_b: Tensor       # (c8,)
-    off2_w: Tensor       # (2, c8)     route.out_offsets.2
-    off2_b: Tensor       # (2,)
-    mask1_w: Tensor      # (ws, ws²)   route.out_mask.0
-    mask1_b: Tensor      # (ws,)
-    mask2_w: Tensor      # (2, ws)     route.out_mask.2
-    mask2_b: Tensor      # (2,)
-    ca_w: Tensor         # (C, c4)     route.out_CA.1
-    ca_b: Tensor         # (C,)
-    sa_w: Tensor         # (1, c4, 3, 3) route.out_SA.0
-    sa_b: Tensor         # (1,)
-    q_w: Tensor          # (C, C)      mixer.project_q
-    q_b: Tensor          # (C,)
-    k_w: Tensor          # (C, C)      mixer.project_k
-    k_b: Tensor          # (C,)
-    dw_w: Tensor         # (C, 1, 3, 3) mixer.conv_sptial.0 (padding 1)
-    dw_b: Tensor         # (C,)
-    dil_w: Tensor        # (C, 1, 3, 3) mixer.conv_sptial.1 (dilation 2, padding 2)
-    dil_b: Tensor        # (C,)
-    out_w: Tensor        # (C, C)      mixer.project_out
-    out_b: Tensor        # (C,)
-    norm1_w: Tensor      # (C,)
-    norm1_b: Tensor      # (C,)
-    ffn_in_w: Tensor     # (2C, C)     ffn.project_in (no bias)
-    ffn_dw_w: Tensor     # (2C, 1, 3, 3) ffn.dwconv (no bias)
-    ffn_out_w: Tensor    # (C, C)      ffn.project_out (no bias)
-    norm2_w: Tensor      # (C,)
-    norm2_b: Tensor      # (C,)
+    v_w: Tensor
+    v_b: Tensor
+    route_w: Tensor
+    route_b: Tensor
+    route_norm_w: Tensor
+    route_norm_b: Tensor
+    off1_w: Tensor
+    off1_b: Tensor
+    off2_w: Tensor
+    off2_b: Tensor
+    mask1_w: Tensor
+    mask1_b: Tensor
+    mask2_w: Tensor
+    mask2_b: Tensor
+    ca_w: Tensor
+    ca_b: Tensor
+    sa_w: Tensor
+    sa_b: Tensor
+    q_w: Tensor
+    q_b: Tensor
+    k_w: Tensor
+    k_b: Tensor
+    dw_w: Tensor
+    dw_b: Tensor
+    dil_w: Tensor
+    dil_b: Tensor
+    out_w: Tensor
+    out_b: Tensor
+    norm1_w: Tensor
+    norm1_b: Tensor
+    ffn_in_w: Tensor
+    ffn_dw_w: Tensor
+    ffn_out_w: Tensor
+    norm2_w: Tensor
+    norm2_b: Tensor
 
 
 class Block(nn.Module):
@@ -375,7 +332,7 @@ class Block(nn.Module):
             return path(self.weights(), x, condition, settings)
         mixed, record = self.mixer(x, condition, settings, residual=x)
         x = self.norm1(mixed)
-        del mixed                                  # not held through the FFN
+        del mixed
         with span("camixer.ffn"):
             x = self.norm2(self.ffn(x, x, ops=settings.ops))
         return x, record
@@ -400,14 +357,8 @@ class Group(nn.Module):
 
 
 def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
-    """Pad (B, C, H, W) on the bottom and right up to multiples of ``multiple``.
-
-    Where reflect padding is defined (pad < size) this *is* ``F.pad(x, ..., mode='reflect')``,
-    the official behaviour. For smaller inputs (a dimension of ``multiple // 2`` pixels or fewer)
-    the reflection is continued periodically -- the mirror image of the mirror image, and so on,
-    the same rule as repeating reflect padding until the size is reached; a dimension of 1 pixel
-    is repeated.
-    """
+    """Pad (B, C, H, W) on the bottom and right up to multiples of ``multiple``: the official
+    reflect padding, continued periodically where the pad exceeds the size (1 pixel repeats)."""
     height, width = x.shape[-2:]
     out = x
     for dim, size in ((-2, height), (-1, width)):
@@ -426,18 +377,9 @@ def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
 
 
 class CAMixerSR(nn.Module):
-    """CAMixerSR (spec §1). Keyword-only hyperparameters; official state dicts load strictly.
-
-    ``model(x)`` takes (B, 3, H, W) RGB in [0, 1], any H, W >= 1, and returns (B, 3, sH, sW),
-    unclamped. In training mode it returns ``(sr, ratio_loss)`` (spec §4). With
-    ``return_routing=True`` the :class:`~camixer_fast.reference.routing.Routing` record of the
-    call is appended to what it returns.
-
-    Attributes that may be changed at any time: ``gamma`` (in [0, 1]), ``routing``
-    ("expected" or "gumbel"), ``tie_break`` ("official" or "index": the order of windows with
-    equal scores, see :func:`~camixer_fast.reference.routing.window_order`), ``train_noise``
-    (Gumbel noise in the training mask), ``backend``.
-    """
+    """CAMixerSR (spec §1); official state dicts load strictly. Settable any time: ``gamma`` in
+    [0, 1], ``routing`` ("expected", "gumbel"), ``tie_break`` ("official", "index":
+    :func:`~camixer_fast.reference.routing.window_order`), ``train_noise``, ``backend``."""
 
     def __init__(self, *, n_feats: int = 36, scale: int = 4,
                  blocks_per_group: tuple[int, ...] = (4, 4, 6, 6), window_size: int = 16,
@@ -487,13 +429,8 @@ class CAMixerSR(nn.Module):
 
     @property
     def backend(self) -> str:
-        """The backend that runs the model where its parameters are now, in its current mode
-        ("reference", "cpu" or "triton"; see :func:`camixer_fast.backends.select_backend`).
-
-        May be set to "auto", "reference", "cpu" or "triton". The request is kept and chosen
-        again for the device, dtype and mode of each call; setting it checks at once that it
-        can run where the parameters are (RuntimeError with the reason otherwise).
-        """
+        """The backend running the model now; set "auto", "reference", "cpu" or "triton" (chosen
+        again per call; RuntimeError with the reason if it cannot run on the parameters)."""
         return self._select(self.head.weight.device, self.head.weight.dtype).name
 
     @backend.setter
@@ -516,19 +453,10 @@ class CAMixerSR(nn.Module):
 
     def forward(self, x: Tensor, *, generator: torch.Generator | None = None,
                 return_routing: bool = False):
-        """(B, 3, H, W) in [0, 1] -> (B, 3, sH, sW); in training mode (sr, ratio_loss).
-
-        With ``return_routing`` the call returns ``(sr, routing)`` at inference and
-        ``(sr, ratio_loss, routing)`` in training mode, ``routing`` the
-        :class:`~camixer_fast.reference.routing.Routing` of every block (K, window order and
-        scores per image; the training masks).
-
-        Inputs of any H, W >= 1 are padded on the bottom and right to multiples of the window
-        size (:func:`pad_to_multiple`) and the output is cropped back. ``generator`` feeds the
-        random draws: Gumbel routing at inference, the Gumbel noise of the training mask.
-        At inference the backend decides whether a batch runs as one call
-        (``Ops.whole_batch``) or image by image; routing is per image either way, and image by
-        image each output is bit-identical to a solo run of that image.
+        """(B, 3, H, W) RGB in [0, 1], any H, W >= 1 -> (B, 3, sH, sW) unclamped; in training
+        mode (sr, ratio_loss) (spec §4); ``return_routing`` appends the
+        :class:`~camixer_fast.reference.routing.Routing`. ``generator`` feeds the Gumbel draws.
+        Per image, outputs are bit-identical to solo runs. ValueError / TypeError for bad input.
         """
         if not torch.is_tensor(x) or x.dim() != 4 or x.shape[1] != 3:
             shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
@@ -543,8 +471,6 @@ class CAMixerSR(nn.Module):
         if self.training or x.shape[0] == 1 or ops.whole_batch:
             sr, routing = self._forward(x, settings)
         else:
-            # CPU conv and GEMM kernels pick their blocking from the batch size, which moves
-            # results by ~1e-5: image by image, each output is bit-identical to its solo run
             parts = [self._forward(image, settings) for image in x.split(1)]
             sr = torch.cat([p[0] for p in parts])
             routing = Routing.cat([p[1] for p in parts])
@@ -559,14 +485,13 @@ class CAMixerSR(nn.Module):
     def _forward(self, x: Tensor, settings: MixerSettings) -> tuple[Tensor, Routing]:
         height, width = x.shape[-2:]
         x = pad_to_multiple(x, self.window_size)
-        # a fresh channels-last copy (3 channels: cheap): whatever the caller's strides, the
-        # convolutions then see one layout and round the same way
+        # one layout whatever the caller's strides: the convolutions round the same way
         x = x.clone(memory_format=torch.channels_last)
         b, _, ph, pw = x.shape
-        f0 = self.head(x)                                            # channels-last
+        f0 = self.head(x)
         cw = nhwc(window_condition(ph, pw, self.window_size, dtype=f0.dtype, device=f0.device))
         condition = torch.cat([nhwc(self.global_predictor(f0)), cw.expand(b, -1, -1, -1)],
-                              dim=-1)                                # [B, H, W, 4]: Cg, Cw
+                              dim=-1)                                # [B, H, W, 4]
         records: list[BlockRouting] = []
         feat = nhwc(f0)
         for group in self.body:

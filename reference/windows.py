@@ -1,10 +1,4 @@
-"""Window layout helpers shared by the reference operations.
-
-A feature map (B, C, H, W) with H and W multiples of the window size ``ws`` is cut into
-N = (H/ws)·(W/ws) windows numbered row-major over the window grid; inside a window the
-ws² pixels ("tokens") are numbered row-major too. This is the layout of the official code's
-``rearrange(x, 'b c (h dh) (w dw) -> b (h w) (dh dw) c')``.
-"""
+"""Windows and tokens row-major: ``rearrange(x, 'b c (h dh) (w dw) -> b (h w) (dh dw) c')``."""
 
 from __future__ import annotations
 
@@ -42,10 +36,7 @@ def from_windows(t: Tensor, height: int, width: int) -> Tensor:
 
 
 def window_view(x: Tensor, window_size: int) -> Tensor:
-    """(B, C, H, W) -> a strided *view* (B, rows, cols, ws, ws, C) that indexes windows in place.
-
-    Writing through it (``view[b, r, c] = tokens.view(ws, ws, C)``) writes into ``x``.
-    """
+    """(B, C, H, W) -> a strided view (B, rows, cols, ws, ws, C); writes through it land in x."""
     b, c, h, w = x.shape
     rows, cols = check_window_grid(h, w, window_size)
     return x.view(b, c, rows, window_size, cols, window_size).permute(0, 2, 4, 3, 5, 1)
@@ -53,11 +44,7 @@ def window_view(x: Tensor, window_size: int) -> Tensor:
 
 def window_condition(height: int, width: int, window_size: int, *, dtype: torch.dtype,
                      device: torch.device) -> Tensor:
-    """The window condition Cw tiled over the map, (1, 2, H, W) (spec §3.2).
-
-    Channel 0 at in-window position (i, j) is ``linspace(-1, 1, ws)[i]`` (the row),
-    channel 1 is ``linspace(-1, 1, ws)[j]`` (the column).
-    """
+    """The window condition Cw (spec §3.2) tiled over the map: (1, 2, H, W)."""
     rows, cols = check_window_grid(height, width, window_size)
     ramp = torch.linspace(-1.0, 1.0, window_size, dtype=torch.float32, device=device)
     row = ramp.view(window_size, 1).expand(window_size, window_size)

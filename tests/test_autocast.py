@@ -1,6 +1,6 @@
 """bf16 autocast training with fp32 master weights (issue 11): ``torch.autocast`` around the
 forward of a model whose weights stay fp32, on the reference backend and on the Triton kernels
-(whose entries cast their inputs to one dtype, ``camixer_fast.kernels._autocast``), and
+(whose entries cast their inputs to one dtype, ``camixer_fast.kernels.helpers.autocast_entry``), and
 ``TrainConfig.amp`` / ``camixer-fast train --amp``.
 
 The steps run on ``DEVICE`` under its autocast: on a CPU the CPU's, with the Triton kernels in
@@ -19,7 +19,7 @@ import torch
 
 import camixer_fast
 from camixer_fast import cli
-from camixer_fast.kernels._autocast import autocast_dtype, autocast_entry
+from camixer_fast.kernels.helpers import autocast_dtype, autocast_entry
 from camixer_fast.train import AMP_MODES, ConfigError, TrainConfig, Trainer
 from camixer_fast.train.trainer import amp_context, check_amp
 from conftest import DEVICE, SHARED, assert_close, tf32_off

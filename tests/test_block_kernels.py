@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import camixer_fast
 from camixer_fast.backends import REGISTRY
-from camixer_fast.kernels import tile_math
+from camixer_fast.kernels import helpers
 from camixer_fast.kernels.attention_inference import window_attention
 from camixer_fast.kernels.block import block_inference
 from camixer_fast.kernels.depthwise import depthwise_conv3x3
@@ -255,10 +255,10 @@ def test_block_matches_module_fp32(shape, gamma: float) -> None:
 @pytest.mark.usefixtures("poisoned_allocations")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_block_with_the_gpu_tiles(monkeypatch, dtype: torch.dtype) -> None:
-    """The tiles a GPU launches (64 pixels, 16-channel steps: several steps, partial tiles)
+    """The tiles a GPU launches (32 pixels, 16-channel steps: several steps, partial tiles)
     instead of the interpreter's whole-map ones."""
-    monkeypatch.setattr(tile_math, "interpreting", lambda: False)
-    assert tile_math.tile_config(16 * 16, 36).bk < tile_math.channel_block(36)
+    monkeypatch.setattr(helpers, "interpreting", lambda: False)
+    assert helpers.pixel_tile_config(16 * 16, 36).bn < helpers.channel_block(36)
     if dtype == torch.float32:
         want, _, got, _ = _block_case((1, 16, 16, 36, 8), dtype, 1.0)
         assert_close("block", want, got, BLOCK_TOL)

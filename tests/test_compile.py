@@ -54,10 +54,12 @@ def fresh_dynamo():
 
 
 def _triton_add_one():
-    """A one-kernel operator registered through :func:`camixer_fast.backends.ops.kernel_op`."""
+    """A one-kernel operator registered through :func:`camixer_fast.kernels.helpers.kernel_op`."""
     import triton
     import triton.language as tl
     from torch.library import wrap_triton
+
+    from camixer_fast.kernels.helpers import kernel_op
 
     @triton.jit
     def _add_one_kernel(x_ptr, out_ptr, N, BLOCK: tl.constexpr):
@@ -70,7 +72,7 @@ def _triton_add_one():
         wrap_triton(_add_one_kernel)[(triton.cdiv(x.numel(), 16),)](x, out, x.numel(), BLOCK=16)
         return out
 
-    return custom_ops.kernel_op("_test_add_one", launch, lambda x: torch.empty_like(x))
+    return kernel_op("_test_add_one", launch, lambda x: torch.empty_like(x))
 
 
 try:

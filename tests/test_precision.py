@@ -1,6 +1,6 @@
 """fp32 precision modes of the Triton kernels (issue 11): parity by IEEE products or tf32x3,
 plain TF32 where PyTorch's own switch allows it, asked by the launchers at every launch
-(``camixer_fast.kernels._tiles.dot_precision``).
+(``camixer_fast.kernels.helpers.dot_precision``).
 
 In Triton's interpreter every precision computes exact fp32 products, so on a CPU the parity
 tests prove the launch paths and the GPU proves the numbers; the JIT and AOT gates prove that
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from camixer_fast import reference
-from camixer_fast.kernels import _tiles
+from camixer_fast.kernels import helpers
 from camixer_fast.kernels import attention_inference as kattn
 from camixer_fast.kernels import attention_training as ktrain
 from conftest import DEVICE, assert_close, tf32_off
@@ -42,16 +42,16 @@ def matmul_tf32(allowed: bool):
 
 def test_tf32_follows_pytorchs_legacy_switches() -> None:
     with matmul_tf32(False):
-        assert not _tiles.pytorch_allows_tf32()
-        assert _tiles.dot_precision(torch.float32) == "ieee"
+        assert not helpers.pytorch_allows_tf32()
+        assert helpers.dot_precision(torch.float32) == "ieee"
     with matmul_tf32(True):
-        assert _tiles.pytorch_allows_tf32()
-        assert _tiles.dot_precision(torch.float32) == "tf32"
+        assert helpers.pytorch_allows_tf32()
+        assert helpers.dot_precision(torch.float32) == "tf32"
     saved = torch.get_float32_matmul_precision()
     try:
         for setting, tf32 in (("high", True), ("medium", True), ("highest", False)):
             torch.set_float32_matmul_precision(setting)
-            assert _tiles.pytorch_allows_tf32() is tf32, setting
+            assert helpers.pytorch_allows_tf32() is tf32, setting
     finally:
         torch.set_float32_matmul_precision(saved)
 
@@ -68,8 +68,8 @@ def test_tf32_follows_pytorchs_legacy_switches() -> None:
 def test_tf32_follows_pytorchs_new_setting(setting: str, tf32: bool) -> None:
     """torch 2.9's fp32_precision, also mixed with the legacy calls (after which the legacy
     getters raise). In a subprocess: the mix would stay for the rest of this session."""
-    code = ("import torch; from camixer_fast.kernels import _tiles; " + setting +
-            "; print(_tiles.pytorch_allows_tf32(), _tiles.dot_precision(torch.float32))")
+    code = ("import torch; from camixer_fast.kernels import helpers; " + setting +
+            "; print(helpers.pytorch_allows_tf32(), helpers.dot_precision(torch.float32))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -77,19 +77,19 @@ def test_tf32_follows_pytorchs_new_setting(setting: str, tf32: bool) -> None:
 
 
 def test_parity_precision_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(_tiles.FP32_PARITY_VAR, raising=False)
+    monkeypatch.delenv(helpers.FP32_PARITY_VAR, raising=False)
     with matmul_tf32(False):
-        assert _tiles.fp32_parity_precision() == "ieee"
-        monkeypatch.setenv(_tiles.FP32_PARITY_VAR, " TF32x3 ")
-        assert _tiles.dot_precision(torch.float32) == "tf32x3"
+        assert helpers.fp32_parity_precision() == "ieee"
+        monkeypatch.setenv(helpers.FP32_PARITY_VAR, " TF32x3 ")
+        assert helpers.dot_precision(torch.float32) == "tf32x3"
         # half precision runs on tensor cores whatever the setting
-        assert _tiles.dot_precision(torch.bfloat16) == "tf32"
-        monkeypatch.setenv(_tiles.FP32_PARITY_VAR, "tf32")
+        assert helpers.dot_precision(torch.bfloat16) == "tf32"
+        monkeypatch.setenv(helpers.FP32_PARITY_VAR, "tf32")
         with pytest.raises(ValueError, match="ieee.*tf32x3"):
-            _tiles.dot_precision(torch.float32)
+            helpers.dot_precision(torch.float32)
     with matmul_tf32(True):
-        monkeypatch.setenv(_tiles.FP32_PARITY_VAR, "tf32x3")
-        assert _tiles.dot_precision(torch.float32) == "tf32"
+        monkeypatch.setenv(helpers.FP32_PARITY_VAR, "tf32x3")
+        assert helpers.dot_precision(torch.float32) == "tf32"
 
 
 def test_tile_configs_follow_the_precision(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -111,7 +111,7 @@ def test_tile_configs_follow_the_precision(monkeypatch: pytest.MonkeyPatch) -> N
         assert kattn.tile_config(f32, 16) == kattn.TF32_TILES
         assert ktrain.tile_config(f32, 16) == ktrain.TF32_FORWARD
     with matmul_tf32(False):
-        monkeypatch.setenv(_tiles.FP32_PARITY_VAR, "tf32x3")
+        monkeypatch.setenv(helpers.FP32_PARITY_VAR, "tf32x3")
         assert kattn.tile_config(f32, 16) == kattn.TF32X3_TILES
         # smaller windows cut the tiles to the window's tokens
         assert kattn.tile_config(f32, 4).bm == 16
@@ -138,7 +138,7 @@ def test_window_attention_in_each_precision(monkeypatch: pytest.MonkeyPatch,
     num_hard = torch.tensor([1, 2], device=DEVICE)
     with tf32_off():
         ref = reference.window_attention(x, k_in, v, sa, *proj, num_hard, order, window_size=16)
-        monkeypatch.setenv(_tiles.FP32_PARITY_VAR, "ieee" if precision == "tf32" else precision)
+        monkeypatch.setenv(helpers.FP32_PARITY_VAR, "ieee" if precision == "tf32" else precision)
         with matmul_tf32(precision == "tf32"):
             got = kattn.window_attention(x, k_in, v, sa, *proj, num_hard, order,
                                          window_size=16)
@@ -153,7 +153,7 @@ def test_masked_window_attention_tf32x3_forward_and_backward(
     (x, k_in, v), sa, proj = _inputs(1, 20, 1, 2, seed=3)
     logits = torch.randn(1, 2, 2, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
-    monkeypatch.setenv(_tiles.FP32_PARITY_VAR, "tf32x3")
+    monkeypatch.setenv(helpers.FP32_PARITY_VAR, "tf32x3")
     results = []
     with tf32_off():
         for fn in (ktrain.masked_window_attention, reference.masked_window_attention):
@@ -178,7 +178,7 @@ def test_model_in_each_precision(monkeypatch: pytest.MonkeyPatch, precision: str
     with tf32_off(), torch.no_grad():
         ref = model(x)
         model.backend = "triton"
-        monkeypatch.setenv(_tiles.FP32_PARITY_VAR, "ieee" if precision == "tf32" else precision)
+        monkeypatch.setenv(helpers.FP32_PARITY_VAR, "ieee" if precision == "tf32" else precision)
         with matmul_tf32(precision == "tf32"):
             got = model(x)
     assert_close(f"sr ({precision})", ref, got, TF32_TOL if precision == "tf32" else PARITY_TOL)

@@ -26,13 +26,10 @@ are traced, and the graph breaks at their gathers).
 Registered here: the reference backend's routing (the CPU backend's too) and window attention,
 and the Gumbel noise of the routing draw. The CPU backend registers its operators in
 :mod:`camixer_fast.backends.cpu`; the Triton kernels theirs in their kernel files, through
-:func:`kernel_op`.
+:func:`camixer_fast.kernels.helpers.kernel_op`.
 """
 
 from __future__ import annotations
-
-import contextlib
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -46,7 +43,6 @@ from camixer_fast.reference.routing import (
     check_tie_break,
 )
 from camixer_fast.reference.windows import check_window_grid
-from camixer_fast.backends.triton_env import interpreting
 
 NAMESPACE = "camixer"
 """The ``torch.ops`` namespace of every operator of this package: ``torch.ops.camixer.*``."""
@@ -61,43 +57,6 @@ def tracing() -> bool:
 def needs_grad(*tensors: Tensor | None) -> bool:
     """Whether autograd would record a gradient through any of ``tensors``."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def kernel_op(name: str, launcher: Callable, fake: Callable) -> Callable:
-    """Register a Triton launcher as the operator ``camixer::<name>``; returns what the
-    functional entry calls: the operator while Dynamo traces, else the launcher itself.
-
-    The launcher starts its kernels as ``torch.library.wrap_triton(kernel)[grid](...)``. With
-    compiled kernels it becomes a ``torch.library.triton_op``, which inductor traces through
-    (it sees the kernels and the PyTorch glue; the fake kernel comes from the launcher itself).
-    In Triton's CPU interpreter the kernels are Python functions that cannot be traced: there
-    it becomes an opaque ``torch.library.custom_op`` whose output metadata ``fake`` gives.
-    Eagerly the launcher runs with ``wrap_triton``'s dispatch off: a plain kernel launch, as
-    the operator itself does (dispatching it costs about a millisecond a launch).
-    """
-    qualname = f"{NAMESPACE}::{name}"
-    if interpreting():
-        op = torch.library.custom_op(qualname, launcher, mutates_args=())
-        op.register_fake(fake)
-    else:
-        op = torch.library.triton_op(qualname, launcher, mutates_args=())
-
-    def call(*args: object, **kwargs: object) -> object:
-        if tracing():
-            return op(*args, **kwargs)
-        with _plain_launches():
-            return launcher(*args, **kwargs)
-
-    call.op = op
-    call.__name__ = call.__qualname__ = name
-    call.__doc__ = launcher.__doc__
-    return call
-
-
-def _plain_launches():
-    # torch >= 2.6 has the switch triton_op itself uses when it runs eagerly
-    switch = getattr(torch._library.triton, "set_wrap_triton_enabled", None)
-    return switch(False) if switch is not None else contextlib.nullcontext()
 
 
 @torch.library.custom_op(f"{NAMESPACE}::gumbel_noise", mutates_args=())

@@ -26,7 +26,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from camixer_fast.kernels import attention_inference, attention_training, routing, warp
-from camixer_fast.kernels._tiles import FP32_PARITY_PRECISIONS, channel_block, dot_precision
+from camixer_fast.kernels.helpers import FP32_PARITY_PRECISIONS, channel_block, dot_precision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cubin import KernelReport, inspect  # noqa: E402
@@ -42,7 +42,7 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _ACC = {"fp32": triton.language.float32, "fp64": triton.language.float64}
 MODULES = (routing, warp, attention_inference, attention_training)
 FP32_PRECISIONS = ("tf32", *FP32_PARITY_PRECISIONS)
-"""The dot precisions fp32 attention kernels launch with (``_tiles.dot_precision``)."""
+"""The dot precisions fp32 attention kernels launch with (``helpers.dot_precision``)."""
 _WINDOWED = ("H", "W")
 """Int arguments of the windowed kernels that are multiples of the window size, 16."""
 
@@ -78,11 +78,11 @@ def variants() -> list[Variant]:
     for dtype in _FLOATS:
         p = _PTR[dtype]
         for bc in c4_blocks:
-            k = routing._window_scores_kernel
+            k = routing.window_scores_kernel
             out.append(Variant(f"window_scores[{p[1:]}]", k, _signature(k, {
                 "h_ptr": p, "w1_ptr": p, "b1_ptr": p, "w2_ptr": p, "b2_ptr": p,
                 "pred_ptr": "*fp32"}), dict(WS=WINDOW, BC=bc, BH=WINDOW), aligned=_WINDOWED))
-    k = routing._select_kernel
+    k = routing.select_kernel
     for noise in (False, True):
         for all_hard in (False, True):
             out.append(Variant(f"select[noise={noise},all_hard={all_hard}]", k, _signature(k, {
@@ -93,7 +93,7 @@ def variants() -> list[Variant]:
     for dtype in (*_FLOATS, torch.float64):
         p = _PTR[dtype]
         acc = "fp64" if dtype == torch.float64 else "fp32"
-        k = warp._deform_key_fwd_kernel
+        k = warp.deform_key_fwd_kernel
         for hard in (True, False):
             out.append(Variant(f"deform_key_fwd[{p[1:]},{'hard' if hard else 'map'}]", k,
                                _signature(k, {"x_ptr": p, "off_ptr": p, "out_ptr": p,
@@ -101,7 +101,7 @@ def variants() -> list[Variant]:
                                dict(HARD_ONLY=hard, WS=WINDOW if hard else 1,
                                     BC=warp.CHANNEL_BLOCK, BP=warp.PIXEL_BLOCK,
                                     ACC=_ACC[acc]), aligned=_WINDOWED if hard else ()))
-        k = warp._deform_key_bwd_kernel
+        k = warp.deform_key_bwd_kernel
         out.append(Variant(f"deform_key_bwd[{p[1:]}]", k, _signature(k, {
             "x_ptr": p, "off_ptr": p, "dout_ptr": p, "dx_ptr": f"*{acc}",
             "doff_ptr": f"*{acc}"}), dict(BC=warp.BACKWARD_CHANNEL_BLOCK,
@@ -125,7 +125,7 @@ def variants() -> list[Variant]:
             opts[role] = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             meta[role] = dict(WS=WINDOW, BM=cfg.bm, BN=cfg.bn, PRECISION=precision)
         for bc in sorted({channel_block(c, dtype) for c in PUBLISHED_CHANNELS}):
-            k = attention_inference._hard_window_attention_kernel
+            k = attention_inference.hard_window_attention_kernel
             sig = _signature(k, {
                 **{n: p for n in ("x_ptr", "k_ptr", "v_ptr", "sa_ptr", "wq_ptr", "bq_ptr",
                                   "wk_ptr", "bk_ptr", "out_ptr")},
@@ -143,12 +143,12 @@ def variants() -> list[Variant]:
                                    dict(sig, **{unit: "constexpr"}),
                                    dict(cfg_meta, BC=bc, **{unit: 1}), cfg_opts,
                                    _WINDOWED + aligned))
-            k = attention_training._attention_fwd_kernel
+            k = attention_training.attention_fwd_kernel
             out.append(Variant(f"attention_fwd[{tag}]", k, _signature(k, {
                 "q_ptr": p, "k_ptr": p, "v_ptr": p, "out_ptr": p, "lse_ptr": "*fp32"}),
                 dict(meta["forward"], BC=bc), opts["forward"], _WINDOWED))
-            for k, label in ((attention_training._attention_bwd_dkv_kernel, "attention_bwd_dkv"),
-                             (attention_training._attention_bwd_dq_kernel, "attention_bwd_dq")):
+            for k, label in ((attention_training.attention_bwd_dkv_kernel, "attention_bwd_dkv"),
+                             (attention_training.attention_bwd_dq_kernel, "attention_bwd_dq")):
                 ptrs = {n: p for n in k.arg_names if n.endswith("_ptr")}
                 ptrs.update(lse_ptr="*fp32", delta_ptr="*fp32")
                 out.append(Variant(f"{label}[{tag}]", k, _signature(k, ptrs),
@@ -288,7 +288,7 @@ of 16; other ints unspecialized), and read with the triton wheel's `cuobjdump`: 
 thread, bytes spilled (stack + local memory; the gate fails on any), shared memory per program
 (static + dynamic), and the tensor-core instructions of the matrix products (the gate fails an
 fp16 / bf16 / tf32 product without them). fp32 attention variants are compiled in each dot
-precision the launchers choose (`kernels/_tiles.py`, `dot_precision`): `ieee` (parity on the
+precision the launchers choose (`kernels/helpers.py`, `dot_precision`): `ieee` (parity on the
 FMA units, the default), `tf32` (under PyTorch's TF32 switch) and `tf32x3` (parity on tensor
 cores, `CAMIXER_FAST_FP32_PARITY=tf32x3`). `tests/gates/jit_gate.py` checks the same for every
 specialization the model's launches get.

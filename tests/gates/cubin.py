@@ -12,7 +12,7 @@ Both gates (``aot.py``, ``jit_gate.py``) check every kernel they compile with :f
 - no wgmma operand in a shared layout swizzled at less than 128 bytes (the TTGIR's
   ``nvmma_shared`` layouts, Triton 3.3+): the only such kernels run on a GPU so far, the
   64×32 fp16 / bf16 attention tiles, read out of bounds or returned NaN on an H200 (issue 9;
-  ``camixer_fast/kernels/_tiles.py`` has the analysis).
+  the analysis is in git history, ``git log -p -- kernels/_tiles.py``).
 
 The CUDA binary tools come from the triton wheel (``triton/backends/nvidia/bin``), else PATH.
 """

@@ -258,7 +258,7 @@ def fp32_precision(precision: str) -> Iterator[None]:
     precision (``CAMIXER_FAST_FP32_PARITY``, TF32 off); both restored after."""
     import torch
 
-    from camixer_fast.kernels._tiles import FP32_PARITY_VAR
+    from camixer_fast.kernels.helpers import FP32_PARITY_VAR
 
     saved = torch.backends.cuda.matmul.allow_tf32, os.environ.get(FP32_PARITY_VAR)
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
@@ -302,7 +302,7 @@ def autocast_cases(channels: int) -> Iterator[tuple[str, Callable]]:
     """bf16 autocast around an fp32 model (master weights stay fp32): a training step with
     backward at 16×16 and 17×33, and inference at 64×48. The tensors are on the CPU, so
     the CPU's autocast runs; the kernel entries cast their inputs the same way under CUDA's
-    (``camixer_fast.kernels._autocast``)."""
+    (``camixer_fast.kernels.helpers.autocast_entry``)."""
     import torch
 
     for h, w in TRAIN_SIZES:
