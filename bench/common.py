@@ -7,7 +7,6 @@ import json
 import os
 import platform
 import subprocess
-from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path

@@ -20,7 +20,13 @@ def depthwise(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, dilation
               gelu: bool = False, multiply: Tensor | None = None) -> Tensor:
     """Depthwise 3×3 (padding = dilation) of x (B, H, W, C), then GELU, times ``multiply``."""
     c = x.shape[-1]
-    y = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=dilation, dilation=dilation,
+    nchw = x.permute(0, 3, 1, 2)
+    if dilation > 1 and x.dtype == torch.bfloat16 and x.device.type == "cpu" \
+            and torch.is_grad_enabled():
+        # oneDNN's bf16 backward of a dilated depthwise convolution on a channels-last input
+        # gives a wrong weight gradient (torch 2.13); a contiguous NCHW input is exact
+        nchw = nchw.contiguous()
+    y = F.conv2d(nchw, weight, bias, padding=dilation, dilation=dilation,
                  groups=c).permute(0, 2, 3, 1).contiguous()
     in_place = not torch.is_grad_enabled()
     if gelu:
