@@ -157,22 +157,13 @@ def training_reference(state) -> tuple:
     return lr, hr, float(loss), grads
 
 
-def onednn_off_for_cpu_bf16(mode: str):
-    """oneDNN's bf16 backward of a dilated depthwise convolution on a channels_last input
-    (PyTorch 2.13, CPU) returns a wrong weight gradient that changes from call to call (relative
-    error 1.2-1.4, NaN at 8 threads): a CPU bf16 row runs without oneDNN."""
-    if DEVICE.type == "cpu" and mode != "fp32":
-        return torch.backends.mkldnn.flags(enabled=False)
-    return nullcontext()
-
-
 @pytest.mark.parametrize("mode", ("fp32", "bf16-autocast"))
 @pytest.mark.parametrize("impl", ("official", "reference", "triton"))
 def test_training(benchmark, state, training_reference, impl: str, mode: str) -> None:
     if SMOKE and impl == "triton" and mode != "fp32":
         pytest.skip("the interpreter's bf16 products are broken")
     lr, hr, ref_loss, ref_grads = training_reference
-    with precision_mode("fp32"), onednn_off_for_cpu_bf16(mode):
+    with precision_mode("fp32"):
         net = build(state, impl, train=True)
         net.train_noise = False
         loss, grads = loss_and_grads(net, lr, hr, mode)

@@ -70,7 +70,7 @@ def no_tf32() -> Iterator[None]:
 
 
 def bench_module(name: str, folder: Path = BENCH):
-    """A script module of ``bench/`` (or of ``folder``, e.g. ``bench/gates``), imported the way
+    """A script module of ``bench/`` (or of ``folder``, e.g. ``tests/gates``), imported the way
     the scripts import each other (their folder on ``sys.path``)."""
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))

@@ -6,7 +6,7 @@ forward of a model whose weights stay fp32, on the reference backend and on the 
 The steps run on ``DEVICE`` under its autocast: on a CPU the CPU's, with the Triton kernels in
 the interpreter under fp16 autocast (the interpreter's bf16 ``tl.dot`` is broken); on a GPU
 CUDA's, compiled. The Triton bf16 autocast training step is compiled by the JIT gate
-(tests/test_jit_gate.py) and checked and timed by bench/gpu_bench.py on a GPU.
+(tests/test_jit_gate.py) and checked and timed by bench/test_bench_gpu.py on a GPU.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The CPU backend's 1×1 projections: oneDNN matrix products (``mkldnn._linear_pointwise``)
 with bias and residual fused, the twin of :func:`camixer_fast.reference.dense.linear`; faster
-than ``F.linear``'s BLAS on the CI machine (bench/results/cpu_dense.json). Where
+than ``F.linear``'s BLAS on the CI machine. Where
 :func:`unsupported` gives a reason, or off float32, the reference twin runs; under autograd
 the forward stays oneDNN's and the gradient is the reference's.
 """

@@ -6,7 +6,7 @@ and the gates ask the same questions before triton is imported.
 
 - :func:`interpreting`: ``TRITON_INTERPRET`` is set, so ``@triton.jit`` kernels run in Triton's
   CPU interpreter (exact, slow; the test suite on machines without a GPU).
-- :func:`compile_only`: a JIT gate (``bench/gates/jit_gate.py``) has installed a stand-in
+- :func:`compile_only`: a JIT gate (``tests/gates/jit_gate.py``) has installed a stand-in
   driver: every launch compiles for a GPU through Triton's own JIT and runs nothing, so the
   kernels' outputs are never computed. Only a gate sets it.
 """

@@ -163,7 +163,7 @@ def set_thread_count(threads: int) -> None:
 @contextlib.contextmanager
 def _one_thread() -> Iterator[None]:
     """The caller's torch work at one thread, restored after: an OpenMP team of the caller's
-    own slows the model workers' forwards (bench/cpu_host.py)."""
+    own slows the model workers' forwards."""
     threads = torch.get_num_threads()
     set_thread_count(1)
     try:
