@@ -7,10 +7,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
-from camixer_fast.backends import Ops, select_backend
 from camixer_fast.reference.attention_training import masked_window_attention
+from camixer_fast.reference.dcn import modulated_deform_conv2d
 from camixer_fast.reference.model import pad_to_multiple
 from camixer_fast.reference.routing import (
     BlockRouting,
@@ -25,10 +23,12 @@ from camixer_fast.reference.routing import (
 )
 from camixer_fast.reference.warp import deform_warp
 from camixer_fast.reference.windows import to_windows, window_condition
+from torch import Tensor, nn
+
+from camixer_fast.backends import DeformConv, Ops, select_backend
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
 BACKENDS = ("auto", "reference", "cpu")
-DCN_CHUNK = 1 << 14      # output pixels per DCN step: a (pixels, 9, C) map of 35 MiB at C = 60
 
 
 def latitude_condition(height: int, width: int, *, rows: tuple[int, int] | None = None,
@@ -42,53 +42,6 @@ def latitude_condition(height: int, width: int, *, rows: tuple[int, int] | None 
     r = 1.0 / full
     y = -1.0 + r + (2.0 * r) * torch.arange(top, top + height, device=device).float()
     return torch.cos(y * math.pi / 2).view(1, 1, height, 1).expand(1, 1, height, width)
-
-
-def modulated_deform_conv2d(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor,
-                            bias: Tensor | None = None, *, padding: int = 1,
-                            dilation: int = 1) -> Tensor:
-    """DCNv2, stride 1: out[b,o,i,j] = bias[o] + Σ_{c,k} weight[o,c,k]·mask[b,k,i,j]·
-    x[b,c](i − p + kh·d + Δy_k, j − p + kw·d + Δx_k), bilinear, zero outside; x (B, C, H, W),
-    weight (O, C, kh, kw), offset (B, 2K, h, w) in (Δy, Δx) pairs per tap (torchvision's),
-    mask (B, K, h, w) -> (B, O, h, w) channels-last: each tap's four neighbours gathered as
-    NHWC rows and blended, one (pixels, K·C) × (K·C, O) product per DCN_CHUNK pixels."""
-    b, c, height, width = x.shape
-    out_c, _, kh_size, kw_size = weight.shape
-    taps = kh_size * kw_size
-    h_out = height + 2 * padding - dilation * (kh_size - 1)
-    w_out = width + 2 * padding - dilation * (kw_size - 1)
-    if offset.shape != (b, 2 * taps, h_out, w_out) or mask.shape != (b, taps, h_out, w_out):
-        raise ValueError(f"offset {tuple(offset.shape)} / mask {tuple(mask.shape)} do not fit a "
-                         f"{kh_size}x{kw_size} kernel on a {h_out}x{w_out} output")
-    rows = F.pad(x.permute(0, 2, 3, 1).reshape(-1, c), (0, 0, 0, 1))   # [B·H·W + 1, C]
-    zero_row = b * height * width
-    matrix = weight.permute(0, 2, 3, 1).reshape(out_c, taps * c).t()    # [K·C, O] tap-major
-    tap = torch.arange(taps, device=x.device)
-    tap_y, tap_x = tap // kw_size * dilation - padding, tap % kw_size * dilation - padding
-    offset = offset.reshape(b, taps, 2, h_out * w_out)
-    mask = mask.reshape(b, taps, h_out * w_out)
-    parts = []
-    for image in range(b):
-        for start in range(0, h_out * w_out, DCN_CHUNK):
-            part = slice(start, min(start + DCN_CHUNK, h_out * w_out))
-            pixel = torch.arange(part.start, part.stop, device=x.device).view(-1, 1)
-            py = (pixel // w_out + tap_y) + offset[image, :, 0, part].t()   # [P, K]
-            px = (pixel % w_out + tap_x) + offset[image, :, 1, part].t()
-            y0, x0 = py.floor(), px.floor()
-            ly, lx = py - y0, px - x0
-            m = mask[image, :, part].t()
-            sampled = x.new_zeros(py.shape + (c,))
-            for dy, wy in ((0, 1.0 - ly), (1, ly)):
-                for dx, wx in ((0, 1.0 - lx), (1, lx)):
-                    yi, xi = y0 + dy, x0 + dx
-                    inside = (yi >= 0) & (yi < height) & (xi >= 0) & (xi < width)
-                    index = (yi.long() + image * height) * width + xi.long()
-                    index = torch.where(inside, index, zero_row)
-                    taken = rows.index_select(0, index.flatten()).view_as(sampled)
-                    sampled.addcmul_(taken, (wy * wx * m).unsqueeze(-1))
-            flat = sampled.view(-1, taps * c)
-            parts.append(flat @ matrix if bias is None else torch.addmm(bias, flat, matrix))
-    return torch.cat(parts).view(b, h_out, w_out, out_c).permute(0, 3, 1, 2)
 
 
 def check_backend(name: str) -> str:
@@ -109,10 +62,10 @@ class DCNv2Pack(nn.Module):
         nn.init.zeros_(self.conv_offset.weight)
         nn.init.zeros_(self.conv_offset.bias)
 
-    def forward(self, x: Tensor, feat: Tensor) -> Tensor:
+    def forward(self, x: Tensor, feat: Tensor,
+                deform_conv: DeformConv = modulated_deform_conv2d) -> Tensor:
         out = self.conv_offset(feat)
-        return modulated_deform_conv2d(x, out[:, :18], torch.sigmoid(out[:, 18:]), self.weight,
-                                       self.bias)
+        return deform_conv(x, out[:, :18], torch.sigmoid(out[:, 18:]), self.weight, self.bias)
 
 
 def condition_mlp(channels: int) -> nn.Sequential:
@@ -157,8 +110,9 @@ class Predictor(nn.Module):
 
 
 class CAMixer(nn.Module):
-    """``mixer``: q = k = warped x. A shift rolls x (not the global condition) by −shift; the
-    warp samples the unrolled x with the rolled frame's offsets (official), output rolled back."""
+    """``mixer``: q = k = warped x. Officially a shift rolls x (not the global condition) by
+    −shift, the warp samples the unrolled x with the rolled frame's offsets and the output is
+    rolled back; here only the predictor runs rolled, the attention in shifted windows."""
 
     def __init__(self, channels: int, window_size: int, shift: int) -> None:
         super().__init__()
@@ -178,26 +132,30 @@ class CAMixer(nn.Module):
 
     def forward(self, x: Tensor, cg: Tensor, settings: dict) -> tuple[Tensor, BlockRouting]:
         ws = self.window_size
-        v = self.project_v(self.roll(x, -1))
+        v = self.project_v(x)                    # a 1×1 projection commutes with the roll
         cw = window_condition(*x.shape[2:], ws, dtype=x.dtype, device=x.device)
-        condition = torch.cat([v, cg, self.roll(cw, -1).expand(x.shape[0], -1, -1, -1)], dim=1)
-        pred, offsets, ca, sa = self.route(condition, ws)
-        qk = self.roll(deform_warp(x, offsets).contiguous(memory_format=torch.channels_last), -1)
+        v_rolled = self.roll(v, -1)
+        condition = torch.cat([v_rolled, cg, self.roll(cw, -1).expand(x.shape[0], -1, -1, -1)],
+                              dim=1)
+        pred, offsets, ca, sa = self.route(condition, ws)             # rolled frame
+        qk = deform_warp(x, offsets).contiguous(memory_format=torch.channels_last)
         weights = (self.project_q.weight, self.project_q.bias, self.project_k.weight,
                    self.project_k.bias)
         if self.training:
             mask = training_mask(pred, noise=settings["train_noise"],
                                  generator=settings["generator"])
-            attn = masked_window_attention(qk, qk, v, sa, mask, *weights, window_size=ws)
+            qk = self.roll(qk, -1)
+            attn = self.roll(masked_window_attention(qk, qk, v_rolled, sa, mask, *weights,
+                                                     window_size=ws), 1)
             record = BlockRouting(pred, None, None, mask)
-        else:
+        else:   # the image frame: windows offset by the shift, gathered by index
             r = hard_fraction(pred, settings["routing"], settings["generator"])
             num_hard = num_hard_windows(r, pred.shape[1], settings["gamma"])
             order = window_order(pred[..., 0], settings["tie_break"])
-            attn = settings["ops"].window_attention(qk, qk, v, sa, *weights, num_hard, order,
-                                                    window_size=ws)
+            attn = settings["ops"].window_attention(qk, qk, v, self.roll(sa, 1), *weights,
+                                                    num_hard, order, window_size=ws,
+                                                    shift=self.shift)
             record = BlockRouting(pred, num_hard, order, None)
-        attn = self.roll(attn, 1)
         out = F.gelu(self.conv_sptial(attn)) * ca + attn
         return self.project_out(out), record
 
@@ -248,7 +206,7 @@ class Group(nn.Module):
         for block in self.body:
             x, record = block(x, cg, settings)
             records.append(record)
-        return self.body_tail(x, self.offset_conv(cg)) + shortcut
+        return self.body_tail(x, self.offset_conv(cg), settings["ops"].deform_conv) + shortcut
 
 
 class CAMixerOSR(nn.Module):
@@ -306,8 +264,9 @@ class CAMixerOSR(nn.Module):
             raise ValueError(f"condition must be (B or 1, 1, {height}, {width}) for an input "
                              f"{tuple(lr.shape)}, got {shape}")
         condition = condition.to(lr.device, torch.float32).expand(b, -1, -1, -1)
-        settings = {"ops": self.ops(lr.device), "gamma": self.gamma, "routing": self.routing, "tie_break": self.tie_break,
-                    "generator": generator, "train_noise": self.train_noise}
+        settings = {"ops": self.ops(lr.device), "gamma": self.gamma, "routing": self.routing,
+                    "tie_break": self.tie_break, "generator": generator,
+                    "train_noise": self.train_noise}
         if self.training or b == 1:
             sr, routing = self._forward(lr.float(), condition, settings)
         else:   # image by image: each output is bit-identical to its solo run
@@ -337,6 +296,7 @@ class CAMixerOSR(nn.Module):
         feat = self.norm(x)
         for group in self.body:
             feat = group(feat, cg, settings, records)
-        feat = self.dcn(self.body_tail(feat), self.offset_conv(cg)) + x
+        feat = self.dcn(self.body_tail(feat), self.offset_conv(cg),
+                        settings["ops"].deform_conv) + x
         sr = self.tail(feat) + self.mean
         return sr[..., :height * self.scale, :width * self.scale], Routing(tuple(records))

@@ -13,15 +13,21 @@ import math
 import os
 from pathlib import Path
 
+import camixer_fast.reference.dcn as dcn_module
 import pytest
 import torch
-
-from camixer_fast.models.loading import (CheckpointError, build_model, build_osr_model,
-                                         infer_osr_config, is_osr_state_dict)
-from camixer_fast.reference import odisr
+from camixer_fast.reference.dcn import modulated_deform_conv2d
 from camixer_fast.reference.model import CAMixerSR
-from camixer_fast.reference.odisr import CAMixerOSR, latitude_condition, modulated_deform_conv2d
+from camixer_fast.reference.odisr import CAMixerOSR, latitude_condition
 from conftest import BENCH, REPO, assert_close, bench_module
+
+from camixer_fast.models.loading import (
+    CheckpointError,
+    build_model,
+    build_osr_model,
+    infer_osr_config,
+    is_osr_state_dict,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 fx = bench_module("odisr_fixture", BENCH / "official")
@@ -77,7 +83,7 @@ def dcn_inputs(seed: int = 0):
 
 @pytest.mark.parametrize("chunk", [1 << 14, 7], ids=["one-step", "row-by-row"])
 def test_dcn_matches_direct_formula(chunk: int, monkeypatch) -> None:
-    monkeypatch.setattr(odisr, "DCN_CHUNK", chunk)
+    monkeypatch.setattr(dcn_module, "DCN_CHUNK", chunk)
     x, offset, mask, weight, bias = dcn_inputs()
     got = modulated_deform_conv2d(x, offset, mask, weight, bias, padding=1)
     assert_close("dcn vs direct loop", direct_dcn(x, offset, mask, weight, bias, 1), got, 1e-5)
@@ -106,6 +112,26 @@ def test_dcn_bad_offsets_are_refused() -> None:
     x, offset, mask, weight, bias = dcn_inputs()
     with pytest.raises(ValueError, match="offset"):
         modulated_deform_conv2d(x, offset[:, :16], mask, weight, bias)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("shift", [0, 8, 5], ids=lambda s: f"shift{s}")
+def test_shifted_window_attention_is_the_rolled_one(backend: str, shift: int) -> None:
+    """Windows offset by ``shift`` (wrapping) == the maps rolled by −shift, mixed, rolled back."""
+    from camixer_fast.backends import select_backend
+
+    g = torch.Generator().manual_seed(3)
+    x, k_in, v = (torch.randn(2, 12, 48, 32, generator=g) for _ in range(3))
+    sa = torch.rand(2, 1, 48, 32, generator=g)
+    weights = [torch.randn(12, 12, generator=g) * 0.3, torch.randn(12, generator=g)] * 2
+    num_hard, order = torch.tensor([6, 2]), torch.stack([torch.randperm(6, generator=g)] * 2)
+    roll = lambda t, s: torch.roll(t, (s, s), dims=(2, 3))  # noqa: E731
+    ops = select_backend(backend).ops
+    want = roll(ops.window_attention(*(roll(t, -shift) for t in (x, k_in, v, sa)), *weights,
+                                     num_hard, order, window_size=16), shift)
+    got = ops.window_attention(x, k_in, v, sa, *weights, num_hard, order, window_size=16,
+                               shift=shift)
+    assert_close(f"{backend} shift {shift}", want, got, 1e-6)
 
 
 @pytest.mark.parametrize("height,width", [(1, 1), (7, 14), (32, 64)], ids=str)

@@ -44,8 +44,9 @@ class DeformableKey(Protocol):
 class WindowAttention(Protocol):
     def __call__(self, x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor, bq: Tensor,
                  wk: Tensor, bk: Tensor, num_hard: Tensor, order: Tensor, *,
-                 window_size: int) -> Tensor:
-        """Inference token mixing: attention on the hard windows, v·sa on the others."""
+                 window_size: int, shift: int = ...) -> Tensor:
+        """Inference token mixing: attention on the hard windows, v·sa on the others; the
+        window grid offset by ``shift`` and wrapping (CAMixerOSR's shifted windows)."""
 
 
 class MaskedWindowAttention(Protocol):
@@ -58,6 +59,13 @@ class Linear(Protocol):
     def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None = ..., *,
                  residual: Tensor | None = ...) -> Tensor:
         """x (..., C_in) -> x·weightᵀ + bias [+ residual] (..., C_out): a 1×1 convolution."""
+
+
+class DeformConv(Protocol):
+    def __call__(self, x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor,
+                 bias: Tensor | None = ..., *, padding: int = ..., dilation: int = ...) -> Tensor:
+        """DCNv2, stride 1: x (B, C, H, W), offset (B, 2K, h, w) as (Δy, Δx) per tap, mask
+        (B, K, h, w), weight (O, C, kh, kw) -> (B, O, h, w) (CAMixerOSR's tails)."""
 
 
 class BlockInference(Protocol):
@@ -81,6 +89,7 @@ class Ops:
     window_attention: WindowAttention
     masked_window_attention: MaskedWindowAttention
     linear: Linear
+    deform_conv: DeformConv
     block_inference: BlockInference | None = None
     whole_batch: bool = False
     sync_free: bool = False
@@ -138,14 +147,19 @@ def _reference_unsupported(device: torch.device, dtype: torch.dtype,
 
 
 def _reference_ops() -> Ops:
-    from camixer_fast.backends.ops import reference_route_windows, reference_window_attention
+    from camixer_fast.backends.ops import (
+        reference_route_windows,
+        reference_window_attention,
+    )
     from camixer_fast.reference import dense
     from camixer_fast.reference.attention_training import masked_window_attention
+    from camixer_fast.reference.dcn import modulated_deform_conv2d
     from camixer_fast.reference.routing import window_scores
     from camixer_fast.reference.warp import deformable_key
 
     return Ops(reference_route_windows, window_scores, deformable_key,
-               reference_window_attention, masked_window_attention, dense.linear)
+               reference_window_attention, masked_window_attention, dense.linear,
+               modulated_deform_conv2d)
 
 
 def _cpu_ops() -> Ops:
@@ -158,11 +172,13 @@ def _triton_ops() -> Ops:
     from camixer_fast import kernels
     from camixer_fast.kernels.block import block_inference
     from camixer_fast.reference import dense
+    from camixer_fast.reference.dcn import modulated_deform_conv2d
     from camixer_fast.reference.routing import window_scores
 
     return Ops(kernels.route_windows, window_scores, kernels.deformable_key,
                kernels.window_attention, kernels.masked_window_attention, dense.linear,
-               block_inference=block_inference, whole_batch=True, sync_free=True)
+               modulated_deform_conv2d, block_inference=block_inference, whole_batch=True,
+               sync_free=True)
 
 
 REGISTRY: dict[str, Backend] = {

@@ -9,14 +9,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from camixer_fast.backends import Ops
+from camixer_fast.backends import dense as cpu_dense
 from camixer_fast.backends.memory import raise_mmap_threshold
-from camixer_fast.backends.ops import NAMESPACE, needs_grad, reference_route_windows, tracing
+from camixer_fast.backends.ops import (
+    NAMESPACE,
+    needs_grad,
+    reference_route_windows,
+    tracing,
+)
 from camixer_fast.reference.attention_inference import DEFAULT_CHUNK
 from camixer_fast.reference.attention_training import masked_window_attention
+from camixer_fast.reference.dcn import modulated_deform_conv2d
 from camixer_fast.reference.routing import window_scores
 from camixer_fast.reference.warp import deform_warp
 from camixer_fast.reference.windows import check_window_grid
-from camixer_fast.backends import dense as cpu_dense
 
 
 def to_nhwc(x: Tensor) -> Tensor:
@@ -29,20 +35,28 @@ def _channels_last_like(x: Tensor, *args: object) -> Tensor:
 
 
 def hard_window_pixels(num_hard: Tensor, order: Tensor, height: int, width: int,
-                       window_size: int) -> Tensor:
+                       window_size: int, shift: int = 0) -> Tensor:
     """Flat indices ``b·H·W + row·W + column`` of the hard windows' tokens, (ΣK·ws²,) int64,
-    windows in :func:`~camixer_fast.reference.routing.flat_hard_windows` order."""
+    windows in :func:`~camixer_fast.reference.routing.flat_hard_windows` order; ``shift``: the
+    grid starts at (shift, shift) and wraps around."""
     counts = num_hard.tolist()
     parts = [(i, order[i, :k]) for i, k in enumerate(counts) if k]
     if not parts:
         return torch.empty(0, dtype=torch.long, device=order.device)
     cols = width // window_size
     ramp = torch.arange(window_size, device=order.device)
-    inside = ramp.view(-1, 1) * width + ramp.view(1, -1)
-    corners = [i * (height * width) + torch.div(w, cols, rounding_mode="floor")
-               * (window_size * width) + (w % cols) * window_size for i, w in parts]
-    corner = corners[0] if len(corners) == 1 else torch.cat(corners)
-    return (corner.view(-1, 1, 1) + inside).reshape(-1)
+    window = parts[0][1] if len(parts) == 1 else torch.cat([w for _, w in parts])
+    image = torch.cat([torch.full_like(w, i) for i, w in parts]) * (height * width)
+    if not shift:
+        inside = ramp.view(-1, 1) * width + ramp.view(1, -1)
+        corner = image + torch.div(window, cols, rounding_mode="floor") * (window_size * width) \
+            + (window % cols) * window_size
+        return (corner.view(-1, 1, 1) + inside).reshape(-1)
+    rows = (torch.div(window, cols, rounding_mode="floor").view(-1, 1) * window_size + ramp
+            + shift) % height
+    columns = ((window % cols).view(-1, 1) * window_size + ramp + shift) % width
+    return (image.view(-1, 1, 1) + rows.view(-1, window_size, 1) * width
+            + columns.view(-1, 1, window_size)).reshape(-1)
 
 
 KEY_PIXELS = 4096  # pixels per step: their neighbours' rows stay below glibc's mmap threshold
@@ -128,13 +142,13 @@ def folded_query(wq: Tensor, bq: Tensor, wk: Tensor) -> tuple[Tensor, Tensor]:
 
 def hard_window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
                           bq: Tensor, wk: Tensor, bk: Tensor, num_hard: Tensor, order: Tensor,
-                          window_size: int, chunk: int) -> Tensor:
+                          window_size: int, chunk: int, shift: int = 0) -> Tensor:
     """:func:`window_attention` (the operator ``camixer::cpu_window_attention``)."""
     dtype = x.dtype
     _, c, height, width = x.shape
     check_window_grid(height, width, window_size)
     vh = to_nhwc(v.float())
-    pixels = hard_window_pixels(num_hard, order, height, width, window_size)
+    pixels = hard_window_pixels(num_hard, order, height, width, window_size, shift)
     if pixels.numel() == vh.shape[0] * height * width:
         out = torch.empty_like(vh)
     else:
@@ -162,21 +176,22 @@ _window_attention_op.register_fake(_channels_last_like)
 
 def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor, bq: Tensor,
                      wk: Tensor, bk: Tensor, num_hard: Tensor, order: Tensor, *,
-                     window_size: int, chunk: int = DEFAULT_CHUNK) -> Tensor:
+                     window_size: int, chunk: int = DEFAULT_CHUNK, shift: int = 0) -> Tensor:
     """Inference token mixing (spec §3.7), the reference's signature: x, k_in, v (B, C, H, W),
     sa (B, 1, H, W), wq, wk (C, C), bq, bk (C,), num_hard (B,), order (B, N) -> channels-last
-    (B, C, H, W) in x's dtype: ``v·sa``, the hard windows' attention (fp32) written over it."""
+    (B, C, H, W) in x's dtype: ``v·sa``, the hard windows' attention (fp32) written over it;
+    ``shift`` offsets the window grid (wrapping), gathered by index, no rolled copies."""
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     if not tracing() or needs_grad(x, k_in, v, sa, wq, bq, wk, bk):
         return hard_window_attention(x, k_in, v, sa, wq, bq, wk, bk, num_hard, order,
-                                     window_size, chunk)
+                                     window_size, chunk, shift)
     check_window_grid(x.shape[2], x.shape[3], window_size)
     return _window_attention_op(x, k_in, v, sa, wq, bq, wk, bk, num_hard, order, window_size,
-                                chunk)
+                                chunk, shift)
 
 
 CPU_OPS = Ops(reference_route_windows, window_scores, deformable_key, window_attention,
-              masked_window_attention, cpu_dense.linear)
+              masked_window_attention, cpu_dense.linear, modulated_deform_conv2d)
 
 raise_mmap_threshold()  # imported at the first CPU forward: glibc keeps freed maps from then on

@@ -26,6 +26,7 @@ from camixer_fast.backends import Backend, Ops
 from camixer_fast.io.files import atomic_path
 from camixer_fast.reference import dense
 from camixer_fast.reference.attention_training import masked_window_attention
+from camixer_fast.reference.dcn import modulated_deform_conv2d
 from camixer_fast.reference.model import CAMixerSR
 from camixer_fast.reference.routing import WindowRouting, check_gamma, window_scores
 from camixer_fast.reference.windows import to_windows
@@ -127,7 +128,7 @@ def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
 
 
 ONNX_OPS = Ops(route_windows, window_scores, deformable_key, window_attention,
-               masked_window_attention, dense.linear, whole_batch=True)
+               masked_window_attention, dense.linear, modulated_deform_conv2d, whole_batch=True)
 
 
 def _onnx_unsupported(device: torch.device, dtype: torch.dtype, training: bool) -> str | None:

@@ -147,29 +147,32 @@ def reference_route_windows(h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: T
 @torch.library.custom_op(f"{NAMESPACE}::reference_window_attention", mutates_args=())
 def _reference_window_attention_op(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
                                    bq: Tensor, wk: Tensor, bk: Tensor, num_hard: Tensor,
-                                   order: Tensor, window_size: int, chunk: int) -> Tensor:
+                                   order: Tensor, window_size: int, chunk: int,
+                                   shift: int = 0) -> Tensor:
     return attention_inference.window_attention(x, k_in, v, sa, wq, bq, wk, bk, num_hard, order,
-                                                window_size=window_size, chunk=chunk)
+                                                window_size=window_size, chunk=chunk, shift=shift)
 
 
 @_reference_window_attention_op.register_fake
 def _(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor, bq: Tensor, wk: Tensor,
-      bk: Tensor, num_hard: Tensor, order: Tensor, window_size: int, chunk: int) -> Tensor:
+      bk: Tensor, num_hard: Tensor, order: Tensor, window_size: int, chunk: int,
+      shift: int = 0) -> Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def reference_window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
                                bq: Tensor, wk: Tensor, bk: Tensor, num_hard: Tensor,
                                order: Tensor, *, window_size: int,
-                               chunk: int = attention_inference.DEFAULT_CHUNK) -> Tensor:
+                               chunk: int = attention_inference.DEFAULT_CHUNK,
+                               shift: int = 0) -> Tensor:
     """:func:`camixer_fast.reference.attention_inference.window_attention`; one operator while
     traced. x, k_in, v (B, C, H, W), sa (B, 1, H, W) -> attn_out (B, C, H, W), contiguous."""
     if not tracing() or needs_grad(x, k_in, v, sa, wq, bq, wk, bk):
         return attention_inference.window_attention(x, k_in, v, sa, wq, bq, wk, bk, num_hard,
                                                     order, window_size=window_size,
-                                                    chunk=chunk)
+                                                    chunk=chunk, shift=shift)
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     check_window_grid(x.shape[2], x.shape[3], window_size)
     return _reference_window_attention_op(x, k_in, v, sa, wq, bq, wk, bk, num_hard, order,
-                                          window_size, chunk)
+                                          window_size, chunk, shift)
