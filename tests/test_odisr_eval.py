@@ -110,6 +110,9 @@ def test_cli_json_bicubic_equals_lr_files(weights: Path, tmp_path: Path,
     assert without_time(a["results"]) == without_time(b["results"])
     (result,) = a["results"]
     assert result["gamma"] == 0.5
+    api = evaluate_odi(load_model(weights, backend="reference"), tmp_path / "HR", [0.5])
+    api_json = json.loads(json.dumps([r.to_dict() for r in api]))
+    assert without_time(a["results"]) == without_time(api_json)
     for metric in ("psnr", "ssim", "ws_psnr", "ws_ssim", "k_fraction"):
         assert result[f"mean_{metric}"] == pytest.approx(
             np.mean([img[metric] for img in result["images"]]), rel=1e-12)
