@@ -106,3 +106,14 @@ def test_table_mean_row_is_the_mean_time(capsys: pytest.CaptureFixture[str]) -> 
     print_table(result, 4)
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
     assert rows["mean"][-1] == "2.000" and rows["total"][-1] == "4.000"
+
+
+def test_standard_json_keys_are_unchanged() -> None:
+    """The ODI-SR fields appear only in ODI scores: the standard eval's JSON keeps its keys."""
+    from camixer_fast.evaluation.evaluate import GammaScore, ImageScore
+
+    result = GammaScore(0.5, [ImageScore("a", (4, 4), 30.0, 0.9, 0.5, 1.0)]).to_dict()
+    assert list(result) == ["gamma", "mean_psnr", "mean_ssim", "mean_k_fraction", "seconds",
+                            "images"]
+    assert list(result["images"][0]) == ["name", "lr_size", "psnr", "ssim", "k_fraction",
+                                         "seconds"]
