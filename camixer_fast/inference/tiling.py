@@ -37,11 +37,12 @@ MEMORY_USE = {"cpu": MemoryUse(per_pixel=1400, overhead=128 << 20, fraction=0.9)
 
 OSR_MEMORY_USE = {"cpu": MemoryUse(per_pixel=5600, overhead=128 << 20, fraction=0.9),
                   "cuda": MemoryUse(per_pixel=24000, overhead=0, fraction=0.5)}
-"""CAMixerOSR (C = 60): CPU, its measured VmPeak growth with a margin; CUDA: not measured."""
+"""CAMixerOSR (C = 60): CPU, its measured VmPeak growth with a margin; CUDA: CAMixerSR's
+CUDA/CPU ratio, not measured."""
 
-PANORAMA_MARGIN = 32
-"""LR columns a panorama is wrapped by on each side: two 16-pixel windows (a multiple of the
-window keeps the window grid where the unwrapped run has it)."""
+PANORAMA_MARGIN = 64
+"""LR columns a panorama is wrapped by on each side: four 16-pixel windows (a multiple of the
+window keeps the window grid where the unwrapped run has it; docs/odisr.md has the seam)."""
 
 
 def memory_use(device: torch.device | str, *, panoramic: bool = False) -> MemoryUse:
