@@ -30,7 +30,7 @@ from common import RESULTS, SHARED, THREADS, append_rows, machine_stamp, row  # 
 from odisr_fixture import seeded_state_dict  # noqa: E402
 
 import camixer_fast  # noqa: E402
-from camixer_fast.inference import api  # noqa: E402
+from camixer_fast.inference import api, tiling  # noqa: E402
 
 
 def panorama(height: int) -> np.ndarray:
@@ -57,10 +57,12 @@ def seam(stamp: dict, weights: dict) -> list[dict]:
                       "interior_step": float((sr[..., 1:] - sr[..., :-1]).abs().mean()),
                       "seam_error": band_error(sr, ref, 0, 32),
                       "interior_error": band_error(sr, ref, width, 32)}
-            case = f"seam {'wrapped' if wrap else 'unwrapped'} {'whole' if tile is None else f'T{tile}'}"
+            case = (f"seam {'wrapped' if wrap else 'unwrapped'} "
+                    f"{'whole' if tile is None else f'T{tile}'}")
             print(case, values)
             rows += [row("odisr-panorama", case, k, v, "", stamp, lr_size="128x256", gamma=1.0,
-                         tile=tile, wrap=wrap, weights="seeded published layout x4",
+                         tile=tile, wrap=tiling.PANORAMA_MARGIN if wrap else 0,
+                         weights="seeded published layout x4",
                          image="Urban100 img_002 + mirror") for k, v in values.items()]
     return rows
 
@@ -83,7 +85,8 @@ def eight_k(stamp: dict, weights: dict, limit_gb: float) -> list[dict]:
     values = {"wall": (seconds, "s"), "peak_rss": (peak, "MB"), "tile": (chosen[0] or 0, "px")}
     print(sr.shape, values)
     return [row("odisr-panorama", "8k ERP: LR 1024x2048 x4 tile=auto wrapped", k, v, unit, stamp,
-                limit_as_gb=limit_gb, gamma=0.5, weights="seeded published layout x4")
+                limit_as_gb=limit_gb, gamma=0.5, wrap=tiling.PANORAMA_MARGIN,
+                weights="seeded published layout x4")
             for k, (v, unit) in values.items()]
 
 

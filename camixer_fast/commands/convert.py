@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"camixer-fast convert: {err}", file=sys.stderr)
         return 1
     config = json.loads(metadata["camixer_fast.config"])
-    print(f"wrote {args.output}: {metadata['camixer_fast.architecture']} C={config['n_feats']}, ×{config['scale']}, blocks "
+    print(f"wrote {args.output}: {metadata['camixer_fast.architecture']} "
+          f"C={config['n_feats']}, ×{config['scale']}, blocks "
           f"{tuple(config['blocks_per_group'])}, window {config['window_size']}, "
           f"{int(metadata['camixer_fast.parameters']):,} parameters "
           f"({metadata['camixer_fast.dtype']}, from {metadata['camixer_fast.source']} "

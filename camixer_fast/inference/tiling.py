@@ -191,7 +191,7 @@ def tile_origins(size: int, tile: int) -> list[int]:
 def conditioned(model: CAMixerSR | CAMixerOSR | CUDAGraphModel, x: Tensor,
                 tops: list[int], rows: tuple[int, int] | None) -> Tensor:
     """``model`` on (k·B, 3, h, w) ``x``, k pieces of B images; a CAMixerOSR gives piece i the
-    latitude of rows ``rows[0] + tops[i]`` on of a ``rows[1]``-row panorama."""
+    latitude of its rows from ``rows[0] + tops[i]`` on in a ``rows[1]``-row panorama."""
     if rows is None:
         return model(x)
     height, width = x.shape[-2:]
@@ -210,9 +210,11 @@ def tiled_forward(model: CAMixerSR | CAMixerOSR | CUDAGraphModel, x: Tensor, til
     given to ``model`` per call (it runs them one by one, so the result does not depend on it).
     Memory: one tile's working set plus the float32 output and ``batch`` tiles' outputs.
     rows: for CAMixerOSR, (top, full height) of ``x`` in its panorama (each tile gets its rows'
-    condition); None for CAMixerSR.
+    condition; None: all of it); None for CAMixerSR.
     """
     images, _, height, width = x.shape
+    if rows is None and is_panoramic(model):
+        rows = (0, height)
     scale = model.scale
     tile_h, tile_w = min(tile, height), min(tile, width)
     tops, lefts = tile_origins(height, tile_h), tile_origins(width, tile_w)
