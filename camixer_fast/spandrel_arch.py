@@ -5,7 +5,9 @@
 >>> model = spandrel.ModelLoader().load_from_file("CAMixerSR_S.pth")
 
 Detection needs CAMixerSR's own module names and shapes :func:`~camixer_fast.infer_config`
-reads, so other architectures (ClassSR's, CAMixerOSR) are not claimed.
+reads, so other architectures (ClassSR's) are not claimed. A CAMixerOSR (ODI-SR) state dict is
+claimed and refused with a CheckpointError naming :func:`camixer_fast.upscale`: a host's tiles
+would each be taken as a whole panorama (wrong latitudes, no wrap at the 0°/360° seam).
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ except Exception as err:  # noqa: BLE001 - a torchvision built for another torch
         f"CUDA index)") from None
 
 from camixer_fast.evaluation.cost import MODEL_SIZES
-from camixer_fast.models.loading import CheckpointError, build_model, infer_config
+from camixer_fast.models.loading import (CheckpointError, build_model, infer_config,
+                                         infer_osr_config, is_osr_state_dict)
 from camixer_fast.reference.model import CAMixerSR
 
 ARCH_ID = "CAMixerSR"
@@ -68,8 +71,27 @@ SIGNATURE = (
 )
 
 
+OSR_SIGNATURE = ("head.weight", "offset_conv.0.weight", "dcn.weight", "dcn.conv_offset.weight",
+                 "body.0.offset_conv.0.weight", "body.0.body_tail.conv_offset.weight",
+                 "body.0.body.0.mixer.route.out_mask.0.weight", "tail.0.weight")
+
+
+def is_odisr(state_dict: Mapping[str, object]) -> bool:
+    """Whether ``state_dict`` is a readable CAMixerOSR (ODI-SR) one."""
+    if not all(key in state_dict for key in OSR_SIGNATURE):
+        return False
+    try:
+        infer_osr_config(state_dict)  # type: ignore[arg-type]
+    except (CheckpointError, AttributeError, IndexError, TypeError, KeyError):
+        return False
+    return is_osr_state_dict(state_dict)  # type: ignore[arg-type]
+
+
 def detect(state_dict: Mapping[str, object]) -> bool:
-    """Whether ``state_dict`` has the :data:`SIGNATURE` keys and readable hyperparameters."""
+    """Whether ``state_dict`` has the :data:`SIGNATURE` keys and readable hyperparameters (or
+    is CAMixerOSR's, refused by :meth:`CAMixerSRArch.load`)."""
+    if is_odisr(state_dict):
+        return True
     if not all(key in state_dict for key in SIGNATURE):
         return False
     try:
@@ -87,7 +109,13 @@ class CAMixerSRArch(Architecture[CAMixerSR]):
 
     def load(self, state_dict: StateDict) -> ImageModelDescriptor[CAMixerSR]:
         """A descriptor around a CAMixerSR shaped after ``state_dict`` (γ = 0.5, expected
-        routing, the "auto" backend per call's device)."""
+        routing, the "auto" backend per call's device); CheckpointError for CAMixerOSR."""
+        if is_odisr(state_dict):
+            raise CheckpointError(
+                "a CAMixerOSR (ODI-SR, 360° panorama) state dict: not offered through spandrel, "
+                "whose hosts tile images without the latitude rows and the horizontal wrap a "
+                "panorama needs; use camixer_fast.upscale(img, weights=...) or "
+                "'camixer-fast upscale --weights ...'")
         model = build_model(state_dict).eval()
         model.backend = "auto"
         size = next((name for name, c in MODEL_SIZES.items() if c == model.n_feats), None)
@@ -122,4 +150,4 @@ def install(registry: ArchRegistry = MAIN_REGISTRY, *,
     return registry.add(*CAMIXER_REGISTRY, ignore_duplicates=ignore_duplicates)
 
 
-__all__ = ["ARCH_ID", "CAMIXER_REGISTRY", "CAMixerSRArch", "detect", "install"]
+__all__ = ["ARCH_ID", "CAMIXER_REGISTRY", "CAMixerSRArch", "detect", "install", "is_odisr"]

@@ -1,6 +1,6 @@
 """``camixer-fast convert IN OUT``: official ``.pth`` <-> safetensors.
 
-Exit status: 0 written, 1 unreadable or non-CAMixerSR input, 2 bad arguments (including an
+Exit status: 0 written, 1 unreadable or non-CAMixerSR/OSR input, 2 bad arguments (including an
 existing OUT without ``--overwrite`` and an OUT that cannot be written).
 """
 
@@ -20,12 +20,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``convert`` subcommand to ``subparsers``; its ``func`` is :func:`run`."""
     parser = subparsers.add_parser(
         "convert", help="convert weights between .pth and .safetensors",
-        description="Write a CAMixerSR checkpoint as safetensors (one state dict, with the "
-                    "model's config, parameter count and source in its metadata) or as a "
-                    ".pth in the official layout {'params', 'params_ema'}. OUT's suffix picks "
-                    "the format. The weights are checked to build a CAMixerSR first; OUT is "
-                    "written whole or not at all.",
-        epilog="Exit status: 0 written, 1 unreadable or non-CAMixerSR input, 2 bad arguments.")
+        description="Write a CAMixerSR (or CAMixerOSR, ODI-SR) checkpoint as safetensors (one "
+                    "state dict, with the architecture, config, parameter count and source in "
+                    "its metadata) or as a .pth in the official layout {'params', "
+                    "'params_ema'}. OUT's suffix picks the format. The weights are checked to "
+                    "build their network first; OUT is written whole or not at all.",
+        epilog="Exit status: 0 written, 1 unreadable or non-CAMixerSR/OSR input, 2 bad "
+               "arguments.")
     parser.add_argument("input", metavar="IN",
                         help="registered weights name, .pth or .safetensors file")
     parser.add_argument("output", metavar="OUT", help="output file: .safetensors, .pth or .pt")
@@ -56,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"camixer-fast convert: {err}", file=sys.stderr)
         return 1
     config = json.loads(metadata["camixer_fast.config"])
-    print(f"wrote {args.output}: CAMixerSR C={config['n_feats']}, ×{config['scale']}, blocks "
+    print(f"wrote {args.output}: {metadata['camixer_fast.architecture']} "
+          f"C={config['n_feats']}, ×{config['scale']}, blocks "
           f"{tuple(config['blocks_per_group'])}, window {config['window_size']}, "
           f"{int(metadata['camixer_fast.parameters']):,} parameters "
           f"({metadata['camixer_fast.dtype']}, from {metadata['camixer_fast.source']} "

@@ -1,4 +1,5 @@
-"""``camixer-fast info``: parameters, the paper's FLOPs and measured multiply-adds of a model.
+"""``camixer-fast info``: parameters, the paper's FLOPs and measured multiply-adds of a model
+(of a CAMixerOSR checkpoint, ODI-SR: its shape and parameters; its costs are not counted).
 
 Exit status: 0 done, 1 unreadable weights, 2 bad arguments.
 """
@@ -16,6 +17,7 @@ from camixer_fast.cli import gamma_type
 from camixer_fast.evaluation.cost import MODEL_SIZES, measure_madds, paper_flops, parameter_count
 from camixer_fast.models.loading import CheckpointError, load_model
 from camixer_fast.reference.model import CAMixerSR
+from camixer_fast.reference.odisr import CAMixerOSR
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -54,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return parser
 
 
-def _build(args: argparse.Namespace) -> CAMixerSR:
+def _build(args: argparse.Namespace) -> CAMixerSR | CAMixerOSR:
     if args.weights is not None:
         model = load_model(args.weights, gamma=args.gamma, backend="reference")
         if args.scale is not None and args.scale != model.scale:
@@ -79,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"camixer-fast info: {err}", file=sys.stderr)
         return 2
+    if isinstance(model, CAMixerOSR):
+        return _report_osr(args, model)
     height, width = args.lr_size
     x = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
     madds, routing = measure_madds(model, x)
@@ -112,4 +116,23 @@ def run(args: argparse.Namespace) -> int:
           f"Q/K projections {madds['qk_projection'] / 1e9:.3f}G, "
           f"attention {madds['attention'] / 1e9:.3f}G")
     print(f"  hard windows per block (of {windows}): {hard}")
+    return 0
+
+
+def _report_osr(args: argparse.Namespace, model: CAMixerOSR) -> int:
+    """A CAMixerOSR checkpoint's shape and parameters (FLOPs and MAdds count CAMixerSR only)."""
+    info = {"model": args.weights, "weights": "checkpoint", "architecture": "CAMixerOSR",
+            "n_feats": model.n_feats, "scale": model.scale,
+            "blocks_per_group": list(model.blocks_per_group),
+            "window_size": model.window_size, "gamma": args.gamma,
+            "parameters": parameter_count(model), "paper_flops_32x32": None, "madds": None}
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"model        {args.weights} (checkpoint): CAMixerOSR (ODI-SR, 360° panoramas), "
+          f"C={model.n_feats}, ×{model.scale}, blocks {tuple(model.blocks_per_group)}, "
+          f"window {model.window_size}")
+    print(f"parameters   {info['parameters']:,}")
+    print("FLOPs/MAdds  not counted for CAMixerOSR (its DCN tails and latitude condition are "
+          "outside the CAMixerSR cost model)")
     return 0

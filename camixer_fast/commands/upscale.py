@@ -97,10 +97,16 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--gamma", type=gamma_type, default=0.5, metavar="G",
                         help="attention ratio in [0, 1] (default 0.5)")
     parser.add_argument("--weights", default="CAMixerSR-S", metavar="NAME_OR_PATH",
-                        help="registered weights name or checkpoint path (default CAMixerSR-S)")
+                        help="registered weights name or checkpoint path (default CAMixerSR-S); "
+                             "CAMixerSR-ODISR-x2/-x4 (CAMixerOSR) take each input as a whole "
+                             "360° equirectangular panorama")
     parser.add_argument("--tile", type=_tile, default=None, metavar="T|auto",
                         help="run in overlapping T×T tiles of the input (spec §5) to bound "
                              "memory; 'auto' tiles only what does not fit in memory")
+    parser.add_argument("--no-wrap", action="store_true",
+                        help="ODI-SR (CAMixerOSR) weights: do not wrap the panorama around "
+                             "horizontally (default: its left and right edges are run as "
+                             "neighbours, so the 0°/360° seam matches the interior)")
     parser.add_argument("--device", default=None, metavar="D",
                         help="torch device (default: cuda if available, else cpu; cuda:LOCAL_RANK "
                              "under torchrun)")
@@ -390,7 +396,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             engine = Engine(args.gamma, weights=args.weights, tile=args.tile, device=device,
                             dtype=args.dtype, batch_size=args.batch_size, workers=args.workers,
-                            threads=args.threads)
+                            threads=args.threads, wrap=False if args.no_wrap else None)
         except (CheckpointError, FileNotFoundError) as err:
             raise UsageError(f"--weights {args.weights}: {err}") from None
         except (RuntimeError, ValueError) as err:

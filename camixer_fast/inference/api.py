@@ -18,11 +18,19 @@ from PIL import Image
 from torch import Tensor
 
 from camixer_fast.inference.graphs import CUDAGraphModel
-from camixer_fast.inference.tiling import ProgressCallback, auto_tile, run_network
+from camixer_fast.inference.tiling import (
+    ProgressCallback,
+    auto_tile,
+    check_rows,
+    is_panoramic,
+    run_network,
+    wrap_margin,
+)
 from camixer_fast.io.image import array_to_pil, check_range, merge_array, pil_to_array, split_array
 from camixer_fast.models.loading import load_model
 from camixer_fast.models.weights import WEIGHTS_ENV
 from camixer_fast.reference.model import CAMixerSR
+from camixer_fast.reference.odisr import CAMixerOSR
 from camixer_fast.reference.routing import check_gamma
 
 ImageLike = TypeVar("ImageLike", Image.Image, np.ndarray, Tensor)
@@ -40,12 +48,15 @@ CACHE_SIZE = 8
 class CachedModel:
     """A loaded model, the lock that serializes its calls, and its CUDA graphs once made."""
 
-    model: CAMixerSR
+    model: CAMixerSR | CAMixerOSR
     lock: threading.Lock = field(default_factory=threading.Lock)
     graphed: CUDAGraphModel | None = None
 
     def graphs(self) -> CUDAGraphModel:
         """The model's :class:`~camixer_fast.inference.graphs.CUDAGraphModel` (or RuntimeError)."""
+        if is_panoramic(self.model):
+            raise RuntimeError("cuda_graph replays CAMixerSR only: CAMixerOSR (ODI-SR) weights "
+                               "run without it")
         if self.graphed is None:
             self.graphed = CUDAGraphModel(self.model)
         return self.graphed
@@ -125,19 +136,24 @@ def _super_resolve(x: Tensor, gamma: float, weights: str | os.PathLike | Mapping
                    tile: int | str | None, device: torch.device, dtype: torch.dtype,
                    backend: str, progress: ProgressCallback | None,
                    on_retry: Callable[[str], None] | None = None,
-                   cuda_graph: bool = False) -> Tensor:
+                   cuda_graph: bool = False, wrap: bool | int | None = None,
+                   rows: tuple[int, int] | None = None) -> Tensor:
     """(B, 3, H, W) float in [0, 1] -> (B, 3, sH, sW) clamped to [0, 1], on ``device``."""
     entry = cached_model(weights, device, dtype, backend)
     model = entry.model
+    margin = wrap_margin(model, wrap, rows)
+    rows = check_rows(rows, x.shape[2])
     with entry.lock:
         model.gamma = gamma
         run = entry.graphs() if cuda_graph else model
         with torch.inference_mode():
             x = x.to(device=device, dtype=dtype)
             if tile == "auto":
-                tile = auto_tile(x.shape[2], x.shape[3], batch=x.shape[0], scale=model.scale,
-                                 device=device, dtype=dtype)
-            out = run_network(run, x, tile, progress=progress, on_retry=on_retry)
+                tile = auto_tile(x.shape[2], x.shape[3] + 2 * margin, batch=x.shape[0],
+                                 scale=model.scale, device=device, dtype=dtype,
+                                 panoramic=is_panoramic(model))
+            out = run_network(run, x, tile, progress=progress, on_retry=on_retry, rows=rows,
+                              wrap=margin)
     return out.clamp(0, 1)
 
 
@@ -200,7 +216,8 @@ def upscale(img: ImageLike, gamma: float = 0.5, *,
             weights: str | os.PathLike | Mapping = "CAMixerSR-S",
             tile: int | str | None = None, device: torch.device | str | None = None,
             dtype: torch.dtype | str | None = None, backend: str = "auto",
-            cuda_graph: bool = False, progress: ProgressCallback | None = None) -> ImageLike:
+            cuda_graph: bool = False, progress: ProgressCallback | None = None,
+            wrap: bool | int | None = None, rows: tuple[int, int] | None = None) -> ImageLike:
     """Super-resolve ``img`` by the model's scale (×4 for CAMixerSR-S); returns the same kind.
 
     img: a PIL image (RGB, L, RGBA, LA, P, I;16; same mode back: grey via BT.601 luma, alpha
@@ -213,11 +230,16 @@ def upscale(img: ImageLike, gamma: float = 0.5, *,
       else CUDA when available. dtype: torch dtype or "fp32"/"fp16"/"bf16". backend: "auto",
       "reference", "cpu" or "triton". cuda_graph: replay as CUDA graphs (RuntimeError where it
       cannot). progress: ``progress(done, total)`` after each tile.
+    CAMixerOSR (ODI-SR) weights: ``img`` is a whole equirectangular panorama, or its rows
+      ``rows=(top, full height)`` (each tile gets its rows' latitude condition). wrap: columns
+      taken from the other edge on each side, then cropped (longitude is periodic): None = on
+      (:data:`~camixer_fast.inference.tiling.PANORAMA_MARGIN`) for a whole panorama, off for a
+      crop and for CAMixerSR; True/False; an int margin. ``rows`` with CAMixerSR: ValueError.
     """
     gamma, tile, dtype = check_gamma(gamma), check_tile(tile), resolve_dtype(dtype)
     job = prepare(img)
     device = resolve_device(device if device is not None else job.device)
     sr = _super_resolve(job.colour, gamma, weights, tile, device, dtype, backend, progress,
                         on_retry=lambda text: warnings.warn(text, RuntimeWarning, stacklevel=3),
-                        cuda_graph=bool(cuda_graph))
+                        cuda_graph=bool(cuda_graph), wrap=wrap, rows=rows)
     return job.finish(sr)

@@ -24,7 +24,9 @@ from torch import Tensor
 
 from camixer_fast.inference.api import ImageLike, Prepared, cached_model, check_tile, prepare, resolve_device, resolve_dtype
 from camixer_fast.inference.tiling import (auto_tile, available_memory, forward_bytes,
-                                           is_allocation_failure, memory_use, run_network)
+                                           is_allocation_failure, is_panoramic, MemoryUse,
+                                           memory_use,
+                                           run_network, wrap_margin)
 from camixer_fast.reference.routing import check_gamma
 
 MAX_AUTO_BATCH = 8
@@ -43,15 +45,15 @@ class Engine:
     Arguments as :func:`camixer_fast.upscale` takes them, plus batch_size (images or tiles per
     model call; None: what fits in memory, at most :data:`MAX_AUTO_BATCH`), workers (network
     copies; None: :func:`default_workers`) and threads (CPU threads per image; None: torch's
-    threads // workers). Raises what :func:`camixer_fast.load_model` raises, ValueError for
-    bad settings.
+    threads // workers); wrap as :func:`camixer_fast.upscale` takes it (images are whole
+    panoramas). Raises what :func:`camixer_fast.load_model` raises, ValueError for bad settings.
     """
 
     def __init__(self, gamma: float = 0.5, *, weights: str | os.PathLike | Mapping = "CAMixerSR-S",
                  tile: int | str | None = None, device: torch.device | str | None = None,
                  dtype: torch.dtype | str | None = None, backend: str = "auto",
                  batch_size: int | None = None, workers: int | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, wrap: bool | int | None = None) -> None:
         self.gamma = check_gamma(gamma)
         self.tile = check_tile(tile)
         self.dtype = resolve_dtype(dtype)
@@ -64,40 +66,48 @@ class Engine:
         self.batch_size = batch_size
         self.workers = workers or default_workers(self.device)
         self.threads = threads or max(1, torch.get_num_threads() // self.workers)
-        self._room = Room(int(memory_use(self.device).fraction
-                               * available_memory(self.device)))
         with _one_thread():
             base = cached_model(weights, self.device, self.dtype, backend).model
             self.scale = base.scale
+            self.panoramic = is_panoramic(base)
+            self.margin = wrap_margin(base, wrap, None)
             self.models = []
             for _ in range(self.workers):
                 model = copy.deepcopy(base)
                 model.gamma = self.gamma
                 self.models.append(model)
+        self._room = Room(int(self._use().fraction * available_memory(self.device)))
+
+    def _use(self) -> MemoryUse:
+        return memory_use(self.device, panoramic=self.panoramic)
 
     def _budget(self) -> int:
-        return int(memory_use(self.device).fraction * available_memory(self.device)
-                   / self.workers)
+        return int(self._use().fraction * available_memory(self.device) / self.workers)
 
     def tile_for(self, height: int, width: int) -> int | None:
-        """``tile``, or for "auto" what fits in this worker's share of the memory."""
+        """``tile``, or for "auto" what fits in this worker's share of the memory (of the
+        image wrapped by :attr:`margin` columns on each side)."""
         if self.tile == "auto":
-            return auto_tile(height, width, scale=self.scale, device=self.device,
-                             dtype=self.dtype, budget=self._budget())
+            return auto_tile(height, width + 2 * self.margin, scale=self.scale,
+                             device=self.device, dtype=self.dtype, budget=self._budget(),
+                             panoramic=self.panoramic)
         return self.tile
 
     def batch_for(self, height: int, width: int) -> int:
         if self.batch_size is not None:
             return self.batch_size
         per_image = forward_bytes(height * width, device=self.device, dtype=self.dtype,
-                                  outputs=height * width, scale=self.scale)
+                                  outputs=height * width, scale=self.scale,
+                                  panoramic=self.panoramic)
         return int(max(1, min(MAX_AUTO_BATCH, self._budget() // per_image)))
 
     def working_set(self, count: int, height: int, width: int, tile: int | None) -> int:
         """Expected bytes of a batch: one image's (or tile's) forward plus all inputs/outputs."""
+        width += 2 * self.margin
         pixels = min(tile, height) * min(tile, width) if tile else height * width
         return forward_bytes(pixels, device=self.device, dtype=self.dtype,
-                             outputs=count * height * width, scale=self.scale) \
+                             outputs=count * height * width, scale=self.scale,
+                             panoramic=self.panoramic) \
             + count * height * width * 3 * 4
 
     def run(self, worker: int, colour: Tensor, *,
@@ -120,7 +130,7 @@ class Engine:
         count = colour.shape[0]
         with torch.inference_mode():
             x = colour.to(device=self.device, dtype=self.dtype)
-            if count > 1 and tile is None:
+            if count > 1 and tile is None and not self.margin:
                 try:
                     out = model(x)
                     return [o[None].float().cpu().clamp(0, 1) for o in out]
@@ -135,7 +145,7 @@ class Engine:
                 retry = None if on_retry is None else (lambda text, i=i: on_retry(i, text))
                 try:
                     out = run_network(model, x[i:i + 1], tile, batch=tiles_per_call,
-                                      progress=progress, on_retry=retry)
+                                      progress=progress, on_retry=retry, wrap=self.margin)
                     results.append(out.float().cpu().clamp_(0, 1))
                 except Exception as err:  # noqa: BLE001 - reported per image
                     if is_allocation_failure(err) and not isinstance(err, MemoryError):
@@ -419,7 +429,7 @@ def upscale_iter(images: Iterable[ImageLike], gamma: float = 0.5, *,
                  tile: int | str | None = None, device: torch.device | str | None = None,
                  dtype: torch.dtype | str | None = None, backend: str = "auto",
                  batch_size: int | None = None, workers: int | None = None,
-                 threads: int | None = None,
+                 threads: int | None = None, wrap: bool | int | None = None,
                  progress: Callable[[int, int], None] | None = None) -> Iterator[ImageLike]:
     """Super-resolve ``images`` (as :func:`camixer_fast.upscale` takes them), yielding results
     in input order; each equals ``upscale(image)`` at the same thread count. Options: see
@@ -429,7 +439,8 @@ def upscale_iter(images: Iterable[ImageLike], gamma: float = 0.5, *,
     import warnings
 
     engine = Engine(gamma, weights=weights, tile=tile, device=device, dtype=dtype,
-                    backend=backend, batch_size=batch_size, workers=workers, threads=threads)
+                    backend=backend, batch_size=batch_size, workers=workers, threads=threads,
+                    wrap=wrap)
     for outcome in Pipeline(images, prepare, engine, progress=progress):
         for note in outcome.notes:
             warnings.warn(f"image {outcome.index}: {note}", RuntimeWarning, stacklevel=2)

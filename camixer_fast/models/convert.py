@@ -1,6 +1,6 @@
-"""Checkpoint conversion: official ``.pth`` <-> safetensors (one state dict, with the config,
-parameter count and source as metadata); ``.pth`` in the official ``{"params", "params_ema"}``
-layout.
+"""Checkpoint conversion of CAMixerSR and CAMixerOSR (ODI-SR): official ``.pth`` <->
+safetensors (one state dict, with the architecture, config, parameter count and source as
+metadata); ``.pth`` in the official ``{"params", "params_ema"}`` layout.
 """
 
 from __future__ import annotations
@@ -18,8 +18,11 @@ from camixer_fast.models.loading import (
     METADATA_CONFIG,
     CheckpointError,
     build_model,
+    build_osr_model,
     extract_state_dict,
     infer_config,
+    infer_osr_config,
+    is_osr_state_dict,
     read_weights,
     weights_file,
 )
@@ -45,14 +48,15 @@ def _select(obj: Mapping, key: str | None) -> tuple[dict[str, Tensor], str]:
 
 
 def safetensors_metadata(state_dict: Mapping[str, Tensor], config: dict, *, source: str,
-                         source_sha256: str | None, source_key: str) -> dict[str, str]:
+                         source_sha256: str | None, source_key: str,
+                         architecture: str = "CAMixerSR") -> dict[str, str]:
     """The metadata strings written with a converted state dict."""
     from camixer_fast import __version__
 
     parameters = sum(t.numel() for t in state_dict.values())
     metadata = {
         "format": "pt",
-        "camixer_fast.architecture": "CAMixerSR",
+        "camixer_fast.architecture": architecture,
         METADATA_CONFIG: json.dumps(config),
         "camixer_fast.parameters": str(parameters),
         "camixer_fast.dtype": str(next(iter(state_dict.values())).dtype).removeprefix("torch."),
@@ -103,9 +107,15 @@ def convert_checkpoint(source: str | os.PathLike, dest: str | os.PathLike, *,
     if dtype is not None:
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v
                       for k, v in state_dict.items()}
-    build_model(state_dict)  # refuses anything that is not CAMixerSR
-    metadata = safetensors_metadata(state_dict, infer_config(state_dict), source=path.name,
-                                    source_sha256=file_sha256(path), source_key=source_key)
+    if is_osr_state_dict(state_dict):
+        build_osr_model(state_dict)  # refuses an incomplete or misshapen one
+        architecture, config = "CAMixerOSR", infer_osr_config(state_dict)
+    else:
+        build_model(state_dict)  # refuses anything that is not CAMixerSR
+        architecture, config = "CAMixerSR", infer_config(state_dict)
+    metadata = safetensors_metadata(state_dict, config, source=path.name,
+                                    source_sha256=file_sha256(path), source_key=source_key,
+                                    architecture=architecture)
     tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
     if suffix in SAFETENSORS_SUFFIXES:
         from safetensors.torch import save_file

@@ -89,7 +89,8 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
     recorded = metadata.get(METADATA_CONFIG)
     if recorded is not None:
-        inferred = json.dumps(infer_config(state_dict))
+        inferred = json.dumps(infer_osr_config(state_dict) if is_osr_state_dict(state_dict)
+                              else infer_config(state_dict))
         if json.loads(recorded) != json.loads(inferred):
             raise CheckpointError(f"{path}: the config in its metadata, {recorded}, is not the "
                                   f"one its tensor shapes give, {inferred}")
