@@ -1,4 +1,5 @@
-"""``camixer-fast train --hr-dir DIR --out DIR``: train or fine-tune CAMixerSR.
+"""``camixer-fast train --hr-dir DIR --out DIR``: train or fine-tune CAMixerSR, or CAMixerOSR
+(``--arch odisr``, or --init/--resume weights of one) on 360° panoramas.
 
 Runs alone or under ``torchrun`` (one process per GPU, or several CPU processes on gloo).
 Exit status: 0 trained, 1 unusable data or weights (reported before any training step) or a
@@ -18,6 +19,8 @@ from camixer_fast.cli import check_writable, gamma_type
 from camixer_fast.models.loading import CheckpointError
 from camixer_fast.train import (
     AMP_MODES,
+    ARCH_DEFAULTS,
+    ARCHS,
     AUGMENTS,
     LOSSES,
     TRAIN_BACKENDS,
@@ -59,7 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "official-format checkpoints that `camixer-fast eval --weights` and "
                     "load_model read, and OUT/log.jsonl. Under torchrun it trains with "
                     "DistributedDataParallel (NCCL on GPUs, gloo on CPUs); --batch-size is "
-                    "the global batch.",
+                    "the global batch. --arch odisr trains CAMixerOSR on HR equirectangular "
+                    "panoramas: each crop carries the cos-latitude of its rows in the whole "
+                    "panorama, and the ratio loss is the official ODI-SR (m - 0.5)^2.",
         epilog="Exit status: 0 trained, 1 unusable data or weights, or a failure during "
                "training, 2 bad arguments.")
     data = parser.add_argument_group("data")
@@ -67,14 +72,16 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     data.add_argument("--lr-dir", default=None, metavar="DIR",
                       help="LR images (<name>x<scale>.png or <name>.png) instead of bicubic LR")
     data.add_argument("--val-dir", default=None, metavar="DIR",
-                      help="HR images to validate on (Y-PSNR of the EMA weights)")
+                      help="HR images to validate on (Y-PSNR of the EMA weights; odisr: "
+                           "WS-PSNR of whole panoramas)")
     data.add_argument("--val-lr-dir", default=None, metavar="DIR",
                       help="LR images of --val-dir instead of bicubic LR")
     data.add_argument("--patch-size", type=_positive, default=d.patch_size, metavar="P",
                       help=f"LR crop side (default {d.patch_size})")
-    data.add_argument("--augment", choices=AUGMENTS, default=d.augment,
+    data.add_argument("--augment", choices=AUGMENTS, default=None,
                       help="flips and 90° rotations, horizontal flips only (advisable for "
-                           "360° images) or none (default flip-rot)")
+                           "360° images) or none (default flip-rot; odisr: hflip, the official, "
+                           "and flip-rot is refused)")
     data.add_argument("--repeat", type=_positive, default=None, metavar="N",
                       help="visits of each image per epoch (default: >= 100 batches an epoch)")
     data.add_argument("--workers", type=_count, default=d.workers, metavar="N",
@@ -82,13 +89,20 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     data.add_argument("--no-cache", dest="cache", action="store_false", default=None,
                       help="re-read images for every crop instead of keeping them in memory")
     model = parser.add_argument_group("model")
+    sr, osr = ARCH_DEFAULTS["sr"], ARCH_DEFAULTS["odisr"]
+    model.add_argument("--arch", choices=ARCHS, default=d.arch,
+                       help="sr: CAMixerSR; odisr: CAMixerOSR for 360° panoramas; auto "
+                            "(default): that of --init or --resume, else sr")
     model.add_argument("--init", default=None, metavar="NAME_OR_PATH",
-                       help="weights to fine-tune (CAMixerSR-S, or a checkpoint path); "
-                            "default: train from scratch")
-    model.add_argument("--n-feats", type=_positive, default=d.n_feats, metavar="C",
-                       help=f"channels when training from scratch (default {d.n_feats}: S)")
-    model.add_argument("--blocks", type=_positive, nargs="+", default=list(d.blocks_per_group),
-                       metavar="N", help="blocks per group from scratch (default 4 4 6 6)")
+                       help="weights to fine-tune (CAMixerSR-S, CAMixerSR-ODISR-x4, or a "
+                            "checkpoint path, CAMixerSR or CAMixerOSR); default: from scratch")
+    model.add_argument("--n-feats", type=_positive, default=None, metavar="C",
+                       help=f"channels when training from scratch (default {sr['n_feats']}: S; "
+                            f"odisr {osr['n_feats']})")
+    model.add_argument("--blocks", type=_positive, nargs="+", default=None, metavar="N",
+                       help="blocks per group from scratch (default "
+                            f"{' '.join(map(str, sr['blocks_per_group']))}; odisr "
+                            f"{' '.join(map(str, osr['blocks_per_group']))})")
     model.add_argument("--scale", type=_positive, default=None,
                        help="upscale factor (default 4 from scratch; the checkpoint's with --init)")
     model.add_argument("--gamma", type=gamma_type, default=d.gamma, metavar="G",
@@ -155,8 +169,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The :class:`TrainConfig` of parsed arguments."""
     return TrainConfig(
         hr_dir=args.hr_dir, out_dir=args.out_dir, lr_dir=args.lr_dir, val_dir=args.val_dir,
-        val_lr_dir=args.val_lr_dir, init=args.init, n_feats=args.n_feats,
-        blocks_per_group=tuple(args.blocks), scale=args.scale, gamma=args.gamma,
+        val_lr_dir=args.val_lr_dir, arch=args.arch, init=args.init, n_feats=args.n_feats,
+        blocks_per_group=None if args.blocks is None else tuple(args.blocks), scale=args.scale, gamma=args.gamma,
         val_gamma=args.val_gamma, iterations=args.iterations, batch_size=args.batch_size,
         patch_size=args.patch_size, lr=args.lr, weight_decay=args.weight_decay,
         betas=tuple(args.betas), milestones=tuple(args.milestones), lr_gamma=args.lr_gamma,

@@ -1,9 +1,10 @@
-"""Training and fine-tuning CAMixerSR (spec §4) on the network that serves inference, from one
-CPU to many GPUs: :mod:`.data` (HR crops, LR by MATLAB bicubic, augmentations keyed on
-(seed, epoch, index)), :mod:`.objective` (L1 or WS-L1 + the ratio loss on the global batch's
-mask mean), :mod:`.trainer` and :mod:`.checkpoints` (AdamW, MultiStep, EMA, validation,
-official-format checkpoints, exact resume), :mod:`.distributed` (torchrun, DDP). A multi-process
-run equals a single-process one on the same global batch (up to the per-rank Gumbel noise).
+"""Training and fine-tuning CAMixerSR and CAMixerOSR (spec §4) on the network that serves
+inference, from one CPU to many GPUs: :mod:`.data` (HR crops, LR by MATLAB bicubic,
+augmentations keyed on (seed, epoch, index), CAMixerOSR crops with their rows' latitude
+condition), :mod:`.objective` (L1 or WS-L1 + the ratio loss on the global batch's mask mean),
+:mod:`.trainer` and :mod:`.checkpoints` (AdamW, MultiStep, EMA, validation, official-format
+checkpoints, exact resume), :mod:`.distributed` (torchrun, DDP). A multi-process run equals a
+single-process one on the same global batch (up to the per-rank Gumbel noise).
 """
 
 from __future__ import annotations
@@ -25,9 +26,17 @@ from camixer_fast.train.data import (
     load_validation_pairs,
 )
 from camixer_fast.train.distributed import Rank, setup_distributed, unwrap
-from camixer_fast.train.objective import LOSSES, LossTerms, pixel_loss, training_loss
+from camixer_fast.train.objective import (
+    LOSSES,
+    LossTerms,
+    pixel_loss,
+    ratio_weight,
+    training_loss,
+)
 from camixer_fast.train.trainer import (
     AMP_MODES,
+    ARCH_DEFAULTS,
+    ARCHS,
     CONTINUITY_KEYS,
     TRAIN_BACKENDS,
     ConfigError,
@@ -48,6 +57,8 @@ def erp_row_weights(rows: np.ndarray, height: int) -> np.ndarray:
 
 __all__ = [
     "AMP_MODES",
+    "ARCHS",
+    "ARCH_DEFAULTS",
     "AUGMENTS",
     "CHECKPOINT_FORMAT",
     "CONTINUITY_KEYS",
@@ -68,6 +79,7 @@ __all__ = [
     "erp_row_weights",
     "load_validation_pairs",
     "pixel_loss",
+    "ratio_weight",
     "read_checkpoint",
     "save_checkpoint",
     "setup_distributed",

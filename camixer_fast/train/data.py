@@ -20,6 +20,7 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 from camixer_fast.evaluation.evaluate import find_lr_file, list_images, read_rgb
 from camixer_fast.evaluation.imresize import imresize_down, make_lr
 from camixer_fast.evaluation.metrics import erp_row_weights
+from camixer_fast.reference.odisr import latitude_condition
 
 AUGMENTS = ("flip-rot", "hflip", "none")
 
@@ -85,20 +86,22 @@ class PairedPatches(Dataset):
     or too small image at construction. Images cached when ``cache`` (None: under 2 GiB). LR from
     ``lr_dir`` (``<stem>x<scale>.<ext>`` or ``<stem>.<ext>``) or :func:`bicubic_lr_crop`.
     Item ``(epoch, i)``: image ``i % n``, crop from ``derive_seed(seed, stream, epoch, i)``, a dict
-    of ``lr`` (3, p, p), ``hr`` (3, s·p, s·p) float32 in [0, 1], ``top``, ``height`` and with
-    ``erp`` ``weight`` (1, s·p, s·p).
+    of ``lr`` (3, p, p), ``hr`` (3, s·p, s·p) float32 in [0, 1], ``top``, ``height``; with
+    ``erp`` ``weight`` (1, s·p, s·p); with ``condition`` the cos-latitude ``condition`` (1, p, p)
+    of the crop's rows in the whole LR panorama (CAMixerOSR), augmented as the crop.
     """
 
     def __init__(self, hr_dir: str | os.PathLike, *, scale: int, patch_size: int = 64,
                  lr_dir: str | os.PathLike | None = None, augment: str = "flip-rot",
-                 erp: bool = False, repeat: int = 1, seed: int = 0, stream: int = 0,
-                 cache: bool | None = None) -> None:
+                 erp: bool = False, condition: bool = False, repeat: int = 1, seed: int = 0,
+                 stream: int = 0, cache: bool | None = None) -> None:
         if augment not in AUGMENTS:
             raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
         if scale < 1 or patch_size < 1 or repeat < 1:
             raise ValueError(f"scale, patch_size and repeat must be >= 1, got {scale}, "
                              f"{patch_size}, {repeat}")
         self.scale, self.patch_size, self.augment, self.erp = scale, patch_size, augment, erp
+        self.condition = condition
         self.repeat, self.seed, self.stream = repeat, seed, stream
         try:
             paths = list_images(hr_dir)
@@ -189,6 +192,9 @@ class PairedPatches(Dataset):
             weight = erp_row_weights(image.hr_shape[0], rows).astype(np.float32)
             weight = np.repeat(weight[:, None], p * s, axis=1)
             item["weight"] = torch.from_numpy(augment_array(weight, *flags))[None]
+        if self.condition:
+            cond = latitude_condition(p, p, rows=(top, lr_h))[0, 0].numpy()
+            item["condition"] = torch.from_numpy(augment_array(cond, *flags))[None]
         return item
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:

@@ -25,8 +25,9 @@ from tqdm import tqdm
 from camixer_fast.backends import select_backend
 from camixer_fast.evaluation.evaluate import super_resolve
 from camixer_fast.models.loading import load_model
-from camixer_fast.evaluation.metrics import psnr
+from camixer_fast.evaluation.metrics import psnr, ws_psnr
 from camixer_fast.reference.model import CAMixerSR
+from camixer_fast.reference.odisr import CAMixerOSR
 from camixer_fast.train.checkpoints import CHECKPOINT_FORMAT, EMA, read_checkpoint, save_checkpoint
 from camixer_fast.train.data import (
     AUGMENTS,
@@ -39,6 +40,12 @@ from camixer_fast.train.distributed import Rank, setup_distributed
 from camixer_fast.train.objective import LOSSES, LossTerms, pixel_loss, training_loss
 
 TRAIN_BACKENDS = ("auto", "reference", "triton")
+ARCHS = ("auto", "sr", "odisr")
+"""The network: "sr" CAMixerSR, "odisr" CAMixerOSR (360° panoramas), "auto" that of --init or
+--resume, else "sr"."""
+ARCH_DEFAULTS = {"sr": {"n_feats": 36, "blocks_per_group": (4, 4, 6, 6), "augment": "flip-rot"},
+                 "odisr": {"n_feats": 60, "blocks_per_group": (6, 6, 6, 6), "augment": "hflip"}}
+"""From-scratch shape and augmentation per network: CAMixerSR-S, the published ODI-SR model."""
 AMP_MODES = ("off", "bf16")
 """Mixed precision of the training forward: "off" (fp32) or "bf16" (autocast, fp32 weights)."""
 CONTINUITY_KEYS = ("batch_size", "patch_size", "seed", "repeat", "augment", "loss", "hr_dir",
@@ -54,7 +61,8 @@ class TrainConfig:
     """Everything a training run needs; the defaults are the official recipe (spec §4).
 
     batch_size: global; patch_size: the LR crop side; init None: from scratch; scale None: 4 or
-    the checkpoint's; repeat None: >= 100 global batches per epoch; an interval of 0 disables it.
+    the checkpoint's; repeat None: >= 100 global batches per epoch; an interval of 0 disables it;
+    n_feats, blocks_per_group, augment None: the network's (:data:`ARCH_DEFAULTS`).
     """
 
     hr_dir: str
@@ -63,8 +71,9 @@ class TrainConfig:
     val_dir: str | None = None
     val_lr_dir: str | None = None
     init: str | None = None
-    n_feats: int = 36
-    blocks_per_group: tuple[int, ...] = (4, 4, 6, 6)
+    arch: str = "auto"
+    n_feats: int | None = None
+    blocks_per_group: tuple[int, ...] | None = None
     scale: int | None = None
     gamma: float = 0.5
     val_gamma: float | None = None
@@ -78,7 +87,7 @@ class TrainConfig:
     lr_gamma: float = 0.5
     ema_decay: float = 0.999
     loss: str = "l1"
-    augment: str = "flip-rot"
+    augment: str | None = None
     repeat: int | None = None
     train_noise: bool = True
     val_every: int = 5000
@@ -98,7 +107,7 @@ class TrainConfig:
         """Raise ConfigError naming the first setting that is out of range."""
         positive = ("iterations", "batch_size", "patch_size", "n_feats")
         for name in positive:
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("val_every", "save_every", "log_every", "workers", "seed"):
             if int(getattr(self, name)) < 0:
@@ -109,7 +118,8 @@ class TrainConfig:
             raise ConfigError(f"repeat must be >= 1, got {self.repeat}")
         if self.probe is not None and self.probe < 0:
             raise ConfigError(f"probe must be >= 0, got {self.probe}")
-        if not self.blocks_per_group or min(self.blocks_per_group) < 1:
+        if self.blocks_per_group is not None and (
+                not self.blocks_per_group or min(self.blocks_per_group) < 1):
             raise ConfigError("blocks_per_group must be positive counts, got "
                               f"{self.blocks_per_group}")
         for name in ("gamma", "val_gamma"):
@@ -132,8 +142,12 @@ class TrainConfig:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.loss not in LOSSES:
             raise ConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        if self.augment not in AUGMENTS:
+        if self.augment is not None and self.augment not in AUGMENTS:
             raise ConfigError(f"augment must be one of {AUGMENTS}, got {self.augment!r}")
+        if self.arch not in ARCHS:
+            raise ConfigError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.arch == "odisr":
+            check_odisr_settings(self.augment, self.backend)
         if self.backend not in TRAIN_BACKENDS:
             raise ConfigError(f"backend must be one of {TRAIN_BACKENDS}, got {self.backend!r}")
         if self.amp not in AMP_MODES:
@@ -176,9 +190,32 @@ def amp_context(amp: str, device: torch.device | str) -> AbstractContextManager:
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
-def _model_config(model: CAMixerSR) -> dict[str, Any]:
-    return {"n_feats": model.n_feats, "scale": model.scale,
+def check_odisr_settings(augment: str | None, backend: str) -> None:
+    """ConfigError for CAMixerOSR training with a rotation (a crop's rows must stay rows: the
+    condition is per row) or the Triton backend (none for CAMixerOSR)."""
+    if augment == "flip-rot":
+        raise ConfigError("CAMixerOSR trains with --augment hflip or none: 90° rotations turn "
+                          "rows into columns and break the latitude condition")
+    if backend == "triton":
+        raise ConfigError("CAMixerOSR has no Triton backend: train it with --backend reference")
+
+
+def model_arch(model: nn.Module) -> str:
+    """"odisr" for CAMixerOSR, "sr" for CAMixerSR."""
+    return "odisr" if isinstance(model, CAMixerOSR) else "sr"
+
+
+def _model_config(model: CAMixerSR | CAMixerOSR) -> dict[str, Any]:
+    return {"arch": model_arch(model), "n_feats": model.n_feats, "scale": model.scale,
             "blocks_per_group": list(model.blocks_per_group), "window_size": model.window_size}
+
+
+def _model_from_config(shape: Mapping[str, Any], **kwargs) -> CAMixerSR | CAMixerOSR:
+    """The (untrained) network a checkpoint's ``model_config`` describes."""
+    shape = dict(shape)
+    network = CAMixerOSR if shape.pop("arch", "sr") == "odisr" else CAMixerSR
+    shape["blocks_per_group"] = tuple(shape["blocks_per_group"])
+    return network(**shape, **kwargs)
 
 
 class Trainer:
@@ -198,11 +235,15 @@ class Trainer:
         checkpoint = self._resume_checkpoint()
         model = self._build_model(checkpoint)
         self.scale = model.scale
+        self.arch = model_arch(model)
+        self.augment = config.augment or ARCH_DEFAULTS[self.arch]["augment"]
+        if self.arch == "odisr":
+            check_odisr_settings(self.augment, config.backend)
         self.repeat = config.repeat
         self.data = PairedPatches(config.hr_dir, scale=self.scale, patch_size=config.patch_size,
-                                  lr_dir=config.lr_dir, augment=config.augment,
-                                  erp=config.loss == "ws-l1", repeat=1, seed=config.seed,
-                                  cache=config.cache)
+                                  lr_dir=config.lr_dir, augment=self.augment,
+                                  erp=config.loss == "ws-l1", condition=self.arch == "odisr",
+                                  repeat=1, seed=config.seed, cache=config.cache)
         if self.repeat is None:
             self.repeat = max(1, math.ceil(100 * config.batch_size / len(self.data.images)))
         self.data.repeat = self.repeat
@@ -227,7 +268,7 @@ class Trainer:
             ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
             self.net = DistributedDataParallel(model, device_ids=ids)
         self.noise = torch.Generator(device=self.dist.device)
-        self.eval_model: CAMixerSR | None = None
+        self.eval_model: CAMixerSR | CAMixerOSR | None = None
 
     def _resume_checkpoint(self) -> dict[str, Any] | None:
         resume = self.config.resume
@@ -241,22 +282,32 @@ class Trainer:
             return None
         return read_checkpoint(path)
 
-    def _build_model(self, checkpoint: Mapping[str, Any] | None) -> CAMixerSR:
+    def _build_model(self, checkpoint: Mapping[str, Any] | None) -> CAMixerSR | CAMixerOSR:
         cfg, device = self.config, self.dist.device
         if checkpoint is not None:
-            shape = dict(checkpoint["model_config"])
-            shape["blocks_per_group"] = tuple(shape["blocks_per_group"])
-            model = CAMixerSR(**shape, gamma=cfg.gamma)
+            model = _model_from_config(checkpoint["model_config"], gamma=cfg.gamma)
         elif cfg.init is not None:
             model = load_model(cfg.init, gamma=cfg.gamma, backend="reference")
         else:
+            arch = "sr" if cfg.arch == "auto" else cfg.arch
+            defaults = ARCH_DEFAULTS[arch]
             torch.manual_seed(cfg.seed)
-            model = CAMixerSR(n_feats=cfg.n_feats, scale=cfg.scale or 4,
-                              blocks_per_group=tuple(cfg.blocks_per_group), gamma=cfg.gamma)
+            network = CAMixerOSR if arch == "odisr" else CAMixerSR
+            model = network(n_feats=cfg.n_feats or defaults["n_feats"], scale=cfg.scale or 4,
+                            blocks_per_group=tuple(cfg.blocks_per_group
+                                                   or defaults["blocks_per_group"]),
+                            gamma=cfg.gamma)
+        if cfg.arch != "auto" and cfg.arch != model_arch(model):
+            source = "--resume checkpoint" if checkpoint is not None else "--init weights"
+            raise ConfigError(f"--arch {cfg.arch} was asked for but the {source} hold a "
+                              f"{type(model).__name__} (arch {model_arch(model)})")
         if cfg.scale is not None and cfg.scale != model.scale:
             raise ConfigError(f"scale {cfg.scale} was asked for but the model is ×{model.scale}")
         model = model.to(device).train()
-        model.backend = training_backend(cfg.backend, device)
+        if isinstance(model, CAMixerOSR):
+            model.backend = "reference"   # its Triton refusal: check_odisr_settings
+        else:
+            model.backend = training_backend(cfg.backend, device)
         model.train_noise = cfg.train_noise
         return model
 
@@ -325,13 +376,15 @@ class Trainer:
         device = self.dist.device
         lr = batch["lr"].to(device, non_blocking=True)
         hr = batch["hr"].to(device, non_blocking=True)
-        weight = batch.get("weight")
+        weight, condition = batch.get("weight"), batch.get("condition")
         weight = None if weight is None else weight.to(device, non_blocking=True)
+        condition = None if condition is None else condition.to(device, non_blocking=True)
         self.noise.manual_seed(derive_seed(self.config.seed, 2, self.step, self.dist.rank))
         self.net.train()
         self.optimizer.zero_grad(set_to_none=True)
         with amp_context(self.config.amp, device):
-            terms = training_loss(self.net, lr, hr, weight, generator=self.noise)
+            terms = training_loss(self.net, lr, hr, weight, condition=condition,
+                                  generator=self.noise)
         if not torch.isfinite(terms.loss):
             raise FloatingPointError(f"the loss is {terms.loss.item()} at step {self.step + 1}; "
                                      "lower the learning rate or check the data")
@@ -359,8 +412,10 @@ class Trainer:
                 hr = torch.stack([it["hr"] for it in items]).to(device)
                 weight = (torch.stack([it["weight"] for it in items]).to(device)
                           if "weight" in items[0] else None)
+                args = ((torch.stack([it["condition"] for it in items]).to(device),)
+                        if "condition" in items[0] else ())
                 with amp_context(self.config.amp, device):
-                    sr, _ = model(lr)
+                    sr, _ = model(lr, *args)
                 total += pixel_loss(sr.float(), hr, weight).item() * len(items)
         finally:
             model.train_noise = noise
@@ -368,19 +423,23 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> float | None:
-        """Mean Y-PSNR of the EMA weights on the validation pairs, or None without them."""
+        """Mean PSNR of the EMA weights on the validation pairs (CAMixerSR: Y, border = scale;
+        CAMixerOSR: WS-PSNR of RGB, whole panoramas, the official ODI-SR metric), or None."""
         if not self.val_pairs:
             return None
         if self.eval_model is None:
-            shape = _model_config(self.model)
-            shape["blocks_per_group"] = tuple(shape["blocks_per_group"])
-            self.eval_model = CAMixerSR(**shape).to(self.dist.device).eval()
+            self.eval_model = _model_from_config(_model_config(self.model))
+            self.eval_model = self.eval_model.to(self.dist.device).eval()
             self.eval_model.backend = self.model.backend
         gamma = self.config.val_gamma if self.config.val_gamma is not None else self.config.gamma
         self.eval_model.gamma = gamma
         self.eval_model.load_state_dict(self.ema.state)
-        scores = [psnr(super_resolve(self.eval_model, lr)[0], hr, border=self.scale)
-                  for _, lr, hr in self.val_pairs]
+        if self.arch == "odisr":
+            scores = [ws_psnr(super_resolve(self.eval_model, lr)[0], hr)
+                      for _, lr, hr in self.val_pairs]
+        else:
+            scores = [psnr(super_resolve(self.eval_model, lr)[0], hr, border=self.scale)
+                      for _, lr, hr in self.val_pairs]
         return float(np.mean(scores))
 
     def evaluate_and_log(self) -> None:
@@ -414,7 +473,8 @@ class Trainer:
                         disable=quiet if self.dist.is_main else True, dynamic_ncols=True,
                         leave=False)
         self.log({"event": "start", "step": self.step, "world_size": self.dist.world_size,
-                  "device": str(self.dist.device), "backend": self.model.backend,
+                  "device": str(self.dist.device), "arch": self.arch,
+                  "backend": self.model.backend,
                   "repeat": self.repeat, "images": len(self.data.images),
                   "config": cfg.to_dict()})
         first = {}
@@ -503,6 +563,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
 __all__ = [
     "AMP_MODES",
+    "ARCHS",
+    "ARCH_DEFAULTS",
     "CONTINUITY_KEYS",
     "TRAIN_BACKENDS",
     "ConfigError",
@@ -510,6 +572,8 @@ __all__ = [
     "Trainer",
     "amp_context",
     "check_amp",
+    "check_odisr_settings",
+    "model_arch",
     "train",
     "training_backend",
 ]
