@@ -44,7 +44,9 @@ def tiny_state(seed: int = 1) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def model() -> CAMixerOSR:
-    return build_osr_model(tiny_state(), backend="reference")
+    model = build_osr_model(tiny_state(), backend="reference")
+    model.tie_break = "index"        # the graph's TopK: equal scores by lower index
+    return model
 
 
 @pytest.fixture(scope="module")
