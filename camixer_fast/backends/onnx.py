@@ -1,4 +1,5 @@
 """ONNX export with the routing in the graph, and the "onnx" backend that the export traces.
+CAMixerOSR: opset >= 19 (its DCNs are DeformConv nodes), γ baked in, optional "condition".
 
 ``lr`` (B, 3, H, W) float32 and ``gamma`` (float32 scalar clipped to [0, 1], absent if baked in)
 -> ``sr`` (B, 3, sH, sW), B/H/W dynamic. K and the window order (ties by lower index) are in the
@@ -28,12 +29,14 @@ from camixer_fast.reference import dense
 from camixer_fast.reference.attention_training import masked_window_attention
 from camixer_fast.reference.dcn import modulated_deform_conv2d
 from camixer_fast.reference.model import CAMixerSR
+from camixer_fast.reference.odisr import CAMixerOSR, latitude_condition
 from camixer_fast.reference.routing import WindowRouting, check_gamma, window_scores
 from camixer_fast.reference.windows import to_windows
 
 MIN_OPSET = 17
 MAX_OPSET = 20
 DEFAULT_OPSET = 17
+OSR_MIN_OPSET = 19
 
 _GAMMA_INPUT: ContextVar[Tensor | None] = ContextVar("camixer_fast_onnx_gamma", default=None)
 
@@ -103,8 +106,14 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, wq: Tensor, bq: Tensor, wk: Tensor,
 
 def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor, bq: Tensor,
                      wk: Tensor, bk: Tensor, num_hard: Tensor, order: Tensor, *,
-                     window_size: int) -> Tensor:
-    """Top-K window attention as the reference's, the K_max windows of the batch at once."""
+                     window_size: int, shift: int = 0) -> Tensor:
+    """Top-K window attention as the reference's, the K_max windows of the batch at once;
+    ``shift``: the window grid offset by it, wrapping (the maps rolled by −shift and back)."""
+    if shift:
+        x, k_in, v, sa = (torch.roll(t, (-shift, -shift), dims=(2, 3)) for t in (x, k_in, v, sa))
+        out = window_attention(x, k_in, v, sa, wq, bq, wk, bk, num_hard, order,
+                               window_size=window_size)
+        return torch.roll(out, (shift, shift), dims=(2, 3))
     dtype = x.dtype
     b, c, height, width = x.shape
     wq, bq, wk, bk = wq.float(), bq.float(), wk.float(), bk.float()
@@ -127,8 +136,43 @@ def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
     return out.reshape(b, c, height, width).to(dtype)
 
 
+@torch.library.custom_op("camixer_fast_onnx::deform_conv", mutates_args=())
+def _deform_conv_op(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor, bias: Tensor,
+                    padding: int, dilation: int) -> Tensor:
+    return modulated_deform_conv2d(x, offset, mask, weight, bias, padding=padding,
+                                   dilation=dilation).contiguous()
+
+
+@_deform_conv_op.register_fake
+def _(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor, bias: Tensor, padding: int,
+      dilation: int) -> Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0], *offset.shape[2:])
+
+
+def _deform_conv_symbolic(g, x, offset, mask, weight, bias, padding, dilation):
+    from torch.onnx import symbolic_helper
+
+    pad = symbolic_helper._get_const(padding, "i", "padding")
+    dil = symbolic_helper._get_const(dilation, "i", "dilation")
+    kernel = symbolic_helper._get_tensor_sizes(weight)[2:]
+    return g.op("DeformConv", x, weight, offset, bias, mask, kernel_shape_i=kernel,
+                pads_i=[pad] * 4, dilations_i=[dil] * 2)
+
+
+torch.onnx.register_custom_op_symbolic("camixer_fast_onnx::deform_conv", _deform_conv_symbolic,
+                                       OSR_MIN_OPSET)
+
+
+def deform_conv(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor,
+                bias: Tensor | None = None, *, padding: int = 1, dilation: int = 1) -> Tensor:
+    """:func:`modulated_deform_conv2d` (same shapes), exported as one ``DeformConv`` node."""
+    if bias is None:
+        bias = weight.new_zeros(weight.shape[0])
+    return _deform_conv_op(x, offset, mask, weight, bias, padding, dilation)
+
+
 ONNX_OPS = Ops(route_windows, window_scores, deformable_key, window_attention,
-               masked_window_attention, dense.linear, modulated_deform_conv2d, whole_batch=True)
+               masked_window_attention, dense.linear, deform_conv, whole_batch=True)
 
 
 def _onnx_unsupported(device: torch.device, dtype: torch.dtype, training: bool) -> str | None:
@@ -192,6 +236,33 @@ class ExportGraph(nn.Module):
         return sr[..., : height * self.model.scale, : width * self.model.scale]
 
 
+def _onnx_ops(device: torch.device) -> Ops:
+    return ONNX_OPS
+
+
+class OsrExportGraph(nn.Module):
+    """CAMixerOSR: the cos-latitude map of the whole panorama ``lr`` (or the ``condition``
+    input, a crop's), both padded as the reference pads them, the model on ONNX_OPS, crop."""
+
+    def __init__(self, model: CAMixerOSR, gamma: float | None) -> None:
+        super().__init__()
+        self.model = copy.deepcopy(model).eval()
+        self.model.ops = _onnx_ops          # the instance's Ops: the "onnx" set, any device
+        self.model.tie_break = "official"   # argsort exports as TopK (a stable sort does not)
+        if gamma is not None:
+            self.model.gamma = gamma
+
+    def forward(self, lr: Tensor, condition: Tensor | None = None) -> Tensor:
+        height, width = lr.shape[-2:]
+        if condition is None:
+            condition = latitude_condition(height, width, device=lr.device)
+        ws = self.model.window_size
+        padded = pad_to_window_grid(lr, ws)
+        cond = pad_to_window_grid(condition.expand(lr.shape[0], 1, height, width), ws)
+        sr = self.model(padded, cond)
+        return sr[..., : height * self.model.scale, : width * self.model.scale]
+
+
 def compact_graph(proto: "onnx.ModelProto") -> "onnx.ModelProto":
     """In place: merge nodes with equal op, inputs and attributes, Constants to initializers."""
     import onnx
@@ -240,16 +311,20 @@ class OnnxExport:
     seconds: float
 
 
-def _check_exportable(model: CAMixerSR, path: Path, gamma: float | None, opset: int) -> None:
-    if not isinstance(model, CAMixerSR):
-        raise TypeError(f"expected a camixer_fast.CAMixerSR, got {type(model).__name__}")
+def _check_exportable(model: CAMixerSR | CAMixerOSR, path: Path, gamma: float | None,
+                      opset: int) -> None:
+    if not isinstance(model, (CAMixerSR, CAMixerOSR)):
+        raise TypeError(f"expected a camixer_fast.CAMixerSR or CAMixerOSR, got "
+                        f"{type(model).__name__}")
     if model.training:
         raise ValueError("the model is in training mode: ONNX export is for inference (call "
                          "model.eval() first)")
-    if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ValueError(f"opset {opset!r} is not supported: use {MIN_OPSET}..{MAX_OPSET} "
-                         f"(GridSample and LayerNormalization need {MIN_OPSET}; PyTorch's "
-                         f"TorchScript exporter writes up to {MAX_OPSET})")
+    low = OSR_MIN_OPSET if isinstance(model, CAMixerOSR) else MIN_OPSET
+    if not isinstance(opset, int) or not low <= opset <= MAX_OPSET:
+        raise ValueError(f"opset {opset!r} is not supported: use {low}..{MAX_OPSET} "
+                         f"(GridSample and LayerNormalization need {MIN_OPSET}, CAMixerOSR's "
+                         f"DeformConv {OSR_MIN_OPSET}; PyTorch's TorchScript exporter writes up "
+                         f"to {MAX_OPSET})")
     if model.routing != "expected":
         raise ValueError(f"the model's routing is {model.routing!r}: ONNX export computes the "
                          "expected routing only (set model.routing = 'expected')")
@@ -262,25 +337,41 @@ def _check_exportable(model: CAMixerSR, path: Path, gamma: float | None, opset: 
         raise ValueError(f"the model is {dtype}: ONNX export is fp32 only (model.float())")
 
 
-def export_onnx(model: CAMixerSR, path: str | os.PathLike, *, gamma: float | None = None,
-                opset: int = DEFAULT_OPSET) -> OnnxExport:
+def export_onnx(model: CAMixerSR | CAMixerOSR, path: str | os.PathLike, *,
+                gamma: float | None = None, opset: int | None = None,
+                condition_input: bool = False) -> OnnxExport:
     """Write ``model`` (left unchanged) as a checked ONNX graph, whole or not at all.
-    gamma: baked in, or ``None`` for the graph input "gamma"; opset: 17 to 20.
+    gamma: baked in, or ``None`` for the graph input "gamma" (CAMixerOSR: the model's γ baked
+    in); opset: 17 to 20 (CAMixerOSR 19 to 20), None: the lowest; condition_input: CAMixerOSR
+    only, a second input "condition" (B, 1, H, W) instead of the whole panorama's latitudes.
     Raises ValueError for training mode, another opset, Gumbel routing or a non-fp32 model."""
     import onnx
 
     path = Path(path).expanduser()
+    osr = isinstance(model, CAMixerOSR)
+    if opset is None:
+        opset = OSR_MIN_OPSET if osr else DEFAULT_OPSET
     _check_exportable(model, path, gamma, opset)
-    graph = ExportGraph(model, gamma).eval()
+    if condition_input and not osr:
+        raise ValueError("condition_input is for CAMixerOSR (ODI-SR) only")
     device = model.head.weight.device
     example = torch.rand(1, 3, 20, 28, generator=torch.Generator().manual_seed(0)).to(device)
     args: tuple = (example,)
     names = ["lr"]
     axes = {"lr": {0: "batch", 2: "height", 3: "width"},
             "sr": {0: "batch", 2: "out_height", 3: "out_width"}}
-    if gamma is None:
-        args += (torch.tensor(0.5, device=device),)
-        names.append("gamma")
+    if osr:
+        gamma = model.gamma if gamma is None else gamma
+        graph: nn.Module = OsrExportGraph(model, gamma).eval()
+        if condition_input:
+            args += (latitude_condition(20, 28, rows=(3, 40), device=device),)
+            names.append("condition")
+            axes["condition"] = {0: "batch", 2: "height", 3: "width"}
+    else:
+        graph = ExportGraph(model, gamma).eval()
+        if gamma is None:
+            args += (torch.tensor(0.5, device=device),)
+            names.append("gamma")
     start = time.perf_counter()
     with atomic_path(path) as tmp:
         with warnings.catch_warnings(), torch.no_grad():

@@ -16,7 +16,7 @@ from camixer_fast.models.loading import CheckpointError, load_model
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``export`` subcommand to ``subparsers``; its ``func`` is :func:`run`."""
-    from camixer_fast.backends.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+    from camixer_fast.backends.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, OSR_MIN_OPSET
 
     parser = subparsers.add_parser(
         "export", help="export the model to ONNX (routing inside the graph)",
@@ -24,7 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "[0, 1], output 'sr' (B, 3, sH, sW), batch, height and width dynamic. "
                     "The window scores, K per image (expected routing) and the window order "
                     "(TopK; equal scores by lower window index) are computed in the graph. "
-                    "Without --gamma, γ is a second input 'gamma' (float32 scalar).",
+                    "Without --gamma, γ is a second input 'gamma' (float32 scalar). CAMixerOSR "
+                    "(ODI-SR) weights: γ is baked in (default 0.5), the DCNs are ai.onnx "
+                    "DeformConv (opset 19), the cos-latitude map of the whole panorama 'lr' is "
+                    "built in the graph, or is the input 'condition' with --condition-input.",
         epilog="Exit status: 0 written, 1 unreadable weights, 2 bad arguments or an OUT that "
                "cannot be written.")
     parser.add_argument("output", metavar="OUT", help="the .onnx file to write")
@@ -33,8 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--gamma", type=gamma_type, default=None, metavar="G",
                         help="bake this attention ratio into the graph (default: a graph "
                              "input 'gamma')")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
-                        help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})")
+    parser.add_argument("--opset", type=int, default=None,
+                        help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET}; "
+                             f"CAMixerOSR {OSR_MIN_OPSET} to {MAX_OPSET}, default {OSR_MIN_OPSET})")
+    parser.add_argument("--condition-input", action="store_true",
+                        help="CAMixerOSR: a second input 'condition' (B, 1, H, W), the "
+                             "cos-latitudes of a crop, instead of the whole panorama's")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     parser.set_defaults(func=run)
     return parser
@@ -53,11 +60,13 @@ def run(args: argparse.Namespace) -> int:
     except (CheckpointError, OSError) as err:
         print(f"camixer-fast export: {err}", file=sys.stderr)
         return 1
-    print(f"camixer-fast export: tracing {args.weights} (C={model.n_feats}, ×{model.scale}) ...",
+    print(f"camixer-fast export: tracing {args.weights} ({type(model).__name__}, "
+          f"C={model.n_feats}, ×{model.scale}) ...",
           file=sys.stderr)
     try:
         with writing(out):
-            result = export_onnx(model, out, gamma=args.gamma, opset=args.opset)
+            result = export_onnx(model, out, gamma=args.gamma, opset=args.opset,
+                                 condition_input=args.condition_input)
     except ValueError as err:
         raise UsageError(str(err)) from None
     gamma = "γ input 'gamma'" if result.gamma is None else f"γ = {result.gamma:g} baked in"
