@@ -1,5 +1,6 @@
 """Fused hard-window attention (spec §3.7): one program per (rank, query block, image) reads
-window ``order[b, rank]`` in place and attends it if rank < K, else writes ``v·sa``."""
+window ``order[b, rank]`` in place and attends it if rank < K, else writes ``v·sa``; a
+``shift`` offsets the window grid by index arithmetic, wrapping (no rolled copies)."""
 
 from __future__ import annotations
 
@@ -21,14 +22,24 @@ from camixer_fast.kernels.helpers import (
     kernel_op,
     pixel_strides,
     whole_windows,
-    window_tokens,
 )
 
 
 @triton.jit
+def shifted_tokens(win, i_blk, COLS, H, W, SHIFT_H, SHIFT_W, WS: tl.constexpr,
+                   BT: tl.constexpr):
+    """Pixel offsets [BT] of tokens i_blk·BT ... of window ``win`` of the grid starting at
+    (SHIFT_H, SHIFT_W), 0 <= SHIFT_H < H, 0 <= SHIFT_W < W, wrapping around the map."""
+    o_t = i_blk * BT + tl.arange(0, BT)
+    o_row = ((win // COLS) * WS + o_t // WS + SHIFT_H) % H
+    o_col = ((win % COLS) * WS + o_t % WS + SHIFT_W) % W
+    return o_row * W + o_col
+
+
+@triton.jit
 def hard_window_attention_kernel(x_ptr, k_ptr, v_ptr, sa_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr,
-                                 num_hard_ptr, order_ptr, out_ptr, C, H, W, COLS, N, s_b,
-                                 s_p, s_c, WS: tl.constexpr, BC: tl.constexpr,
+                                 num_hard_ptr, order_ptr, out_ptr, C, H, W, COLS, N,
+                                 SHIFT_H, SHIFT_W, s_b, s_p, s_c, WS: tl.constexpr, BC: tl.constexpr,
                                  BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr):
     # maps: (b, c, pixel p) at b·s_b + p·s_p + c·s_c, p·s_p < 2³¹ (int32: fewer registers)
     i_r, i_m, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -36,7 +47,7 @@ def hard_window_attention_kernel(x_ptr, k_ptr, v_ptr, sa_ptr, wq_ptr, bq_ptr, wk
     o_c = tl.arange(0, BC)
     m_c = o_c < C
     plane = i_b.to(tl.int64) * s_b + o_c.to(tl.int64) * s_c
-    pix_m = window_tokens(win, i_m, COLS, W, WS, BM)
+    pix_m = shifted_tokens(win, i_m, COLS, H, W, SHIFT_H, SHIFT_W, WS, BM)
     p_m = plane[None, :] + (pix_m * s_p)[:, None]                      # [BM, BC]
     if i_r < tl.load(num_hard_ptr + i_b):
         dt = x_ptr.dtype.element_ty
@@ -52,7 +63,7 @@ def hard_window_attention_kernel(x_ptr, k_ptr, v_ptr, sa_ptr, wq_ptr, bq_ptr, wk
         b_li = tl.zeros([BM], dtype=tl.float32)
         b_acc = tl.zeros([BM, BC], dtype=tl.float32)
         for i_n in range(0, WS * WS // BN):
-            pix_n = window_tokens(win, i_n, COLS, W, WS, BN) * s_p
+            pix_n = shifted_tokens(win, i_n, COLS, H, W, SHIFT_H, SHIFT_W, WS, BN) * s_p
             p_n = plane[None, :] + pix_n[:, None]
             b_kin = tl.load(k_ptr + p_n, mask=m_c[None, :], other=0.0)
             b_s = tl.dot(b_q, tl.trans(b_kin), input_precision=PRECISION)  # [BM, BN]
@@ -109,7 +120,7 @@ def _one_layout(x: Tensor, k_in: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Ten
 
 def hard_window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
                           bq: Tensor, wk: Tensor, bk: Tensor, num_hard: Tensor, order: Tensor,
-                          window_size: int) -> Tensor:
+                          window_size: int, shift: int = 0) -> Tensor:
     """:func:`window_attention` on checked inputs, in the maps' common layout."""
     b, c, height, width = x.shape
     ws = window_size
@@ -125,14 +136,14 @@ def hard_window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Te
     grid = (n, ws * ws // cfg.bm, b)
     wrap_triton(hard_window_attention_kernel)[grid](
         x, k_in, v, sa, wq, bq, wk, bk, num_hard, order, out, c, height, width, cols, n,
-        *strides, WS=ws, BC=channel_block(c, x.dtype), BM=cfg.bm, BN=cfg.bn,
-        PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        shift % height, shift % width, *strides, WS=ws, BC=channel_block(c, x.dtype),
+        BM=cfg.bm, BN=cfg.bn, PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
 def _hard_window_attention_fake(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
                                 bq: Tensor, wk: Tensor, bk: Tensor, num_hard: Tensor,
-                                order: Tensor, window_size: int) -> Tensor:
+                                order: Tensor, window_size: int, shift: int = 0) -> Tensor:
     return torch.empty_like(_one_layout(x, k_in, v)[0])
 
 
@@ -143,10 +154,11 @@ _hard_window_attention = kernel_op("triton_window_attention", hard_window_attent
 @autocast_entry("lower")
 def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor, bq: Tensor,
                      wk: Tensor, bk: Tensor, num_hard: Tensor, order: Tensor, *,
-                     window_size: int) -> Tensor:
+                     window_size: int, shift: int = 0) -> Tensor:
     """Fused twin of :func:`camixer_fast.reference.attention_inference.window_attention` (same
-    shapes; ``k_in`` read at the hard windows only). Under autocast it runs in the autocast
-    dtype. ValueError for mismatched inputs; RuntimeError where a gradient is needed."""
+    shapes; ``k_in`` read at the hard windows only; ``shift``: the window grid starts at
+    (shift, shift) and wraps). Under autocast it runs in the autocast dtype. ValueError for
+    mismatched inputs; RuntimeError where a gradient is needed."""
     b, c, height, width = check_maps(x, {"k_in": k_in, "v": v, "sa": sa, "wq": wq, "bq": bq,
                                           "wk": wk, "bk": bk, "num_hard": num_hard,
                                           "order": order}, window_size)
@@ -169,4 +181,5 @@ def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
     if tuple(num_hard.shape) != (b,) or tuple(order.shape) != (b, n):
         raise ValueError(f"num_hard {tuple(num_hard.shape)} / order {tuple(order.shape)} do not "
                          f"fit {b} images of {n} windows")
-    return _hard_window_attention(x, k_in, v, sa, wq, bq, wk, bk, num_hard, order, window_size)
+    return _hard_window_attention(x, k_in, v, sa, wq, bq, wk, bk, num_hard, order, window_size,
+                                  int(shift))

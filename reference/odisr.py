@@ -25,10 +25,10 @@ from camixer_fast.reference.warp import deform_warp
 from camixer_fast.reference.windows import to_windows, window_condition
 from torch import Tensor, nn
 
-from camixer_fast.backends import DeformConv, Ops, select_backend
+from camixer_fast.backends import REGISTRY, DeformConv, Ops, select_backend
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
-BACKENDS = ("auto", "reference", "cpu")
+BACKENDS = ("auto", "reference", "cpu", "triton")
 
 
 def latitude_condition(height: int, width: int, *, rows: tuple[int, int] | None = None,
@@ -282,7 +282,10 @@ class CAMixerOSR(nn.Module):
         """The operations of :attr:`backend` on ``device`` in the current mode."""
         name = self.backend
         if name == "auto":
-            name = "cpu" if device.type == "cpu" else "reference"
+            # training: the Triton DCN has no backward
+            triton_ok = (device.type == "cuda" and not self.training and
+                         REGISTRY["triton"].unsupported(device, torch.float32, False) is None)
+            name = "cpu" if device.type == "cpu" else "triton" if triton_ok else "reference"
         return select_backend(name, device, training=self.training).ops
 
     def _forward(self, lr: Tensor, condition: Tensor,
