@@ -29,7 +29,7 @@ from camixer_fast.kernels.helpers import (
 def shifted_tokens(win, i_blk, COLS, H, W, SHIFT_H, SHIFT_W, WS: tl.constexpr,
                    BT: tl.constexpr):
     """Pixel offsets [BT] of tokens i_blk·BT ... of window ``win`` of the grid starting at
-    (SHIFT_H, SHIFT_W), 0 <= SHIFT_H < H, 0 <= SHIFT_W < W, wrapping around the map."""
+    (SHIFT_H, SHIFT_W) mod (H, W), wrapping around the map; H <= SHIFT_H < 2H, likewise W."""
     o_t = i_blk * BT + tl.arange(0, BT)
     o_row = ((win // COLS) * WS + o_t // WS + SHIFT_H) % H
     o_col = ((win % COLS) * WS + o_t % WS + SHIFT_W) % W
@@ -39,8 +39,9 @@ def shifted_tokens(win, i_blk, COLS, H, W, SHIFT_H, SHIFT_W, WS: tl.constexpr,
 @triton.jit
 def hard_window_attention_kernel(x_ptr, k_ptr, v_ptr, sa_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr,
                                  num_hard_ptr, order_ptr, out_ptr, C, H, W, COLS, N,
-                                 SHIFT_H, SHIFT_W, s_b, s_p, s_c, WS: tl.constexpr, BC: tl.constexpr,
-                                 BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr):
+                                 SHIFT_H, SHIFT_W, s_b, s_p, s_c, WS: tl.constexpr,
+                                 BC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                                 PRECISION: tl.constexpr):
     # maps: (b, c, pixel p) at b·s_b + p·s_p + c·s_c, p·s_p < 2³¹ (int32: fewer registers)
     i_r, i_m, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     win = tl.load(order_ptr + i_b.to(tl.int64) * N + i_r)
@@ -131,13 +132,15 @@ def hard_window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Te
     sa, wq, bq, wk, bk, num_hard, order = (
         t.contiguous() for t in (sa, wq, bq, wk, bk, num_hard, order))
     out = torch.empty_like(x)
+    # the shifts go in as H + shift, W + shift: never 1, whose JIT specialization spilled
     precision = dot_precision(x.dtype)
     cfg = tile_config(x.dtype, ws, channels_last=strides[2] == 1 and c > 1, precision=precision)
     grid = (n, ws * ws // cfg.bm, b)
     wrap_triton(hard_window_attention_kernel)[grid](
         x, k_in, v, sa, wq, bq, wk, bk, num_hard, order, out, c, height, width, cols, n,
-        shift % height, shift % width, *strides, WS=ws, BC=channel_block(c, x.dtype),
-        BM=cfg.bm, BN=cfg.bn, PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        height + shift % height, width + shift % width, *strides, WS=ws,
+        BC=channel_block(c, x.dtype), BM=cfg.bm, BN=cfg.bn, PRECISION=precision,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
