@@ -8,11 +8,13 @@ import math
 import pytest
 import torch
 from camixer_fast.reference.attention_inference import window_attention as ref_attention
+from camixer_fast.reference.dcn import modulated_deform_conv2d
 from camixer_fast.reference.odisr import CAMixerOSR
 from conftest import DEVICE, assert_close
 
 from camixer_fast.backends import select_backend
 from camixer_fast.kernels import attention_inference as kattn
+from camixer_fast.kernels import dcn as kdcn
 
 pytestmark = pytest.mark.usefixtures("no_tf32", "one_thread")
 FP32_TOL = 1e-4
@@ -84,3 +86,36 @@ def test_osr_triton_matches_reference(osr: CAMixerOSR, size: tuple[int, int],
 def test_osr_auto_backend_on_cpu_is_cpu(osr: CAMixerOSR) -> None:
     osr.backend = "auto"
     assert osr.ops(torch.device("cpu")) == select_backend("cpu").ops
+
+
+DCN_CASES = [(2, 16, 12, 17, 33, 2.0, False), (1, 5, 7, 1, 1, 3.0, False),
+             (1, 24, 24, 9, 10, 40.0, True), (1, 70, 20, 6, 5, 1.5, True)]
+
+
+@pytest.mark.parametrize("case", DCN_CASES,
+                         ids=lambda c: "B{}-C{}-O{}-{}x{}-off{}-{}".format(
+                             *c[:6], "nhwc" if c[6] else "nchw"))
+def test_deform_conv_matches_reference(case: tuple) -> None:
+    b, c, o, h, w, spread, channels_last = case
+    x = rand(b, c, h, w, seed=21)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    offset = rand(b, 18, h, w, seed=22, scale=spread)      # many taps land outside
+    mask = torch.rand(b, 9, h, w, generator=gen(23)).to(DEVICE)
+    weight = rand(o, c, 3, 3, seed=24, scale=(9 * c) ** -0.5)
+    bias = rand(o, seed=25)
+    for b_ in (bias, None):
+        got = kdcn.deform_conv(x, offset, mask, weight, b_)
+        ref = modulated_deform_conv2d(x, offset, mask, weight, b_)
+        assert_close(f"dcn bias={b_ is not None}", ref, got, FP32_TOL)
+
+
+def test_deform_conv_rejects_bad_inputs_and_gradients() -> None:
+    x, offset, mask = rand(1, 4, 5, 6, seed=1), rand(1, 18, 5, 6, seed=2), rand(1, 9, 5, 6, seed=3)
+    weight = rand(8, 4, 3, 3, seed=4)
+    with pytest.raises(ValueError, match="do not fit"):
+        kdcn.deform_conv(x, offset[:, :16], mask, weight)
+    with pytest.raises(ValueError, match="bias"):
+        kdcn.deform_conv(x, offset, mask, weight, rand(7, seed=5))
+    with pytest.raises(RuntimeError, match="does not differentiate"):
+        kdcn.deform_conv(x, offset, mask, weight.requires_grad_())
