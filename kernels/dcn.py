@@ -10,7 +10,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from camixer_fast.kernels.helpers import dot_dtype, dot_precision, kernel_op
+from camixer_fast.backends.triton_env import interpreting
+from camixer_fast.kernels.helpers import HALF, dot_dtype, dot_precision, kernel_op
 
 
 @triton.jit
@@ -41,7 +42,7 @@ def deform_conv_kernel(x_ptr, off_ptr, mask_ptr, w_ptr, bias_ptr, out_ptr, C, H,
     p_off = i_b.to(tl.int64) * (2 * KH * KW) * P + o_p
     p_mask = i_b.to(tl.int64) * (KH * KW) * P + o_p
     b_acc = tl.zeros([BP, BO], dtype=tl.float32)
-    for k in tl.static_range(KH * KW):
+    for k in range(KH * KW):
         b_dy = tl.load(off_ptr + p_off + (2 * k) * P, mask=m_p, other=0.0).to(tl.float32)
         b_dx = tl.load(off_ptr + p_off + (2 * k + 1) * P, mask=m_p, other=0.0).to(tl.float32)
         b_m = tl.load(mask_ptr + p_mask + k * P, mask=m_p, other=0.0).to(tl.float32)
@@ -77,12 +78,15 @@ def deform_conv_kernel(x_ptr, off_ptr, mask_ptr, w_ptr, bias_ptr, out_ptr, C, H,
              mask=m_p[:, None] & m_o[None, :])
 
 
-PIXELS = 64
+PIXELS = 16
 
 
-def _blocks(channels: int, out_channels: int) -> tuple[int, int]:
-    block = lambda n: min(64, max(16, triton.next_power_of_2(n)))  # noqa: E731
-    return block(channels), block(out_channels)
+def _block(channels: int, dtype: torch.dtype, precision: str) -> int:
+    """Channel block: a power of two, tensor-core rows of >= 128 bytes on a GPU (narrower
+    wgmma operands are swizzled narrower, which the JIT gate rejects), <= 128 bytes."""
+    most = 64 if dtype in HALF else 32
+    least = 16 if interpreting() or precision == "ieee" else most
+    return min(max(least, triton.next_power_of_2(channels)), most)
 
 
 def _deform_conv(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor, bias: Tensor,
@@ -92,12 +96,15 @@ def _deform_conv(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor, bias: 
     h_out, w_out = offset.shape[2:]
     out = torch.empty(b, h_out, w_out, out_c, dtype=x.dtype, device=x.device)
     w_t = weight.permute(2, 3, 1, 0).reshape(kh * kw, c, out_c).contiguous()
-    bc, bo = _blocks(c, out_c)
-    grid = (triton.cdiv(h_out * w_out, PIXELS), triton.cdiv(out_c, bo), b)
+    precision = dot_precision(x.dtype)
+    bc, bo = _block(c, x.dtype, precision), _block(out_c, x.dtype, precision)
+    pixels = 64 if interpreting() else PIXELS
+    grid = (triton.cdiv(h_out * w_out, pixels), triton.cdiv(out_c, bo), b)
     wrap_triton(deform_conv_kernel)[grid](
         x, offset.contiguous(), mask.contiguous(), w_t, bias.contiguous(), out, c, height,
-        width, out_c, h_out, w_out, *x.stride(), padding, dilation, KH=kh, KW=kw, BP=PIXELS,
-        BC=bc, BO=bo, DT=dot_dtype(x.dtype), PRECISION=dot_precision(x.dtype), num_warps=4)
+        width, out_c, h_out, w_out, *x.stride(), padding, dilation, KH=kh, KW=kw, BP=pixels,
+        BC=bc, BO=bo, DT=dot_dtype(x.dtype), PRECISION=precision, num_warps=4,
+        num_stages=1)
     return out.permute(0, 3, 1, 2)
 
 

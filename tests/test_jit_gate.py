@@ -93,6 +93,7 @@ def test_the_gate_drives_every_kernel_and_dtype(jit_gate) -> None:
         assert shifts == {"i", "i16"}, shifts
         for prefix in ("model-float32-tf32-", "train-float32-tf32-", "model-float32-tf32x3-",
                        "train-float32-tf32x3-", "op-attention-float32-tf32x3-ws8",
+                       "osr-float32-tf32-", "osr-float32-tf32x3-", "op-dcn-bfloat16-",
                        "train-autocast-bfloat16-", "model-autocast-bfloat16-"):
             assert any(c.startswith(prefix) for c in cases), prefix
 

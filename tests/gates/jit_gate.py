@@ -13,8 +13,8 @@ public API -- ``CAMixerSR(...)``, ``model.backend = "triton"``, ``model(x)`` -- 
 - inference at 16×16, 17×33 and 64×48 at γ = 1, 0.5 and 0;
 - a training step with backward at 16×16 and 17×33;
 - CAMixerOSR (``backend="triton"``: shifted windows, DCNv2) at 17×33 and 32×64, γ = 1, 0.5;
-- the kernel functions themselves on maps down to one pixel (warp) and small windows, the
-  attention at shifts 0, 1, 5, 8;
+- the kernel functions themselves on maps down to one pixel (warp, DCNv2) and small windows,
+  the attention at shifts 0, 1, 5, 8;
 
 in fp32, fp16 and bf16, for C = 36 and an odd C. Every kernel compiled is then read with
 :mod:`cubin`: no register spills, shared memory within bounds, fp16/bf16/tf32 products on
@@ -254,6 +254,17 @@ def op_cases(dtype_name: str) -> Iterator[tuple[str, Callable]]:
                     kernels.window_attention(x, k_in, v, sa, *proj, routing.num_hard,
                                              routing.order, window_size=ws, shift=shift)
         yield f"op-attention-{dtype_name}-ws{ws}-{rows}x{cols}win-C{c}", routed
+    for b, c, o, h, w, nhwc in ((1, 3, 5, 1, 1, False), (2, 21, 21, 17, 33, False),
+                                (1, 60, 60, 16, 48, True), (1, 70, 36, 9, 10, True)):
+        def dcn(b=b, c=c, o=o, h=h, w=w, nhwc=nhwc):
+            x = torch.rand(b, c, h, w, dtype=dtype)
+            x = x.contiguous(memory_format=torch.channels_last) if nhwc else x
+            offset, mask = torch.rand(b, 18, h, w, dtype=dtype), torch.rand(b, 9, h, w,
+                                                                            dtype=dtype)
+            with torch.no_grad():
+                kernels.deform_conv(x, offset, mask, torch.rand(o, c, 3, 3, dtype=dtype),
+                                    torch.rand(o, dtype=dtype))
+        yield f"op-dcn-{dtype_name}-{b}x{c}x{h}x{w}-O{o}{'-nhwc' if nhwc else ''}", dcn
     for b, h, w, c in ((1, 4, 8, 36), (3, 8, 12, 17), (2, 16, 48, 60)):
         def block_stages(b=b, h=h, w=w, c=c):
             # the fused block's per-pixel kernels on maps of one tile (tile counts of 1
@@ -306,7 +317,8 @@ FP32_PRECISIONS = ("tf32", "tf32x3")
 
 def precision_cases(precision: str, channels: int) -> Iterator[tuple[str, Callable]]:
     """fp32 models under dot ``precision``: inference at 16×16 (γ = 1) and 64×48 (γ = 0.5), a
-    training step at 17×33, and the attention on its own with 8×8 windows."""
+    training step at 17×33, CAMixerOSR at 32×64 (γ = 0.5), the attention alone with 8×8
+    windows."""
     for name, case in (*inference_cases("float32", channels), *training_cases("float32",
                                                                                channels)):
         if name.endswith(("-16x16-gamma=1.0", "-64x48-gamma=0.5", "-17x33")) and (
@@ -315,6 +327,12 @@ def precision_cases(precision: str, channels: int) -> Iterator[tuple[str, Callab
                 with fp32_precision(precision):
                     case()
             yield name.replace("float32", f"float32-{precision}", 1), run
+    for name, case in osr_cases("float32", channels):
+        if name.endswith("-32x64-gamma=0.5"):
+            def run_osr(case=case):
+                with fp32_precision(precision):
+                    case()
+            yield name.replace("float32", f"float32-{precision}", 1), run_osr
     if channels == CHANNELS[0]:
         for name, case in op_cases("float32"):
             if "ws8" in name:
