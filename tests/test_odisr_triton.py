@@ -3,6 +3,7 @@ DCNv2 kernel and the whole network with backend="triton" (Triton's interpreter o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -12,7 +13,7 @@ from camixer_fast.reference.dcn import modulated_deform_conv2d
 from camixer_fast.reference.odisr import CAMixerOSR
 from conftest import DEVICE, assert_close
 
-from camixer_fast.backends import select_backend
+from camixer_fast.backends import REGISTRY, select_backend
 from camixer_fast.kernels import attention_inference as kattn
 from camixer_fast.kernels import dcn as kdcn
 
@@ -83,9 +84,21 @@ def test_osr_triton_matches_reference(osr: CAMixerOSR, size: tuple[int, int],
     assert_close(f"sr {size} gamma {gamma}", outs["reference"], outs["triton"], FP32_TOL)
 
 
-def test_osr_auto_backend_on_cpu_is_cpu(osr: CAMixerOSR) -> None:
+def test_osr_auto_backend(osr: CAMixerOSR, monkeypatch: pytest.MonkeyPatch) -> None:
     osr.backend = "auto"
     assert osr.ops(torch.device("cpu")) == select_backend("cpu").ops
+    cuda = torch.device("cuda")
+    monkeypatch.setitem(REGISTRY, "triton", dataclasses.replace(
+        REGISTRY["triton"], unsupported=lambda device, dtype, training: None))
+    assert osr.ops(cuda) == REGISTRY["triton"].ops
+    osr.train()
+    try:
+        assert osr.ops(cuda) == REGISTRY["reference"].ops     # the DCN kernel has no backward
+    finally:
+        osr.eval()
+    monkeypatch.setitem(REGISTRY, "triton", dataclasses.replace(
+        REGISTRY["triton"], unsupported=lambda device, dtype, training: "no GPU"))
+    assert osr.ops(cuda) == REGISTRY["reference"].ops
 
 
 DCN_CASES = [(2, 16, 12, 17, 33, 2.0, False), (1, 5, 7, 1, 1, 3.0, False),
