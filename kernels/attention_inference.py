@@ -31,9 +31,11 @@ def shifted_tokens(win, i_blk, COLS, H, W, SHIFT_H, SHIFT_W, WS: tl.constexpr,
     """Pixel offsets [BT] of tokens i_blk·BT ... of window ``win`` of the grid starting at
     (SHIFT_H, SHIFT_W) mod (H, W), wrapping around the map; H <= SHIFT_H < 2H, likewise W."""
     o_t = i_blk * BT + tl.arange(0, BT)
-    o_row = ((win // COLS) * WS + o_t // WS + SHIFT_H) % H
-    o_col = ((win % COLS) * WS + o_t % WS + SHIFT_W) % W
-    return o_row * W + o_col
+    row0 = ((win // COLS) * WS + SHIFT_H) % H        # scalars: one modulo per program
+    col0 = ((win % COLS) * WS + SHIFT_W) % W
+    o_row = row0 + o_t // WS
+    o_col = col0 + o_t % WS
+    return tl.where(o_row >= H, o_row - H, o_row) * W + tl.where(o_col >= W, o_col - W, o_col)
 
 
 @triton.jit
@@ -95,15 +97,16 @@ FP32_TILE_BY_PRECISION = {"ieee": FP32_TILES, "tf32": TF32_TILES, "tf32x3": TF32
 
 
 def tile_config(dtype: torch.dtype, window_size: int, *, channels_last: bool = False,
-                precision: str | None = None) -> TileConfig:
+                precision: str | None = None, shifted: bool = False) -> TileConfig:
     """Launch configuration of :func:`window_attention` (fp32 ``precision`` default: this
-    launch's :func:`.helpers.dot_precision`)."""
+    launch's :func:`.helpers.dot_precision`; ``shifted``: a wrapped window grid)."""
     if interpreting():
         return whole_windows(window_size)
     if dtype in HALF:
         if window_size < 16:
             return for_window(HALF_SMALL_WINDOWS, window_size)
-        return for_window(HALF_CHANNELS_LAST if channels_last else HALF_TILES, window_size)
+        wide = channels_last or shifted        # 4 warps spilled there on sm_80 (JIT gate)
+        return for_window(HALF_CHANNELS_LAST if wide else HALF_TILES, window_size)
     precision = precision or dot_precision(dtype)
     if precision == "tf32" and (window_size < 16 or channels_last):
         return for_window(TF32_EIGHT_WARPS, window_size)
@@ -134,7 +137,8 @@ def hard_window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Te
     out = torch.empty_like(x)
     # the shifts go in as H + shift, W + shift: never 1, whose JIT specialization spilled
     precision = dot_precision(x.dtype)
-    cfg = tile_config(x.dtype, ws, channels_last=strides[2] == 1 and c > 1, precision=precision)
+    cfg = tile_config(x.dtype, ws, channels_last=strides[2] == 1 and c > 1, precision=precision,
+                      shifted=shift % height > 0 or shift % width > 0)
     grid = (n, ws * ws // cfg.bm, b)
     wrap_triton(hard_window_attention_kernel)[grid](
         x, k_in, v, sa, wq, bq, wk, bk, num_hard, order, out, c, height, width, cols, n,
