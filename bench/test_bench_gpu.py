@@ -9,6 +9,7 @@ against the official chain's fp32 output (TF32 off) before it is timed, every ca
   and bf16 autocast (fp32 master weights), loss and gradients against the reference fp32 step.
 - ``large``: a 1024×768 input, time and peak memory; ``variants``: CUDA graphs and
   ``torch.compile(fullgraph=True)`` against eager.
+- ``osr``: CAMixerOSR x4 on 256×512, reference / Triton / Triton with torchvision's DCNv2.
 
 Without CUDA every case is skipped, unless ``CAMIXER_BENCH_GPU_SMOKE=1``: a small seeded model
 runs the latency and training cases on the CPU at 32×32 (Triton's interpreter), which checks
@@ -227,4 +228,41 @@ def test_variants(benchmark, state, variant: str) -> None:
         benchmark.group = "variants"
         record(benchmark, suite="gpu-variants", variant=variant, max_abs_vs_eager=err)
         benchmark.pedantic(lambda: (fast(x), sync()), warmup_rounds=2, rounds=ROUNDS,
+                           iterations=1)
+
+
+@pytest.mark.skipif(not CUDA, reason="CAMixerOSR at ODI size needs CUDA")
+@pytest.mark.parametrize("impl", ("reference", "triton", "triton-torchvision-dcn"))
+def test_osr_latency(benchmark, impl: str) -> None:
+    """CAMixerOSR (published size, seeded weights, x4) on a 256×512 ERP input, fp32, γ 0.5:
+    the reference ops, the Triton ops, and the Triton ops with torchvision's CUDA DCNv2 in
+    place of ours (the measurement that picks the DCN); each within 1e-4 of the reference."""
+    import dataclasses
+
+    from odisr_fixture import seeded_state_dict
+
+    from camixer_fast.models.loading import build_osr_model
+
+    x = torch.rand(1, 3, 256, 512, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    with precision_mode("fp32"):
+        net = build_osr_model(seeded_state_dict("published", 4), backend="reference").to(DEVICE)
+        want = forward(net, x)
+        net.backend = impl.split("-")[0]
+        if impl == "triton-torchvision-dcn":
+            try:
+                import torchvision.ops as tv
+            except (ImportError, RuntimeError) as error:   # a build for another torch
+                pytest.skip(f"torchvision's DCNv2 does not load: {error}")
+
+            def tv_dcn(x, offset, mask, weight, bias=None, *, padding=1, dilation=1):
+                return tv.deform_conv2d(x, offset, weight, bias, padding=padding,
+                                        dilation=dilation, mask=mask)
+            ops = dataclasses.replace(net.ops(DEVICE), deform_conv=tv_dcn)
+            net.ops = lambda device: ops
+        got = forward(net, x)
+        err = errors(got, want)
+        assert err["max_abs"] <= TOLERANCE["fp32"], f"{impl}: {err['max_abs']:.2e} vs reference"
+        benchmark.group = "osr 256x512 x4"
+        record(benchmark, suite="gpu-osr", impl=impl, **err)
+        benchmark.pedantic(lambda: (forward(net, x), sync()), warmup_rounds=2, rounds=ROUNDS,
                            iterations=1)

@@ -1,5 +1,6 @@
 """Fused hard-window attention (spec §3.7): one program per (rank, query block, image) reads
-window ``order[b, rank]`` in place and attends it if rank < K, else writes ``v·sa``."""
+window ``order[b, rank]`` in place and attends it if rank < K, else writes ``v·sa``; a
+``shift`` offsets the window grid by index arithmetic, wrapping (no rolled copies)."""
 
 from __future__ import annotations
 
@@ -21,22 +22,35 @@ from camixer_fast.kernels.helpers import (
     kernel_op,
     pixel_strides,
     whole_windows,
-    window_tokens,
 )
 
 
 @triton.jit
+def shifted_tokens(win, i_blk, COLS, H, W, SHIFT_H, SHIFT_W, WS: tl.constexpr,
+                   BT: tl.constexpr):
+    """Pixel offsets [BT] of tokens i_blk·BT ... of window ``win`` of the grid starting at
+    (SHIFT_H, SHIFT_W) mod (H, W), wrapping around the map; H <= SHIFT_H < 2H, likewise W."""
+    o_t = i_blk * BT + tl.arange(0, BT)
+    row0 = ((win // COLS) * WS + SHIFT_H) % H        # scalars: one modulo per program
+    col0 = ((win % COLS) * WS + SHIFT_W) % W
+    o_row = row0 + o_t // WS
+    o_col = col0 + o_t % WS
+    return tl.where(o_row >= H, o_row - H, o_row) * W + tl.where(o_col >= W, o_col - W, o_col)
+
+
+@triton.jit
 def hard_window_attention_kernel(x_ptr, k_ptr, v_ptr, sa_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr,
-                                 num_hard_ptr, order_ptr, out_ptr, C, H, W, COLS, N, s_b,
-                                 s_p, s_c, WS: tl.constexpr, BC: tl.constexpr,
-                                 BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr):
+                                 num_hard_ptr, order_ptr, out_ptr, C, H, W, COLS, N,
+                                 SHIFT_H, SHIFT_W, s_b, s_p, s_c, WS: tl.constexpr,
+                                 BC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                                 PRECISION: tl.constexpr):
     # maps: (b, c, pixel p) at b·s_b + p·s_p + c·s_c, p·s_p < 2³¹ (int32: fewer registers)
     i_r, i_m, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     win = tl.load(order_ptr + i_b.to(tl.int64) * N + i_r)
     o_c = tl.arange(0, BC)
     m_c = o_c < C
     plane = i_b.to(tl.int64) * s_b + o_c.to(tl.int64) * s_c
-    pix_m = window_tokens(win, i_m, COLS, W, WS, BM)
+    pix_m = shifted_tokens(win, i_m, COLS, H, W, SHIFT_H, SHIFT_W, WS, BM)
     p_m = plane[None, :] + (pix_m * s_p)[:, None]                      # [BM, BC]
     if i_r < tl.load(num_hard_ptr + i_b):
         dt = x_ptr.dtype.element_ty
@@ -52,7 +66,7 @@ def hard_window_attention_kernel(x_ptr, k_ptr, v_ptr, sa_ptr, wq_ptr, bq_ptr, wk
         b_li = tl.zeros([BM], dtype=tl.float32)
         b_acc = tl.zeros([BM, BC], dtype=tl.float32)
         for i_n in range(0, WS * WS // BN):
-            pix_n = window_tokens(win, i_n, COLS, W, WS, BN) * s_p
+            pix_n = shifted_tokens(win, i_n, COLS, H, W, SHIFT_H, SHIFT_W, WS, BN) * s_p
             p_n = plane[None, :] + pix_n[:, None]
             b_kin = tl.load(k_ptr + p_n, mask=m_c[None, :], other=0.0)
             b_s = tl.dot(b_q, tl.trans(b_kin), input_precision=PRECISION)  # [BM, BN]
@@ -83,15 +97,16 @@ FP32_TILE_BY_PRECISION = {"ieee": FP32_TILES, "tf32": TF32_TILES, "tf32x3": TF32
 
 
 def tile_config(dtype: torch.dtype, window_size: int, *, channels_last: bool = False,
-                precision: str | None = None) -> TileConfig:
+                precision: str | None = None, shifted: bool = False) -> TileConfig:
     """Launch configuration of :func:`window_attention` (fp32 ``precision`` default: this
-    launch's :func:`.helpers.dot_precision`)."""
+    launch's :func:`.helpers.dot_precision`; ``shifted``: a wrapped window grid)."""
     if interpreting():
         return whole_windows(window_size)
     if dtype in HALF:
         if window_size < 16:
             return for_window(HALF_SMALL_WINDOWS, window_size)
-        return for_window(HALF_CHANNELS_LAST if channels_last else HALF_TILES, window_size)
+        wide = channels_last or shifted        # 4 warps spilled there on sm_80 (JIT gate)
+        return for_window(HALF_CHANNELS_LAST if wide else HALF_TILES, window_size)
     precision = precision or dot_precision(dtype)
     if precision == "tf32" and (window_size < 16 or channels_last):
         return for_window(TF32_EIGHT_WARPS, window_size)
@@ -109,7 +124,7 @@ def _one_layout(x: Tensor, k_in: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Ten
 
 def hard_window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
                           bq: Tensor, wk: Tensor, bk: Tensor, num_hard: Tensor, order: Tensor,
-                          window_size: int) -> Tensor:
+                          window_size: int, shift: int = 0) -> Tensor:
     """:func:`window_attention` on checked inputs, in the maps' common layout."""
     b, c, height, width = x.shape
     ws = window_size
@@ -120,19 +135,22 @@ def hard_window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Te
     sa, wq, bq, wk, bk, num_hard, order = (
         t.contiguous() for t in (sa, wq, bq, wk, bk, num_hard, order))
     out = torch.empty_like(x)
+    # the shifts go in as H + shift, W + shift: never 1, whose JIT specialization spilled
     precision = dot_precision(x.dtype)
-    cfg = tile_config(x.dtype, ws, channels_last=strides[2] == 1 and c > 1, precision=precision)
+    cfg = tile_config(x.dtype, ws, channels_last=strides[2] == 1 and c > 1, precision=precision,
+                      shifted=shift % height > 0 or shift % width > 0)
     grid = (n, ws * ws // cfg.bm, b)
     wrap_triton(hard_window_attention_kernel)[grid](
         x, k_in, v, sa, wq, bq, wk, bk, num_hard, order, out, c, height, width, cols, n,
-        *strides, WS=ws, BC=channel_block(c, x.dtype), BM=cfg.bm, BN=cfg.bn,
-        PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        height + shift % height, width + shift % width, *strides, WS=ws,
+        BC=channel_block(c, x.dtype), BM=cfg.bm, BN=cfg.bn, PRECISION=precision,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
 def _hard_window_attention_fake(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
                                 bq: Tensor, wk: Tensor, bk: Tensor, num_hard: Tensor,
-                                order: Tensor, window_size: int) -> Tensor:
+                                order: Tensor, window_size: int, shift: int = 0) -> Tensor:
     return torch.empty_like(_one_layout(x, k_in, v)[0])
 
 
@@ -143,10 +161,11 @@ _hard_window_attention = kernel_op("triton_window_attention", hard_window_attent
 @autocast_entry("lower")
 def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor, bq: Tensor,
                      wk: Tensor, bk: Tensor, num_hard: Tensor, order: Tensor, *,
-                     window_size: int) -> Tensor:
+                     window_size: int, shift: int = 0) -> Tensor:
     """Fused twin of :func:`camixer_fast.reference.attention_inference.window_attention` (same
-    shapes; ``k_in`` read at the hard windows only). Under autocast it runs in the autocast
-    dtype. ValueError for mismatched inputs; RuntimeError where a gradient is needed."""
+    shapes; ``k_in`` read at the hard windows only; ``shift``: the window grid starts at
+    (shift, shift) and wraps). Under autocast it runs in the autocast dtype. ValueError for
+    mismatched inputs; RuntimeError where a gradient is needed."""
     b, c, height, width = check_maps(x, {"k_in": k_in, "v": v, "sa": sa, "wq": wq, "bq": bq,
                                           "wk": wk, "bk": bk, "num_hard": num_hard,
                                           "order": order}, window_size)
@@ -169,4 +188,5 @@ def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
     if tuple(num_hard.shape) != (b,) or tuple(order.shape) != (b, n):
         raise ValueError(f"num_hard {tuple(num_hard.shape)} / order {tuple(order.shape)} do not "
                          f"fit {b} images of {n} windows")
-    return _hard_window_attention(x, k_in, v, sa, wq, bq, wk, bk, num_hard, order, window_size)
+    return _hard_window_attention(x, k_in, v, sa, wq, bq, wk, bk, num_hard, order, window_size,
+                                  int(shift))

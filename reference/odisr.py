@@ -25,10 +25,10 @@ from camixer_fast.reference.warp import deform_warp
 from camixer_fast.reference.windows import to_windows, window_condition
 from torch import Tensor, nn
 
-from camixer_fast.backends import DeformConv, Ops, select_backend
+from camixer_fast.backends import REGISTRY, DeformConv, Ops, select_backend
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
-BACKENDS = ("auto", "reference", "cpu")
+BACKENDS = ("auto", "reference", "cpu", "triton")
 
 
 def latitude_condition(height: int, width: int, *, rows: tuple[int, int] | None = None,
@@ -216,8 +216,8 @@ class CAMixerOSR(nn.Module):
     (:func:`pad_to_multiple`): a padded pixel keeps the latitude of the pixel it copies.
     K = N if γ = 1 else min(int(N·r·2γ), N), r = mean(softmax(pred)[..., 0]) per image: the
     official int(N·r) with r its Gumbel draw's expectation is γ = 0.5. ``return_routing``
-    appends the :class:`Routing` record. ``backend`` ("reference", "cpu", "auto": cpu on the
-    CPU, else reference; no Triton path yet) supplies the window attention at inference."""
+    appends the :class:`Routing` record. ``backend`` ("reference", "cpu", "triton", "auto")
+    supplies the window attention and the DCNv2 at inference."""
 
     def __init__(self, *, n_feats: int = 60, scale: int = 4,
                  blocks_per_group: tuple[int, ...] = (6, 6, 6, 6), window_size: int = 16,
@@ -282,7 +282,10 @@ class CAMixerOSR(nn.Module):
         """The operations of :attr:`backend` on ``device`` in the current mode."""
         name = self.backend
         if name == "auto":
-            name = "cpu" if device.type == "cpu" else "reference"
+            # training: the Triton DCN has no backward
+            triton_ok = (device.type == "cuda" and not self.training and
+                         REGISTRY["triton"].unsupported(device, torch.float32, False) is None)
+            name = "cpu" if device.type == "cpu" else "triton" if triton_ok else "reference"
         return select_backend(name, device, training=self.training).ops
 
     def _forward(self, lr: Tensor, condition: Tensor,

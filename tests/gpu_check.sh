@@ -66,7 +66,7 @@ DEADLINE=$(( $(date +%s) + BUDGET ))
 
 # name | timeout (s) | pytest arguments (relative to the checkout)
 TEST_GROUPS=(
-  "kernels|240|tests/test_kernels.py tests/test_block_kernels.py"
+  "kernels|240|tests/test_kernels.py tests/test_block_kernels.py tests/test_odisr_triton.py"
   "golden|180|tests/test_golden.py"
   "training|180|tests/test_train.py -k triton"
   "api|180|tests/test_upscale.py tests/test_model.py tests/test_loading.py"

@@ -86,8 +86,14 @@ def test_the_gate_drives_every_kernel_and_dtype(jit_gate) -> None:
             assert any(c.startswith(f"model-{dtype}") and c.endswith("16x16-gamma=1.0")
                        for c in cases)
         # fp32 in the other dot precisions, and bf16 autocast around an fp32 model
+        # CAMixerOSR's shifted windows (and DCNv2), and the attention at a shift alone
+        assert any(c.startswith("osr-float32-") for c in cases)
+        shifts = {label.split(",")[16] for label in result["kernels"]   # SHIFT_H: H + shift
+                  if label.startswith("hard_window_attention_kernel[")}
+        assert shifts == {"i", "i16"}, shifts
         for prefix in ("model-float32-tf32-", "train-float32-tf32-", "model-float32-tf32x3-",
                        "train-float32-tf32x3-", "op-attention-float32-tf32x3-ws8",
+                       "osr-float32-tf32-", "osr-float32-tf32x3-", "op-dcn-bfloat16-",
                        "train-autocast-bfloat16-", "model-autocast-bfloat16-"):
             assert any(c.startswith(prefix) for c in cases), prefix
 

@@ -194,7 +194,7 @@ def test_matches_official_live(models: dict, shared: Path) -> None:
 
 def test_unknown_backend_is_refused() -> None:
     with pytest.raises(ValueError, match="backend must be one of"):
-        small_model().backend = "triton"
+        small_model().backend = "dense"
 
 
 def test_published_parameter_counts() -> None:
@@ -297,4 +297,4 @@ def test_load_model_gives_camixer_osr_from_its_checkpoint(tmp_path: Path) -> Non
     assert model.scale == 2 and model.n_feats == 24
     assert camixer_fast.load_model(osr, backend="cpu").backend == "cpu"
     with pytest.raises(ValueError, match="backend must be one of"):
-        camixer_fast.load_model(osr, backend="triton")
+        camixer_fast.load_model(osr, backend="onnx")

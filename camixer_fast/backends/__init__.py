@@ -172,12 +172,11 @@ def _triton_ops() -> Ops:
     from camixer_fast import kernels
     from camixer_fast.kernels.block import block_inference
     from camixer_fast.reference import dense
-    from camixer_fast.reference.dcn import modulated_deform_conv2d
     from camixer_fast.reference.routing import window_scores
 
     return Ops(kernels.route_windows, window_scores, kernels.deformable_key,
                kernels.window_attention, kernels.masked_window_attention, dense.linear,
-               modulated_deform_conv2d, block_inference=block_inference, whole_batch=True,
+               kernels.deform_conv, block_inference=block_inference, whole_batch=True,
                sync_free=True)
 
 

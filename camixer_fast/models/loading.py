@@ -196,7 +196,8 @@ def load_model(weights: str | os.PathLike | Mapping, *, gamma: float = 0.5,
 
     weights: a registered name ("CAMixerSR-S"), a ``.pth``/``.safetensors`` file (official or
     bare) or a loaded dict. gamma: attention ratio γ in [0, 1]. backend: see
-    :mod:`camixer_fast.backends` (CAMixerOSR: "auto", "reference" or "cpu", ValueError otherwise).
+    :mod:`camixer_fast.backends` (CAMixerOSR: "auto", "reference", "cpu" or "triton",
+    ValueError otherwise).
     routing: "expected" (deterministic) or "gumbel" (official).
     """
     obj = weights if isinstance(weights, Mapping) else read_weights(weights_file(weights))

@@ -12,7 +12,9 @@ public API -- ``CAMixerSR(...)``, ``model.backend = "triton"``, ``model(x)`` -- 
 
 - inference at 16×16, 17×33 and 64×48 at γ = 1, 0.5 and 0;
 - a training step with backward at 16×16 and 17×33;
-- the kernel functions themselves on maps down to one pixel (warp) and small windows;
+- CAMixerOSR (``backend="triton"``: shifted windows, DCNv2) at 17×33 and 32×64, γ = 1, 0.5;
+- the kernel functions themselves on maps down to one pixel (warp, DCNv2) and small windows,
+  the attention at shifts 0, 1, 5, 8;
 
 in fp32, fp16 and bf16, for C = 36 and an odd C. Every kernel compiled is then read with
 :mod:`cubin`: no register spills, shared memory within bounds, fp16/bf16/tf32 products on
@@ -47,6 +49,7 @@ HERE = Path(__file__).resolve().parent
 TARGETS = (80, 90)
 SIZES = ((16, 16), (17, 33), (64, 48))
 TRAIN_SIZES = ((16, 16), (17, 33))
+OSR_SIZES = ((17, 33), (32, 64))
 GAMMAS = (1.0, 0.5, 0.0)
 CHANNELS = (36, 21)
 """C of the S model, and an odd C (channel blocks padded with masks, odd strides)."""
@@ -197,6 +200,28 @@ def training_cases(dtype_name: str, channels: int) -> Iterator[tuple[str, Callab
         yield f"train-{dtype_name}-C{channels}-{h}x{w}", case
 
 
+def osr_cases(dtype_name: str, channels: int) -> Iterator[tuple[str, Callable]]:
+    """CAMixerOSR (fp32) at inference: one group of two blocks (shift 0 and 8), window 16,
+    x2."""
+    import torch
+
+    from camixer_fast.reference.odisr import CAMixerOSR
+
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(channels)
+    model = CAMixerOSR(n_feats=channels, blocks_per_group=(2,), window_size=16, scale=2)
+    model = model.to(dtype).eval()
+    model.backend = "triton"
+    for h, w in OSR_SIZES:
+        for gamma in GAMMAS[:2]:
+            def case(h=h, w=w, gamma=gamma):
+                model.gamma = gamma
+                with torch.no_grad():
+                    model(torch.rand(1, 3, h, w, dtype=dtype),
+                          torch.rand(1, 1, h, w, dtype=dtype))
+            yield f"osr-{dtype_name}-C{channels}-{h}x{w}-gamma={gamma}", case
+
+
 def op_cases(dtype_name: str) -> Iterator[tuple[str, Callable]]:
     """The kernel functions on their own, at sizes the model never makes (maps of one pixel,
     one row or column; windows of 4 and 8)."""
@@ -220,14 +245,26 @@ def op_cases(dtype_name: str) -> Iterator[tuple[str, Callable]]:
             x, v, offsets, sa = (torch.rand(1, n, h, w, dtype=dtype) for n in (c, c, 2, 1))
             proj = (torch.rand(c, c, dtype=dtype), torch.rand(c, dtype=dtype),
                     torch.rand(c, c, dtype=dtype), torch.rand(c, dtype=dtype))
-            for gamma in (1.0, 0.5):
+            for gamma, shift in ((1.0, 0), (0.5, 0), (0.5, 1), (0.5, ws // 2 + 1),
+                                 (1.0, ws // 2)):
                 routing = kernels.route_windows(hidden, *mlp, gamma, window_size=ws)
                 k_in = kernels.deformable_key(x, offsets, routing.num_hard, routing.order,
                                               window_size=ws)
                 with torch.no_grad():
                     kernels.window_attention(x, k_in, v, sa, *proj, routing.num_hard,
-                                             routing.order, window_size=ws)
+                                             routing.order, window_size=ws, shift=shift)
         yield f"op-attention-{dtype_name}-ws{ws}-{rows}x{cols}win-C{c}", routed
+    for b, c, o, h, w, nhwc in ((1, 3, 5, 1, 1, False), (2, 21, 21, 17, 33, False),
+                                (1, 60, 60, 16, 48, True), (1, 70, 36, 9, 10, True)):
+        def dcn(b=b, c=c, o=o, h=h, w=w, nhwc=nhwc):
+            x = torch.rand(b, c, h, w, dtype=dtype)
+            x = x.contiguous(memory_format=torch.channels_last) if nhwc else x
+            offset, mask = torch.rand(b, 18, h, w, dtype=dtype), torch.rand(b, 9, h, w,
+                                                                            dtype=dtype)
+            with torch.no_grad():
+                kernels.deform_conv(x, offset, mask, torch.rand(o, c, 3, 3, dtype=dtype),
+                                    torch.rand(o, dtype=dtype))
+        yield f"op-dcn-{dtype_name}-{b}x{c}x{h}x{w}-O{o}{'-nhwc' if nhwc else ''}", dcn
     for b, h, w, c in ((1, 4, 8, 36), (3, 8, 12, 17), (2, 16, 48, 60)):
         def block_stages(b=b, h=h, w=w, c=c):
             # the fused block's per-pixel kernels on maps of one tile (tile counts of 1
@@ -280,7 +317,8 @@ FP32_PRECISIONS = ("tf32", "tf32x3")
 
 def precision_cases(precision: str, channels: int) -> Iterator[tuple[str, Callable]]:
     """fp32 models under dot ``precision``: inference at 16×16 (γ = 1) and 64×48 (γ = 0.5), a
-    training step at 17×33, and the attention on its own with 8×8 windows."""
+    training step at 17×33, CAMixerOSR at 32×64 (γ = 0.5), the attention alone with 8×8
+    windows."""
     for name, case in (*inference_cases("float32", channels), *training_cases("float32",
                                                                                channels)):
         if name.endswith(("-16x16-gamma=1.0", "-64x48-gamma=0.5", "-17x33")) and (
@@ -289,6 +327,12 @@ def precision_cases(precision: str, channels: int) -> Iterator[tuple[str, Callab
                 with fp32_precision(precision):
                     case()
             yield name.replace("float32", f"float32-{precision}", 1), run
+    for name, case in osr_cases("float32", channels):
+        if name.endswith("-32x64-gamma=0.5"):
+            def run_osr(case=case):
+                with fp32_precision(precision):
+                    case()
+            yield name.replace("float32", f"float32-{precision}", 1), run_osr
     if channels == CHANNELS[0]:
         for name, case in op_cases("float32"):
             if "ws8" in name:
@@ -328,6 +372,8 @@ def cases(dtypes: tuple[str, ...], channels: tuple[int, ...]) -> list[tuple[str,
         for c in channels:
             out += list(inference_cases(dtype, c))
             out += list(training_cases(dtype, c))
+            if dtype == "float32":       # CAMixerOSR computes in fp32
+                out += list(osr_cases(dtype, c))
             if dtype == "float32":
                 for precision in FP32_PRECISIONS:
                     out += list(precision_cases(precision, c))
