@@ -22,6 +22,7 @@ from camixer_fast.kernels.helpers import (
     kernel_op,
     pixel_strides,
     whole_windows,
+    window_tokens,
 )
 
 
@@ -43,14 +44,17 @@ def hard_window_attention_kernel(x_ptr, k_ptr, v_ptr, sa_ptr, wq_ptr, bq_ptr, wk
                                  num_hard_ptr, order_ptr, out_ptr, C, H, W, COLS, N,
                                  SHIFT_H, SHIFT_W, s_b, s_p, s_c, WS: tl.constexpr,
                                  BC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                                 PRECISION: tl.constexpr):
+                                 PRECISION: tl.constexpr, SHIFTED: tl.constexpr):
     # maps: (b, c, pixel p) at b·s_b + p·s_p + c·s_c, p·s_p < 2³¹ (int32: fewer registers)
     i_r, i_m, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     win = tl.load(order_ptr + i_b.to(tl.int64) * N + i_r)
     o_c = tl.arange(0, BC)
     m_c = o_c < C
     plane = i_b.to(tl.int64) * s_b + o_c.to(tl.int64) * s_c
-    pix_m = shifted_tokens(win, i_m, COLS, H, W, SHIFT_H, SHIFT_W, WS, BM)
+    if SHIFTED:   # CAMixerSR's launches compile without the wrapping (its registers)
+        pix_m = shifted_tokens(win, i_m, COLS, H, W, SHIFT_H, SHIFT_W, WS, BM)
+    else:
+        pix_m = window_tokens(win, i_m, COLS, W, WS, BM)
     p_m = plane[None, :] + (pix_m * s_p)[:, None]                      # [BM, BC]
     if i_r < tl.load(num_hard_ptr + i_b):
         dt = x_ptr.dtype.element_ty
@@ -66,7 +70,10 @@ def hard_window_attention_kernel(x_ptr, k_ptr, v_ptr, sa_ptr, wq_ptr, bq_ptr, wk
         b_li = tl.zeros([BM], dtype=tl.float32)
         b_acc = tl.zeros([BM, BC], dtype=tl.float32)
         for i_n in range(0, WS * WS // BN):
-            pix_n = shifted_tokens(win, i_n, COLS, H, W, SHIFT_H, SHIFT_W, WS, BN) * s_p
+            if SHIFTED:
+                pix_n = shifted_tokens(win, i_n, COLS, H, W, SHIFT_H, SHIFT_W, WS, BN) * s_p
+            else:
+                pix_n = window_tokens(win, i_n, COLS, W, WS, BN) * s_p
             p_n = plane[None, :] + pix_n[:, None]
             b_kin = tl.load(k_ptr + p_n, mask=m_c[None, :], other=0.0)
             b_s = tl.dot(b_q, tl.trans(b_kin), input_precision=PRECISION)  # [BM, BN]
@@ -137,14 +144,15 @@ def hard_window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Te
     out = torch.empty_like(x)
     # the shifts go in as H + shift, W + shift: never 1, whose JIT specialization spilled
     precision = dot_precision(x.dtype)
+    shifted = shift % height > 0 or shift % width > 0
     cfg = tile_config(x.dtype, ws, channels_last=strides[2] == 1 and c > 1, precision=precision,
-                      shifted=shift % height > 0 or shift % width > 0)
+                      shifted=shifted)
     grid = (n, ws * ws // cfg.bm, b)
     wrap_triton(hard_window_attention_kernel)[grid](
         x, k_in, v, sa, wq, bq, wk, bk, num_hard, order, out, c, height, width, cols, n,
         height + shift % height, width + shift % width, *strides, WS=ws,
         BC=channel_block(c, x.dtype), BM=cfg.bm, BN=cfg.bn, PRECISION=precision,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        SHIFTED=shifted, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 

@@ -141,7 +141,7 @@ def variants() -> list[Variant]:
                      dict(num_warps=nhwc.num_warps, num_stages=nhwc.num_stages), ("s_b",))):
                 out.append(Variant(f"hard_window_attention[{tag}{layout}]", k,
                                    dict(sig, **{unit: "constexpr"}),
-                                   dict(cfg_meta, BC=bc, **{unit: 1}), cfg_opts,
+                                   dict(cfg_meta, BC=bc, SHIFTED=False, **{unit: 1}), cfg_opts,
                                    _WINDOWED + aligned))
             k = attention_training.attention_fwd_kernel
             out.append(Variant(f"attention_fwd[{tag}]", k, _signature(k, {
