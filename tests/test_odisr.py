@@ -298,3 +298,19 @@ def test_load_model_gives_camixer_osr_from_its_checkpoint(tmp_path: Path) -> Non
     assert camixer_fast.load_model(osr, backend="cpu").backend == "cpu"
     with pytest.raises(ValueError, match="backend must be one of"):
         camixer_fast.load_model(osr, backend="triton")
+
+
+@pytest.mark.parametrize("seed,size,chunk", [(0, (5, 6), 1 << 14), (1, (7, 3), 5),
+                                             (2, (1, 9), 4)], ids=["5x6", "7x3-chunked", "1x9"])
+def test_cpu_deform_conv_matches_reference(seed: int, size: tuple[int, int], chunk: int,
+                                           monkeypatch) -> None:
+    from camixer_fast.backends import cpu
+
+    monkeypatch.setattr(cpu, "DCN_CHUNK", chunk)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, *size, generator=g)
+    offset = 3.0 * torch.randn(2, 18, *size, generator=g)          # many taps land outside
+    mask, weight = torch.rand(2, 9, *size, generator=g), torch.randn(5, 4, 3, 3, generator=g)
+    bias = torch.randn(5, generator=g)
+    assert_close("cpu deform_conv vs reference", modulated_deform_conv2d(
+        x, offset, mask, weight, bias), cpu.deform_conv(x, offset, mask, weight, bias), 1e-5)
