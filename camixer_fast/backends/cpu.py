@@ -193,10 +193,9 @@ def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
 
 def deform_conv(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor,
                 bias: Tensor | None = None, *, padding: int = 1, dilation: int = 1) -> Tensor:
-    """:func:`modulated_deform_conv2d` (same shapes and errors) with corner indices clamped into
-    a zero-bordered NHWC copy of x instead of tested and masked, bilinear weights computed once
-    per tap and the blend started from the first corner: the reference's bounds tests cost as
-    much as its gathers."""
+    """:func:`modulated_deform_conv2d` (same shapes, errors and channels-last result) with each
+    chunk's K·P sampling points bilinearly read by one ``grid_sample`` (zeros outside, as DCNv2)
+    and one (P, C·K) × (C·K, O) product: the gathers and blends fused in one ATen kernel."""
     b, c, height, width = x.shape
     out_c, _, kh_size, kw_size = weight.shape
     taps = kh_size * kw_size
@@ -205,35 +204,26 @@ def deform_conv(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor,
     if offset.shape != (b, 2 * taps, h_out, w_out) or mask.shape != (b, taps, h_out, w_out):
         return modulated_deform_conv2d(x, offset, mask, weight, bias, padding=padding,
                                        dilation=dilation)
-    padded_w = width + 2
-    rows = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1)).reshape(-1, c)  # [B·(H+2)·(W+2), C]
-    matrix = weight.permute(0, 2, 3, 1).reshape(out_c, taps * c).t()
-    tap = torch.arange(taps, device=x.device)
-    tap_y, tap_x = tap // kw_size * dilation - padding, tap % kw_size * dilation - padding
+    matrix = weight.reshape(out_c, c * taps).t()                        # [C·K, O] channel-major
+    tap = torch.arange(taps, device=x.device, dtype=x.dtype)
+    tap_y = (torch.div(tap, kw_size, rounding_mode="floor") * dilation - padding).view(-1, 1)
+    tap_x = (torch.remainder(tap, kw_size) * dilation - padding).view(-1, 1)
     offset = offset.reshape(b, taps, 2, h_out * w_out)
     mask = mask.reshape(b, taps, h_out * w_out)
     parts = []
     for image in range(b):
+        source = x[image:image + 1]
         for start in range(0, h_out * w_out, DCN_CHUNK):
             part = slice(start, min(start + DCN_CHUNK, h_out * w_out))
-            pixel = torch.arange(part.start, part.stop, device=x.device).view(-1, 1)
-            py = (pixel // w_out + tap_y) + offset[image, :, 0, part].t()   # [P, K]
-            px = (pixel % w_out + tap_x) + offset[image, :, 1, part].t()
-            y0, x0 = py.floor(), px.floor()
-            ly, lx = py - y0, px - x0
-            m = mask[image, :, part].t()
-            hy, hx = 1.0 - ly, 1.0 - lx
-            ys = [(y0.clamp(-1, height) + 1 + image * (height + 2)) * padded_w,
-                  (y0 + 1).clamp(-1, height) * padded_w + (1 + image * (height + 2)) * padded_w]
-            xs = [x0.clamp(-1, width) + 1, (x0 + 1).clamp(-1, width) + 1]
-            my, ly = hy * m, ly * m
-            sampled = None
-            for (yi, wy), (xi, wx) in ((a, d) for a in zip(ys, (my, ly)) for d in zip(xs, (hx, lx))):
-                taken = rows.index_select(0, (yi + xi).long().flatten()).view(*py.shape, c)
-                weight_ = (wy * wx).unsqueeze(-1)
-                sampled = taken * weight_ if sampled is None else sampled.addcmul_(taken, weight_)
-            flat = sampled.view(-1, taps * c)
-            parts.append(flat @ matrix if bias is None else torch.addmm(bias, flat, matrix))
+            pixel = torch.arange(part.start, part.stop, device=x.device, dtype=x.dtype)
+            row_ = torch.div(pixel, w_out, rounding_mode="floor")
+            py = (row_ + tap_y) + offset[image, :, 0, part]                 # [K, P]
+            px = (pixel - row_ * w_out + tap_x) + offset[image, :, 1, part]
+            grid = torch.stack(((2 * px + 1) / width - 1, (2 * py + 1) / height - 1), dim=-1)
+            sampled = F.grid_sample(source, grid.unsqueeze(0), mode="bilinear",
+                                    padding_mode="zeros", align_corners=False)  # [1, C, K, P]
+            cols = (sampled[0] * mask[image, :, part]).view(c * taps, -1).t()
+            parts.append(cols @ matrix if bias is None else torch.addmm(bias, cols, matrix))
     return torch.cat(parts).view(b, h_out, w_out, out_c).permute(0, 3, 1, 2)
 
 
