@@ -125,7 +125,7 @@ def test_shifted_window_attention_is_the_rolled_one(backend: str, shift: int) ->
     sa = torch.rand(2, 1, 48, 32, generator=g)
     weights = [torch.randn(12, 12, generator=g) * 0.3, torch.randn(12, generator=g)] * 2
     num_hard, order = torch.tensor([6, 2]), torch.stack([torch.randperm(6, generator=g)] * 2)
-    roll = lambda t, s: torch.roll(t, (s, s), dims=(2, 3))  # noqa: E731
+    roll = lambda t, s: torch.roll(t, (s, s), dims=(2, 3))
     ops = select_backend(backend).ops
     want = roll(ops.window_attention(*(roll(t, -shift) for t in (x, k_in, v, sa)), *weights,
                                      num_hard, order, window_size=16), shift)
@@ -314,3 +314,11 @@ def test_cpu_deform_conv_matches_reference(seed: int, size: tuple[int, int], chu
     bias = torch.randn(5, generator=g)
     assert_close("cpu deform_conv vs reference", modulated_deform_conv2d(
         x, offset, mask, weight, bias), cpu.deform_conv(x, offset, mask, weight, bias), 1e-5)
+
+
+def test_cpu_deform_conv_bad_offsets_are_refused() -> None:
+    from camixer_fast.backends.cpu import deform_conv
+
+    x, offset, mask, weight, bias = dcn_inputs()
+    with pytest.raises(ValueError, match="do not fit"):
+        deform_conv(x, offset[:, :16], mask, weight, bias)
