@@ -102,9 +102,17 @@ class Predictor(nn.Module):
                                     nn.Sigmoid())
         self.out_SA = nn.Sequential(nn.Conv2d(c4, 1, 3, padding=1), nn.Sigmoid())
 
-    def forward(self, condition: Tensor, window_size: int) -> tuple[Tensor, ...]:
-        """(B, C + 3, H, W) -> pred (B, N, 2), offsets (B, 2, H, W), ca (B, C, 1, 1), sa."""
-        h = self.in_conv(condition)
+    def forward(self, v: Tensor, cg: Tensor, cw: Tensor, shift: int,
+                window_size: int) -> tuple[Tensor, ...]:
+        """in_conv of [roll(v), cg, roll(cw)] (rolls by −shift) as a split product, v (B, C, H, W)
+        cg (B or 1, 1, H, W), cw (1, 2, H, W) -> pred (B, N, 2), offsets (B, 2, H, W), ca
+        (B, C, 1, 1), sa: the roll and the concat move c4 channels, not C + 3."""
+        conv, c = self.in_conv[0], v.shape[1]
+        weight = conv.weight
+        h = F.conv2d(v, weight[:, :c]) + F.conv2d(cw, weight[:, c + 1:])
+        if shift:
+            h = torch.roll(h, (-shift, -shift), dims=(2, 3))
+        h = self.in_conv[1](h + F.conv2d(cg, weight[:, c:c + 1], conv.bias))
         scores = to_windows(h.mean(dim=1, keepdim=True), window_size).flatten(2)
         return self.out_mask(scores), self.out_offsets(h), self.out_CA(h), self.out_SA(h)
 
@@ -134,10 +142,7 @@ class CAMixer(nn.Module):
         ws = self.window_size
         v = self.project_v(x)                    # a 1×1 projection commutes with the roll
         cw = window_condition(*x.shape[2:], ws, dtype=x.dtype, device=x.device)
-        v_rolled = self.roll(v, -1)
-        condition = torch.cat([v_rolled, cg, self.roll(cw, -1).expand(x.shape[0], -1, -1, -1)],
-                              dim=1)
-        pred, offsets, ca, sa = self.route(condition, ws)             # rolled frame
+        pred, offsets, ca, sa = self.route(v, cg, cw, self.shift, ws)  # rolled frame
         qk = deform_warp(x, offsets).contiguous(memory_format=torch.channels_last)
         weights = (self.project_q.weight, self.project_q.bias, self.project_k.weight,
                    self.project_k.bias)
@@ -145,7 +150,7 @@ class CAMixer(nn.Module):
             mask = training_mask(pred, noise=settings["train_noise"],
                                  generator=settings["generator"])
             qk = self.roll(qk, -1)
-            attn = self.roll(masked_window_attention(qk, qk, v_rolled, sa, mask, *weights,
+            attn = self.roll(masked_window_attention(qk, qk, self.roll(v, -1), sa, mask, *weights,
                                                      window_size=ws), 1)
             record = BlockRouting(pred, None, None, mask)
         else:   # the image frame: windows offset by the shift, gathered by index

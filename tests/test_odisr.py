@@ -125,7 +125,7 @@ def test_shifted_window_attention_is_the_rolled_one(backend: str, shift: int) ->
     sa = torch.rand(2, 1, 48, 32, generator=g)
     weights = [torch.randn(12, 12, generator=g) * 0.3, torch.randn(12, generator=g)] * 2
     num_hard, order = torch.tensor([6, 2]), torch.stack([torch.randperm(6, generator=g)] * 2)
-    roll = lambda t, s: torch.roll(t, (s, s), dims=(2, 3))  # noqa: E731
+    roll = lambda t, s: torch.roll(t, (s, s), dims=(2, 3))
     ops = select_backend(backend).ops
     want = roll(ops.window_attention(*(roll(t, -shift) for t in (x, k_in, v, sa)), *weights,
                                      num_hard, order, window_size=16), shift)
@@ -298,3 +298,27 @@ def test_load_model_gives_camixer_osr_from_its_checkpoint(tmp_path: Path) -> Non
     assert camixer_fast.load_model(osr, backend="cpu").backend == "cpu"
     with pytest.raises(ValueError, match="backend must be one of"):
         camixer_fast.load_model(osr, backend="onnx")
+
+
+@pytest.mark.parametrize("seed,size,chunk", [(0, (5, 6), 1 << 14), (1, (7, 3), 5),
+                                             (2, (1, 9), 4)], ids=["5x6", "7x3-chunked", "1x9"])
+def test_cpu_deform_conv_matches_reference(seed: int, size: tuple[int, int], chunk: int,
+                                           monkeypatch) -> None:
+    from camixer_fast.backends import cpu
+
+    monkeypatch.setattr(cpu, "DCN_CHUNK", chunk)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, *size, generator=g)
+    offset = 3.0 * torch.randn(2, 18, *size, generator=g)          # many taps land outside
+    mask, weight = torch.rand(2, 9, *size, generator=g), torch.randn(5, 4, 3, 3, generator=g)
+    bias = torch.randn(5, generator=g)
+    assert_close("cpu deform_conv vs reference", modulated_deform_conv2d(
+        x, offset, mask, weight, bias), cpu.deform_conv(x, offset, mask, weight, bias), 1e-5)
+
+
+def test_cpu_deform_conv_bad_offsets_are_refused() -> None:
+    from camixer_fast.backends.cpu import deform_conv
+
+    x, offset, mask, weight, bias = dcn_inputs()
+    with pytest.raises(ValueError, match="do not fit"):
+        deform_conv(x, offset[:, :16], mask, weight, bias)

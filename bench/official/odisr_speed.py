@@ -1,7 +1,7 @@
 """CPU speed and peak memory of camixer_fast's CAMixerOSR against the official file.
 
     CAMIXER_OFFICIAL_ODISR_ARCH=.../CAMixerOSR_arch.py python bench/official/odisr_speed.py \
-        [--rounds 5] [--threads 2] [--out results.jsonl]
+        [--rounds 5] [--threads 2] [--out bench/results.jsonl]
 
 C = 60, 4×6 blocks, x4, seeded official-layout weights, γ = 0.5, official routing made
 deterministic (odisr_fixture.official_routing). Speed: 128×256 crop of Urban100 img_004, each
@@ -26,10 +26,11 @@ import torch
 from PIL import Image
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(HERE.parent)]
 import odisr_fixture as fx
+from common import append_rows, machine_stamp, row
 
-from camixer_fast.models.odisr import build_osr_model
+from camixer_fast.models.loading import build_osr_model
 
 DEFAULT_ARCH = Path("/work/official/codes/odisr/archs/CAMixerOSR_arch.py")
 IMAGE = ("Urban100", "img_004", (200, 300))
@@ -118,11 +119,32 @@ def speed(args: argparse.Namespace, height: int, width: int) -> dict:
     return result
 
 
+def rows_of(results: list[dict], args: argparse.Namespace) -> list[dict]:
+    """The results file's rows: the wall and CPU-time speed-ups, each model's peak RSS."""
+    torch.set_num_threads(args.threads)
+    stamp, rows = machine_stamp(), []
+    for r in results:
+        size = "x".join(map(str, r["size"]))
+        if r["measure"] == "speed":
+            params = {"threads": r["threads"], "rounds": args.rounds, "loadavg_1min": r["load_avg"],
+                      **{f"{w}_ms": r["median_s"][w] * 1e3 for w in ("ours", "official")},
+                      **{f"{w}_cpu_ms": r["cpu_median_s"][w] * 1e3 for w in ("ours", "official")}}
+            rows += [row("odisr-official", f"{size} x4 gamma=0.5", "speedup", r["speedup"], "x",
+                         stamp, **params),
+                     row("odisr-official", f"{size} x4 gamma=0.5", "cpu_time_speedup",
+                         r["cpu_speedup"], "x", stamp, **params)]
+        else:
+            rows.append(row("odisr-official", f"{size} x4 gamma=0.5 {r['model']}", "peak_rss",
+                            r["peak_rss_mib"], "MiB", stamp, model=r["model"],
+                            rss_before_mib=r["rss_before_mib"], seconds=r["seconds"]))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, help="append one JSON line per measurement")
+    parser.add_argument("--out", type=Path, help="append the rows (bench/common.row) here")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--worker", choices=("ours", "official"))
@@ -146,9 +168,7 @@ def main() -> None:
             print(f"memory 512x1024 x4 {w}: peak {row['peak_rss_mib']:.0f} MiB (before "
                   f"{row['rss_before_mib']:.0f} MiB, {row['seconds']:.1f} s)")
     if args.out:
-        with args.out.open("a") as file:
-            file.writelines(json.dumps(r) + "\n" for r in results)
-
+        append_rows(rows_of(results, args), args.out)
 
 if __name__ == "__main__":
     main()

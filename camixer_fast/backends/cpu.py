@@ -19,7 +19,7 @@ from camixer_fast.backends.ops import (
 )
 from camixer_fast.reference.attention_inference import DEFAULT_CHUNK
 from camixer_fast.reference.attention_training import masked_window_attention
-from camixer_fast.reference.dcn import modulated_deform_conv2d
+from camixer_fast.reference.dcn import DCN_CHUNK
 from camixer_fast.reference.routing import window_scores
 from camixer_fast.reference.warp import deform_warp
 from camixer_fast.reference.windows import check_window_grid
@@ -191,7 +191,43 @@ def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
                                 chunk, shift)
 
 
+def deform_conv(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor,
+                bias: Tensor | None = None, *, padding: int = 1, dilation: int = 1) -> Tensor:
+    """:func:`modulated_deform_conv2d` (same shapes, errors and channels-last result) with each
+    chunk's K·P sampling points bilinearly read by one ``grid_sample`` (zeros outside, as DCNv2)
+    and one (P, C·K) × (C·K, O) product: the gathers and blends fused in one ATen kernel."""
+    b, c, height, width = x.shape
+    out_c, _, kh_size, kw_size = weight.shape
+    taps = kh_size * kw_size
+    h_out = height + 2 * padding - dilation * (kh_size - 1)
+    w_out = width + 2 * padding - dilation * (kw_size - 1)
+    if offset.shape != (b, 2 * taps, h_out, w_out) or mask.shape != (b, taps, h_out, w_out):
+        raise ValueError(f"offset {tuple(offset.shape)} / mask {tuple(mask.shape)} do not fit a "
+                         f"{kh_size}x{kw_size} kernel on a {h_out}x{w_out} output")
+    matrix = weight.reshape(out_c, c * taps).t()                        # [C·K, O] channel-major
+    tap = torch.arange(taps, device=x.device, dtype=x.dtype)
+    tap_y = (torch.div(tap, kw_size, rounding_mode="floor") * dilation - padding).view(-1, 1)
+    tap_x = (torch.remainder(tap, kw_size) * dilation - padding).view(-1, 1)
+    offset = offset.reshape(b, taps, 2, h_out * w_out)
+    mask = mask.reshape(b, taps, h_out * w_out)
+    parts = []
+    for image in range(b):
+        source = x[image:image + 1]
+        for start in range(0, h_out * w_out, DCN_CHUNK):
+            part = slice(start, min(start + DCN_CHUNK, h_out * w_out))
+            pixel = torch.arange(part.start, part.stop, device=x.device, dtype=x.dtype)
+            row_ = torch.div(pixel, w_out, rounding_mode="floor")
+            py = (row_ + tap_y) + offset[image, :, 0, part]                 # [K, P]
+            px = (pixel - row_ * w_out + tap_x) + offset[image, :, 1, part]
+            grid = torch.stack(((2 * px + 1) / width - 1, (2 * py + 1) / height - 1), dim=-1)
+            sampled = F.grid_sample(source, grid.unsqueeze(0), mode="bilinear",
+                                    padding_mode="zeros", align_corners=False)  # [1, C, K, P]
+            cols = (sampled[0] * mask[image, :, part]).view(c * taps, -1).t()
+            parts.append(cols @ matrix if bias is None else torch.addmm(bias, cols, matrix))
+    return torch.cat(parts).view(b, h_out, w_out, out_c).permute(0, 3, 1, 2)
+
+
 CPU_OPS = Ops(reference_route_windows, window_scores, deformable_key, window_attention,
-              masked_window_attention, cpu_dense.linear, modulated_deform_conv2d)
+              masked_window_attention, cpu_dense.linear, deform_conv)
 
 raise_mmap_threshold()  # imported at the first CPU forward: glibc keeps freed maps from then on
