@@ -124,6 +124,13 @@ def cpu_sections(rows: list[dict]) -> list[str]:
         out += table(["set", "γ", "PSNR dB", "SSIM", "windows attended", "GMAdds"],
                      [[s, g, f"{m['psnr']:.2f}", f"{m['ssim']:.4f}", f"{m['k_fraction']:.2f}",
                        f"{m['madds'] / 1e9:.2f}"] for (s, g), m in by.items()])
+    for suite, title in (("odisr-official", "ODI-SR: CAMixerOSR against the official network"),
+                         ("odisr-panorama", "ODI-SR: the panorama seam and the 8K ERP run")):
+        if mine := latest(rows, suite):
+            out += [f"## {title}", "", provenance(mine)]
+            out += table(["case", "metric", "value"], [[r["case"], r["metric"],
+                                                         f"{r['value']:.4g} {r['unit']}".strip()]
+                                                        for r in mine])
     if memory := latest(rows, "memory"):
         out += ["## Peak memory", "", provenance(memory)]
         out += table(["case", "peak"], [[r["case"], f"{r['value']:.0f} {r['unit']}"]
