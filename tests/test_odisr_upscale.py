@@ -200,7 +200,7 @@ def test_errors(weights, model):
     with pytest.raises(CheckpointError, match="a CAMixerSR state dict"):
         build_osr_model(sr_weights)
     with pytest.raises(ValueError, match="backend must be one of"):
-        load_model(weights, backend="triton")
+        load_model(weights, backend="onnx")
 
 
 def test_spandrel_refuses_camixerosr_clearly(weights):
