@@ -12,6 +12,7 @@ from torch.library import wrap_triton
 
 from camixer_fast.backends.triton_env import interpreting
 from camixer_fast.kernels.helpers import HALF, dot_dtype, dot_precision, kernel_op
+from camixer_fast.reference.dcn import output_size
 
 
 @triton.jit
@@ -131,14 +132,8 @@ def deform_conv(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor,
     if x.dim() != 4 or weight.dim() != 4 or weight.shape[1] != x.shape[1]:
         raise ValueError(f"x {tuple(x.shape)} / weight {tuple(weight.shape)}: expected "
                          "(B, C, H, W) and (O, C, kh, kw)")
-    b, _, height, width = x.shape
-    out_c, _, kh, kw = weight.shape
-    taps = kh * kw
-    h_out = height + 2 * padding - dilation * (kh - 1)
-    w_out = width + 2 * padding - dilation * (kw - 1)
-    if offset.shape != (b, 2 * taps, h_out, w_out) or mask.shape != (b, taps, h_out, w_out):
-        raise ValueError(f"offset {tuple(offset.shape)} / mask {tuple(mask.shape)} do not fit a "
-                         f"{kh}x{kw} kernel on a {h_out}x{w_out} output")
+    output_size(x, weight, offset, mask, padding, dilation)
+    out_c = weight.shape[0]
     if bias is None:
         bias = x.new_zeros(out_c)
     elif tuple(bias.shape) != (out_c,):

@@ -11,6 +11,21 @@ from torch import Tensor
 DCN_CHUNK = 1 << 14      # output pixels per step: a (pixels, 9, C) map of 35 MiB at C = 60
 
 
+def output_size(x: Tensor, weight: Tensor, offset: Tensor, mask: Tensor, padding: int,
+                dilation: int) -> tuple[int, int]:
+    """(h, w) of a stride-1 DCN of x (B, C, H, W) by weight (O, C, kh, kw); ValueError unless
+    offset is (B, 2K, h, w) and mask (B, K, h, w), K = kh·kw."""
+    b, _, height, width = x.shape
+    _, _, kh, kw = weight.shape
+    taps = kh * kw
+    h_out = height + 2 * padding - dilation * (kh - 1)
+    w_out = width + 2 * padding - dilation * (kw - 1)
+    if offset.shape != (b, 2 * taps, h_out, w_out) or mask.shape != (b, taps, h_out, w_out):
+        raise ValueError(f"offset {tuple(offset.shape)} / mask {tuple(mask.shape)} do not fit a "
+                         f"{kh}x{kw} kernel on a {h_out}x{w_out} output")
+    return h_out, w_out
+
+
 def modulated_deform_conv2d(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor,
                             bias: Tensor | None = None, *, padding: int = 1,
                             dilation: int = 1) -> Tensor:
@@ -22,11 +37,7 @@ def modulated_deform_conv2d(x: Tensor, offset: Tensor, mask: Tensor, weight: Ten
     b, c, height, width = x.shape
     out_c, _, kh_size, kw_size = weight.shape
     taps = kh_size * kw_size
-    h_out = height + 2 * padding - dilation * (kh_size - 1)
-    w_out = width + 2 * padding - dilation * (kw_size - 1)
-    if offset.shape != (b, 2 * taps, h_out, w_out) or mask.shape != (b, taps, h_out, w_out):
-        raise ValueError(f"offset {tuple(offset.shape)} / mask {tuple(mask.shape)} do not fit a "
-                         f"{kh_size}x{kw_size} kernel on a {h_out}x{w_out} output")
+    h_out, w_out = output_size(x, weight, offset, mask, padding, dilation)
     rows = F.pad(x.permute(0, 2, 3, 1).reshape(-1, c), (0, 0, 0, 1))   # [B·H·W + 1, C]
     zero_row = b * height * width
     matrix = weight.permute(0, 2, 3, 1).reshape(out_c, taps * c).t()    # [K·C, O] tap-major

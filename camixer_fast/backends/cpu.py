@@ -19,7 +19,7 @@ from camixer_fast.backends.ops import (
 )
 from camixer_fast.reference.attention_inference import DEFAULT_CHUNK
 from camixer_fast.reference.attention_training import masked_window_attention
-from camixer_fast.reference.dcn import DCN_CHUNK
+from camixer_fast.reference.dcn import DCN_CHUNK, output_size
 from camixer_fast.reference.routing import window_scores
 from camixer_fast.reference.warp import deform_warp
 from camixer_fast.reference.windows import check_window_grid
@@ -199,11 +199,7 @@ def deform_conv(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor,
     b, c, height, width = x.shape
     out_c, _, kh_size, kw_size = weight.shape
     taps = kh_size * kw_size
-    h_out = height + 2 * padding - dilation * (kh_size - 1)
-    w_out = width + 2 * padding - dilation * (kw_size - 1)
-    if offset.shape != (b, 2 * taps, h_out, w_out) or mask.shape != (b, taps, h_out, w_out):
-        raise ValueError(f"offset {tuple(offset.shape)} / mask {tuple(mask.shape)} do not fit a "
-                         f"{kh_size}x{kw_size} kernel on a {h_out}x{w_out} output")
+    h_out, w_out = output_size(x, weight, offset, mask, padding, dilation)
     matrix = weight.reshape(out_c, c * taps).t()                        # [C·K, O] channel-major
     tap = torch.arange(taps, device=x.device, dtype=x.dtype)
     tap_y = (torch.div(tap, kw_size, rounding_mode="floor") * dilation - padding).view(-1, 1)
