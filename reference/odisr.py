@@ -143,13 +143,13 @@ class CAMixer(nn.Module):
         v = self.project_v(x)                    # a 1×1 projection commutes with the roll
         cw = window_condition(*x.shape[2:], ws, dtype=x.dtype, device=x.device)
         pred, offsets, ca, sa = self.route(v, cg, cw, self.shift, ws)  # rolled frame
-        qk = deform_warp(x, offsets).contiguous(memory_format=torch.channels_last)
         weights = (self.project_q.weight, self.project_q.bias, self.project_k.weight,
                    self.project_k.bias)
+        ops = settings["ops"]
         if self.training:
             mask = training_mask(pred, noise=settings["train_noise"],
                                  generator=settings["generator"])
-            qk = self.roll(qk, -1)
+            qk = self.roll(deform_warp(x, offsets), -1)
             attn = self.roll(masked_window_attention(qk, qk, self.roll(v, -1), sa, mask, *weights,
                                                      window_size=ws), 1)
             record = BlockRouting(pred, None, None, mask)
@@ -157,9 +157,13 @@ class CAMixer(nn.Module):
             r = hard_fraction(pred, settings["routing"], settings["generator"])
             num_hard = num_hard_windows(r, pred.shape[1], settings["gamma"])
             order = window_order(pred[..., 0], settings["tie_break"])
-            attn = settings["ops"].window_attention(qk, qk, v, self.roll(sa, 1), *weights,
-                                                    num_hard, order, window_size=ws,
-                                                    shift=self.shift)
+            if ops.window_warp is None:
+                qk = deform_warp(x, offsets).contiguous(memory_format=torch.channels_last)
+            else:
+                qk = ops.window_warp(x, offsets, num_hard, order, window_size=ws,
+                                     shift=self.shift)
+            attn = ops.window_attention(qk, qk, v, self.roll(sa, 1), *weights, num_hard, order,
+                                        window_size=ws, shift=self.shift)
             record = BlockRouting(pred, num_hard, order, None)
         out = F.gelu(self.conv_sptial(attn)) * ca + attn
         return self.project_out(out), record
@@ -176,7 +180,8 @@ class GatedFFN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         a, b = self.dwconv(self.project_in(x)).chunk(2, dim=1)
-        return self.project_out(F.gelu(a) * b)
+        a = a.contiguous(memory_format=torch.channels_last)   # a strided half takes gelu's slow path
+        return self.project_out(F.gelu(a).mul_(b))
 
 
 class Block(nn.Module):
@@ -296,10 +301,10 @@ class CAMixerOSR(nn.Module):
     def _forward(self, lr: Tensor, condition: Tensor,
                  settings: dict) -> tuple[Tensor, Routing]:
         height, width = lr.shape[-2:]
-        lr = pad_to_multiple(lr, self.window_size).contiguous(memory_format=torch.channels_last)
+        # a copy: a (1, 3, H, W) input's batch stride would otherwise reach the convs' layouts
+        lr = pad_to_multiple(lr, self.window_size).clone(memory_format=torch.channels_last)
         x = self.head(lr - self.mean)                     # channels-last maps: 2-3x faster convs
-        cg = pad_to_multiple(condition, self.window_size).contiguous(
-            memory_format=torch.channels_last)
+        cg = pad_to_multiple(condition, self.window_size).clone(memory_format=torch.channels_last)
         records: list[BlockRouting] = []
         feat = self.norm(x)
         for group in self.body:

@@ -134,6 +134,28 @@ def test_shifted_window_attention_is_the_rolled_one(backend: str, shift: int) ->
     assert_close(f"{backend} shift {shift}", want, got, 1e-6)
 
 
+@pytest.mark.parametrize("shift", [0, 8, 5], ids=lambda s: f"shift{s}")
+def test_cpu_window_warp_is_the_warp_on_the_hard_windows(shift: int) -> None:
+    """The CPU backend's window_warp == deform_warp on the (shifted) hard windows' pixels, 0 on
+    the others; offsets reach past every border."""
+    from camixer_fast.backends.cpu import hard_window_pixels, window_warp
+    from camixer_fast.reference.warp import deform_warp
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 12, 48, 32, generator=g)
+    offsets = 6.0 * torch.randn(2, 2, 48, 32, generator=g)
+    num_hard, order = torch.tensor([6, 2]), torch.stack([torch.randperm(6, generator=g)] * 2)
+    pixels = hard_window_pixels(num_hard, order, 48, 32, 16, shift)
+    hard = torch.zeros(2 * 48 * 32, dtype=torch.bool)
+    hard[pixels] = True
+    hard = hard.view(2, 1, 48, 32)
+    want = torch.where(hard, deform_warp(x, offsets), torch.zeros(()))
+    got = window_warp(x, offsets, num_hard, order, window_size=16, shift=shift)
+    assert int(hard.sum()) == (6 + 2) * 16 * 16 == pixels.unique().numel()
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert_close(f"window_warp shift {shift}", want, got, 1e-6)
+
+
 @pytest.mark.parametrize("height,width", [(1, 1), (7, 14), (32, 64)], ids=str)
 def test_latitude_condition(height: int, width: int) -> None:
     cond = latitude_condition(height, width)

@@ -41,6 +41,13 @@ class DeformableKey(Protocol):
         """x (B, C, H, W), offsets (B, 2, H, W) -> x + warp(x, offsets) (B, C, H, W)."""
 
 
+class WindowWarp(Protocol):
+    def __call__(self, x: Tensor, offsets: Tensor, num_hard: Tensor, order: Tensor, *,
+                 window_size: int, shift: int = ...) -> Tensor:
+        """x (B, C, H, W), offsets (B, 2, H, W) -> warp(x, offsets) channels-last on the pixels
+        of the hard windows (grid offset by ``shift``, wrapping), 0 elsewhere (never read)."""
+
+
 class WindowAttention(Protocol):
     def __call__(self, x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor, bq: Tensor,
                  wk: Tensor, bk: Tensor, num_hard: Tensor, order: Tensor, *,
@@ -78,6 +85,7 @@ class BlockInference(Protocol):
 class Ops:
     """The operations a backend supplies to the network (signatures of the reference twins).
 
+    window_warp: CAMixerOSR's q = k at inference, or None (the network's whole-map warp).
     block_inference: a whole block at inference, or None (the network's block code).
     whole_batch: a batch as one call; False runs image by image (bit-identical to solo runs).
     sync_free: the inference forward never reads a device value on the host (CUDA-graphable).
@@ -90,6 +98,7 @@ class Ops:
     masked_window_attention: MaskedWindowAttention
     linear: Linear
     deform_conv: DeformConv
+    window_warp: WindowWarp | None = None
     block_inference: BlockInference | None = None
     whole_batch: bool = False
     sync_free: bool = False

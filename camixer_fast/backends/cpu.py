@@ -19,7 +19,7 @@ from camixer_fast.backends.ops import (
 )
 from camixer_fast.reference.attention_inference import DEFAULT_CHUNK
 from camixer_fast.reference.attention_training import masked_window_attention
-from camixer_fast.reference.dcn import DCN_CHUNK, output_size
+from camixer_fast.reference.dcn import output_size
 from camixer_fast.reference.routing import window_scores
 from camixer_fast.reference.warp import deform_warp
 from camixer_fast.reference.windows import check_window_grid
@@ -62,10 +62,11 @@ def hard_window_pixels(num_hard: Tensor, order: Tensor, height: int, width: int,
 KEY_PIXELS = 4096  # pixels per step: their neighbours' rows stay below glibc's mmap threshold
 
 
-def _keys_at(x_flat: Tensor, offsets: Tensor, pixels: Tensor, width: int,
-             height: int) -> Tensor:
-    """``x + warp(x, offsets)`` at ``pixels`` (P,) of one image: x_flat (H·W, C), offsets
-    (2, H·W) -> (P, C) float32, four neighbours gathered as NHWC rows (faster than grid_sample)."""
+def _bilinear_corners(offsets: Tensor, pixels: Tensor, width: int,
+                      height: int) -> tuple[Tensor, Tensor, Tensor]:
+    """deform_warp's sampling at ``pixels`` (P,) of one image, offsets (2, H·W): the four
+    neighbours' flat indices (P, 4) (top-left, top-right, bottom-left, bottom-right) and the
+    fractions wx, wy (P, 1) float32."""
     rows = torch.div(pixels, width, rounding_mode="floor")
     cols = pixels - rows * width
     off = offsets[:, pixels].float()
@@ -81,10 +82,44 @@ def _keys_at(x_flat: Tensor, offsets: Tensor, pixels: Tensor, width: int,
     step_y = (y0 < height - 1).long() * width
     corner = y0 * width + x0
     index = torch.stack((corner, corner + step_x, corner + step_y, corner + step_y + step_x), 1)
+    return index, wx, wy
+
+
+def _keys_at(x_flat: Tensor, offsets: Tensor, pixels: Tensor, width: int,
+             height: int) -> Tensor:
+    """``x + warp(x, offsets)`` at ``pixels`` (P,) of one image: x_flat (H·W, C), offsets
+    (2, H·W) -> (P, C) float32, four neighbours gathered as NHWC rows (faster than grid_sample)."""
+    index, wx, wy = _bilinear_corners(offsets, pixels, width, height)
     near = x_flat.index_select(0, index.view(-1)).view(-1, 4, x_flat.shape[1]).float()
     top = torch.lerp(near[:, 0], near[:, 1], wx)
     bottom = torch.lerp(near[:, 2], near[:, 3], wx)
     return torch.lerp(top, bottom, wy).add_(x_flat.index_select(0, pixels).float())
+
+
+def window_warp(x: Tensor, offsets: Tensor, num_hard: Tensor, order: Tensor, *,
+                window_size: int, shift: int = 0) -> Tensor:
+    """``deform_warp(x, offsets)`` on the hard windows' pixels (grid offset by ``shift``),
+    0 elsewhere, channels-last float32 (B, C, H, W): per pixel one ``embedding_bag`` of its
+    four NHWC neighbours weighted by their bilinear weights. x (B, C, H, W), offsets
+    (B, 2, H, W), num_hard (B,), order (B, N)."""
+    b, c, height, width = x.shape
+    check_window_grid(height, width, window_size)
+    area, tokens = height * width, window_size * window_size
+    x_img = to_nhwc(x.float()).view(b, area, c)
+    pixels = hard_window_pixels(num_hard, order, height, width, window_size, shift)
+    out = x_img.new_zeros(b, area, c)
+    start = 0
+    for i, count in enumerate(k * tokens for k in num_hard.tolist()):
+        sel = pixels[start:start + count] - i * area
+        start += count
+        image_offsets = offsets[i].reshape(2, area)
+        for first in range(0, count, KEY_PIXELS):
+            part = sel[first:first + KEY_PIXELS]
+            index, wx, wy = _bilinear_corners(image_offsets, part, width, height)
+            blend = torch.cat(((1 - wx) * (1 - wy), wx * (1 - wy), (1 - wx) * wy, wx * wy), 1)
+            out[i].index_copy_(0, part, F.embedding_bag(index, x_img[i], mode="sum",
+                                                         per_sample_weights=blend))
+    return out.view(b, height, width, c).permute(0, 3, 1, 2)
 
 
 def hard_deformable_key(x: Tensor, offsets: Tensor, num_hard: Tensor, order: Tensor,
@@ -191,39 +226,51 @@ def window_attention(x: Tensor, k_in: Tensor, v: Tensor, sa: Tensor, wq: Tensor,
                                 chunk, shift)
 
 
+DCN_CHUNK = 1 << 11      # output pixels per step: the (pixels, 9·C) columns stay in cache
+_CORNER = torch.tensor([0.0, 1.0])
+
+
 def deform_conv(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor,
                 bias: Tensor | None = None, *, padding: int = 1, dilation: int = 1) -> Tensor:
-    """:func:`modulated_deform_conv2d` (same shapes, errors and channels-last result) with each
-    chunk's K·P sampling points bilinearly read by one ``grid_sample`` (zeros outside, as DCNv2)
-    and one (P, C·K) × (C·K, O) product: the gathers and blends fused in one ATen kernel."""
+    """:func:`modulated_deform_conv2d` (same shapes, errors and channels-last result): each
+    chunk's K sampling points per pixel are four NHWC rows summed with their bilinear weight ×
+    mask by one ``embedding_bag`` (a corner outside weighs 0, as DCNv2's zeros on finite x),
+    then one (P, K·C) × (K·C, O) GEMM."""
     b, c, height, width = x.shape
     out_c, _, kh_size, kw_size = weight.shape
     taps = kh_size * kw_size
     h_out, w_out = output_size(x, weight, offset, mask, padding, dilation)
-    matrix = weight.reshape(out_c, c * taps).t()                        # [C·K, O] channel-major
+    rows = to_nhwc(x).view(-1, c)                  # [B·H·W, C]: no copy when x is channels-last
+    matrix = weight.permute(0, 2, 3, 1).reshape(out_c, taps * c).t()    # [K·C, O] tap-major
     tap = torch.arange(taps, device=x.device, dtype=x.dtype)
-    tap_y = (torch.div(tap, kw_size, rounding_mode="floor") * dilation - padding).view(-1, 1)
-    tap_x = (torch.remainder(tap, kw_size) * dilation - padding).view(-1, 1)
+    tap_y = torch.div(tap, kw_size, rounding_mode="floor") * dilation - padding
+    tap_x = torch.remainder(tap, kw_size) * dilation - padding
+    corner = _CORNER.to(x)
+    corner_y, corner_x = corner.repeat_interleave(2), corner.repeat(2)  # [4]: (0,0) (0,1) (1,0) (1,1)
     offset = offset.reshape(b, taps, 2, h_out * w_out)
     mask = mask.reshape(b, taps, h_out * w_out)
-    parts = []
+    out = x.new_empty(b, h_out * w_out, out_c)
     for image in range(b):
-        source = x[image:image + 1]
         for start in range(0, h_out * w_out, DCN_CHUNK):
             part = slice(start, min(start + DCN_CHUNK, h_out * w_out))
-            pixel = torch.arange(part.start, part.stop, device=x.device, dtype=x.dtype)
+            pixel = torch.arange(part.start, part.stop, device=x.device, dtype=x.dtype).view(-1, 1)
             row_ = torch.div(pixel, w_out, rounding_mode="floor")
-            py = (row_ + tap_y) + offset[image, :, 0, part]                 # [K, P]
-            px = (pixel - row_ * w_out + tap_x) + offset[image, :, 1, part]
-            grid = torch.stack(((2 * px + 1) / width - 1, (2 * py + 1) / height - 1), dim=-1)
-            sampled = F.grid_sample(source, grid.unsqueeze(0), mode="bilinear",
-                                    padding_mode="zeros", align_corners=False)  # [1, C, K, P]
-            cols = (sampled[0] * mask[image, :, part]).view(c * taps, -1).t()
-            parts.append(cols @ matrix if bias is None else torch.addmm(bias, cols, matrix))
-    return torch.cat(parts).view(b, h_out, w_out, out_c).permute(0, 3, 1, 2)
+            py = (row_ + tap_y) + offset[image, :, 0, part].t()              # [P, K]
+            px = (pixel - row_ * w_out + tap_x) + offset[image, :, 1, part].t()
+            y0, x0 = py.floor(), px.floor()
+            ly, lx = (py - y0).unsqueeze(-1), (px - x0).unsqueeze(-1)
+            yi, xi = y0.unsqueeze(-1) + corner_y, x0.unsqueeze(-1) + corner_x  # [P, K, 4]
+            inside = (yi >= 0) & (yi < height) & (xi >= 0) & (xi < width)
+            index = torch.where(inside, (yi.long() + image * height) * width + xi.long(), 0)
+            blend = (torch.where(corner_y > 0, ly, 1 - ly) * torch.where(corner_x > 0, lx, 1 - lx)
+                     * mask[image, :, part].t().unsqueeze(-1)) * inside   # outside: weight 0
+            cols = F.embedding_bag(index.view(-1, 4), rows, mode="sum",
+                                   per_sample_weights=blend.view(-1, 4)).view(-1, taps * c)
+            out[image, part] = cols @ matrix if bias is None else torch.addmm(bias, cols, matrix)
+    return out.view(b, h_out, w_out, out_c).permute(0, 3, 1, 2)
 
 
 CPU_OPS = Ops(reference_route_windows, window_scores, deformable_key, window_attention,
-              masked_window_attention, cpu_dense.linear, deform_conv)
+              masked_window_attention, cpu_dense.linear, deform_conv, window_warp)
 
 raise_mmap_threshold()  # imported at the first CPU forward: glibc keeps freed maps from then on
