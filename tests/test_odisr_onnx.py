@@ -4,7 +4,6 @@ network (one shifted block, two DCNs), the DeformConv nodes, the condition input
 from __future__ import annotations
 
 import collections
-import math
 from pathlib import Path
 
 import onnx
@@ -12,34 +11,22 @@ import onnxruntime as ort
 import pytest
 import torch
 from camixer_fast.reference.odisr import CAMixerOSR, latitude_condition
-from conftest import assert_close
+from conftest import BENCH, assert_close, bench_module
 
 from camixer_fast.backends.onnx import OSR_MIN_OPSET, export_onnx
 from camixer_fast.cli import main
 from camixer_fast.models.loading import build_osr_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+fx = bench_module("odisr_fixture", BENCH / "official")
 TOL = 1e-4
 """onnxruntime against the reference, fp32 (other conv/GEMM/DCN kernels; measured ~5e-6)."""
 SIZES = {"32x64": (32, 64), "17x33": (17, 33)}
 
 
 def tiny_state(seed: int = 1) -> dict[str, torch.Tensor]:
-    """Official-layout weights N(0, 1/fan_in), Q/K /4, biases N(0, 0.1²), norms 1 + N(0, 0.1²):
-    DCN offsets of about a pixel, so the taps leave the grid."""
-    generator = torch.Generator().manual_seed(seed)
-    shapes = CAMixerOSR(n_feats=12, scale=2, blocks_per_group=(2,), window_size=16).state_dict()
-    state = {}
-    for key in sorted(shapes):
-        value = torch.randn(shapes[key].shape, generator=generator)
-        if value.dim() > 1:
-            value = value / math.sqrt(value[0].numel())
-            if key.endswith(("project_q.weight", "project_k.weight")):
-                value = value / 4.0
-        else:
-            value = 0.1 * value + (1.0 if "norm" in key and key.endswith("weight") else 0.0)
-        state[key] = value
-    return state
+    """The fixture's seeded official-layout weights, C = 12, one group of two blocks, ×2."""
+    return fx.seeded_state_dict("tiny", 2, seed)
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,8 @@ REPO = Path(__file__).resolve().parents[2]
 ENV_VAR = "CAMIXER_OFFICIAL_ODISR_ARCH"
 FIXTURE = REPO / "tests" / "data" / "odisr_official.pt"
 SEED = 2024
-CONFIGS = {"small": {"n_feats": 24, "blocks_per_group": (2, 2)},
+CONFIGS = {"tiny": {"n_feats": 12, "blocks_per_group": (2,)},
+           "small": {"n_feats": 24, "blocks_per_group": (2, 2)},
            "published": {"n_feats": 60, "blocks_per_group": (6, 6, 6, 6)}}
 # name: (config, scale, Set14 image, (top, left, height, width) of the crop, panorama rows or None)
 CASES = {
