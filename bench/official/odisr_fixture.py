@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import sys
 import types
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from torch import Tensor, nn
-
 from camixer_fast.reference.model import pad_to_multiple
 from camixer_fast.reference.odisr import CAMixerOSR
+from official_code import flow_warp, stubbed_modules
+from PIL import Image
+from torch import Tensor, nn
 
 REPO = Path(__file__).resolve().parents[2]
 ENV_VAR = "CAMIXER_OFFICIAL_ODISR_ARCH"
@@ -97,15 +96,6 @@ def official_condition(height: int, width: int, rows: tuple[int, int] | None) ->
     return glob[:, top:top + height].unsqueeze(0)
 
 
-def flow_warp(x, flow, interp_mode="bilinear", padding_mode="zeros", align_corners=True):
-    _, _, h, w = x.shape
-    gy, gx = torch.meshgrid(torch.arange(h).type_as(x), torch.arange(w).type_as(x), indexing="ij")
-    vx = 2.0 * (gx + flow[..., 0]) / max(w - 1, 1) - 1.0
-    vy = 2.0 * (gy + flow[..., 1]) / max(h - 1, 1) - 1.0
-    return F.grid_sample(x, torch.stack((vx, vy), dim=3), mode=interp_mode,
-                         padding_mode=padding_mode, align_corners=align_corners)
-
-
 def deform_conv2d(x, offset, weight, bias, padding, mask):
     """torchvision's ``deform_conv2d``, stride 1, by im2col."""
     b, c, h, w = x.shape
@@ -142,26 +132,15 @@ class DCNv2Pack(nn.Module):
                              self.padding, torch.sigmoid(mask))
 
 
-@contextmanager
 def basicsr_stubs():
-    names = ("basicsr", "basicsr.archs", "basicsr.archs.arch_util", "basicsr.utils",
-             "basicsr.utils.registry")
-    saved = {name: sys.modules.get(name) for name in names}
-    stubs = {name: types.ModuleType(name) for name in names}
-    util = stubs["basicsr.archs.arch_util"]
-    util.flow_warp, util.DCNv2Pack = flow_warp, DCNv2Pack
-    util.to_2tuple, util.trunc_normal_ = (lambda v: (v, v)), (lambda t, **kw: t)
+    """The basicsr names the official file imports: flow_warp, DCNv2Pack, to_2tuple,
+    trunc_normal_ and ARCH_REGISTRY."""
     registry = types.SimpleNamespace(register=lambda obj=None: (lambda cls: cls))
-    stubs["basicsr.utils.registry"].ARCH_REGISTRY = registry
-    sys.modules.update(stubs)
-    try:
-        yield
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
+    util = {"flow_warp": flow_warp, "DCNv2Pack": DCNv2Pack, "to_2tuple": lambda v: (v, v),
+            "trunc_normal_": lambda t, **kw: t}
+    return stubbed_modules({"basicsr": {}, "basicsr.archs": {}, "basicsr.archs.arch_util": util,
+                            "basicsr.utils": {},
+                            "basicsr.utils.registry": {"ARCH_REGISTRY": registry}})
 
 
 def load_official(path: str | os.PathLike | None = None) -> types.ModuleType:
@@ -233,26 +212,17 @@ def official_metrics(arch: Path) -> dict[str, dict[str, float]]:
     """Official WS-PSNR / WS-SSIM (border 0, RGB) of every ``metric_images`` pair."""
     default = arch.parent.parent / "metrics" / "odi_metric.py"
     file = Path(os.environ.get("CAMIXER_OFFICIAL_ODISR_METRIC", default))
-    names = ("cv2", "basicsr", "basicsr.metrics", "basicsr.metrics.metric_util",
-             "basicsr.utils", "basicsr.utils.color_util", "basicsr.utils.registry")
-    saved = {name: sys.modules.get(name) for name in names}
-    stubs = {name: types.ModuleType(name) for name in names}
-    stubs["cv2"].filter2D, stubs["cv2"].getGaussianKernel = filter2d, gaussian_kernel
-    util = stubs["basicsr.metrics.metric_util"]
-    util.reorder_image = lambda img, input_order="HWC": img[..., None] if img.ndim == 2 else img
-    util.to_y_channel = None
-    stubs["basicsr.utils.color_util"].rgb2ycbcr_pt = None
     registry = types.SimpleNamespace(register=lambda obj=None: (lambda f: f))
-    stubs["basicsr.utils.registry"].METRIC_REGISTRY = registry
-    stubs["basicsr"].metrics, stubs["basicsr"].utils = stubs["basicsr.metrics"], stubs["basicsr.utils"]
-    sys.modules.update(stubs)
-    try:
+    reorder = lambda img, input_order="HWC": img[..., None] if img.ndim == 2 else img
+    stubs = {"cv2": {"filter2D": filter2d, "getGaussianKernel": gaussian_kernel},
+             "basicsr": {}, "basicsr.metrics": {},
+             "basicsr.metrics.metric_util": {"reorder_image": reorder, "to_y_channel": None},
+             "basicsr.utils": {}, "basicsr.utils.color_util": {"rgb2ycbcr_pt": None},
+             "basicsr.utils.registry": {"METRIC_REGISTRY": registry}}
+    with stubbed_modules(stubs):
         spec = importlib.util.spec_from_file_location("odi_metric_official", file)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-    finally:
-        for name, mod in saved.items():
-            sys.modules.pop(name, None) if mod is None else sys.modules.__setitem__(name, mod)
     values = {}
     for name in METRIC_SHAPES:
         img, ref = metric_images(name)

@@ -80,18 +80,18 @@ class _Registry:
 
 
 @contextmanager
-def _basicsr_stubs() -> Iterator[None]:
-    """``basicsr``, ``basicsr.archs.arch_util`` and ``basicsr.utils.registry`` in
-    ``sys.modules`` while the block runs (whatever was there before is put back)."""
-    names = ("basicsr", "basicsr.archs", "basicsr.archs.arch_util", "basicsr.utils",
-             "basicsr.utils.registry")
-    saved = {name: sys.modules.get(name) for name in names}
-    stubs = {name: types.ModuleType(name) for name in names}
-    stubs["basicsr.archs.arch_util"].flow_warp = flow_warp
-    stubs["basicsr.utils.registry"].ARCH_REGISTRY = _Registry()
-    stubs["basicsr"].archs, stubs["basicsr"].utils = stubs["basicsr.archs"], stubs["basicsr.utils"]
-    stubs["basicsr.archs"].arch_util = stubs["basicsr.archs.arch_util"]
-    stubs["basicsr.utils"].registry = stubs["basicsr.utils.registry"]
+def stubbed_modules(attributes: dict[str, dict[str, object]]) -> Iterator[None]:
+    """Throw-away modules, one per name of ``attributes`` with those attributes, each also an
+    attribute of its parent, in ``sys.modules`` while the block runs (what was there is put
+    back)."""
+    saved = {name: sys.modules.get(name) for name in attributes}
+    stubs = {name: types.ModuleType(name) for name in attributes}
+    for name, module in stubs.items():
+        for key, value in attributes[name].items():
+            setattr(module, key, value)
+        parent, _, child = name.rpartition(".")
+        if parent in stubs:
+            setattr(stubs[parent], child, module)
     sys.modules.update(stubs)
     try:
         yield
@@ -101,6 +101,14 @@ def _basicsr_stubs() -> Iterator[None]:
                 sys.modules.pop(name, None)
             else:
                 sys.modules[name] = module
+
+
+def _basicsr_stubs():
+    """``basicsr.archs.arch_util.flow_warp`` and ``basicsr.utils.registry.ARCH_REGISTRY``."""
+    return stubbed_modules({"basicsr": {}, "basicsr.archs": {},
+                            "basicsr.archs.arch_util": {"flow_warp": flow_warp},
+                            "basicsr.utils": {},
+                            "basicsr.utils.registry": {"ARCH_REGISTRY": _Registry()}})
 
 
 def arch_path(path: str | os.PathLike | None = None) -> Path:
