@@ -484,6 +484,18 @@ def test_python_m_camixer_fast_upscale(inputs, tmp_path):
         assert img.mode == "L" and img.size == (4 * W, 4 * H)
 
 
+@pytest.fixture()
+def sigint_default():
+    """Children start with SIGINT at its default: a runner started in the background (``&``
+    without job control) ignores SIGINT, its children inherit that, and the CLI then rightly
+    leaves Ctrl-C alone."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 SLOW_WRITES = """
 import time
 import camixer_fast.io.image as imageio
@@ -502,6 +514,7 @@ imageio.write_image = _slow_write
 mid-run, however busy the machine."""
 
 
+@pytest.mark.usefixtures("sigint_default")
 def test_sigint_keeps_finished_files_and_exits_130(tmp_path):
     import signal
     import time
@@ -620,6 +633,7 @@ def _tiled_run(tmp_path: Path, seconds: float) -> tuple[subprocess.Popen, _Stder
     return proc, stderr, out
 
 
+@pytest.mark.usefixtures("sigint_default")
 def test_sigint_stops_a_tiled_image_between_tiles(tmp_path):
     import signal
 
@@ -632,6 +646,7 @@ def test_sigint_stops_a_tiled_image_between_tiles(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+@pytest.mark.usefixtures("sigint_default")
 def test_second_sigint_exits_at_once_with_130(tmp_path):
     import signal
 
