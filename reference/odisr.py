@@ -225,7 +225,8 @@ class CAMixerOSR(nn.Module):
     cos-latitude, None: lr is a whole panorama. Image and condition are padded by one index map
     (:func:`pad_to_multiple`): a padded pixel keeps the latitude of the pixel it copies.
     K = N if γ = 1 else min(int(N·r·2γ), N), r = mean(softmax(pred)[..., 0]) per image: the
-    official int(N·r) with r its Gumbel draw's expectation is γ = 0.5. ``return_routing``
+    official int(N·r) with r its Gumbel draw's expectation is γ = 0.5; ``gamma=``: this call's
+    γ instead of :attr:`gamma` (a 0-d tensor is clipped to [0, 1]). ``return_routing``
     appends the :class:`Routing` record. ``backend`` ("reference", "cpu", "triton", "auto")
     supplies the window attention and the DCNv2 at inference."""
 
@@ -259,7 +260,8 @@ class CAMixerOSR(nn.Module):
                 f"backend={self.backend!r}")
 
     def forward(self, lr: Tensor, condition: Tensor | None = None, *,
-                generator: torch.Generator | None = None, return_routing: bool = False):
+                gamma: float | Tensor | None = None, generator: torch.Generator | None = None,
+                return_routing: bool = False):
         if not torch.is_tensor(lr) or lr.dim() != 4 or lr.shape[1] != 3 or min(lr.shape) == 0:
             shape = tuple(lr.shape) if torch.is_tensor(lr) else type(lr).__name__
             raise ValueError(f"expected a non-empty (B, 3, H, W) tensor, got {shape}")
@@ -274,7 +276,14 @@ class CAMixerOSR(nn.Module):
             raise ValueError(f"condition must be (B or 1, 1, {height}, {width}) for an input "
                              f"{tuple(lr.shape)}, got {shape}")
         condition = condition.to(lr.device, torch.float32).expand(b, -1, -1, -1)
-        settings = {"ops": self.ops(lr.device), "gamma": self.gamma, "routing": self.routing,
+        if gamma is None:
+            gamma = self.gamma
+        elif not torch.is_tensor(gamma):
+            gamma = check_gamma(gamma)
+        elif gamma.dim() != 0 or not gamma.is_floating_point():
+            raise ValueError(f"a gamma tensor must be a 0-d float, got {gamma.dtype} "
+                             f"{tuple(gamma.shape)}")
+        settings = {"ops": self.ops(lr.device), "gamma": gamma, "routing": self.routing,
                     "tie_break": self.tie_break, "generator": generator,
                     "train_noise": self.train_noise}
         if self.training or b == 1:

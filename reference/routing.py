@@ -137,14 +137,20 @@ def gumbel_noise(like: Tensor, generator: torch.Generator | None = None) -> Tens
     return -e.exponential_(generator=generator).log().to(like.dtype)
 
 
-def num_hard_windows(r: Tensor, num_windows: int, gamma: float) -> Tensor:
-    """K per image, (B,) int64: N if γ = 1, else min(int(N·r·2γ), N) (spec §3.5)."""
-    gamma = check_gamma(gamma)
-    if gamma == 1.0:
-        return torch.full(r.shape, num_windows, dtype=torch.int64, device=r.device)
-    # fp32 in the official order: another rounding can land just below a whole N·r
-    k = torch.floor(r.float() * num_windows * 2.0 * gamma).to(torch.int64)
-    return k.clamp(0, num_windows)
+def num_hard_windows(r: Tensor, num_windows: Tensor | int, gamma: float | Tensor) -> Tensor:
+    """K per image, (B,) int64: N if γ = 1, else min(int(N·r·2γ), N) (spec §3.5); γ a number
+    in [0, 1] or a 0-d tensor (clipped to [0, 1]: an ONNX graph input), N traceable."""
+    r = r.float()   # fp32 in the official order: another rounding can land just below N·r
+    if not torch.is_tensor(gamma):
+        gamma = check_gamma(gamma)
+        if gamma == 1.0:
+            return torch.zeros_like(r, dtype=torch.int64) + num_windows
+        k = torch.floor(r * num_windows * 2.0 * gamma).to(torch.int64)
+        return torch.minimum(k.clamp(min=0), torch.zeros_like(k) + num_windows)
+    g = gamma.float().clamp(0.0, 1.0)
+    k = torch.floor(r * num_windows * 2.0 * g).to(torch.int64)
+    everything = torch.zeros_like(k) + num_windows
+    return torch.where(g >= 1.0, everything, torch.minimum(k.clamp(min=0), everything))
 
 
 def select_windows(pred: Tensor, gamma: float, *, routing: str = "expected",

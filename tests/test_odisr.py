@@ -138,8 +138,9 @@ def test_shifted_window_attention_is_the_rolled_one(backend: str, shift: int) ->
 def test_cpu_window_warp_is_the_warp_on_the_hard_windows(shift: int) -> None:
     """The CPU backend's window_warp == deform_warp on the (shifted) hard windows' pixels, 0 on
     the others; offsets reach past every border."""
-    from camixer_fast.backends.cpu import hard_window_pixels, window_warp
     from camixer_fast.reference.warp import deform_warp
+
+    from camixer_fast.backends.cpu import hard_window_pixels, window_warp
 
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2, 12, 48, 32, generator=g)
@@ -266,6 +267,21 @@ def test_gamma_sets_k() -> None:
         want = torch.full_like(ks[gamma], 6) if gamma == 1 else torch.floor(r * 6 * 2 * gamma)
         assert torch.equal(ks[gamma], want.long())
     assert ks[0.0].sum() == 0 and torch.all(ks[0.25] <= ks[0.5])
+
+
+@pytest.mark.parametrize("gamma", [0.25, 1.0], ids=["0.25", "1"])
+def test_gamma_per_call(gamma: float) -> None:
+    """model(lr, gamma=g) == the model with γ = g, as a number or a 0-d tensor; bad γ refused."""
+    model = small_model()
+    lr = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        per_call = [model(lr, gamma=gamma), model(lr, gamma=torch.tensor(gamma))]
+        model.gamma = gamma
+        want = model(lr)
+    assert all(torch.equal(want, got) for got in per_call) and model.gamma == gamma
+    for bad, message in ((1.5, "gamma must be in"), (torch.ones(2), "0-d float")):
+        with pytest.raises(ValueError, match=message):
+            model(lr, gamma=bad)
 
 
 def test_gumbel_routing_follows_the_generator() -> None:

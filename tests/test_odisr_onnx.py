@@ -4,8 +4,10 @@ network (one shifted block, two DCNs), the DeformConv nodes, the condition input
 from __future__ import annotations
 
 import collections
+import itertools
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
@@ -52,13 +54,16 @@ def exported(model: CAMixerOSR, tmp_path_factory) -> dict:
     return get
 
 
-def _run(path: Path, lr: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+def _run(path: Path, lr: torch.Tensor, condition: torch.Tensor | None = None,
+         gamma: float | None = None) -> torch.Tensor:
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feeds = {"lr": lr.numpy()}
     if condition is not None:
         feeds["condition"] = condition.numpy()
+    if gamma is not None:
+        feeds["gamma"] = np.array(gamma, np.float32)
     return torch.from_numpy(session.run(None, feeds)[0])
 
 
@@ -79,6 +84,17 @@ def test_onnxruntime_matches_reference(model, exported, gamma: float, size) -> N
     lr = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(size[0]))
     assert_close(f"γ={gamma} {size}", _reference(model, gamma, lr),
                  _run(exported(gamma), lr), TOL)
+
+
+def test_gamma_input(model, tmp_path: Path) -> None:
+    """gamma=None: γ is the last graph input (after "condition"), any γ in one graph."""
+    path = export_onnx(model, tmp_path / "osr.onnx", condition_input=True).path
+    assert [i.name for i in onnx.load(path).graph.input] == ["lr", "condition", "gamma"]
+    for gamma, size in itertools.product((0.25, 0.5, 1.0), SIZES.values()):
+        lr = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(size[1]))
+        condition = latitude_condition(*size, rows=(5, 2 * size[0]))
+        assert_close(f"γ input {gamma} {size}", _reference(model, gamma, lr, condition),
+                     _run(path, lr, condition, gamma), TOL)
 
 
 def test_half_the_windows_are_hard_at_gamma_half(model) -> None:
@@ -124,12 +140,15 @@ def test_export_command(model, tmp_path: Path, capsys) -> None:
     weights = tmp_path / "osr.pth"
     torch.save({"params_ema": tiny_state()}, weights)
     out = tmp_path / "osr.onnx"
-    assert main(["export", str(out), "--weights", str(weights)]) == 0
+    assert main(["export", str(out), "--weights", str(weights), "--gamma", "0.5"]) == 0
     captured = capsys.readouterr()
     assert "CAMixerOSR" in captured.err and "opset 19" in captured.out
     assert "γ = 0.5 baked in" in captured.out
     lr = torch.rand(1, 3, 17, 33, generator=torch.Generator().manual_seed(9))
     assert_close("command", _reference(model, 0.5, lr), _run(out, lr), TOL)
+    assert main(["export", str(out), "--weights", str(weights), "--overwrite"]) == 0
+    assert "γ input 'gamma'" in capsys.readouterr().out
+    assert_close("command, γ input", _reference(model, 0.5, lr), _run(out, lr, gamma=0.5), TOL)
     assert main(["export", str(out), "--weights", str(weights), "--overwrite",
                  "--opset", "17"]) == 2
     assert "opset 17 is not supported" in capsys.readouterr().err

@@ -30,7 +30,12 @@ from camixer_fast.reference.attention_training import masked_window_attention
 from camixer_fast.reference.dcn import modulated_deform_conv2d
 from camixer_fast.reference.model import CAMixerSR
 from camixer_fast.reference.odisr import CAMixerOSR, latitude_condition
-from camixer_fast.reference.routing import WindowRouting, check_gamma, window_scores
+from camixer_fast.reference.routing import (
+    WindowRouting,
+    check_gamma,
+    num_hard_windows,
+    window_scores,
+)
 from camixer_fast.reference.windows import to_windows
 
 MIN_OPSET = 17
@@ -39,21 +44,6 @@ DEFAULT_OPSET = 17
 OSR_MIN_OPSET = 19
 
 _GAMMA_INPUT: ContextVar[Tensor | None] = ContextVar("camixer_fast_onnx_gamma", default=None)
-
-
-def hard_window_count(r: Tensor, num_windows: Tensor | int, gamma: float | Tensor) -> Tensor:
-    """K (B,) int64 from r (B,) as the reference's ``num_hard_windows``; γ may be a tensor."""
-    r = r.float()
-    if not torch.is_tensor(gamma):
-        gamma = check_gamma(gamma)
-        if gamma == 1.0:
-            return torch.zeros_like(r, dtype=torch.int64) + num_windows
-        k = torch.floor(r * num_windows * 2.0 * gamma).to(torch.int64)
-        return torch.minimum(k.clamp(min=0), torch.zeros_like(k) + num_windows)
-    g = gamma.float().clamp(0.0, 1.0)
-    k = torch.floor(r * num_windows * 2.0 * g).to(torch.int64)
-    everything = torch.zeros_like(k) + num_windows
-    return torch.where(g >= 1.0, everything, torch.minimum(k.clamp(min=0), everything))
 
 
 def route_windows(h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
@@ -70,7 +60,7 @@ def route_windows(h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     pred = window_scores(h, w1, b1, w2, b2, window_size)             # [B, N, 2]
     num_windows = pred.shape[1]
     r = torch.softmax(pred.float(), dim=-1)[..., 0].mean(dim=-1)      # [B]
-    num_hard = hard_window_count(r, num_windows, gamma)
+    num_hard = num_hard_windows(r, num_windows, gamma)
     return WindowRouting(pred, num_hard, window_order(pred[..., 0]))
 
 
@@ -242,24 +232,26 @@ def _onnx_ops(device: torch.device) -> Ops:
 
 class OsrExportGraph(nn.Module):
     """CAMixerOSR: the cos-latitude map of the whole panorama ``lr`` (or the ``condition``
-    input, a crop's), both padded as the reference pads them, the model on ONNX_OPS, crop."""
+    input, a crop's), both padded as the reference pads them, the model on ONNX_OPS, crop;
+    γ baked in, or the last input."""
 
-    def __init__(self, model: CAMixerOSR, gamma: float | None) -> None:
+    def __init__(self, model: CAMixerOSR, gamma: float | None, condition_input: bool) -> None:
         super().__init__()
         self.model = copy.deepcopy(model).eval()
         self.model.ops = _onnx_ops          # the instance's Ops: the "onnx" set, any device
         self.model.tie_break = "official"   # argsort exports as TopK (a stable sort does not)
+        self.gamma_input, self.condition_input = gamma is None, condition_input
         if gamma is not None:
             self.model.gamma = gamma
 
-    def forward(self, lr: Tensor, condition: Tensor | None = None) -> Tensor:
+    def forward(self, lr: Tensor, *inputs: Tensor) -> Tensor:
         height, width = lr.shape[-2:]
-        if condition is None:
-            condition = latitude_condition(height, width, device=lr.device)
+        condition = inputs[0] if self.condition_input else \
+            latitude_condition(height, width, device=lr.device)
         ws = self.model.window_size
         padded = pad_to_window_grid(lr, ws)
         cond = pad_to_window_grid(condition.expand(lr.shape[0], 1, height, width), ws)
-        sr = self.model(padded, cond)
+        sr = self.model(padded, cond, gamma=inputs[-1] if self.gamma_input else None)
         return sr[..., : height * self.model.scale, : width * self.model.scale]
 
 
@@ -341,9 +333,9 @@ def export_onnx(model: CAMixerSR | CAMixerOSR, path: str | os.PathLike, *,
                 gamma: float | None = None, opset: int | None = None,
                 condition_input: bool = False) -> OnnxExport:
     """Write ``model`` (left unchanged) as a checked ONNX graph, whole or not at all.
-    gamma: baked in, or ``None`` for the graph input "gamma" (CAMixerOSR: the model's γ baked
-    in); opset: 17 to 20 (CAMixerOSR 19 to 20), None: the lowest; condition_input: CAMixerOSR
-    only, a second input "condition" (B, 1, H, W) instead of the whole panorama's latitudes.
+    gamma: baked in, or ``None`` for the graph input "gamma" (the last input); opset: 17 to 20
+    (CAMixerOSR 19 to 20), None: the lowest; condition_input: CAMixerOSR only, an input
+    "condition" (B, 1, H, W) after "lr" instead of the whole panorama's latitudes.
     Raises ValueError for training mode, another opset, Gumbel routing or a non-fp32 model."""
     import onnx
 
@@ -361,17 +353,16 @@ def export_onnx(model: CAMixerSR | CAMixerOSR, path: str | os.PathLike, *,
     axes = {"lr": {0: "batch", 2: "height", 3: "width"},
             "sr": {0: "batch", 2: "out_height", 3: "out_width"}}
     if osr:
-        gamma = model.gamma if gamma is None else gamma
-        graph: nn.Module = OsrExportGraph(model, gamma).eval()
+        graph: nn.Module = OsrExportGraph(model, gamma, condition_input).eval()
         if condition_input:
             args += (latitude_condition(20, 28, rows=(3, 40), device=device),)
             names.append("condition")
             axes["condition"] = {0: "batch", 2: "height", 3: "width"}
     else:
         graph = ExportGraph(model, gamma).eval()
-        if gamma is None:
-            args += (torch.tensor(0.5, device=device),)
-            names.append("gamma")
+    if gamma is None:
+        args += (torch.tensor(0.5, device=device),)
+        names.append("gamma")
     start = time.perf_counter()
     with atomic_path(path) as tmp:
         with warnings.catch_warnings(), torch.no_grad():

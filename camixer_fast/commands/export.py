@@ -24,10 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "[0, 1], output 'sr' (B, 3, sH, sW), batch, height and width dynamic. "
                     "The window scores, K per image (expected routing) and the window order "
                     "(TopK; equal scores by lower window index) are computed in the graph. "
-                    "Without --gamma, γ is a second input 'gamma' (float32 scalar). CAMixerOSR "
-                    "(ODI-SR) weights: γ is baked in (default 0.5), the DCNs are ai.onnx "
-                    "DeformConv (opset 19), the cos-latitude map of the whole panorama 'lr' is "
-                    "built in the graph, or is the input 'condition' with --condition-input.",
+                    "Without --gamma, γ is the last input 'gamma' (float32 scalar). CAMixerOSR "
+                    "(ODI-SR) weights: the DCNs are ai.onnx DeformConv (opset 19), the "
+                    "cos-latitude map of the whole panorama 'lr' is built in the graph, or is "
+                    "the input 'condition' with --condition-input.",
         epilog="Exit status: 0 written, 1 unreadable weights, 2 bad arguments or an OUT that "
                "cannot be written.")
     parser.add_argument("output", metavar="OUT", help="the .onnx file to write")
