@@ -253,10 +253,10 @@ def deform_conv(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor,
     for image in range(b):
         for start in range(0, h_out * w_out, DCN_CHUNK):
             part = slice(start, min(start + DCN_CHUNK, h_out * w_out))
-            pixel = torch.arange(part.start, part.stop, device=x.device, dtype=x.dtype).view(-1, 1)
-            row_ = torch.div(pixel, w_out, rounding_mode="floor")
-            py = (row_ + tap_y) + offset[image, :, 0, part].t()              # [P, K]
-            px = (pixel - row_ * w_out + tap_x) + offset[image, :, 1, part].t()
+            pixel = torch.arange(part.start, part.stop, device=x.device).view(-1, 1)
+            row_ = torch.div(pixel, w_out, rounding_mode="floor")       # int64: exact past 2**24
+            py = (row_.to(x.dtype) + tap_y) + offset[image, :, 0, part].t()  # [P, K]
+            px = ((pixel - row_ * w_out).to(x.dtype) + tap_x) + offset[image, :, 1, part].t()
             y0, x0 = py.floor(), px.floor()
             ly, lx = (py - y0).unsqueeze(-1), (px - x0).unsqueeze(-1)
             yi, xi = y0.unsqueeze(-1) + corner_y, x0.unsqueeze(-1) + corner_x  # [P, K, 4]
