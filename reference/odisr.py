@@ -297,6 +297,10 @@ class CAMixerOSR(nn.Module):
         m = torch.cat([record.mask.flatten() for record in routing.blocks]).mean()
         return (sr, (m - 0.5) ** 2, routing) if return_routing else (sr, (m - 0.5) ** 2)
 
+    def mixers(self) -> list[CAMixer]:
+        """The CAMixer of every block, in network order."""
+        return [block.mixer for group in self.body for block in group.body]
+
     def ops(self, device: torch.device) -> Ops:
         """The operations of :attr:`backend` on ``device`` in the current mode."""
         name = self.backend

@@ -178,3 +178,38 @@ def test_info_bad_arguments(args: list[str]) -> None:
 def test_info_scale_mismatch(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", "--weights", "CAMixerSR-S", "--scale", "2"]) == 2
     assert "×4" in capsys.readouterr().err
+
+
+def expected_osr_madds(c: int, scale: int, hp: int, wp: int, hard: list[int], groups: int,
+                       ws: int = 8) -> int:
+    """CAMixerOSR's multiply-adds by hand, one image padded to hp×wp (the official file's layers:
+    k = 3 extra predictor inputs, the spatial branch 1×1 → dw 5×5 → dw 5×5, a DCNv2 per group
+    and after the body, each with a 1 → C → C condition MLP and a 3×3 C → 27 offset conv)."""
+    c4, c8 = (c + 3) // 4, (c + 3) // 8
+    px, windows, tokens = hp * wp, (hp // ws) * (wp // ws), ws * ws
+    per_pixel_block = (c * c + (c + 3) * c4 + c4 * c8 + c8 * 2 + c4 * 9     # v, predictor
+                       + c * c + 2 * 25 * c + c * c                         # spatial, out
+                       + 2 * c * c + 2 * c * 25 + c * c)                    # FFN
+    per_block = px * per_pixel_block + c4 * c + windows * (tokens * ws + ws * 2)
+    total = len(hard) * per_block
+    total += sum(k * tokens * 2 * c * c + k * 2 * tokens * tokens * c for k in hard)
+    dcns = groups + 1
+    total += px * (3 * c * 9 + dcns * (c + c * c + c * 27 * 9 + c * c * 9)
+                   + c * c * 9 + c * 3 * scale * scale * 9)                 # head, DCNs, tails
+    return total
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.0], ids=lambda g: f"gamma={g}")
+def test_count_madds_of_camixerosr(gamma: float) -> None:
+    from camixer_fast.reference.odisr import CAMixerOSR
+
+    torch.manual_seed(0)
+    model = CAMixerOSR(n_feats=12, scale=2, blocks_per_group=(2, 1), window_size=8, gamma=gamma)
+    lr = torch.rand(1, 3, 13, 30, generator=torch.Generator().manual_seed(1))  # padded 16×32
+    got, routing = measure_madds(model, lr)
+    hard = routing.num_hard()[:, 0].tolist()
+    print(f"γ={gamma}: K per block {hard}, {got}")
+    assert got["total"] == expected_osr_madds(12, 2, 16, 32, hard, groups=2)
+    assert got["dcn"] == 3 * 16 * 32 * 12 * 12 * 9 and got["linear"] == 0
+    if gamma == 1.0:
+        assert hard == [8, 8, 8]

@@ -172,6 +172,8 @@ def test_convert_and_info_take_camixerosr(tmp_path, weights, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["architecture"] == "CAMixerOSR" and info["scale"] == SCALE
     assert info["parameters"] == sum(v.numel() for v in weights.values())
+    assert info["paper_flops_32x32"] is None and info["madds"]["dcn"] > 0
+    assert info["madds"]["total"] == sum(v for k, v in info["madds"].items() if k != "total")
 
 
 def test_info_of_an_absent_odisr_file_says_where_to_put_it(tmp_path, monkeypatch, capsys):

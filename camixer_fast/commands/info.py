@@ -1,5 +1,5 @@
 """``camixer-fast info``: parameters, the paper's FLOPs and measured multiply-adds of a model
-(of a CAMixerOSR checkpoint, ODI-SR: its shape and parameters; its costs are not counted).
+(a CAMixerOSR checkpoint, ODI-SR: no paper FLOPs; its DCNv2 products counted apart).
 
 Exit status: 0 done, 1 unreadable weights, 2 bad arguments.
 """
@@ -81,19 +81,19 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"camixer-fast info: {err}", file=sys.stderr)
         return 2
-    if isinstance(model, CAMixerOSR):
-        return _report_osr(args, model)
+    osr = isinstance(model, CAMixerOSR)
     height, width = args.lr_size
     x = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
     madds, routing = measure_madds(model, x)
     ws = model.window_size
     windows = -(-height // ws) * -(-width // ws)
     hard = routing.num_hard()[:, 0].tolist()
-    flops = paper_flops(model.n_feats, model.scale, args.gamma,
-                        blocks=model.blocks_per_group, window_size=ws)
+    flops = None if osr else paper_flops(model.n_feats, model.scale, args.gamma,
+                                         blocks=model.blocks_per_group, window_size=ws)
     info = {
         "model": args.weights if args.weights is not None else (args.model or "S"),
         "weights": "checkpoint" if args.weights is not None else "random (seed 0)",
+        **({"architecture": "CAMixerOSR"} if osr else {}),
         "n_feats": model.n_feats, "scale": model.scale,
         "blocks_per_group": list(model.blocks_per_group), "window_size": ws,
         "gamma": args.gamma, "parameters": parameter_count(model),
@@ -104,35 +104,22 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"model        {info['model']} ({info['weights']}): C={model.n_feats}, "
+    kind = "CAMixerOSR (ODI-SR, 360° panoramas), " if osr else ""
+    print(f"model        {info['model']} ({info['weights']}): {kind}C={model.n_feats}, "
           f"×{model.scale}, blocks {tuple(model.blocks_per_group)}, window {ws}")
     print(f"parameters   {info['parameters']:,}")
-    print(f"paper FLOPs  {flops / 1e6:,.1f}M per 32×32 LR input at γ={args.gamma:g} "
-          "(official formula)")
-    print(f"MAdds        {madds['total'] / 1e9:,.3f}G measured on {height}×{width} at "
-          f"γ={args.gamma:g} (output {height * model.scale}×{width * model.scale})")
+    if flops is None:
+        print("paper FLOPs  none for CAMixerOSR (the official formula is CAMixerSR's)")
+    else:
+        print(f"paper FLOPs  {flops / 1e6:,.1f}M per 32×32 LR input at γ={args.gamma:g} "
+              "(official formula)")
+    print(f"MAdds        {madds['total'] / 1e9:,.3f}G measured on {height}×{width}"
+          f"{' (a whole panorama)' if osr else ''} at γ={args.gamma:g} "
+          f"(output {height * model.scale}×{width * model.scale})")
     print(f"  convs {madds['conv'] / 1e9:.3f}G, linears {madds['linear'] / 1e9:.3f}G, "
           f"window scores {madds['window_scores'] / 1e9:.3f}G, "
           f"Q/K projections {madds['qk_projection'] / 1e9:.3f}G, "
-          f"attention {madds['attention'] / 1e9:.3f}G")
+          f"attention {madds['attention'] / 1e9:.3f}G"
+          + (f", DCNv2 {madds['dcn'] / 1e9:.3f}G" if osr else ""))
     print(f"  hard windows per block (of {windows}): {hard}")
-    return 0
-
-
-def _report_osr(args: argparse.Namespace, model: CAMixerOSR) -> int:
-    """A CAMixerOSR checkpoint's shape and parameters (FLOPs and MAdds count CAMixerSR only)."""
-    info = {"model": args.weights, "weights": "checkpoint", "architecture": "CAMixerOSR",
-            "n_feats": model.n_feats, "scale": model.scale,
-            "blocks_per_group": list(model.blocks_per_group),
-            "window_size": model.window_size, "gamma": args.gamma,
-            "parameters": parameter_count(model), "paper_flops_32x32": None, "madds": None}
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
-    print(f"model        {args.weights} (checkpoint): CAMixerOSR (ODI-SR, 360° panoramas), "
-          f"C={model.n_feats}, ×{model.scale}, blocks {tuple(model.blocks_per_group)}, "
-          f"window {model.window_size}")
-    print(f"parameters   {info['parameters']:,}")
-    print("FLOPs/MAdds  not counted for CAMixerOSR (its DCN tails and latitude condition are "
-          "outside the CAMixerSR cost model)")
     return 0

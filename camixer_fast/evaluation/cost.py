@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from camixer_fast.reference import odisr
 from camixer_fast.reference.model import CAMixerSR, Predictor
 from camixer_fast.reference.routing import Routing
 
@@ -63,11 +64,13 @@ def paper_flops(n_feats: int, scale: int, gamma: float, lr_hw: tuple[int, int] =
     return round(total)
 
 
-def measure_madds(model: CAMixerSR, x: Tensor) -> tuple[dict[str, int], Routing]:
+def measure_madds(model: CAMixerSR | odisr.CAMixerOSR,
+                  x: Tensor) -> tuple[dict[str, int], Routing]:
     """Multiply-adds of one inference forward ``model(x)``, x (B, 3, H, W), by kind
-    ({"conv", "linear", "window_scores", "qk_projection", "attention", "total"}: layers as run
-    on the padded size, Q/K projections and attention of the windows the routing chose), and
-    that forward's routing. The same on every backend."""
+    ({"conv", "linear", "window_scores", "qk_projection", "attention", "dcn", "total"}: layers
+    as run on the padded size, Q/K projections and attention of the windows the routing chose,
+    CAMixerOSR's DCNv2 products, x a whole panorama), and that forward's routing. The same on
+    every backend."""
     was_training = model.training
     try:
         model.eval()
@@ -77,14 +80,18 @@ def measure_madds(model: CAMixerSR, x: Tensor) -> tuple[dict[str, int], Routing]
         model.train(was_training)
     ws = model.window_size
     batch, height, width = x.shape[0], -(-x.shape[-2] // ws) * ws, -(-x.shape[-1] // ws) * ws
-    pooled = {id(m.out_CA[1]) for m in model.modules() if isinstance(m, Predictor)}
-    counts = {"conv": 0, "linear": 0, "window_scores": 0, "qk_projection": 0, "attention": 0}
+    pooled = {id(m.out_CA[1]) for m in model.modules()
+              if isinstance(m, (Predictor, odisr.Predictor))}
+    counts = {"conv": 0, "linear": 0, "window_scores": 0, "qk_projection": 0, "attention": 0,
+              "dcn": 0}
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             pixels = 1 if id(module) in pooled else height * width
             kh, kw = module.kernel_size
             counts["conv"] += (batch * pixels * module.out_channels
                                * (module.in_channels // module.groups) * kh * kw)
+        elif isinstance(module, odisr.DCNv2Pack):
+            counts["dcn"] += batch * height * width * module.weight.numel()
     tokens = ws * ws
     windows = routing.num_windows
     for mixer, record in zip(model.mixers(), routing.blocks, strict=True):
@@ -99,12 +106,12 @@ def measure_madds(model: CAMixerSR, x: Tensor) -> tuple[dict[str, int], Routing]
     return counts, routing
 
 
-def madds_breakdown(model: CAMixerSR, x: Tensor) -> dict[str, int]:
+def madds_breakdown(model: CAMixerSR | odisr.CAMixerOSR, x: Tensor) -> dict[str, int]:
     """Multiply-adds of ``model(x)`` by kind (:func:`measure_madds`)."""
     return measure_madds(model, x)[0]
 
 
-def count_madds(model: CAMixerSR, x: Tensor) -> int:
+def count_madds(model: CAMixerSR | odisr.CAMixerOSR, x: Tensor) -> int:
     """Total measured multiply-adds of one inference forward (:func:`measure_madds`)."""
     return madds_breakdown(model, x)["total"]
 
