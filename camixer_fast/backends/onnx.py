@@ -1,5 +1,5 @@
 """ONNX export with the routing in the graph, and the "onnx" backend that the export traces.
-CAMixerOSR: opset >= 19 (its DCNs are DeformConv nodes), γ baked in, optional "condition".
+CAMixerOSR: opset >= 19 (its DCNs are DeformConv nodes), an optional "condition" input.
 
 ``lr`` (B, 3, H, W) float32 and ``gamma`` (float32 scalar clipped to [0, 1], absent if baked in)
 -> ``sr`` (B, 3, sH, sW), B/H/W dynamic. K and the window order (ties by lower index) are in the

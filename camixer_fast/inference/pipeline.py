@@ -23,9 +23,8 @@ import torch
 from torch import Tensor
 
 from camixer_fast.inference.api import ImageLike, Prepared, cached_model, check_tile, prepare, resolve_device, resolve_dtype
-from camixer_fast.inference.tiling import (auto_tile, available_memory, forward_bytes,
-                                           is_allocation_failure, is_panoramic, MemoryUse,
-                                           memory_use,
+from camixer_fast.inference.tiling import (MemoryUse, auto_tile, available_memory, forward_bytes,
+                                           is_allocation_failure, is_panoramic, memory_use,
                                            run_network, wrap_margin)
 from camixer_fast.reference.routing import check_gamma
 

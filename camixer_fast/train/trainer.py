@@ -192,12 +192,13 @@ def amp_context(amp: str, device: torch.device | str) -> AbstractContextManager:
 
 def check_odisr_settings(augment: str | None, backend: str) -> None:
     """ConfigError for CAMixerOSR training with a rotation (a crop's rows must stay rows: the
-    condition is per row) or the Triton backend (none for CAMixerOSR)."""
+    condition is per row) or the Triton backend (CAMixerOSR's DCN kernel has no backward)."""
     if augment == "flip-rot":
         raise ConfigError("CAMixerOSR trains with --augment hflip or none: 90° rotations turn "
                           "rows into columns and break the latitude condition")
     if backend == "triton":
-        raise ConfigError("CAMixerOSR has no Triton backend: train it with --backend reference")
+        raise ConfigError("CAMixerOSR does not train on the Triton backend (its DCN kernel has no "
+                          "backward): train it with --backend reference")
 
 
 def model_arch(model: nn.Module) -> str:
